@@ -1,0 +1,185 @@
+"""The site's Flower ClientApp: ``train`` and ``evaluate``, and nothing else.
+
+Only model arrays and aggregate metrics leave through the replies built here.
+A site that cannot or will not train (no usable data, damaged ledger, privacy
+budget exhausted) answers with a refusal the coordinator understands, not an
+exception.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.data import SiteDataError
+from client.privacy import (
+    BudgetExceeded,
+    LedgerEntry,
+    LedgerError,
+    PrivacyLedger,
+    check_budget,
+)
+from client.task import get_task
+from client.train import DPSpec, local_train, select_device
+from common import wire
+from common.config import ConfigError, Plan, SiteConfig, load_plan, load_site_config
+from common.logs import setup_logging
+from common.models import get_model_spec
+from common.tasks import build_plan_model
+from common.weights import export_state, import_state
+
+log = logging.getLogger("kidneyfl.client")
+app = ClientApp()
+
+# Failures a site reports as a refusal (with the reason) rather than a crash.
+REFUSALS = (SiteDataError, LedgerError, BudgetExceeded, ConfigError)
+
+
+def site_config_path(context: Context, plan: Plan) -> Path:
+    """Deployment: ``site-config`` node config. Simulation: one YAML per partition."""
+    node = context.node_config
+    if "site-config" in node:
+        return Path(str(node["site-config"]))
+    paths = plan.site_config_paths
+    if "partition-id" in node and paths:
+        return paths[int(node["partition-id"]) % len(paths)]
+    raise ConfigError(
+        "no site YAML: start the SuperNode with --node-config "
+        "\"site-config='/path/to/site.yaml'\""
+    )
+
+
+def _setup(msg: Message, context: Context) -> tuple[Plan, SiteConfig]:
+    setup_logging()
+    plan = load_plan(context.run_config)
+    site = load_site_config(site_config_path(context, plan))
+    return plan, site
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Local epochs from the global weights; reply with weights and aggregates."""
+    try:
+        plan, site = _setup(msg, context)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return _refusal(msg, "unknown", public_reason(exc))
+    cfg = msg.content[wire.CONFIG]
+    run_id = str(cfg.get(wire.RUN_ID, context.run_id))
+    rnd = int(cfg.get(wire.GLOBAL_ROUND, cfg.get(wire.SERVER_ROUND, 1)))
+    total_rounds = int(cfg.get(wire.TOTAL_ROUNDS, plan.num_server_rounds))
+    try:
+        task = get_task(plan.task)
+        data = task.load_data(site, plan)
+        model = build_plan_model(plan)
+        import_state(model, msg.content[wire.ARRAYS].to_torch_state_dict())
+        dp, eps_after, ledger, cal = None, float("inf"), None, None
+        if site.privacy.enabled:
+            ledger = PrivacyLedger(site.state_dir, site.name)
+            cal = ledger.calibrate(
+                run_id,
+                plan.dp_target_epsilon,
+                site.privacy.delta,
+                data.n_train,
+                plan.batch_size,
+                total_rounds * plan.local_epochs,
+            )
+            round_steps = round(1 / cal.sample_rate) * plan.local_epochs
+            eps_after = check_budget(
+                ledger, site.name, site.privacy.max_epsilon, site.privacy.delta,
+                plan.dp_target_epsilon, cal, round_steps,
+            )
+            dp = DPSpec(
+                cal.noise_multiplier,
+                plan.dp_max_grad_norm,
+                get_model_spec(plan.model).grad_sample_mode,
+            )
+    except REFUSALS as exc:
+        log.warning("round %d refused: %s", rnd, exc)
+        return _refusal(msg, site.name, public_reason(exc))
+
+    device = select_device(site.device)
+    seed = plan.seed * 1_000_003 + rnd * 7919 + zlib.crc32(site.name.encode())
+    data.train.set_seed(seed % 2**31)
+    stats = local_train(
+        model, data.train, task.loss(plan),
+        epochs=plan.local_epochs, batch_size=plan.batch_size,
+        learning_rate=plan.learning_rate, optimizer=plan.optimizer,
+        device=device, seed=seed % 2**31, dp=dp,
+    )
+    state = export_state(model)  # refuses NaN/Inf before anything leaves
+    if ledger is not None and cal is not None:
+        ledger.record(
+            LedgerEntry(run_id, rnd, cal.noise_multiplier, cal.sample_rate,
+                        stats.steps, data.fingerprint)
+        )
+        eps_after = ledger.epsilon(site.privacy.delta)
+    log.info(
+        "site %s round %d: loss %.4f, %d steps, epsilon %.3f",
+        site.name, rnd, stats.loss, stats.steps, eps_after,
+    )
+    metrics = MetricRecord(
+        {
+            wire.NUM_EXAMPLES: data.n_train,
+            wire.TRAIN_LOSS: stats.loss,
+            wire.DP_ENABLED: int(dp is not None),
+            wire.EPSILON: eps_after,
+            wire.DELTA: float(site.privacy.delta or 0.0),
+            wire.NOISE_MULTIPLIER: dp.noise_multiplier if dp else 0.0,
+            wire.REFUSED: 0,
+        }
+    )
+    return _reply(msg, site.name, metrics, ArrayRecord(state))
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Dice per KiTS region on the site's validation split (means only)."""
+    plan, site = _setup(msg, context)
+    task = get_task(plan.task)
+    data = task.load_data(site, plan)
+    model = build_plan_model(plan)
+    import_state(model, msg.content[wire.ARRAYS].to_torch_state_dict())
+    values = task.evaluate(model, data, plan, select_device(site.device))
+    values[wire.NUM_EXAMPLES] = data.n_train
+    values[wire.NUM_VAL_CASES] = data.n_val
+    return _reply(msg, site.name, MetricRecord(values))
+
+
+def public_reason(exc: Exception) -> str:
+    """What the coordinator may learn of a refusal: no paths, no case names."""
+    if isinstance(exc, BudgetExceeded):
+        return str(exc)  # numbers and the site name only
+    if isinstance(exc, LedgerError):
+        return "privacy ledger damaged or unreadable; the site refuses until repaired"
+    if isinstance(exc, SiteDataError):
+        return "site data unusable; hospital IT should run `kidneyfl site check`"
+    return "site configuration invalid; hospital IT should run `kidneyfl site check`"
+
+
+def _reply(
+    msg: Message, site: str, metrics: MetricRecord, arrays: ArrayRecord | None = None
+) -> Message:
+    content = RecordDict(
+        {wire.METRICS: metrics, wire.SITE: ConfigRecord({wire.SITE_NAME: site})}
+    )
+    if arrays is not None:
+        content[wire.ARRAYS] = arrays
+    return Message(content=content, reply_to=msg)
+
+
+def _refusal(msg: Message, site: str, reason: str) -> Message:
+    metrics = MetricRecord({wire.REFUSED: 1, wire.NUM_EXAMPLES: 0})
+    content = RecordDict(
+        {
+            wire.METRICS: metrics,
+            wire.SITE: ConfigRecord(
+                {wire.SITE_NAME: site, wire.REFUSAL_REASON: reason[:2000]}
+            ),
+        }
+    )
+    return Message(content=content, reply_to=msg)

@@ -1,0 +1,246 @@
+"""Site data: find cases on disk, split them, and build MONAI pipelines.
+
+Whatever the layout, discovery ends in the same list of :class:`Case`, so the
+training code never knows how a hospital stores its files. Nothing here leaves
+the site: file names and paths stay in local logs only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai import transforms as mt
+from monai.data import PersistentDataset
+
+from common.config import Plan, SiteConfig
+
+log = logging.getLogger(__name__)
+
+IMAGE, LABEL = "image", "label"
+
+
+class SiteDataError(RuntimeError):
+    """The site's data cannot be used for training; the message says why."""
+
+
+@dataclass(frozen=True)
+class Case:
+    """One patient: an image and, for training and validation, its label."""
+
+    case_id: str
+    image: Path
+    label: Path | None
+
+
+@dataclass(frozen=True)
+class SiteCases:
+    """A site's usable cases, split, plus what was skipped and why (local only)."""
+
+    train: list[Case]
+    validation: list[Case]
+    skipped: dict[str, str]
+
+    def fingerprint(self) -> str:
+        """Stable digest of the training set (ids and file sizes), for the ledger."""
+        h = hashlib.sha256()
+        for c in sorted(self.train, key=lambda c: c.case_id):
+            h.update(c.case_id.encode())
+            h.update(str(c.image.stat().st_size).encode())
+        return h.hexdigest()[:16]
+
+
+def discover_kits(root: Path) -> list[Case]:
+    """Cases in KiTS layout: ``case_XXXXX/imaging.nii.gz`` + ``segmentation.nii.gz``.
+
+    KiTS21's ``aggregated_MAJ_seg.nii.gz`` is accepted when ``segmentation.nii.gz``
+    is absent. A case without a label is kept with ``label=None``.
+    """
+    if not root.is_dir():
+        raise SiteDataError(
+            f"data root {root} does not exist; set data.root in the site YAML to the "
+            "folder holding the case_XXXXX directories"
+        )
+    cases = []
+    for case_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        image = case_dir / "imaging.nii.gz"
+        if not image.exists():
+            continue
+        label = next(
+            (
+                case_dir / name
+                for name in ("segmentation.nii.gz", "aggregated_MAJ_seg.nii.gz")
+                if (case_dir / name).exists()
+            ),
+            None,
+        )
+        cases.append(Case(case_dir.name, image, label))
+    return cases
+
+
+def probe_case(case: Case) -> str | None:
+    """Cheap validity check by header and a full read; the problem, or None."""
+    try:
+        img = nib.load(str(case.image))
+        if len(img.shape) != 3:
+            return f"{case.image}: image is {len(img.shape)}D, expected 3D"
+        np.asanyarray(img.dataobj)  # forces decompression: catches truncation
+        if case.label is None:
+            return None
+        lab = nib.load(str(case.label))
+        if lab.shape != img.shape:
+            return (
+                f"{case.label}: label shape {lab.shape} differs from image shape "
+                f"{img.shape}; re-export the segmentation on the image grid"
+            )
+        values = np.unique(np.asanyarray(lab.dataobj))
+        bad = [int(v) for v in values if v not in (0, 1, 2, 3)]
+        if bad:
+            return f"{case.label}: label values {bad} are not KiTS labels 0-3"
+    except Exception as exc:  # nibabel raises many types for corrupt files
+        return f"{case.image.parent}: unreadable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def load_site_cases(site: SiteConfig) -> SiteCases:
+    """Discover, validate and split a site's cases.
+
+    Unreadable cases are logged by path and skipped.
+
+    Raises
+    ------
+    SiteDataError
+        If no labelled case is usable, or too few to split.
+    """
+    found = discover_kits(site.data.root)
+    skipped: dict[str, str] = {}
+    usable = []
+    for case in found:
+        if case.label is None:
+            skipped[case.case_id] = "no segmentation (prediction only)"
+            continue
+        problem = probe_case(case)
+        if problem:
+            log.warning("skipping case: %s", problem)
+            skipped[case.case_id] = problem
+        else:
+            usable.append(case)
+    if len(usable) < 2:
+        raise SiteDataError(
+            f"site {site.name}: {len(usable)} usable labelled case(s) under "
+            f"{site.data.root} ({len(found)} found, {len(skipped)} skipped); at least "
+            "2 are needed. Run `kidneyfl site check` for the list of problems"
+        )
+    train, val = _split(usable, site)
+    return SiteCases(train, val, skipped)
+
+
+def _split(cases: list[Case], site: SiteConfig) -> tuple[list[Case], list[Case]]:
+    by_id = {c.case_id: c for c in cases}
+    d = site.data
+    if d.train_cases is not None or d.validation_cases is not None:
+        named = (d.train_cases or []) + (d.validation_cases or [])
+        missing = [i for i in named if i not in by_id]
+        if missing:
+            raise SiteDataError(
+                f"site {site.name}: cases {missing} named in the site YAML are not "
+                "usable; fix data.train_cases / data.validation_cases"
+            )
+        train = [by_id[i] for i in d.train_cases or [] if i in by_id]
+        val = [by_id[i] for i in d.validation_cases or []]
+        if d.train_cases is None:
+            train = [c for c in cases if c.case_id not in set(d.validation_cases or [])]
+        return train, val
+    order = sorted(by_id)
+    random.Random(d.split_seed).shuffle(order)
+    n_val = max(1, round(len(order) * d.validation_fraction)) if d.validation_fraction else 0
+    n_val = min(n_val, len(order) - 1)
+    val_ids = set(order[:n_val])
+    return (
+        [c for c in cases if c.case_id not in val_ids],
+        [c for c in cases if c.case_id in val_ids],
+    )
+
+
+def preprocessing(plan: Plan) -> mt.Compose:
+    """Deterministic transforms: load, RAS, resample, window and normalise."""
+    lo, hi = plan.hu_window
+    return mt.Compose(
+        [
+            mt.LoadImaged(keys=[IMAGE, LABEL], image_only=True, reader="NibabelReader"),
+            mt.EnsureChannelFirstd(keys=[IMAGE, LABEL]),
+            mt.Orientationd(keys=[IMAGE, LABEL], axcodes="RAS"),
+            mt.Spacingd(
+                keys=[IMAGE, LABEL], pixdim=plan.spacing_mm, mode=("bilinear", "nearest")
+            ),
+            mt.ScaleIntensityRanged(
+                keys=[IMAGE], a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True
+            ),
+            mt.CropForegroundd(keys=[IMAGE, LABEL], source_key=IMAGE, margin=2),
+            mt.EnsureTyped(keys=[IMAGE], dtype=torch.float32, track_meta=False),
+            mt.EnsureTyped(keys=[LABEL], dtype=torch.uint8, track_meta=False),
+        ]
+    )
+
+
+def _cache_dir(site: SiteConfig, plan: Plan) -> Path:
+    # Preprocessed volumes are cached at the site; a new plan gets a new cache.
+    key = json.dumps(
+        [plan.spacing_mm, plan.hu_window, "v1"], sort_keys=True
+    ).encode()
+    return site.state_dir / "cache" / hashlib.sha256(key).hexdigest()[:12]
+
+
+def volume_dataset(cases: list[Case], site: SiteConfig, plan: Plan) -> PersistentDataset:
+    """Whole preprocessed volumes (dicts of image, label), cached on site disk."""
+    cache = _cache_dir(site, plan)
+    cache.mkdir(parents=True, exist_ok=True)
+    items = [{IMAGE: str(c.image), LABEL: str(c.label)} for c in cases]
+    return PersistentDataset(items, transform=preprocessing(plan), cache_dir=cache)
+
+
+class PatchDataset(torch.utils.data.Dataset):
+    """One foreground-weighted random patch per case per epoch.
+
+    One item per patient keeps DP-SGD's unit of privacy the patient. Items are
+    plain ``(image, label)`` tuples: Opacus builds empty Poisson batches from the
+    first sample's structure, which fails for MONAI's dictionaries.
+    """
+
+    def __init__(self, volumes: PersistentDataset, plan: Plan) -> None:
+        self.volumes = volumes
+        self.crop = mt.Compose(
+            [
+                mt.SpatialPadd(keys=[IMAGE, LABEL], spatial_size=plan.patch_size),
+                mt.RandCropByPosNegLabeld(
+                    keys=[IMAGE, LABEL],
+                    label_key=LABEL,
+                    spatial_size=plan.patch_size,
+                    pos=2.0,
+                    neg=1.0,
+                    num_samples=1,
+                ),
+                mt.RandFlipd(keys=[IMAGE, LABEL], prob=0.0, spatial_axis=0),
+            ]
+        )
+
+    def __len__(self) -> int:
+        return len(self.volumes)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        item = self.crop(self.volumes[index])[0]
+        return (
+            torch.as_tensor(item[IMAGE], dtype=torch.float32),
+            torch.as_tensor(item[LABEL], dtype=torch.long),
+        )
+
+    def set_seed(self, seed: int) -> None:
+        """Seed the random crops (deterministic per site and round)."""
+        self.crop.set_random_state(seed=seed)

@@ -1,0 +1,59 @@
+"""The segmentation task: kidney, tumour and cyst in 3D CT (KiTS labels)."""
+
+from __future__ import annotations
+
+import torch
+from monai.inferers import sliding_window_inference
+from monai.losses import DiceCELoss
+from torch import nn
+
+from client.data import IMAGE, LABEL, PatchDataset, load_site_cases, volume_dataset
+from client.task import TaskData
+from common import wire
+from common.config import Plan, SiteConfig
+from common.metrics import mean_by_region, region_dice
+
+
+class SegmentationTask:
+    """Random foreground-weighted patches to train; whole volumes to validate."""
+
+    name = "segmentation"
+
+    def load_data(self, site: SiteConfig, plan: Plan) -> TaskData:
+        """Discover, split and cache the site's cases."""
+        cases = load_site_cases(site)
+        train = PatchDataset(volume_dataset(cases.train, site, plan), plan)
+        val = volume_dataset(cases.validation, site, plan)
+        return TaskData(train, val, len(cases.train), len(cases.validation),
+                        cases.fingerprint())
+
+    def loss(self, plan: Plan) -> nn.Module:
+        """Dice + cross-entropy, computed per sample then averaged over the batch.
+
+        ``batch=False`` matters for DP: a batch-pooled Dice would couple samples,
+        and per-sample gradients would no longer be per patient.
+        """
+        return DiceCELoss(
+            to_onehot_y=True, softmax=True, include_background=False, batch=False
+        )
+
+    @torch.no_grad()
+    def evaluate(
+        self, model: nn.Module, data: TaskData, plan: Plan, device: torch.device
+    ) -> dict[str, float]:
+        """Mean Dice per KiTS region and mean loss over the validation volumes."""
+        model.to(device).eval()
+        loss_fn = self.loss(plan)
+        rows, losses = [], []
+        for i in range(len(data.validation)):
+            item = data.validation[i]
+            image = item[IMAGE].unsqueeze(0).to(device)
+            label = item[LABEL].unsqueeze(0).long().to(device)
+            logits = sliding_window_inference(
+                image, plan.patch_size, sw_batch_size=4, predictor=model, overlap=0.25
+            )
+            losses.append(float(loss_fn(logits, label)))
+            rows.append(region_dice(logits.argmax(1, keepdim=True), label).cpu())
+        out = {wire.dice_key(k): v for k, v in mean_by_region(rows).items()}
+        out[wire.EVAL_LOSS] = sum(losses) / len(losses) if losses else float("nan")
+        return out

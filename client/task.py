@@ -1,0 +1,52 @@
+"""The task seam: a task is a plug-in of data, loss and metrics.
+
+The ClientApp calls only this interface, so adding a task means adding one
+module and one registry entry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from common.config import Plan, SiteConfig
+
+
+@dataclass
+class TaskData:
+    """A site's prepared data. ``fingerprint`` identifies the training set."""
+
+    train: Dataset
+    validation: Any
+    n_train: int
+    n_val: int
+    fingerprint: str
+
+
+class Task(Protocol):
+    """What a task must provide to be trained federatedly."""
+
+    name: str
+
+    def load_data(self, site: SiteConfig, plan: Plan) -> TaskData: ...
+
+    def loss(self, plan: Plan) -> nn.Module: ...
+
+    def evaluate(
+        self, model: nn.Module, data: TaskData, plan: Plan, device: torch.device
+    ) -> dict[str, float]: ...
+
+
+def get_task(name: str) -> Task:
+    """The site-side plug-in for a task name."""
+    from client.segmentation import SegmentationTask
+
+    tasks: dict[str, Task] = {"segmentation": SegmentationTask()}
+    try:
+        return tasks[name]
+    except KeyError:
+        raise KeyError(f"unknown task {name!r}; known: {', '.join(tasks)}") from None

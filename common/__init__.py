@@ -1,0 +1,1 @@
+"""Code that both the coordinator and the sites must agree on."""

@@ -1,0 +1,228 @@
+"""Configuration schemas: the federation plan and a site's YAML.
+
+Validated once, here, at the boundary. Errors name the file, the key and the fix;
+unknown keys are errors, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+
+class ConfigError(ValueError):
+    """A configuration file or plan is invalid; the message says how to fix it."""
+
+
+def _triple(value: Any, kind: type, name: str) -> tuple:
+    """Parse ``"a,b,c"`` (run config has no lists) or a sequence into a 3-tuple."""
+    if isinstance(value, str):
+        parts = [p for p in value.replace(" ", ",").split(",") if p]
+    else:
+        parts = list(value)
+    if len(parts) != 3:
+        raise ValueError(f"{name} needs three comma-separated numbers, got {value!r}")
+    return tuple(kind(p) for p in parts)
+
+
+class Plan(BaseModel):
+    """The federation plan, shared by the coordinator and every site.
+
+    Built from Flower's run config (``[tool.flwr.app.config]``), whose keys are
+    kebab-case; field aliases keep those names.
+    """
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+    task: Literal["segmentation"] = "segmentation"
+    model: str = "unet-small"
+    strategy: Literal["fedavg"] = "fedavg"
+    num_server_rounds: int = Field(4, alias="num-server-rounds", ge=1, le=10_000)
+    local_epochs: int = Field(1, alias="local-epochs", ge=1, le=1000)
+    batch_size: int = Field(4, alias="batch-size", ge=1, le=512)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    learning_rate: float = Field(0.003, alias="learning-rate", gt=0, le=10)
+    spacing_mm: tuple[float, float, float] = Field((3.0, 3.0, 4.0), alias="spacing-mm")
+    patch_size: tuple[int, int, int] = Field((64, 64, 32), alias="patch-size")
+    hu_window: tuple[float, float] = Field((-150.0, 350.0), alias="hu-window")
+    min_sites: int = Field(2, alias="min-sites", ge=1)
+    fraction_evaluate: float = Field(1.0, alias="fraction-evaluate", ge=0, le=1)
+    round_timeout: float = Field(900.0, alias="round-timeout", gt=0)
+    seed: int = 0
+    dp_target_epsilon: float = Field(8.0, alias="dp-target-epsilon", gt=0)
+    dp_max_grad_norm: float = Field(1.0, alias="dp-max-grad-norm", gt=0)
+    out_dir: str = Field("runs", alias="out-dir")
+    run_name: str = Field("", alias="run-name")
+    resume: bool = False
+    sim_site_configs: str = Field("", alias="sim-site-configs")
+
+    @field_validator("spacing_mm", mode="before")
+    @classmethod
+    def _spacing(cls, v: Any) -> tuple:
+        t = _triple(v, float, "spacing-mm")
+        if not all(0.2 <= s <= 10 for s in t):
+            raise ValueError("spacing-mm values must be between 0.2 and 10 mm")
+        return t
+
+    @field_validator("patch_size", mode="before")
+    @classmethod
+    def _patch(cls, v: Any) -> tuple:
+        t = _triple(v, int, "patch-size")
+        if not all(s >= 16 and s % 16 == 0 for s in t):
+            raise ValueError("patch-size values must be multiples of 16 (>= 16)")
+        return t
+
+    @field_validator("hu_window", mode="before")
+    @classmethod
+    def _window(cls, v: Any) -> tuple:
+        parts = [float(p) for p in str(v).replace(" ", "").split(",") if p] if isinstance(
+            v, str
+        ) else [float(p) for p in v]
+        if len(parts) != 2 or parts[0] >= parts[1]:
+            raise ValueError("hu-window needs 'low,high' with low < high, e.g. -150,350")
+        return tuple(parts)
+
+    @property
+    def site_config_paths(self) -> list[Path]:
+        """Site YAMLs of a local simulation, one virtual hospital each."""
+        return [Path(p) for p in self.sim_site_configs.split(",") if p.strip()]
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What must match for a checkpoint to resume under this plan."""
+        keep = ("task", "model", "spacing_mm", "patch_size", "hu_window", "strategy")
+        return {k: getattr(self, k) for k in keep}
+
+
+def load_plan(run_config: Mapping[str, Any], source: str = "run config") -> Plan:
+    """Validate a run config (``context.run_config``) into a :class:`Plan`.
+
+    Raises
+    ------
+    ConfigError
+        Naming the key, the problem and the fix.
+    """
+    try:
+        return Plan.model_validate(dict(run_config))
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, source, plan=True)) from None
+
+
+class PrivacyConfig(BaseModel):
+    """The site's own privacy budget. The coordinator cannot raise it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    max_epsilon: float | None = Field(None, gt=0)
+    delta: float | None = Field(None, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _budget_needed(self) -> PrivacyConfig:
+        if self.enabled and (self.max_epsilon is None or self.delta is None):
+            raise ValueError(
+                "with privacy enabled, set both privacy.max_epsilon (the most this "
+                "site will ever spend) and privacy.delta (e.g. 1/(10 x cases)); to "
+                "train without DP set privacy.enabled: false explicitly"
+            )
+        return self
+
+
+class DataConfig(BaseModel):
+    """Where the site's images are and how cases are split."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    root: Path
+    layout: Literal["kits"] = "kits"
+    validation_fraction: float = Field(0.25, ge=0, lt=1)
+    split_seed: int = 0
+    train_cases: list[str] | None = None
+    validation_cases: list[str] | None = None
+
+
+class PhantomConfig(BaseModel):
+    """Synthetic data for demos: which scanner profile this virtual site models."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    profile: str
+    cases: int = Field(16, ge=2, le=2000)
+    seed: int = 0
+
+
+class SiteConfig(BaseModel):
+    """One hospital's site YAML. It never leaves the site."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    data: DataConfig
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    state_dir: Path
+    privacy: PrivacyConfig
+    phantom: PhantomConfig | None = None
+    source: Path | None = Field(None, exclude=True)
+
+
+def load_site_config(path: str | Path) -> SiteConfig:
+    """Read and validate a site YAML; relative paths resolve against its folder.
+
+    Raises
+    ------
+    ConfigError
+        If the file is missing, not YAML, or has unknown keys or bad values.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{path}: site config not found; pass the path of the YAML")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc}); fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys (name, data, ...)")
+    base = path.resolve().parent
+    try:
+        site = SiteConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, str(path), plan=False)) from None
+    data = site.data.model_copy(update={"root": _resolve(base, site.data.root)})
+    return site.model_copy(
+        update={
+            "data": data,
+            "state_dir": _resolve(base, site.state_dir),
+            "source": path.resolve(),
+        }
+    )
+
+
+def _resolve(base: Path, p: Path) -> Path:
+    p = p.expanduser()
+    return p if p.is_absolute() else (base / p).resolve()
+
+
+def _explain(exc: ValidationError, source: str, plan: bool) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        if plan:
+            loc = loc.replace("_", "-")
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            where = "[tool.flwr.app.config]" if plan else "the site schema"
+            msg = f"unknown key; remove it or check the spelling against {where}"
+        elif err["type"] == "missing":
+            msg = "required key is missing; add it"
+        lines.append(f"  - {loc or '(top level)'}: {msg}")
+    return "\n".join(lines)

@@ -1,0 +1,535 @@
+"""Synthetic abdominal CT phantoms with kidneys, written in KiTS21/23 layout.
+
+Each case is a CT volume in HU plus a segmentation with the KiTS labels (0 background,
+1 kidney, 2 tumour, 3 cyst). Anatomy is built in mm in a patient frame aligned with
+RAS+ (+x patient Left, +y Anterior, +z Superior; origin at the body centre between
+the kidneys) and then voxelised, so arrays are indexed (x, y, z) and the affine is
+``diag(spacing)`` plus an origin. A :class:`SiteProfile` describes one hospital's
+scanner and case mix; everything is deterministic given ``(profile, seed, scale)``.
+
+``scale`` multiplies the scanner spacing: ``scale=1.0`` gives the native grid, while
+:data:`DEFAULT_SCALE` uses a coarser one so that demo training on CPU takes seconds.
+The NIfTI header always states the spacing actually written.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import nibabel as nib
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SCALE = 2.5
+PHANTOM_VERSION = 1  # bump when the anatomy changes, so old site dirs read as stale
+LABELS = {0: "background", 1: "kidney", 2: "tumour", 3: "cyst"}
+FOV_MM = (340.0, 260.0, 170.0)
+IMAGE_NAME, SEGMENTATION_NAME = "imaging.nii.gz", "segmentation.nii.gz"
+METADATA_NAME = "phantom.json"
+_GZIP_LEVEL = 1  # noisy float32 barely compresses; level 1 keeps writes fast
+_CASE_DIR_RE = re.compile(r"case_\d{5}")
+_GENERATOR = "kidneyfl.common.phantom"
+
+
+class SiteProfile(BaseModel):
+    """Scanner and case-mix description of one (simulated) hospital site."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1)
+    slice_thickness_mm: float = Field(ge=0.5, le=5.0)
+    inplane_spacing_mm: float = Field(ge=0.6, le=1.0)
+    noise_hu: float = Field(ge=0.0, le=50.0)
+    phase: Literal["corticomedullary", "nephrographic"]
+    intensity_offset_hu: float = Field(default=0.0, ge=-50.0, le=50.0)
+    tumour_prevalence: float = Field(default=0.9, ge=0.0, le=1.0)
+    cyst_prevalence: float = Field(default=0.3, ge=0.0, le=1.0)
+
+
+# thin-slice-cm is 1.25 mm / 0.78 mm rather than 1.0 / 0.7 so that a case at the
+# default scale stays under ~1.5 M voxels (1.0 / 0.7 would give ~2 M).
+PROFILES: dict[str, SiteProfile] = {p.name: p for p in (
+    SiteProfile(name="thin-slice-cm", slice_thickness_mm=1.25, inplane_spacing_mm=0.78,
+                noise_hu=12.0, phase="corticomedullary"),
+    SiteProfile(name="standard-nephro", slice_thickness_mm=2.5, inplane_spacing_mm=0.8,
+                noise_hu=15.0, phase="nephrographic", intensity_offset_hu=20.0),
+    SiteProfile(name="thick-slice-noisy", slice_thickness_mm=5.0,
+                inplane_spacing_mm=0.95, noise_hu=20.0, phase="nephrographic",
+                intensity_offset_hu=-25.0, tumour_prevalence=0.7, cyst_prevalence=0.5),
+)}
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: == on array fields would raise
+class PhantomCase:
+    """One case: float32 HU ``image`` and uint8 KiTS ``label``, both (X, Y, Z) along
+    RAS+ axes; ``spacing`` in mm along x, y, z; ``affine`` voxel-to-RAS (nibabel)."""
+
+    image: np.ndarray
+    label: np.ndarray
+    spacing: tuple[float, float, float]
+    affine: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Kidney:
+    centre: np.ndarray
+    semi: np.ndarray  # semi-axes (lateral width, AP, cranio-caudal length) in mm
+    axes: np.ndarray  # columns: world directions of the local axes
+    cortex_mm: float
+    pyramids: tuple[float, float, float]  # sectors, bands, phase
+
+
+@dataclass(frozen=True)
+class _Lesion:
+    centre: np.ndarray
+    semi: np.ndarray
+    waves: np.ndarray  # (6, 4): wave vector (rad/mm) and phase; 3 lobes, 3 texture
+    hu: float
+    hu_amp: float
+    necrosis_hu: float | None
+
+
+_Grid = tuple[np.ndarray, np.ndarray, np.ndarray]  # voxel-centre coordinates, mm
+
+
+def voxel_spacing(profile: SiteProfile, scale: float = DEFAULT_SCALE
+                  ) -> tuple[float, float, float]:
+    """Return the voxel size (mm along x, y, z) written for ``profile``.
+
+    Parameters
+    ----------
+    profile : SiteProfile
+        Site whose native scanner spacing is scaled.
+    scale : float
+        Multiplier on the native spacing; 1.0 is the scanner's own grid.
+
+    Returns
+    -------
+    tuple of float
+        Rounded to 1e-6 mm so that header round-trips compare cleanly.
+    """
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+    inplane = round(profile.inplane_spacing_mm * scale, 6)
+    return (inplane, inplane, round(profile.slice_thickness_mm * scale, 6))
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v)
+
+
+def _draw_kidney(rng: np.random.Generator, side: int, z: float) -> _Kidney:
+    centre = np.array([side * 72.0, -45.0, z]) + rng.uniform([-5, -4, 0], [5, 4, 0])
+    # Length varies less than width so that every kidney stays 10-12 cm long.
+    semi = np.array([27.5, 17.5, 56.0]) * rng.uniform([0.9, 0.9, 0.92],
+                                                      [1.1, 1.1, 1.08])
+    coronal, sagittal, axial = np.radians(rng.uniform([8, 5, 20], [18, 15, 35]))
+    # Upper pole tilts medially and posteriorly; the hilum faces anteromedially.
+    long_axis = _unit(np.array([-side * math.tan(coronal), -math.tan(sagittal), 1.0]))
+    lateral = np.array([side * math.cos(axial), -math.sin(axial), 0.0])
+    lateral = _unit(lateral - lateral.dot(long_axis) * long_axis)
+    axes = np.column_stack([lateral, np.cross(long_axis, lateral), long_axis])
+    pyramids = (float(rng.integers(5, 8)), float(rng.integers(2, 4)),
+                rng.uniform(0, 2 * math.pi))
+    return _Kidney(centre, semi, axes, rng.uniform(5.0, 8.0), pyramids)
+
+
+def _draw_lesion(rng: np.random.Generator, kidney: _Kidney, radius: float,
+                 depth: tuple[float, float], hu: float, hu_amp: float = 0.0,
+                 necrosis_hu: float | None = None) -> _Lesion:
+    for _ in range(64):  # hilar (medial) sites are rare and would hit the spine
+        u = _unit(rng.standard_normal(3))
+        if u[0] > -0.3:
+            break
+    surface = kidney.centre + kidney.axes @ (kidney.semi * u)
+    normal = _unit(kidney.axes @ (u / kidney.semi))
+    centre = surface + normal * radius * rng.uniform(*depth)
+    semi = radius * rng.uniform(0.85, 1.15, size=3)
+    # Plane waves of 10-25 mm wavelength give lobulation and texture at a realistic
+    # scale without a costly 3-D noise field.
+    k = rng.standard_normal((6, 3))
+    k *= (2 * math.pi / rng.uniform(10, 25, 6) / np.linalg.norm(k, axis=1))[:, None]
+    waves = np.column_stack([k, rng.uniform(0, 2 * math.pi, 6)])
+    return _Lesion(centre, semi, waves, hu, hu_amp, necrosis_hu)
+
+
+def _block(grid: _Grid, centre: np.ndarray, radius: float
+           ) -> tuple[tuple[slice, ...], list[np.ndarray]] | None:
+    """Sub-grid within ``radius`` of ``centre``: slices and broadcastable offsets."""
+    slices, offsets = [], []
+    for axis, coords in enumerate(grid):
+        lo = int(np.searchsorted(coords, centre[axis] - radius, "left"))
+        hi = int(np.searchsorted(coords, centre[axis] + radius, "right"))
+        if lo >= hi:
+            return None
+        shape = [1, 1, 1]
+        shape[axis] = hi - lo
+        slices.append(slice(lo, hi))
+        offsets.append((coords[lo:hi] - centre[axis]).reshape(shape))
+    return tuple(slices), offsets
+
+
+def _paint_ellipsoid(img: np.ndarray, grid: _Grid, centre: np.ndarray,
+                     semi: np.ndarray, hu: float, within: np.ndarray) -> None:
+    if (blk := _block(grid, centre, float(max(semi)))) is not None:
+        sl, d = blk
+        mask = sum((di / si) ** 2 for di, si in zip(d, semi, strict=True)) <= 1.0
+        img[sl][mask & within[sl[0], sl[1]][..., None]] = hu
+
+
+def _render_kidney(img: np.ndarray, lab: np.ndarray, grid: _Grid, k: _Kidney,
+                   cortex_hu: float, medulla_hu: float) -> None:
+    if (blk := _block(grid, k.centre, float(k.semi.max()))) is None:
+        return
+    sl, d = blk
+    q = [d[0] * k.axes[0, i] + d[1] * k.axes[1, i] + d[2] * k.axes[2, i]
+         for i in range(3)]
+    kidney = sum((qi / si) ** 2 for qi, si in zip(q, k.semi, strict=True)) <= 1.0
+    inner = sum((qi / (si - k.cortex_mm)) ** 2
+                for qi, si in zip(q, k.semi, strict=True)) <= 1.0
+    # Pyramids are sectors around the long axis and bands along it, separated by
+    # cortical columns, which gives the corticomedullary phase its pattern.
+    sectors, bands, phase = k.pyramids
+    pyramid = ((np.cos(sectors * np.arctan2(q[1], q[0]) + phase) > -0.3)
+               & (np.cos(math.pi * bands * q[2] / k.semi[2] + phase) > -0.5))
+    hu = np.where(inner & pyramid, np.float32(medulla_hu), np.float32(cortex_hu))
+    img[sl][kidney] = hu[kidney]
+    lab[sl][kidney] = 1
+
+
+def _render_lesion(img: np.ndarray, lab: np.ndarray, grid: _Grid, les: _Lesion,
+                   label: int, within: np.ndarray) -> None:
+    if (blk := _block(grid, les.centre, float(les.semi.max()) * 1.15)) is None:
+        return
+    sl, d = blk
+
+    def field(waves: np.ndarray) -> np.ndarray:
+        return sum(np.cos(w[0] * d[0] + w[1] * d[1] + w[2] * d[2] + w[3])
+                   for w in waves) / len(waves)
+
+    rho = np.sqrt(sum((di / si) ** 2 for di, si in zip(d, les.semi, strict=True)))
+    # Masses displace rather than pierce the abdominal wall, so clip to the cavity.
+    mask = (rho <= 1.0 + 0.12 * field(les.waves[:3])) & within[sl[0], sl[1]][..., None]
+    tex = field(les.waves[3:])
+    hu = les.hu + les.hu_amp * tex
+    if les.necrosis_hu is not None:
+        hu = np.where(rho < 0.45 + 0.1 * tex, les.necrosis_hu, hu)
+    img[sl][mask] = np.broadcast_to(hu, mask.shape)[mask]
+    lab[sl][mask] = label
+    # A lesion smaller than a coarse voxel must still occupy one, or a case drawn
+    # with a tumour would carry no tumour label.
+    idx = tuple(int(round((c - ax[0]) / (ax[1] - ax[0]))) if ax.size > 1 else 0
+                for c, ax in zip(les.centre, grid, strict=True))
+    if all(0 <= i < ax.size for i, ax in zip(idx, grid, strict=True)):
+        img[idx], lab[idx] = les.hu, label
+
+
+def _render_spine(img: np.ndarray, grid: _Grid, body: np.ndarray,
+                  disc_phase: float) -> None:
+    """Vertebral bodies with a cortical rim, discs every 32 mm, posterior arch."""
+    if (blk := _block(grid, np.array([0.0, -70.0, 0.0]), 45.0)) is None:
+        return
+    (sx, sy, _), (dx, dy, _) = blk
+    x2, y2 = dx[:, :, 0], dy[:, :, 0] - 70.0
+    vb = (x2 / 24.0) ** 2 + ((y2 + 50.0) / 20.0) ** 2
+    canal = np.hypot(x2, y2 + 83.0)
+    arch = (canal <= 15.0) | ((np.abs(x2) <= 5.0) & (y2 <= -83.0) & (y2 >= -108.0))
+    arch |= (np.abs(x2) <= 42.0) & (np.abs(y2 + 70.0) <= 3.0)  # transverse processes
+    arch &= body[sx, sy]
+    disc = ((grid[2] + disc_phase) % 32.0) < 7.0
+    block = img[sx, sy]
+    block[arch & (vb > 1.0)] = 450.0
+    block[vb <= 1.0] = 220.0
+    block[(vb <= 1.0) & (vb > 0.85**2)] = 600.0
+    # At disc levels: a soft disc in the body and ligaments instead of the arch.
+    block[(vb <= 1.0)[..., None] & disc] = 90.0
+    block[(arch & (vb > 1.0))[..., None] & disc] = 45.0
+    block[canal <= 9.0] = 15.0
+
+
+def generate_case(profile: SiteProfile, seed: int, scale: float = DEFAULT_SCALE
+                  ) -> PhantomCase:
+    """Generate one synthetic abdominal CT case.
+
+    Parameters
+    ----------
+    profile : SiteProfile
+        Scanner and case mix of the site.
+    seed : int
+        Non-negative case seed, mixed with a stable digest of ``profile.name``.
+    scale : float
+        Multiplier on the scanner spacing (1.0 = native). Only the voxelisation
+        depends on it, not the anatomy.
+
+    Returns
+    -------
+    PhantomCase
+        Image (float32 HU), label (uint8 KiTS labels), spacing and RAS affine.
+    """
+    spacing = voxel_spacing(profile, scale)
+    if seed < 0:
+        raise ValueError(f"seed must be non-negative, got {seed}")
+    # Python's hash() is salted per process; a digest keeps runs reproducible.
+    name_key = int.from_bytes(hashlib.sha256(profile.name.encode()).digest()[:8], "big")
+    anat_seq, noise_seq = np.random.SeedSequence([seed, name_key]).spawn(2)
+    rng = np.random.default_rng(anat_seq)
+    cm = profile.phase == "corticomedullary"
+
+    # Every anatomical draw happens before rendering, so the anatomy is the same
+    # whatever the grid.
+    body_a, body_b = 160.0 * rng.uniform(0.95, 1.05), 120.0 * rng.uniform(0.94, 1.06)
+    fat_mm = rng.uniform(10.0, 30.0)
+    # Liver (patient right, upper FOV) and spleen (left, posterolateral, upper).
+    organs = [(np.array(c) + rng.uniform(-6, 6, 3),
+               np.array(s) * rng.uniform(0.9, 1.1, 3), rng.uniform(hu - 5, hu + 5))
+              for c, s, hu in [((-65, 10, 85), (85, 85, 95), 60),
+                               ((85, -15, 80), (35, 50, 60), 50)]]
+    shift, drop = rng.uniform(-5.0, 5.0), rng.uniform(15.0, 20.0)  # right lies lower
+    left = _draw_kidney(rng, +1, shift + drop / 2)
+    right = _draw_kidney(rng, -1, shift - drop / 2)
+    if cm:
+        cortex_hu, medulla_hu = rng.uniform(160, 200), rng.uniform(60, 80)
+    else:
+        cortex_hu = rng.uniform(125, 145)
+        medulla_hu = cortex_hu - rng.uniform(0, 8)
+    gas = [(rng.uniform([-90, 20, -80], [90, 80, 80]), rng.uniform(8, 20, 3))
+           for _ in range(3)]
+    disc_phase = rng.uniform(0, 32)
+
+    has_tumour = rng.random() < profile.tumour_prevalence
+    t_kidney = left if rng.random() < 0.5 else right
+    t_radius = float(np.clip(np.exp(rng.normal(math.log(40.0), 0.4)), 15, 90)) / 2
+    t_hu = rng.uniform(120, 170) if cm else rng.uniform(90, 120)
+    tumour = _draw_lesion(rng, t_kidney, t_radius, (-0.8, 0.3), t_hu,
+                          35.0 if cm else 15.0,
+                          rng.uniform(20, 35) if t_radius > 22.5 else None)
+    cyst = None
+    if rng.random() < profile.cyst_prevalence:
+        c_hu = rng.uniform(2.0, 15.0)
+        for _ in range(20):  # keep the cyst clear of the tumour
+            c_radius = rng.uniform(10.0, 40.0) / 2
+            cand = _draw_lesion(rng, left if rng.random() < 0.5 else right,
+                                c_radius, (-0.5, 0.5), c_hu)
+            gap = np.linalg.norm(cand.centre - tumour.centre)
+            if not has_tumour or gap > 1.15 * (t_radius + c_radius) + 2.0:
+                cyst = cand
+                break
+
+    shape = tuple(max(1, round(f / s)) for s, f in zip(spacing, FOV_MM, strict=True))
+    grid: _Grid = tuple((np.arange(n) - (n - 1) / 2.0) * s
+                        for s, n in zip(spacing, shape, strict=True))
+    img = np.full(shape, -1000.0, dtype=np.float32)
+    lab = np.zeros(shape, dtype=np.uint8)
+    x2, y2 = grid[0][:, None], grid[1][None, :]
+    body = (x2 / body_a) ** 2 + (y2 / body_b) ** 2 <= 1.0
+    inner = (x2 / (body_a - fat_mm)) ** 2 + (y2 / (body_b - fat_mm)) ** 2 <= 1.0
+    img[body] = -100.0  # subcutaneous fat
+    img[inner] = 42.0  # muscle wall and soft tissue
+    psoas = ((np.abs(x2) - 35.0) / 18.0) ** 2 + ((y2 + 42.0) / 16.0) ** 2 <= 1.0
+    img[psoas] = 52.0
+    for c, s, hu in organs:
+        _paint_ellipsoid(img, grid, c, s, hu, inner)
+    for k in (left, right):  # perirenal fat separates kidney from liver and spleen
+        _paint_ellipsoid(img, grid, k.centre, k.semi + 12.0, -90.0, inner)
+    for c, s in gas:  # bowel gas
+        _paint_ellipsoid(img, grid, c, s, -950.0, inner)
+    img[np.hypot(x2 - 12.0, y2 + 22.0) <= 11.0] = 280.0 if cm else 170.0  # aorta
+    img[((x2 + 26.0) / 14.0) ** 2 + ((y2 + 18.0) / 10.0) ** 2 <= 1.0] = (
+        110.0 if cm else 150.0)  # IVC
+    _render_spine(img, grid, body, disc_phase)
+    for k in (left, right):
+        _render_kidney(img, lab, grid, k, cortex_hu, medulla_hu)
+    # Tumour goes last: in KiTS the tumour label wins over cyst and kidney.
+    if cyst is not None:
+        _render_lesion(img, lab, grid, cyst, 3, inner)
+    if has_tumour:
+        _render_lesion(img, lab, grid, tumour, 2, inner)
+
+    noise = np.random.default_rng(noise_seq).standard_normal(shape, np.float32)
+    noise *= np.float32(profile.noise_hu)
+    img += noise + np.float32(profile.intensity_offset_hu)
+    np.clip(img, -1024.0, 3071.0, out=img)
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = [ax[0] for ax in grid]
+    return PhantomCase(img, lab, spacing, affine)
+
+
+def case_seed(site_seed: int, index: int) -> int:
+    """Return the seed that :func:`write_site` uses for case ``index`` of a site."""
+    return int(np.random.SeedSequence([site_seed, index]).generate_state(1)[0])
+
+
+def _atomic_write(path: Path, payload: bytes, compress: bool = False) -> None:
+    # A temp file in the same directory makes os.replace atomic, so a crash never
+    # leaves a truncated file under the final name.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            if compress:  # mtime=0 keeps the bytes identical across reruns
+                with gzip.GzipFile(filename="", mode="wb", fileobj=fh, mtime=0,
+                                   compresslevel=_GZIP_LEVEL) as gz:
+                    gz.write(payload)
+            else:
+                fh.write(payload)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _save_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
+    img = nib.Nifti1Image(data, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    img.header.set_xyzt_units("mm", "sec")
+    _atomic_write(path, img.to_bytes(), compress=True)
+
+
+def _remove_cases(case_dirs: list[Path]) -> None:
+    for case_dir in case_dirs:
+        for f in [case_dir / IMAGE_NAME, case_dir / SEGMENTATION_NAME,
+                  *case_dir.glob(".*.tmp")]:
+            f.unlink(missing_ok=True)
+        try:
+            case_dir.rmdir()
+        except OSError:
+            logger.warning("left %s in place: it holds files not written here",
+                           case_dir)
+
+
+def write_site(out_dir: Path, profile: SiteProfile, n_cases: int, seed: int = 0,
+               scale: float = DEFAULT_SCALE, overwrite: bool = False) -> list[Path]:
+    """Write ``n_cases`` phantom cases for one site in KiTS layout.
+
+    Creates ``out_dir/case_00000/{imaging,segmentation}.nii.gz`` and so on, plus
+    ``out_dir/phantom.json`` recording the request. A rerun with the same arguments
+    keeps complete cases and only generates missing ones.
+
+    Parameters
+    ----------
+    out_dir : Path
+        Site directory, created if needed.
+    profile, scale
+        As for :func:`generate_case`.
+    n_cases : int
+        Number of cases (at least 1).
+    seed : int
+        Site seed; case ``i`` is ``generate_case(profile, case_seed(seed, i))``.
+    overwrite : bool
+        Replace cases that were generated with different settings.
+
+    Returns
+    -------
+    list of Path
+        The case directories, in order.
+
+    Raises
+    ------
+    FileExistsError
+        ``out_dir`` holds cases made with other settings and ``overwrite`` is False,
+        or case directories without our ``phantom.json`` (never deleted).
+    """
+    if n_cases < 1:
+        raise ValueError(f"n_cases must be at least 1, got {n_cases}")
+    out_dir, meta_path = Path(out_dir), Path(out_dir) / METADATA_NAME
+    meta: dict[str, Any] = {
+        "generator": _GENERATOR, "phantom_version": PHANTOM_VERSION,
+        "profile": profile.model_dump(), "seed": int(seed), "scale": float(scale),
+        "n_cases": n_cases, "spacing_mm": list(voxel_spacing(profile, scale)),
+        "labels": {str(k): v for k, v in LABELS.items()},
+        "case_seeds": [case_seed(seed, i) for i in range(n_cases)],
+    }
+    case_dirs = [out_dir / f"case_{i:05d}" for i in range(n_cases)]
+    try:
+        existing = json.loads(meta_path.read_text())
+    except FileNotFoundError:
+        existing = None
+    except (OSError, ValueError):
+        existing = {}  # unreadable: cannot be ours, since we write it atomically
+    present = sorted(p for p in out_dir.glob("case_*")
+                     if p.is_dir() and _CASE_DIR_RE.fullmatch(p.name))
+
+    todo = list(range(n_cases))
+    if existing == meta:
+        todo = [i for i in todo if not all(
+            (case_dirs[i] / n).is_file() for n in (IMAGE_NAME, SEGMENTATION_NAME))]
+        if not todo:
+            logger.info("%s: %d cases already up to date", out_dir, n_cases)
+            return case_dirs
+    elif existing is not None or present:
+        ours = isinstance(existing, dict) and existing.get("generator") == _GENERATOR
+        if present and not ours:
+            # Never delete case dirs we did not write (e.g. real KiTS data).
+            raise FileExistsError(
+                f"{out_dir} holds case directories that were not written by the "
+                "phantom generator; choose another directory")
+        if not overwrite:
+            raise FileExistsError(
+                f"{out_dir} already holds phantom cases generated with different "
+                f"settings (see {METADATA_NAME}); pass overwrite to replace them or "
+                "choose another directory")
+        logger.info("%s: removing %d cases made with other settings", out_dir,
+                    len(present))
+        _remove_cases(present)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Metadata goes first: with atomic case files, an interrupted run leaves only
+    # complete cases that match it, which a rerun then keeps.
+    _atomic_write(meta_path, (json.dumps(meta, indent=2) + "\n").encode())
+    for i in todo:
+        case = generate_case(profile, meta["case_seeds"][i], scale)
+        case_dirs[i].mkdir(exist_ok=True)
+        _save_nifti(case_dirs[i] / IMAGE_NAME, case.image, case.affine)
+        _save_nifti(case_dirs[i] / SEGMENTATION_NAME, case.label, case.affine)
+    logger.info("%s: wrote %d of %d cases (profile %s, spacing %s mm)", out_dir,
+                len(todo), n_cases, profile.name, meta["spacing_mm"])
+    return case_dirs
+
+
+def load_profile(name_or_path: str) -> SiteProfile:
+    """Return a built-in profile by name, or load one from a YAML/JSON file.
+
+    Parameters
+    ----------
+    name_or_path : str
+        A key of :data:`PROFILES`, or a ``.yaml``/``.yml``/``.json`` file with the
+        :class:`SiteProfile` fields (``name`` defaults to the file stem).
+
+    Raises
+    ------
+    ValueError
+        Unknown name (the message lists the built-ins), or invalid file contents
+        (the message names the offending field).
+    """
+    if name_or_path in PROFILES:
+        return PROFILES[name_or_path]
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise ValueError(
+            f"{name_or_path!r} is neither a built-in site profile "
+            f"({', '.join(sorted(PROFILES))}) nor an existing YAML/JSON file")
+    try:
+        text = path.read_text()
+        is_yaml = path.suffix.lower() in (".yaml", ".yml")
+        data = yaml.safe_load(text) if is_yaml else json.loads(text)
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise ValueError(f"cannot parse site profile {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"site profile {path} must be a mapping of fields")
+    data.setdefault("name", path.stem)
+    try:
+        return SiteProfile.model_validate(data)
+    except ValidationError as exc:
+        raise ValueError(f"invalid site profile {path}: {exc}") from exc

@@ -1,0 +1,42 @@
+"""The wire contract: every record key that crosses between a site and the
+coordinator is named here, once.
+
+Only model arrays and aggregate metrics travel. No key here may ever carry an
+image, a label, a file name, a case identifier or a per-case value.
+"""
+
+from typing import Final
+
+# Record names inside a Message's RecordDict.
+ARRAYS: Final = "arrays"
+CONFIG: Final = "config"
+METRICS: Final = "metrics"
+SITE: Final = "site"  # ConfigRecord in replies: the site's declared name, refusals
+
+# ConfigRecord keys sent by the coordinator.
+SERVER_ROUND: Final = "server-round"  # injected by Flower's strategies
+GLOBAL_ROUND: Final = "global-round"  # round counted across resumes
+RUN_ID: Final = "run-id"
+TOTAL_ROUNDS: Final = "total-rounds"
+
+# MetricRecord keys sent by sites. `num-examples` always means training cases.
+NUM_EXAMPLES: Final = "num-examples"
+NUM_VAL_CASES: Final = "num-val-cases"
+TRAIN_LOSS: Final = "train-loss"
+EVAL_LOSS: Final = "eval-loss"
+EPSILON: Final = "epsilon"
+DELTA: Final = "delta"
+NOISE_MULTIPLIER: Final = "noise-multiplier"
+DP_ENABLED: Final = "dp-enabled"
+REFUSED: Final = "refused"
+
+# ConfigRecord keys in the SITE record of a reply.
+SITE_NAME: Final = "name"
+REFUSAL_REASON: Final = "refusal-reason"
+
+DICE_PREFIX: Final = "dice-"
+
+
+def dice_key(region: str) -> str:
+    """Metric key for the Dice of one KiTS region (``dice-kidney``...)."""
+    return f"{DICE_PREFIX}{region}"

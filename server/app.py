@@ -1,0 +1,123 @@
+"""The coordinator's Flower ServerApp.
+
+Validates the plan, resumes from the run's last checkpoint when asked, runs
+Flower's strategy wrapped by :class:`server.strategy.SiteAwareStrategy`, and at
+the end writes the final model and a per-site summary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from common import wire
+from common.config import Plan, load_plan
+from common.logs import setup_logging
+from common.tasks import build_plan_model
+from server.checkpoint import (
+    CheckpointError,
+    atomic_write_json,
+    load_checkpoint,
+    save_checkpoint,
+)
+from server.report import append_metrics, read_metrics, round_entry, round_line, summary_table
+from server.strategy import RoundRecord, SiteAwareStrategy, build_strategy
+
+log = logging.getLogger("kidneyfl.server")
+app = ServerApp()
+
+
+def run_dir_for(plan: Plan, context: Context) -> Path:
+    """``<out-dir>/<run-name>``; the run name defaults to Flower's run id."""
+    name = plan.run_name or f"run-{context.run_id}"
+    return Path(plan.out_dir).expanduser().resolve() / name
+
+
+def _site_names(grid: Grid) -> dict[int, str]:
+    # Registered names exist in deployment with SuperNode auth; simulation nodes
+    # have none, and the sites' declared names are used instead.
+    names = {}
+    for node in grid.get_nodes():
+        name = getattr(node, "name", None)
+        if name:
+            names[node.node_id] = str(name)
+    return names
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the federation described by the plan (Flower run config)."""
+    setup_logging()
+    plan = load_plan(context.run_config)
+    run_dir = run_dir_for(plan, context)
+    ckpt_dir = run_dir / "checkpoints"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model = build_plan_model(plan)
+    initial = ArrayRecord(model.state_dict())
+    done = 0
+    if plan.resume and (ckpt_dir / "latest.json").exists():
+        state, meta = load_checkpoint(ckpt_dir, plan.fingerprint())
+        initial, done = ArrayRecord(state), int(meta["round"])
+        log.info("resumed %s from round %d", run_dir.name, done)
+    elif (ckpt_dir / "latest.json").exists():
+        raise CheckpointError(
+            f"{run_dir} already holds checkpoints; pass resume=true to continue it or "
+            "choose another run-name (nothing was overwritten)"
+        )
+    remaining = plan.num_server_rounds - done
+    atomic_write_json(run_dir / "plan.json", plan.model_dump(by_alias=True, mode="json"))
+    if remaining <= 0:
+        log.info("run %s already completed %d rounds", run_dir.name, done)
+        return
+
+    def on_round_end(rec: RoundRecord, arrays: ArrayRecord) -> None:
+        entry = round_entry(rec)
+        entry["time"] = time.time()
+        sidecar = {
+            "plan": plan.model_dump(by_alias=True, mode="json"),
+            "plan_fingerprint": json.loads(json.dumps(plan.fingerprint())),
+            "model": plan.model,
+            "metrics": entry["weighted"],
+            "epsilon_per_site": entry["epsilon"],
+            "max_epsilon": max(
+                (e for e in entry["epsilon"].values() if e is not None), default=None
+            ),
+            "sites": sorted(set(rec.train) | set(rec.evaluate)),
+        }
+        save_checkpoint(ckpt_dir, rec.round, arrays.to_torch_state_dict(), sidecar)
+        append_metrics(run_dir, entry)
+        log.info("%s", round_line(entry))
+
+    strategy = SiteAwareStrategy(
+        build_strategy(plan.strategy, plan.min_sites, plan.fraction_evaluate),
+        min_sites=plan.min_sites,
+        round_offset=done,
+        base_config={wire.RUN_ID: run_dir.name, wire.TOTAL_ROUNDS: plan.num_server_rounds},
+        on_round_end=on_round_end,
+        site_names=_site_names(grid),
+    )
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=initial,
+        num_rounds=remaining,
+        timeout=plan.round_timeout,
+        train_config=ConfigRecord(),
+        evaluate_config=ConfigRecord(),
+    )
+    final = result.arrays if result.arrays is not None else initial
+    save_checkpoint(
+        run_dir / "final",
+        plan.num_server_rounds,
+        final.to_torch_state_dict(),
+        {"plan": plan.model_dump(by_alias=True, mode="json"),
+         "plan_fingerprint": json.loads(json.dumps(plan.fingerprint())),
+         "model": plan.model},
+    )
+    entries = read_metrics(run_dir)
+    log.info("\n%s", summary_table(entries))
+    log.info("final model: %s", run_dir / "final")

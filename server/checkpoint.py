@@ -1,0 +1,114 @@
+"""Checkpoints that describe themselves and survive a crash.
+
+Each round writes the global weights (``round-NNNN.pt``) and a JSON sidecar
+(round, plan, model, metrics, epsilon per site, package version, the weights'
+SHA-256), both atomically (temp file, fsync, rename). ``latest.json`` is written
+last, so a crash at any point leaves the previous round's checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from collections import OrderedDict
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+LATEST = "latest.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, damaged, or does not match the plan."""
+
+
+def package_version() -> str:
+    """Installed kidneyfl version, or ``unknown`` when run from a source tree."""
+    try:
+        return metadata.version("kidneyfl")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old or the new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """JSON flavour of :func:`atomic_write_bytes`."""
+    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True).encode())
+
+
+def save_checkpoint(
+    ckpt_dir: Path,
+    round_: int,
+    state: OrderedDict[str, torch.Tensor],
+    sidecar: dict[str, Any],
+) -> Path:
+    """Write one round's weights and sidecar; returns the sidecar path."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    data = buf.getvalue()
+    weights = ckpt_dir / f"round-{round_:04d}.pt"
+    atomic_write_bytes(weights, data)
+    meta = dict(sidecar)
+    meta.update(
+        round=round_,
+        weights=weights.name,
+        sha256=hashlib.sha256(data).hexdigest(),
+        kidneyfl_version=package_version(),
+    )
+    side = ckpt_dir / f"round-{round_:04d}.json"
+    atomic_write_json(side, meta)
+    atomic_write_json(ckpt_dir / LATEST, meta)
+    return side
+
+
+def load_checkpoint(
+    ckpt_dir: Path, plan_fingerprint: dict[str, Any] | None = None
+) -> tuple[OrderedDict[str, torch.Tensor], dict[str, Any]]:
+    """Load the latest checkpoint, verifying its checksum and (optionally) plan.
+
+    Raises
+    ------
+    CheckpointError
+        If nothing is there, the weights fail their checksum, or the plan differs.
+    """
+    latest = ckpt_dir / LATEST
+    if not latest.exists():
+        raise CheckpointError(f"{ckpt_dir}: no checkpoint to resume from")
+    try:
+        meta = json.loads(latest.read_text())
+        data = (ckpt_dir / meta["weights"]).read_bytes()
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{latest}: unreadable ({exc})") from None
+    if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+        raise CheckpointError(
+            f"{ckpt_dir / meta['weights']}: checksum mismatch; the file is damaged"
+        )
+    if plan_fingerprint is not None:
+        saved = meta.get("plan_fingerprint")
+        now = json.loads(json.dumps(plan_fingerprint))
+        if saved != now:
+            raise CheckpointError(
+                f"{latest}: checkpoint was made under plan {saved}, the run asks for "
+                f"{now}; resume with the same plan or start a new run name"
+            )
+    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    return state, meta

@@ -1,0 +1,130 @@
+"""Run records: ``metrics.jsonl`` (one line per round) and terminal summaries."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from common import wire
+from common.metrics import KITS_REGIONS
+from server.strategy import RoundRecord, weighted_eval_means
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def _clean(obj: Any) -> Any:
+    # JSON has no Infinity/NaN: a site without DP has epsilon = inf -> null.
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def round_entry(rec: RoundRecord) -> dict[str, Any]:
+    """The ``metrics.jsonl`` line for a round: per site, weighted mean, spread."""
+    entry = asdict(rec)
+    entry["weighted"] = weighted_eval_means(rec.evaluate)
+    spread = {}
+    for region in KITS_REGIONS:
+        vals = [m[wire.dice_key(region)] for m in rec.evaluate.values()
+                if wire.dice_key(region) in m]
+        if vals:
+            spread[wire.dice_key(region)] = max(vals) - min(vals)
+    entry["spread"] = spread
+    entry["epsilon"] = {
+        s: m.get(wire.EPSILON) for s, m in rec.train.items() if m.get(wire.DP_ENABLED)
+    }
+    return _clean(entry)
+
+
+def append_metrics(run_dir: Path, entry: dict[str, Any]) -> None:
+    """Append one JSON line durably (a crash never leaves a half-written line)."""
+    path = run_dir / METRICS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(entry, sort_keys=True) + "\n"
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(line)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """All complete lines of a run's ``metrics.jsonl`` (a torn last line is ignored)."""
+    path = run_dir / METRICS_FILE
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def _fmt(v: Any, width: int = 7) -> str:
+    if v is None:
+        return "-".rjust(width)
+    return f"{v:.3f}".rjust(width)
+
+
+def round_line(entry: dict[str, Any]) -> str:
+    """One line per round for the terminal: Dice per site and epsilon per site."""
+    parts = [f"round {entry['round']:>3}"]
+    w = entry.get("weighted", {})
+    parts.append(
+        "Dice kidney/masses/tumour "
+        + "/".join(_fmt(w.get(wire.dice_key(r)), 5).strip() for r in KITS_REGIONS)
+    )
+    for site, m in sorted(entry.get("evaluate", {}).items()):
+        eps = entry.get("epsilon", {}).get(site)
+        eps_txt = f" eps={eps:.2f}" if eps is not None else " eps=off"
+        parts.append(f"{site}: kidney {m.get(wire.dice_key('kidney'), 0):.3f}{eps_txt}")
+    for kind in ("refused", "rejected", "failed"):
+        for site, why in entry.get(kind, {}).items():
+            parts.append(f"{site} {kind.upper()} ({why[:80]})")
+    if not entry.get("aggregated", True):
+        parts.append("NOT AGGREGATED")
+    return " | ".join(parts)
+
+
+def summary_table(entries: list[dict[str, Any]]) -> str:
+    """Per-site and weighted table of the last round, with first-round Dice."""
+    if not entries:
+        return "no rounds completed"
+    first, last = entries[0], entries[-1]
+    cols = [wire.dice_key(r) for r in KITS_REGIONS]
+    head = f"{'site':<16}" + "".join(f"{c:>14}" for c in cols)
+    head += f"{'val cases':>10}{'epsilon':>9}{'delta':>9}"
+    lines = [f"Summary after round {last['round']} (first round in brackets)", head]
+    sites = sorted(set(last.get("evaluate", {})) | set(last.get("train", {})))
+    for site in sites:
+        m = last.get("evaluate", {}).get(site, {})
+        m0 = first.get("evaluate", {}).get(site, {})
+        t = last.get("train", {}).get(site, {})
+        row = f"{site:<16}"
+        for c in cols:
+            row += f"{_fmt(m.get(c), 6)} ({_fmt(m0.get(c), 5).strip()})".rjust(14)
+        eps = last.get("epsilon", {}).get(site)
+        row += f"{int(m.get(wire.NUM_VAL_CASES, 0)):>10}"
+        row += f"{_fmt(eps, 9) if eps is not None else 'off'.rjust(9)}"
+        row += f"{t.get(wire.DELTA, 0) or 0:>9.0e}" if t else "-".rjust(9)
+        lines.append(row)
+    w, w0 = last.get("weighted", {}), first.get("weighted", {})
+    row = f"{'weighted mean':<16}"
+    for c in cols:
+        row += f"{_fmt(w.get(c), 6)} ({_fmt(w0.get(c), 5).strip()})".rjust(14)
+    lines.append(row)
+    sp = last.get("spread", {})
+    if sp:
+        lines.append(
+            f"{'best-worst':<16}" + "".join(f"{_fmt(sp.get(c), 6)}".rjust(14) for c in cols)
+        )
+    return "\n".join(lines)

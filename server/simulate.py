@@ -1,0 +1,226 @@
+"""Local simulation: the whole federation on one machine through `flwr run`.
+
+Flower 1.41's managed local SuperLink outlives `flwr run` and listens on fixed
+ports, so kidneyfl starts its own simulation SuperLink on free loopback ports,
+with runtime dependency installation disabled (otherwise Flower would `uv sync`
+a CUDA build of torch), points a private ``FLWR_HOME`` at it, runs the app, and
+stops the SuperLink by PID afterwards, whatever happened.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from common.config import SiteConfig, load_plan, load_site_config
+
+log = logging.getLogger("kidneyfl.simulate")
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+CONNECTION = "kidneyfl-sim"
+
+
+class SimulationError(RuntimeError):
+    """The simulation could not start or did not finish."""
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def default_plan() -> dict[str, Any]:
+    """The plan in the project's ``[tool.flwr.app.config]``."""
+    import tomllib
+
+    with open(PROJECT_DIR / "pyproject.toml", "rb") as fh:
+        return dict(tomllib.load(fh)["tool"]["flwr"]["app"]["config"])
+
+
+def prepare_phantoms(sites: list[SiteConfig]) -> None:
+    """Write synthetic cases for sites whose YAML has a ``phantom`` section."""
+    from common.phantom import load_profile, write_site
+
+    for site in sites:
+        if site.phantom is None:
+            continue
+        profile = load_profile(site.phantom.profile)
+        write_site(site.data.root, profile, site.phantom.cases, seed=site.phantom.seed)
+
+
+@dataclass
+class SuperLink:
+    """A simulation SuperLink this process started and must stop."""
+
+    process: subprocess.Popen
+    http_port: int
+    control_port: int
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM by PID (its superexec follows via --parent-pid), then SIGKILL."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+
+def _bin(name: str) -> str:
+    # Prefer the entry points next to this interpreter (the project's venv).
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else (shutil.which(name) or name)
+
+
+def start_superlink(flwr_home: Path, env: Mapping[str, str]) -> SuperLink:
+    """Start ``flower-superlink --simulation`` on free 127.0.0.1 ports."""
+    http, control = free_port(), free_port()
+    logdir = flwr_home / "sim-superlink"
+    logdir.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        _bin("flower-superlink"), "--insecure", "--simulation",
+        "--isolation", "subprocess",
+        "--control-api-address", f"127.0.0.1:{control}",
+        "--host", "127.0.0.1", "--port", str(http),
+        "--disable-runtime-dependency-installation",
+        "--log-file", str(logdir / "superlink.log"),
+    ]
+    proc = subprocess.Popen(
+        cmd, env=dict(env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    link = SuperLink(proc, http, control)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SimulationError(
+                f"flower-superlink exited with code {proc.returncode}; see "
+                f"{logdir / 'superlink.log'}"
+            )
+        try:
+            with socket.create_connection(("127.0.0.1", http), timeout=0.5):
+                return link
+        except OSError:
+            time.sleep(0.3)
+    link.stop()
+    raise SimulationError("flower-superlink did not start within 60 s")
+
+
+def _write_flwr_config(flwr_home: Path, http_port: int) -> None:
+    config = {
+        "superlink": {
+            "default": CONNECTION,
+            CONNECTION: {"address": f"127.0.0.1:{http_port}", "insecure": True},
+        }
+    }
+    (flwr_home / "config.toml").write_text(tomli_w.dumps(config))
+
+
+def simulate(
+    site_paths: list[Path],
+    run_name: str,
+    out_dir: Path,
+    overrides: Mapping[str, Any] | None = None,
+    flwr_home: Path | None = None,
+    cpus_per_site: float = 2.0,
+    stream: bool = True,
+) -> Path:
+    """Run a local federation of the given sites; returns the run directory.
+
+    Raises
+    ------
+    SimulationError
+        If Flower fails or the run leaves no metrics.
+    """
+    sites = [load_site_config(p) for p in site_paths]
+    names = [s.name for s in sites]
+    if len(set(names)) != len(names):
+        raise SimulationError(f"site names must be unique, got {names}")
+    prepare_phantoms(sites)
+    out_dir = out_dir.resolve()
+    run_dir = out_dir / run_name
+    run_config = default_plan()
+    run_config.update(overrides or {})
+    run_config.update(
+        {
+            "sim-site-configs": ",".join(str(s.source) for s in sites),
+            "out-dir": str(out_dir),
+            "run-name": run_name,
+        }
+    )
+    load_plan(run_config, "simulation plan")  # fail here, not inside Flower
+    run_dir.mkdir(parents=True, exist_ok=True)
+    overrides_file = run_dir / "run-config.toml"
+    overrides_file.write_text(tomli_w.dumps(run_config))
+
+    flwr_home = (flwr_home or PROJECT_DIR / ".flwr-home").resolve()
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env.update(
+        FLWR_HOME=str(flwr_home),
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        RAY_DEDUP_LOGS="0",
+        PYTHONUNBUFFERED="1",
+    )
+    gpus = _gpus_per_site()
+    fed = (
+        f"num-supernodes={len(sites)} client-resources-num-cpus={cpus_per_site} "
+        f"client-resources-num-gpus={gpus} init-args-num-cpus={os.cpu_count() or 2} "
+        f"init-args-logging-level=\"ERROR\""
+    )
+    link = start_superlink(flwr_home, env)
+    try:
+        _write_flwr_config(flwr_home, link.http_port)
+        cmd = [
+            _bin("flwr"), "run", str(PROJECT_DIR), CONNECTION,
+            "--federation-config", fed, "--run-config", str(overrides_file),
+        ]
+        if stream:
+            cmd.append("--stream")
+        log.info("starting %d sites: %s", len(sites), ", ".join(names))
+        proc = subprocess.run(cmd, env=env, cwd=PROJECT_DIR, check=False)
+        if proc.returncode != 0:
+            raise SimulationError(f"`flwr run` exited with code {proc.returncode}")
+        if stream:
+            _wait_for_final(run_dir, link)
+    finally:
+        link.stop()
+    if not (run_dir / "metrics.jsonl").exists():
+        raise SimulationError(
+            f"run {run_name} wrote no metrics; see {flwr_home}/sim-superlink/superlink.log"
+        )
+    return run_dir
+
+
+def _wait_for_final(run_dir: Path, link: SuperLink, timeout: float = 120) -> None:
+    # `--stream` returns once the run finishes; the final model is written just
+    # before, so allow a moment for the file system.
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not (run_dir / "final" / "latest.json").exists():
+        if link.process.poll() is not None:
+            return
+        time.sleep(0.5)
+
+
+def _gpus_per_site() -> float:
+    try:
+        import torch
+
+        return 1.0 if torch.cuda.is_available() else 0.0
+    except ImportError:
+        return 0.0
