@@ -34,7 +34,8 @@ class SegmentationTask:
         and per-sample gradients would no longer be per patient.
         """
         return DiceCELoss(
-            to_onehot_y=True, softmax=True, include_background=False, batch=False
+            to_onehot_y=True, softmax=True, include_background=False, batch=False,
+            lambda_ce=float(__import__("os").environ.get("LCE", "1.0")),
         )
 
     @torch.no_grad()

@@ -159,6 +159,7 @@ class PhantomConfig(BaseModel):
     profile: str
     cases: int = Field(16, ge=2, le=2000)
     seed: int = 0
+    scale: float | None = Field(None, gt=0, le=20)  # None: the phantom default
 
 
 class SiteConfig(BaseModel):

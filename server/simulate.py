@@ -52,13 +52,16 @@ def default_plan() -> dict[str, Any]:
 
 def prepare_phantoms(sites: list[SiteConfig]) -> None:
     """Write synthetic cases for sites whose YAML has a ``phantom`` section."""
-    from common.phantom import load_profile, write_site
+    from common.phantom import DEFAULT_SCALE, load_profile, write_site
 
     for site in sites:
         if site.phantom is None:
             continue
         profile = load_profile(site.phantom.profile)
-        write_site(site.data.root, profile, site.phantom.cases, seed=site.phantom.seed)
+        write_site(
+            site.data.root, profile, site.phantom.cases, seed=site.phantom.seed,
+            scale=site.phantom.scale or DEFAULT_SCALE,
+        )
 
 
 @dataclass
@@ -66,8 +69,7 @@ class SuperLink:
     """A simulation SuperLink this process started and must stop."""
 
     process: subprocess.Popen
-    http_port: int
-    control_port: int
+    http_port: int  # Fleet, Control and Runtime APIs share this port in 1.41
 
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM by PID (its superexec follows via --parent-pid), then SIGKILL."""
@@ -88,13 +90,12 @@ def _bin(name: str) -> str:
 
 def start_superlink(flwr_home: Path, env: Mapping[str, str]) -> SuperLink:
     """Start ``flower-superlink --simulation`` on free 127.0.0.1 ports."""
-    http, control = free_port(), free_port()
+    http = free_port()
     logdir = flwr_home / "sim-superlink"
     logdir.mkdir(parents=True, exist_ok=True)
     cmd = [
         _bin("flower-superlink"), "--insecure", "--simulation",
         "--isolation", "subprocess",
-        "--control-api-address", f"127.0.0.1:{control}",
         "--host", "127.0.0.1", "--port", str(http),
         "--disable-runtime-dependency-installation",
         "--log-file", str(logdir / "superlink.log"),
@@ -103,7 +104,7 @@ def start_superlink(flwr_home: Path, env: Mapping[str, str]) -> SuperLink:
         cmd, env=dict(env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    link = SuperLink(proc, http, control)
+    link = SuperLink(proc, http)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -136,7 +137,7 @@ def simulate(
     out_dir: Path,
     overrides: Mapping[str, Any] | None = None,
     flwr_home: Path | None = None,
-    cpus_per_site: float = 2.0,
+    cpus_per_site: int = 2,
     stream: bool = True,
 ) -> Path:
     """Run a local federation of the given sites; returns the run directory.
@@ -176,10 +177,12 @@ def simulate(
         FLWR_DISABLE_UPDATE_CHECK="1",
         RAY_DEDUP_LOGS="0",
         PYTHONUNBUFFERED="1",
+        # flower-superlink spawns flower-superexec and flwr-simulation by name.
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     )
     gpus = _gpus_per_site()
     fed = (
-        f"num-supernodes={len(sites)} client-resources-num-cpus={cpus_per_site} "
+        f"num-supernodes={len(sites)} client-resources-num-cpus={int(cpus_per_site)} "
         f"client-resources-num-gpus={gpus} init-args-num-cpus={os.cpu_count() or 2} "
         f"init-args-logging-level=\"ERROR\""
     )

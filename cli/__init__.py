@@ -1,0 +1,1 @@
+"""The `kidneyfl` command: mounts the site's and the coordinator's commands."""

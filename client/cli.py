@@ -1,0 +1,51 @@
+"""Commands hospital IT runs at the site: ``site privacy``."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+
+from client.privacy import PrivacyLedger
+from common.config import load_site_config
+
+
+def privacy_report(site_yaml: str) -> str:
+    """The ledger as a table: spent, delta, ceiling, remaining, and per run."""
+    site = load_site_config(site_yaml)
+    if not site.privacy.enabled:
+        return f"site {site.name}: differential privacy is disabled in {site.source}"
+    ledger = PrivacyLedger(site.state_dir, site.name)
+    delta, ceiling = site.privacy.delta, site.privacy.max_epsilon
+    spent = ledger.epsilon(delta)
+    lines = [
+        f"site {site.name}  ledger {ledger.path}",
+        f"epsilon spent {spent:.4f}  delta {delta:g}  ceiling {ceiling:g}  "
+        f"remaining {max(0.0, ceiling - spent):.4f}",
+        f"{'run':<28}{'rounds':>7}{'steps':>7}{'noise':>8}{'eps (run alone)':>17}"
+        f"{'last round':>22}",
+    ]
+    for r in ledger.runs_summary(delta):
+        when = dt.datetime.fromtimestamp(r["last_time"]).strftime("%Y-%m-%d %H:%M:%S")
+        lines.append(
+            f"{r['run_id']:<28}{r['rounds']:>7}{r['steps']:>7}"
+            f"{r['noise_multiplier']:>8.3f}{r['epsilon_alone']:>17.4f}{when:>22}"
+        )
+    if not ledger.entries:
+        lines.append("(no rounds recorded yet)")
+    lines.append("epsilon composes over all runs (Opacus RDP accountant).")
+    return "\n".join(lines)
+
+
+def _privacy(args: argparse.Namespace) -> int:
+    print(privacy_report(args.site_yaml))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the site's subcommands under ``kidneyfl site``."""
+    site = sub.add_parser("site", help="site commands for hospital IT", allow_abbrev=False)
+    ssub = site.add_subparsers(dest="site_command", required=True)
+    p = ssub.add_parser("privacy", help="print the site's privacy ledger",
+                        allow_abbrev=False)
+    p.add_argument("site_yaml")
+    p.set_defaults(func=_privacy)

@@ -1,0 +1,89 @@
+"""Commands the consortium (and researchers) run: ``simulate``, ``report``."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from server.simulate import PROJECT_DIR
+
+DEFAULT_SITES = ",".join(
+    str(PROJECT_DIR / "sites" / f"hospital-{s}.yaml") for s in ("a", "b", "c")
+)
+
+
+def _parse_set(items: list[str]) -> dict[str, object]:
+    import tomllib
+
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        try:
+            out[key] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = value  # bare strings need no quotes
+    return out
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from server.report import read_metrics, summary_table
+    from server.simulate import simulate
+
+    overrides = _parse_set(args.set)
+    if args.rounds is not None:
+        overrides["num-server-rounds"] = args.rounds
+    if args.resume:
+        overrides["resume"] = True
+    name = args.run_name or time.strftime("sim-%Y%m%d-%H%M%S")
+    run_dir = simulate(
+        [Path(p) for p in args.sites.split(",") if p],
+        run_name=name,
+        out_dir=Path(args.out_dir),
+        overrides=overrides,
+        flwr_home=Path(args.flwr_home) if args.flwr_home else None,
+        cpus_per_site=args.cpus_per_site,
+    )
+    entries = read_metrics(run_dir)
+    print()
+    print(summary_table(entries))
+    print(f"\nrun directory: {run_dir}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from server.report import read_metrics, round_line, summary_table
+
+    entries = read_metrics(Path(args.run_dir))
+    if not entries:
+        raise FileNotFoundError(f"{args.run_dir}: no metrics.jsonl with rounds")
+    for e in entries:
+        print(round_line(e))
+    print()
+    print(summary_table(entries))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the coordinator's subcommands."""
+    p = sub.add_parser("simulate", help="run a local federation of site YAMLs",
+                       allow_abbrev=False)
+    p.add_argument("--sites", default=DEFAULT_SITES,
+                   help="comma-separated site YAMLs (default: the three example sites)")
+    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--run-name", default=None)
+    p.add_argument("--out-dir", default=str(PROJECT_DIR / "runs"))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a plan key of [tool.flwr.app.config]")
+    p.add_argument("--resume", action="store_true",
+                   help="continue --run-name from its last checkpoint")
+    p.add_argument("--flwr-home", default=None)
+    p.add_argument("--cpus-per-site", type=int, default=2)
+    p.set_defaults(func=_simulate)
+
+    r = sub.add_parser("report", help="print a run's per-round metrics and summary",
+                       allow_abbrev=False)
+    r.add_argument("run_dir")
+    r.set_defaults(func=_report)
