@@ -21,8 +21,12 @@ def _phantom(args: argparse.Namespace) -> int:
 
     profile = load_profile(args.site_profile)
     dirs = write_site(
-        Path(args.out), profile, args.cases, seed=args.seed,
-        scale=args.scale or DEFAULT_SCALE, overwrite=args.overwrite,
+        Path(args.out),
+        profile,
+        args.cases,
+        seed=args.seed,
+        scale=args.scale or DEFAULT_SCALE,
+        overwrite=args.overwrite,
     )
     print(f"{len(dirs)} cases of profile {profile.name} in {args.out} (KiTS layout)")
     return 0
@@ -36,15 +40,25 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("phantom", help="write synthetic kidney CT cases (KiTS layout)",
-                       allow_abbrev=False)
+    p = sub.add_parser(
+        "phantom",
+        help="write synthetic kidney CT cases (KiTS layout)",
+        allow_abbrev=False,
+    )
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--site-profile", required=True,
-                   help="built-in profile name or a YAML file of scanner settings")
+    p.add_argument(
+        "--site-profile",
+        required=True,
+        help="built-in profile name or a YAML file of scanner settings",
+    )
     p.add_argument("--cases", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scale", type=float, default=None,
-                   help="voxel size multiplier (1.0 = native scanner spacing)")
+    p.add_argument(
+        "--scale",
+        type=float,
+        default=None,
+        help="voxel size multiplier (1.0 = native scanner spacing)",
+    )
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_phantom)
     server_cli.register(sub)
@@ -58,7 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, RuntimeError, FileExistsError, FileNotFoundError, KeyError) as exc:
+    except (
+        ValueError,
+        RuntimeError,
+        FileExistsError,
+        FileNotFoundError,
+        KeyError,
+    ) as exc:
         logging.getLogger("kidneyfl").debug("error", exc_info=True)
         print(f"kidneyfl {args.command}: error: {exc}", file=sys.stderr)
         return 2

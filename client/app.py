@@ -12,7 +12,14 @@ import logging
 import zlib
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 
 from client.data import SiteDataError
@@ -90,8 +97,13 @@ def train(msg: Message, context: Context) -> Message:
             )
             round_steps = round(1 / cal.sample_rate) * plan.local_epochs
             eps_after = check_budget(
-                ledger, site.name, site.privacy.max_epsilon, site.privacy.delta,
-                plan.dp_target_epsilon, cal, round_steps,
+                ledger,
+                site.name,
+                site.privacy.max_epsilon,
+                site.privacy.delta,
+                plan.dp_target_epsilon,
+                cal,
+                round_steps,
             )
             dp = DPSpec(
                 cal.noise_multiplier,
@@ -106,21 +118,37 @@ def train(msg: Message, context: Context) -> Message:
     seed = plan.seed * 1_000_003 + rnd * 7919 + zlib.crc32(site.name.encode())
     data.train.set_seed(seed % 2**31)
     stats = local_train(
-        model, data.train, task.loss(plan),
-        epochs=plan.local_epochs, batch_size=plan.batch_size,
-        learning_rate=plan.learning_rate, optimizer=plan.optimizer,
-        device=device, seed=seed % 2**31, dp=dp,
+        model,
+        data.train,
+        task.loss(plan),
+        epochs=plan.local_epochs,
+        batch_size=plan.batch_size,
+        learning_rate=plan.learning_rate,
+        optimizer=plan.optimizer,
+        device=device,
+        seed=seed % 2**31,
+        dp=dp,
     )
     state = export_state(model)  # refuses NaN/Inf before anything leaves
     if ledger is not None and cal is not None:
         ledger.record(
-            LedgerEntry(run_id, rnd, cal.noise_multiplier, cal.sample_rate,
-                        stats.steps, data.fingerprint)
+            LedgerEntry(
+                run_id,
+                rnd,
+                cal.noise_multiplier,
+                cal.sample_rate,
+                stats.steps,
+                data.fingerprint,
+            )
         )
         eps_after = ledger.epsilon(site.privacy.delta)
     log.info(
         "site %s round %d: loss %.4f, %d steps, epsilon %.3f",
-        site.name, rnd, stats.loss, stats.steps, eps_after,
+        site.name,
+        rnd,
+        stats.loss,
+        stats.steps,
+        eps_after,
     )
     metrics = MetricRecord(
         {

@@ -43,9 +43,12 @@ def _privacy(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the site's subcommands under ``kidneyfl site``."""
-    site = sub.add_parser("site", help="site commands for hospital IT", allow_abbrev=False)
+    site = sub.add_parser(
+        "site", help="site commands for hospital IT", allow_abbrev=False
+    )
     ssub = site.add_subparsers(dest="site_command", required=True)
-    p = ssub.add_parser("privacy", help="print the site's privacy ledger",
-                        allow_abbrev=False)
+    p = ssub.add_parser(
+        "privacy", help="print the site's privacy ledger", allow_abbrev=False
+    )
     p.add_argument("site_yaml")
     p.set_defaults(func=_privacy)

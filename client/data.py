@@ -160,7 +160,11 @@ def _split(cases: list[Case], site: SiteConfig) -> tuple[list[Case], list[Case]]
         return train, val
     order = sorted(by_id)
     random.Random(d.split_seed).shuffle(order)
-    n_val = max(1, round(len(order) * d.validation_fraction)) if d.validation_fraction else 0
+    n_val = (
+        max(1, round(len(order) * d.validation_fraction))
+        if d.validation_fraction
+        else 0
+    )
     n_val = min(n_val, len(order) - 1)
     val_ids = set(order[:n_val])
     return (
@@ -178,7 +182,9 @@ def preprocessing(plan: Plan) -> mt.Compose:
             mt.EnsureChannelFirstd(keys=[IMAGE, LABEL]),
             mt.Orientationd(keys=[IMAGE, LABEL], axcodes="RAS"),
             mt.Spacingd(
-                keys=[IMAGE, LABEL], pixdim=plan.spacing_mm, mode=("bilinear", "nearest")
+                keys=[IMAGE, LABEL],
+                pixdim=plan.spacing_mm,
+                mode=("bilinear", "nearest"),
             ),
             mt.ScaleIntensityRanged(
                 keys=[IMAGE], a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True
@@ -192,13 +198,13 @@ def preprocessing(plan: Plan) -> mt.Compose:
 
 def _cache_dir(site: SiteConfig, plan: Plan) -> Path:
     # Preprocessed volumes are cached at the site; a new plan gets a new cache.
-    key = json.dumps(
-        [plan.spacing_mm, plan.hu_window, "v1"], sort_keys=True
-    ).encode()
+    key = json.dumps([plan.spacing_mm, plan.hu_window, "v1"], sort_keys=True).encode()
     return site.state_dir / "cache" / hashlib.sha256(key).hexdigest()[:12]
 
 
-def volume_dataset(cases: list[Case], site: SiteConfig, plan: Plan) -> PersistentDataset:
+def volume_dataset(
+    cases: list[Case], site: SiteConfig, plan: Plan
+) -> PersistentDataset:
     """Whole preprocessed volumes (dicts of image, label), cached on site disk."""
     cache = _cache_dir(site, plan)
     cache.mkdir(parents=True, exist_ok=True)

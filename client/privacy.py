@@ -121,7 +121,9 @@ class PrivacyLedger:
         return {
             "format": LEDGER_FORMAT,
             "site": self.site,
-            "calibrations": {k: asdict(v) for k, v in sorted(self.calibrations.items())},
+            "calibrations": {
+                k: asdict(v) for k, v in sorted(self.calibrations.items())
+            },
             "entries": [asdict(e) for e in self.entries],
         }
 
@@ -264,7 +266,9 @@ def check_budget(
             f"allows at most {max_epsilon:g} (privacy.max_epsilon); lower the plan's "
             "dp-target-epsilon"
         )
-    after = ledger.epsilon_after(delta, cal.noise_multiplier, cal.sample_rate, round_steps)
+    after = ledger.epsilon_after(
+        delta, cal.noise_multiplier, cal.sample_rate, round_steps
+    )
     if after > max_epsilon:
         spent = ledger.epsilon(delta)
         raise BudgetExceeded(

@@ -24,8 +24,9 @@ class SegmentationTask:
         cases = load_site_cases(site)
         train = PatchDataset(volume_dataset(cases.train, site, plan), plan)
         val = volume_dataset(cases.validation, site, plan)
-        return TaskData(train, val, len(cases.train), len(cases.validation),
-                        cases.fingerprint())
+        return TaskData(
+            train, val, len(cases.train), len(cases.validation), cases.fingerprint()
+        )
 
     def loss(self, plan: Plan) -> nn.Module:
         """Dice + cross-entropy, computed per sample then averaged over the batch.
@@ -34,8 +35,7 @@ class SegmentationTask:
         and per-sample gradients would no longer be per patient.
         """
         return DiceCELoss(
-            to_onehot_y=True, softmax=True, include_background=False, batch=False,
-            lambda_ce=float(__import__("os").environ.get("LCE", "1.0")),
+            to_onehot_y=True, softmax=True, include_background=False, batch=False
         )
 
     @torch.no_grad()

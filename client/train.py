@@ -82,7 +82,11 @@ def local_train(
     net = model
     if dp is not None:
         net, opt, loader = make_private(
-            model, opt, loader, dp.noise_multiplier, dp.max_grad_norm,
+            model,
+            opt,
+            loader,
+            dp.noise_multiplier,
+            dp.max_grad_norm,
             dp.grad_sample_mode,
         )
     try:

@@ -86,11 +86,15 @@ class Plan(BaseModel):
     @field_validator("hu_window", mode="before")
     @classmethod
     def _window(cls, v: Any) -> tuple:
-        parts = [float(p) for p in str(v).replace(" ", "").split(",") if p] if isinstance(
-            v, str
-        ) else [float(p) for p in v]
+        parts = (
+            [float(p) for p in str(v).replace(" ", "").split(",") if p]
+            if isinstance(v, str)
+            else [float(p) for p in v]
+        )
         if len(parts) != 2 or parts[0] >= parts[1]:
-            raise ValueError("hu-window needs 'low,high' with low < high, e.g. -150,350")
+            raise ValueError(
+                "hu-window needs 'low,high' with low < high, e.g. -150,350"
+            )
         return tuple(parts)
 
     @property

@@ -35,8 +35,10 @@ def region_masks(labels: torch.Tensor) -> torch.Tensor:
     """
     if labels.dim() >= 2 and labels.shape[1] == 1:
         labels = labels[:, 0]
-    chans = [torch.isin(labels, torch.tensor(v, device=labels.device)) for v in
-             KITS_REGIONS.values()]
+    chans = [
+        torch.isin(labels, torch.tensor(v, device=labels.device))
+        for v in KITS_REGIONS.values()
+    ]
     return torch.stack(chans, dim=1).float()
 
 
@@ -62,9 +64,7 @@ def mean_by_region(dice_rows: Iterable[torch.Tensor]) -> dict[str, float]:
     if not rows:
         return {}
     stacked = torch.cat(rows).float()
-    return {
-        name: float(stacked[:, i].mean()) for i, name in enumerate(KITS_REGIONS)
-    }
+    return {name: float(stacked[:, i].mean()) for i, name in enumerate(KITS_REGIONS)}
 
 
 def weighted_mean(values: Mapping[str, float], weights: Mapping[str, float]) -> float:

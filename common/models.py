@@ -65,12 +65,19 @@ def _basic_unet(in_channels: int, out_channels: int) -> nn.Module:
 
 
 MODELS: dict[str, ModelSpec] = {
+    "unet-tiny": ModelSpec(
+        "unet-tiny",
+        "segmentation",
+        _unet((4, 8, 16, 32), res_units=1),
+        "functorch",
+        "MONAI UNet, 4 levels of 4-32 channels (~39 k parameters); the DP demo default",
+    ),
     "unet-small": ModelSpec(
         "unet-small",
         "segmentation",
         _unet((8, 16, 32, 64), res_units=1),
         "functorch",
-        "MONAI UNet, 4 levels of 8-64 channels (~0.2 M parameters); CPU default",
+        "MONAI UNet, 4 levels of 8-64 channels (~0.15 M parameters)",
     ),
     "unet": ModelSpec(
         "unet",

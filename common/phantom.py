@@ -60,15 +60,36 @@ class SiteProfile(BaseModel):
 
 # thin-slice-cm is 1.25 mm / 0.78 mm rather than 1.0 / 0.7 so that a case at the
 # default scale stays under ~1.5 M voxels (1.0 / 0.7 would give ~2 M).
-PROFILES: dict[str, SiteProfile] = {p.name: p for p in (
-    SiteProfile(name="thin-slice-cm", slice_thickness_mm=1.25, inplane_spacing_mm=0.78,
-                noise_hu=12.0, phase="corticomedullary"),
-    SiteProfile(name="standard-nephro", slice_thickness_mm=2.5, inplane_spacing_mm=0.8,
-                noise_hu=15.0, phase="nephrographic", intensity_offset_hu=20.0),
-    SiteProfile(name="thick-slice-noisy", slice_thickness_mm=5.0,
-                inplane_spacing_mm=0.95, noise_hu=20.0, phase="nephrographic",
-                intensity_offset_hu=-25.0, tumour_prevalence=0.7, cyst_prevalence=0.5),
-)}
+PROFILES: dict[str, SiteProfile] = {
+    p.name: p
+    for p in (
+        SiteProfile(
+            name="thin-slice-cm",
+            slice_thickness_mm=1.25,
+            inplane_spacing_mm=0.78,
+            noise_hu=12.0,
+            phase="corticomedullary",
+        ),
+        SiteProfile(
+            name="standard-nephro",
+            slice_thickness_mm=2.5,
+            inplane_spacing_mm=0.8,
+            noise_hu=15.0,
+            phase="nephrographic",
+            intensity_offset_hu=20.0,
+        ),
+        SiteProfile(
+            name="thick-slice-noisy",
+            slice_thickness_mm=5.0,
+            inplane_spacing_mm=0.95,
+            noise_hu=20.0,
+            phase="nephrographic",
+            intensity_offset_hu=-25.0,
+            tumour_prevalence=0.7,
+            cyst_prevalence=0.5,
+        ),
+    )
+}
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: == on array fields would raise
@@ -104,8 +125,9 @@ class _Lesion:
 _Grid = tuple[np.ndarray, np.ndarray, np.ndarray]  # voxel-centre coordinates, mm
 
 
-def voxel_spacing(profile: SiteProfile, scale: float = DEFAULT_SCALE
-                  ) -> tuple[float, float, float]:
+def voxel_spacing(
+    profile: SiteProfile, scale: float = DEFAULT_SCALE
+) -> tuple[float, float, float]:
     """Return the voxel size (mm along x, y, z) written for ``profile``.
 
     Parameters
@@ -133,22 +155,32 @@ def _unit(v: np.ndarray) -> np.ndarray:
 def _draw_kidney(rng: np.random.Generator, side: int, z: float) -> _Kidney:
     centre = np.array([side * 72.0, -45.0, z]) + rng.uniform([-5, -4, 0], [5, 4, 0])
     # Length varies less than width so that every kidney stays 10-12 cm long.
-    semi = np.array([27.5, 17.5, 56.0]) * rng.uniform([0.9, 0.9, 0.92],
-                                                      [1.1, 1.1, 1.08])
+    semi = np.array([27.5, 17.5, 56.0]) * rng.uniform(
+        [0.9, 0.9, 0.92], [1.1, 1.1, 1.08]
+    )
     coronal, sagittal, axial = np.radians(rng.uniform([8, 5, 20], [18, 15, 35]))
     # Upper pole tilts medially and posteriorly; the hilum faces anteromedially.
     long_axis = _unit(np.array([-side * math.tan(coronal), -math.tan(sagittal), 1.0]))
     lateral = np.array([side * math.cos(axial), -math.sin(axial), 0.0])
     lateral = _unit(lateral - lateral.dot(long_axis) * long_axis)
     axes = np.column_stack([lateral, np.cross(long_axis, lateral), long_axis])
-    pyramids = (float(rng.integers(5, 8)), float(rng.integers(2, 4)),
-                rng.uniform(0, 2 * math.pi))
+    pyramids = (
+        float(rng.integers(5, 8)),
+        float(rng.integers(2, 4)),
+        rng.uniform(0, 2 * math.pi),
+    )
     return _Kidney(centre, semi, axes, rng.uniform(5.0, 8.0), pyramids)
 
 
-def _draw_lesion(rng: np.random.Generator, kidney: _Kidney, radius: float,
-                 depth: tuple[float, float], hu: float, hu_amp: float = 0.0,
-                 necrosis_hu: float | None = None) -> _Lesion:
+def _draw_lesion(
+    rng: np.random.Generator,
+    kidney: _Kidney,
+    radius: float,
+    depth: tuple[float, float],
+    hu: float,
+    hu_amp: float = 0.0,
+    necrosis_hu: float | None = None,
+) -> _Lesion:
     for _ in range(64):  # hilar (medial) sites are rare and would hit the spine
         u = _unit(rng.standard_normal(3))
         if u[0] > -0.3:
@@ -165,8 +197,9 @@ def _draw_lesion(rng: np.random.Generator, kidney: _Kidney, radius: float,
     return _Lesion(centre, semi, waves, hu, hu_amp, necrosis_hu)
 
 
-def _block(grid: _Grid, centre: np.ndarray, radius: float
-           ) -> tuple[tuple[slice, ...], list[np.ndarray]] | None:
+def _block(
+    grid: _Grid, centre: np.ndarray, radius: float
+) -> tuple[tuple[slice, ...], list[np.ndarray]] | None:
     """Sub-grid within ``radius`` of ``centre``: slices and broadcastable offsets."""
     slices, offsets = [], []
     for axis, coords in enumerate(grid):
@@ -181,43 +214,67 @@ def _block(grid: _Grid, centre: np.ndarray, radius: float
     return tuple(slices), offsets
 
 
-def _paint_ellipsoid(img: np.ndarray, grid: _Grid, centre: np.ndarray,
-                     semi: np.ndarray, hu: float, within: np.ndarray) -> None:
+def _paint_ellipsoid(
+    img: np.ndarray,
+    grid: _Grid,
+    centre: np.ndarray,
+    semi: np.ndarray,
+    hu: float,
+    within: np.ndarray,
+) -> None:
     if (blk := _block(grid, centre, float(max(semi)))) is not None:
         sl, d = blk
         mask = sum((di / si) ** 2 for di, si in zip(d, semi, strict=True)) <= 1.0
         img[sl][mask & within[sl[0], sl[1]][..., None]] = hu
 
 
-def _render_kidney(img: np.ndarray, lab: np.ndarray, grid: _Grid, k: _Kidney,
-                   cortex_hu: float, medulla_hu: float) -> None:
+def _render_kidney(
+    img: np.ndarray,
+    lab: np.ndarray,
+    grid: _Grid,
+    k: _Kidney,
+    cortex_hu: float,
+    medulla_hu: float,
+) -> None:
     if (blk := _block(grid, k.centre, float(k.semi.max()))) is None:
         return
     sl, d = blk
-    q = [d[0] * k.axes[0, i] + d[1] * k.axes[1, i] + d[2] * k.axes[2, i]
-         for i in range(3)]
+    q = [
+        d[0] * k.axes[0, i] + d[1] * k.axes[1, i] + d[2] * k.axes[2, i]
+        for i in range(3)
+    ]
     kidney = sum((qi / si) ** 2 for qi, si in zip(q, k.semi, strict=True)) <= 1.0
-    inner = sum((qi / (si - k.cortex_mm)) ** 2
-                for qi, si in zip(q, k.semi, strict=True)) <= 1.0
+    inner = (
+        sum((qi / (si - k.cortex_mm)) ** 2 for qi, si in zip(q, k.semi, strict=True))
+        <= 1.0
+    )
     # Pyramids are sectors around the long axis and bands along it, separated by
     # cortical columns, which gives the corticomedullary phase its pattern.
     sectors, bands, phase = k.pyramids
-    pyramid = ((np.cos(sectors * np.arctan2(q[1], q[0]) + phase) > -0.3)
-               & (np.cos(math.pi * bands * q[2] / k.semi[2] + phase) > -0.5))
+    pyramid = (np.cos(sectors * np.arctan2(q[1], q[0]) + phase) > -0.3) & (
+        np.cos(math.pi * bands * q[2] / k.semi[2] + phase) > -0.5
+    )
     hu = np.where(inner & pyramid, np.float32(medulla_hu), np.float32(cortex_hu))
     img[sl][kidney] = hu[kidney]
     lab[sl][kidney] = 1
 
 
-def _render_lesion(img: np.ndarray, lab: np.ndarray, grid: _Grid, les: _Lesion,
-                   label: int, within: np.ndarray) -> None:
+def _render_lesion(
+    img: np.ndarray,
+    lab: np.ndarray,
+    grid: _Grid,
+    les: _Lesion,
+    label: int,
+    within: np.ndarray,
+) -> None:
     if (blk := _block(grid, les.centre, float(les.semi.max()) * 1.15)) is None:
         return
     sl, d = blk
 
     def field(waves: np.ndarray) -> np.ndarray:
-        return sum(np.cos(w[0] * d[0] + w[1] * d[1] + w[2] * d[2] + w[3])
-                   for w in waves) / len(waves)
+        return sum(
+            np.cos(w[0] * d[0] + w[1] * d[1] + w[2] * d[2] + w[3]) for w in waves
+        ) / len(waves)
 
     rho = np.sqrt(sum((di / si) ** 2 for di, si in zip(d, les.semi, strict=True)))
     # Masses displace rather than pierce the abdominal wall, so clip to the cavity.
@@ -230,14 +287,17 @@ def _render_lesion(img: np.ndarray, lab: np.ndarray, grid: _Grid, les: _Lesion,
     lab[sl][mask] = label
     # A lesion smaller than a coarse voxel must still occupy one, or a case drawn
     # with a tumour would carry no tumour label.
-    idx = tuple(int(round((c - ax[0]) / (ax[1] - ax[0]))) if ax.size > 1 else 0
-                for c, ax in zip(les.centre, grid, strict=True))
+    idx = tuple(
+        int(round((c - ax[0]) / (ax[1] - ax[0]))) if ax.size > 1 else 0
+        for c, ax in zip(les.centre, grid, strict=True)
+    )
     if all(0 <= i < ax.size for i, ax in zip(idx, grid, strict=True)):
         img[idx], lab[idx] = les.hu, label
 
 
-def _render_spine(img: np.ndarray, grid: _Grid, body: np.ndarray,
-                  disc_phase: float) -> None:
+def _render_spine(
+    img: np.ndarray, grid: _Grid, body: np.ndarray, disc_phase: float
+) -> None:
     """Vertebral bodies with a cortical rim, discs every 32 mm, posterior arch."""
     if (blk := _block(grid, np.array([0.0, -70.0, 0.0]), 45.0)) is None:
         return
@@ -259,8 +319,9 @@ def _render_spine(img: np.ndarray, grid: _Grid, body: np.ndarray,
     block[canal <= 9.0] = 15.0
 
 
-def generate_case(profile: SiteProfile, seed: int, scale: float = DEFAULT_SCALE
-                  ) -> PhantomCase:
+def generate_case(
+    profile: SiteProfile, seed: int, scale: float = DEFAULT_SCALE
+) -> PhantomCase:
     """Generate one synthetic abdominal CT case.
 
     Parameters
@@ -292,10 +353,17 @@ def generate_case(profile: SiteProfile, seed: int, scale: float = DEFAULT_SCALE
     body_a, body_b = 160.0 * rng.uniform(0.95, 1.05), 120.0 * rng.uniform(0.94, 1.06)
     fat_mm = rng.uniform(10.0, 30.0)
     # Liver (patient right, upper FOV) and spleen (left, posterolateral, upper).
-    organs = [(np.array(c) + rng.uniform(-6, 6, 3),
-               np.array(s) * rng.uniform(0.9, 1.1, 3), rng.uniform(hu - 5, hu + 5))
-              for c, s, hu in [((-65, 10, 85), (85, 85, 95), 60),
-                               ((85, -15, 80), (35, 50, 60), 50)]]
+    organs = [
+        (
+            np.array(c) + rng.uniform(-6, 6, 3),
+            np.array(s) * rng.uniform(0.9, 1.1, 3),
+            rng.uniform(hu - 5, hu + 5),
+        )
+        for c, s, hu in [
+            ((-65, 10, 85), (85, 85, 95), 60),
+            ((85, -15, 80), (35, 50, 60), 50),
+        ]
+    ]
     shift, drop = rng.uniform(-5.0, 5.0), rng.uniform(15.0, 20.0)  # right lies lower
     left = _draw_kidney(rng, +1, shift + drop / 2)
     right = _draw_kidney(rng, -1, shift - drop / 2)
@@ -304,32 +372,42 @@ def generate_case(profile: SiteProfile, seed: int, scale: float = DEFAULT_SCALE
     else:
         cortex_hu = rng.uniform(125, 145)
         medulla_hu = cortex_hu - rng.uniform(0, 8)
-    gas = [(rng.uniform([-90, 20, -80], [90, 80, 80]), rng.uniform(8, 20, 3))
-           for _ in range(3)]
+    gas = [
+        (rng.uniform([-90, 20, -80], [90, 80, 80]), rng.uniform(8, 20, 3))
+        for _ in range(3)
+    ]
     disc_phase = rng.uniform(0, 32)
 
     has_tumour = rng.random() < profile.tumour_prevalence
     t_kidney = left if rng.random() < 0.5 else right
     t_radius = float(np.clip(np.exp(rng.normal(math.log(40.0), 0.4)), 15, 90)) / 2
     t_hu = rng.uniform(120, 170) if cm else rng.uniform(90, 120)
-    tumour = _draw_lesion(rng, t_kidney, t_radius, (-0.8, 0.3), t_hu,
-                          35.0 if cm else 15.0,
-                          rng.uniform(20, 35) if t_radius > 22.5 else None)
+    tumour = _draw_lesion(
+        rng,
+        t_kidney,
+        t_radius,
+        (-0.8, 0.3),
+        t_hu,
+        35.0 if cm else 15.0,
+        rng.uniform(20, 35) if t_radius > 22.5 else None,
+    )
     cyst = None
     if rng.random() < profile.cyst_prevalence:
         c_hu = rng.uniform(2.0, 15.0)
         for _ in range(20):  # keep the cyst clear of the tumour
             c_radius = rng.uniform(10.0, 40.0) / 2
-            cand = _draw_lesion(rng, left if rng.random() < 0.5 else right,
-                                c_radius, (-0.5, 0.5), c_hu)
+            cand = _draw_lesion(
+                rng, left if rng.random() < 0.5 else right, c_radius, (-0.5, 0.5), c_hu
+            )
             gap = np.linalg.norm(cand.centre - tumour.centre)
             if not has_tumour or gap > 1.15 * (t_radius + c_radius) + 2.0:
                 cyst = cand
                 break
 
     shape = tuple(max(1, round(f / s)) for s, f in zip(spacing, FOV_MM, strict=True))
-    grid: _Grid = tuple((np.arange(n) - (n - 1) / 2.0) * s
-                        for s, n in zip(spacing, shape, strict=True))
+    grid: _Grid = tuple(
+        (np.arange(n) - (n - 1) / 2.0) * s for s, n in zip(spacing, shape, strict=True)
+    )
     img = np.full(shape, -1000.0, dtype=np.float32)
     lab = np.zeros(shape, dtype=np.uint8)
     x2, y2 = grid[0][:, None], grid[1][None, :]
@@ -347,7 +425,8 @@ def generate_case(profile: SiteProfile, seed: int, scale: float = DEFAULT_SCALE
         _paint_ellipsoid(img, grid, c, s, -950.0, inner)
     img[np.hypot(x2 - 12.0, y2 + 22.0) <= 11.0] = 280.0 if cm else 170.0  # aorta
     img[((x2 + 26.0) / 14.0) ** 2 + ((y2 + 18.0) / 10.0) ** 2 <= 1.0] = (
-        110.0 if cm else 150.0)  # IVC
+        110.0 if cm else 150.0
+    )  # IVC
     _render_spine(img, grid, body, disc_phase)
     for k in (left, right):
         _render_kidney(img, lab, grid, k, cortex_hu, medulla_hu)
@@ -378,8 +457,13 @@ def _atomic_write(path: Path, payload: bytes, compress: bool = False) -> None:
     try:
         with open(tmp, "wb") as fh:
             if compress:  # mtime=0 keeps the bytes identical across reruns
-                with gzip.GzipFile(filename="", mode="wb", fileobj=fh, mtime=0,
-                                   compresslevel=_GZIP_LEVEL) as gz:
+                with gzip.GzipFile(
+                    filename="",
+                    mode="wb",
+                    fileobj=fh,
+                    mtime=0,
+                    compresslevel=_GZIP_LEVEL,
+                ) as gz:
                     gz.write(payload)
             else:
                 fh.write(payload)
@@ -399,18 +483,28 @@ def _save_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
 
 def _remove_cases(case_dirs: list[Path]) -> None:
     for case_dir in case_dirs:
-        for f in [case_dir / IMAGE_NAME, case_dir / SEGMENTATION_NAME,
-                  *case_dir.glob(".*.tmp")]:
+        for f in [
+            case_dir / IMAGE_NAME,
+            case_dir / SEGMENTATION_NAME,
+            *case_dir.glob(".*.tmp"),
+        ]:
             f.unlink(missing_ok=True)
         try:
             case_dir.rmdir()
         except OSError:
-            logger.warning("left %s in place: it holds files not written here",
-                           case_dir)
+            logger.warning(
+                "left %s in place: it holds files not written here", case_dir
+            )
 
 
-def write_site(out_dir: Path, profile: SiteProfile, n_cases: int, seed: int = 0,
-               scale: float = DEFAULT_SCALE, overwrite: bool = False) -> list[Path]:
+def write_site(
+    out_dir: Path,
+    profile: SiteProfile,
+    n_cases: int,
+    seed: int = 0,
+    scale: float = DEFAULT_SCALE,
+    overwrite: bool = False,
+) -> list[Path]:
     """Write ``n_cases`` phantom cases for one site in KiTS layout.
 
     Creates ``out_dir/case_00000/{imaging,segmentation}.nii.gz`` and so on, plus
@@ -445,9 +539,13 @@ def write_site(out_dir: Path, profile: SiteProfile, n_cases: int, seed: int = 0,
         raise ValueError(f"n_cases must be at least 1, got {n_cases}")
     out_dir, meta_path = Path(out_dir), Path(out_dir) / METADATA_NAME
     meta: dict[str, Any] = {
-        "generator": _GENERATOR, "phantom_version": PHANTOM_VERSION,
-        "profile": profile.model_dump(), "seed": int(seed), "scale": float(scale),
-        "n_cases": n_cases, "spacing_mm": list(voxel_spacing(profile, scale)),
+        "generator": _GENERATOR,
+        "phantom_version": PHANTOM_VERSION,
+        "profile": profile.model_dump(),
+        "seed": int(seed),
+        "scale": float(scale),
+        "n_cases": n_cases,
+        "spacing_mm": list(voxel_spacing(profile, scale)),
         "labels": {str(k): v for k, v in LABELS.items()},
         "case_seeds": [case_seed(seed, i) for i in range(n_cases)],
     }
@@ -458,13 +556,21 @@ def write_site(out_dir: Path, profile: SiteProfile, n_cases: int, seed: int = 0,
         existing = None
     except (OSError, ValueError):
         existing = {}  # unreadable: cannot be ours, since we write it atomically
-    present = sorted(p for p in out_dir.glob("case_*")
-                     if p.is_dir() and _CASE_DIR_RE.fullmatch(p.name))
+    present = sorted(
+        p
+        for p in out_dir.glob("case_*")
+        if p.is_dir() and _CASE_DIR_RE.fullmatch(p.name)
+    )
 
     todo = list(range(n_cases))
     if existing == meta:
-        todo = [i for i in todo if not all(
-            (case_dirs[i] / n).is_file() for n in (IMAGE_NAME, SEGMENTATION_NAME))]
+        todo = [
+            i
+            for i in todo
+            if not all(
+                (case_dirs[i] / n).is_file() for n in (IMAGE_NAME, SEGMENTATION_NAME)
+            )
+        ]
         if not todo:
             logger.info("%s: %d cases already up to date", out_dir, n_cases)
             return case_dirs
@@ -474,14 +580,17 @@ def write_site(out_dir: Path, profile: SiteProfile, n_cases: int, seed: int = 0,
             # Never delete case dirs we did not write (e.g. real KiTS data).
             raise FileExistsError(
                 f"{out_dir} holds case directories that were not written by the "
-                "phantom generator; choose another directory")
+                "phantom generator; choose another directory"
+            )
         if not overwrite:
             raise FileExistsError(
                 f"{out_dir} already holds phantom cases generated with different "
                 f"settings (see {METADATA_NAME}); pass overwrite to replace them or "
-                "choose another directory")
-        logger.info("%s: removing %d cases made with other settings", out_dir,
-                    len(present))
+                "choose another directory"
+            )
+        logger.info(
+            "%s: removing %d cases made with other settings", out_dir, len(present)
+        )
         _remove_cases(present)
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -493,8 +602,14 @@ def write_site(out_dir: Path, profile: SiteProfile, n_cases: int, seed: int = 0,
         case_dirs[i].mkdir(exist_ok=True)
         _save_nifti(case_dirs[i] / IMAGE_NAME, case.image, case.affine)
         _save_nifti(case_dirs[i] / SEGMENTATION_NAME, case.label, case.affine)
-    logger.info("%s: wrote %d of %d cases (profile %s, spacing %s mm)", out_dir,
-                len(todo), n_cases, profile.name, meta["spacing_mm"])
+    logger.info(
+        "%s: wrote %d of %d cases (profile %s, spacing %s mm)",
+        out_dir,
+        len(todo),
+        n_cases,
+        profile.name,
+        meta["spacing_mm"],
+    )
     return case_dirs
 
 
@@ -519,7 +634,8 @@ def load_profile(name_or_path: str) -> SiteProfile:
     if not path.is_file():
         raise ValueError(
             f"{name_or_path!r} is neither a built-in site profile "
-            f"({', '.join(sorted(PROFILES))}) nor an existing YAML/JSON file")
+            f"({', '.join(sorted(PROFILES))}) nor an existing YAML/JSON file"
+        )
     try:
         text = path.read_text()
         is_yaml = path.suffix.lower() in (".yaml", ".yml")

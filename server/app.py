@@ -25,7 +25,13 @@ from server.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from server.report import append_metrics, read_metrics, round_entry, round_line, summary_table
+from server.report import (
+    append_metrics,
+    read_metrics,
+    round_entry,
+    round_line,
+    summary_table,
+)
 from server.strategy import RoundRecord, SiteAwareStrategy, build_strategy
 
 log = logging.getLogger("kidneyfl.server")
@@ -70,7 +76,9 @@ def main(grid: Grid, context: Context) -> None:
             "choose another run-name (nothing was overwritten)"
         )
     remaining = plan.num_server_rounds - done
-    atomic_write_json(run_dir / "plan.json", plan.model_dump(by_alias=True, mode="json"))
+    atomic_write_json(
+        run_dir / "plan.json", plan.model_dump(by_alias=True, mode="json")
+    )
     if remaining <= 0:
         log.info("run %s already completed %d rounds", run_dir.name, done)
         return
@@ -97,7 +105,10 @@ def main(grid: Grid, context: Context) -> None:
         build_strategy(plan.strategy, plan.min_sites, plan.fraction_evaluate),
         min_sites=plan.min_sites,
         round_offset=done,
-        base_config={wire.RUN_ID: run_dir.name, wire.TOTAL_ROUNDS: plan.num_server_rounds},
+        base_config={
+            wire.RUN_ID: run_dir.name,
+            wire.TOTAL_ROUNDS: plan.num_server_rounds,
+        },
         on_round_end=on_round_end,
         site_names=_site_names(grid),
     )
@@ -114,9 +125,11 @@ def main(grid: Grid, context: Context) -> None:
         run_dir / "final",
         plan.num_server_rounds,
         final.to_torch_state_dict(),
-        {"plan": plan.model_dump(by_alias=True, mode="json"),
-         "plan_fingerprint": json.loads(json.dumps(plan.fingerprint())),
-         "model": plan.model},
+        {
+            "plan": plan.model_dump(by_alias=True, mode="json"),
+            "plan_fingerprint": json.loads(json.dumps(plan.fingerprint())),
+            "model": plan.model,
+        },
     )
     entries = read_metrics(run_dir)
     log.info("\n%s", summary_table(entries))

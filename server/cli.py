@@ -68,22 +68,35 @@ def _report(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the coordinator's subcommands."""
-    p = sub.add_parser("simulate", help="run a local federation of site YAMLs",
-                       allow_abbrev=False)
-    p.add_argument("--sites", default=DEFAULT_SITES,
-                   help="comma-separated site YAMLs (default: the three example sites)")
+    p = sub.add_parser(
+        "simulate", help="run a local federation of site YAMLs", allow_abbrev=False
+    )
+    p.add_argument(
+        "--sites",
+        default=DEFAULT_SITES,
+        help="comma-separated site YAMLs (default: the three example sites)",
+    )
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--run-name", default=None)
     p.add_argument("--out-dir", default=str(PROJECT_DIR / "runs"))
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a plan key of [tool.flwr.app.config]")
-    p.add_argument("--resume", action="store_true",
-                   help="continue --run-name from its last checkpoint")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a plan key of [tool.flwr.app.config]",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue --run-name from its last checkpoint",
+    )
     p.add_argument("--flwr-home", default=None)
     p.add_argument("--cpus-per-site", type=int, default=2)
     p.set_defaults(func=_simulate)
 
-    r = sub.add_parser("report", help="print a run's per-round metrics and summary",
-                       allow_abbrev=False)
+    r = sub.add_parser(
+        "report", help="print a run's per-round metrics and summary", allow_abbrev=False
+    )
     r.add_argument("run_dir")
     r.set_defaults(func=_report)

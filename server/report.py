@@ -33,8 +33,11 @@ def round_entry(rec: RoundRecord) -> dict[str, Any]:
     entry["weighted"] = weighted_eval_means(rec.evaluate)
     spread = {}
     for region in KITS_REGIONS:
-        vals = [m[wire.dice_key(region)] for m in rec.evaluate.values()
-                if wire.dice_key(region) in m]
+        vals = [
+            m[wire.dice_key(region)]
+            for m in rec.evaluate.values()
+            if wire.dice_key(region) in m
+        ]
         if vals:
             spread[wire.dice_key(region)] = max(vals) - min(vals)
     entry["spread"] = spread
@@ -125,6 +128,7 @@ def summary_table(entries: list[dict[str, Any]]) -> str:
     sp = last.get("spread", {})
     if sp:
         lines.append(
-            f"{'best-worst':<16}" + "".join(f"{_fmt(sp.get(c), 6)}".rjust(14) for c in cols)
+            f"{'best-worst':<16}"
+            + "".join(f"{_fmt(sp.get(c), 6)}".rjust(14) for c in cols)
         )
     return "\n".join(lines)

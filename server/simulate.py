@@ -59,8 +59,13 @@ def prepare_phantoms(sites: list[SiteConfig]) -> None:
             continue
         profile = load_profile(site.phantom.profile)
         write_site(
-            site.data.root, profile, site.phantom.cases, seed=site.phantom.seed,
+            site.data.root,
+            profile,
+            site.phantom.cases,
+            seed=site.phantom.seed,
             scale=site.phantom.scale or DEFAULT_SCALE,
+            # only ever replaces cases it generated itself (phantom.json present)
+            overwrite=True,
         )
 
 
@@ -94,14 +99,24 @@ def start_superlink(flwr_home: Path, env: Mapping[str, str]) -> SuperLink:
     logdir = flwr_home / "sim-superlink"
     logdir.mkdir(parents=True, exist_ok=True)
     cmd = [
-        _bin("flower-superlink"), "--insecure", "--simulation",
-        "--isolation", "subprocess",
-        "--host", "127.0.0.1", "--port", str(http),
+        _bin("flower-superlink"),
+        "--insecure",
+        "--simulation",
+        "--isolation",
+        "subprocess",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(http),
         "--disable-runtime-dependency-installation",
-        "--log-file", str(logdir / "superlink.log"),
+        "--log-file",
+        str(logdir / "superlink.log"),
     ]
     proc = subprocess.Popen(
-        cmd, env=dict(env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cmd,
+        env=dict(env),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
     link = SuperLink(proc, http)
@@ -184,14 +199,20 @@ def simulate(
     fed = (
         f"num-supernodes={len(sites)} client-resources-num-cpus={int(cpus_per_site)} "
         f"client-resources-num-gpus={gpus} init-args-num-cpus={os.cpu_count() or 2} "
-        f"init-args-logging-level=\"ERROR\""
+        f'init-args-logging-level="ERROR"'
     )
     link = start_superlink(flwr_home, env)
     try:
         _write_flwr_config(flwr_home, link.http_port)
         cmd = [
-            _bin("flwr"), "run", str(PROJECT_DIR), CONNECTION,
-            "--federation-config", fed, "--run-config", str(overrides_file),
+            _bin("flwr"),
+            "run",
+            str(PROJECT_DIR),
+            CONNECTION,
+            "--federation-config",
+            fed,
+            "--run-config",
+            str(overrides_file),
         ]
         if stream:
             cmd.append("--stream")
@@ -205,7 +226,8 @@ def simulate(
         link.stop()
     if not (run_dir / "metrics.jsonl").exists():
         raise SimulationError(
-            f"run {run_name} wrote no metrics; see {flwr_home}/sim-superlink/superlink.log"
+            f"run {run_name} wrote no metrics; see "
+            f"{flwr_home}/sim-superlink/superlink.log"
         )
     return run_dir
 
@@ -214,7 +236,9 @@ def _wait_for_final(run_dir: Path, link: SuperLink, timeout: float = 120) -> Non
     # `--stream` returns once the run finishes; the final model is written just
     # before, so allow a moment for the file system.
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not (run_dir / "final" / "latest.json").exists():
+    while (
+        time.monotonic() < deadline and not (run_dir / "final" / "latest.json").exists()
+    ):
         if link.process.poll() is not None:
             return
         time.sleep(0.5)

@@ -56,9 +56,7 @@ def build_strategy(name: str, min_sites: int, fraction_evaluate: float) -> Strat
     )
 
 
-def check_update(
-    reference: ArrayRecord, update: ArrayRecord | None
-) -> str | None:
+def check_update(reference: ArrayRecord, update: ArrayRecord | None) -> str | None:
     """Why an update may not be aggregated, or None if it may.
 
     The reference is the global model the site was sent.
@@ -69,11 +67,17 @@ def check_update(
     if ref_keys != got_keys:
         missing = sorted(ref_keys - got_keys)[:3]
         extra = sorted(got_keys - ref_keys)[:3]
-        return f"array keys differ from the global model (missing {missing}, extra {extra})"
+        return (
+            f"array keys differ from the global model (missing {missing}, "
+            f"extra {extra})"
+        )
     for key in reference.keys():
         ref, got = reference[key], update[key]
         if tuple(ref.shape) != tuple(got.shape):
-            return f"array {key!r} has shape {tuple(got.shape)}, expected {tuple(ref.shape)}"
+            return (
+                f"array {key!r} has shape {tuple(got.shape)}, "
+                f"expected {tuple(ref.shape)}"
+            )
         if ref.dtype != got.dtype:
             return f"array {key!r} has dtype {got.dtype}, expected {ref.dtype}"
         arr = got.numpy()
@@ -174,7 +178,9 @@ class SiteAwareStrategy(Strategy):
             site = self.site_of(msg)
             if msg.has_error():
                 rec.failed[site] = str(msg.error.reason)[:500]
-                log.warning("site %s failed round %d: %s", site, rec.round, msg.error.reason)
+                log.warning(
+                    "site %s failed round %d: %s", site, rec.round, msg.error.reason
+                )
                 continue
             metrics = _metrics(msg)
             if metrics.get(wire.REFUSED, 0):
@@ -183,18 +189,24 @@ class SiteAwareStrategy(Strategy):
                 log.warning("site %s refused round %d: %s", site, rec.round, reason)
                 continue
             arrays = msg.content.array_records.get(wire.ARRAYS)
-            problem = check_update(self._sent, arrays) if self._sent is not None else None
+            problem = (
+                check_update(self._sent, arrays) if self._sent is not None else None
+            )
             if problem:
                 rec.rejected[site] = problem
-                log.warning("update from %s rejected in round %d: %s", site, rec.round,
-                            problem)
+                log.warning(
+                    "update from %s rejected in round %d: %s", site, rec.round, problem
+                )
                 continue
             rec.train[site] = metrics
             accepted.append(msg)
         if len(accepted) < self.min_sites:
             log.warning(
-                "round %d skipped: %d valid update(s), %d needed; global model unchanged",
-                rec.round, len(accepted), self.min_sites,
+                "round %d skipped: %d valid update(s), %d needed; "
+                "global model unchanged",
+                rec.round,
+                len(accepted),
+                self.min_sites,
             )
             return None, None
         rec.aggregated = True
@@ -242,5 +254,6 @@ def weighted_eval_means(per_site: dict[str, dict[str, float]]) -> dict[str, floa
     keys = set.intersection(*(set(m) for m in per_site.values()))
     keys -= {wire.NUM_VAL_CASES, wire.NUM_EXAMPLES}
     return {
-        k: sum(per_site[s][k] * weights[s] for s in per_site) / total for k in sorted(keys)
+        k: sum(per_site[s][k] * weights[s] for s in per_site) / total
+        for k in sorted(keys)
     }

@@ -32,8 +32,12 @@ def write_site_yaml(
         "device": "cpu",
         "state_dir": str(tmp / "state" / name),
         "privacy": privacy or {"enabled": True, "max_epsilon": 100.0, "delta": 1e-3},
-        "phantom": {"profile": profile, "cases": cases, "seed": seed,
-                    "scale": TINY_SCALE},
+        "phantom": {
+            "profile": profile,
+            "cases": cases,
+            "seed": seed,
+            "scale": TINY_SCALE,
+        },
     }
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(doc))

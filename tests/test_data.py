@@ -5,7 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from client.data import PatchDataset, SiteDataError, discover_kits, load_site_cases, volume_dataset
+from client.data import (
+    PatchDataset,
+    SiteDataError,
+    discover_kits,
+    load_site_cases,
+    volume_dataset,
+)
 from client.segmentation import SegmentationTask
 from common.config import load_site_config
 from tests.conftest import write_site_yaml
@@ -24,7 +30,7 @@ def test_discovers_kits_cases_and_splits_deterministically(tiny_site):
 def _break(case_dir, how):
     img, seg = case_dir / "imaging.nii.gz", case_dir / "segmentation.nii.gz"
     if how == "truncated":
-        img.write_bytes(img.read_bytes()[: 200])
+        img.write_bytes(img.read_bytes()[:200])
     elif how == "label7":
         s = nib.load(str(seg))
         data = np.asanyarray(s.dataobj).copy()
@@ -40,8 +46,12 @@ def _break(case_dir, how):
 
 @pytest.mark.parametrize(
     "how, words",
-    [("truncated", "unreadable"), ("label7", "[7]"), ("shape", "label shape"),
-     ("nolabel", "no segmentation")],
+    [
+        ("truncated", "unreadable"),
+        ("label7", "[7]"),
+        ("shape", "label shape"),
+        ("nolabel", "no segmentation"),
+    ],
 )
 def test_bad_case_is_skipped_with_its_reason(tmp_path, how, words):
     site = load_site_config(write_site_yaml(tmp_path, "h", cases=5))
@@ -81,6 +91,8 @@ def test_task_evaluate_returns_aggregates_only(tiny_site, tiny_plan):
 
     task = SegmentationTask()
     data = task.load_data(tiny_site, tiny_plan)
-    out = task.evaluate(build_plan_model(tiny_plan), data, tiny_plan, torch.device("cpu"))
+    out = task.evaluate(
+        build_plan_model(tiny_plan), data, tiny_plan, torch.device("cpu")
+    )
     assert set(out) == {"dice-kidney", "dice-masses", "dice-tumour", "eval-loss"}
     assert all(isinstance(v, float) for v in out.values())

@@ -34,7 +34,8 @@ def test_cyst_counts_as_mass_not_tumour():
     d = region_dice(truth.clone(), truth)[0].tolist()
     assert d == [1.0, 1.0, 1.0]  # tumour region empty in both -> 1
     pred_tumour = _vol({(0, 0, 0): 2})
-    d = dict(zip(KITS_REGIONS, region_dice(pred_tumour, truth)[0].tolist()))
+    values = region_dice(pred_tumour, truth)[0].tolist()
+    d = dict(zip(KITS_REGIONS, values, strict=True))
     assert d == {"kidney": 1.0, "masses": 1.0, "tumour": 0.0}
 
 

@@ -14,14 +14,18 @@ def test_forward_shape_and_opacus_clean(name):
     out = model(torch.zeros(2, 1, 32, 32, 16))
     assert out.shape == (2, 4, 32, 32, 16)
     assert ModuleValidator.validate(model, strict=False) == []
-    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-                   for m in model.modules())
+    assert not any(
+        isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()
+    )
 
 
 def test_same_seed_same_weights_everywhere():
     a, b = build_model("unet-small", seed=3), build_model("unet-small", seed=3)
-    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
-        assert ka == kb and torch.equal(va, vb)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    c = build_model("unet-small", seed=4)
+    assert not all(torch.equal(sa[k], c.state_dict()[k]) for k in sa)
 
 
 def test_unknown_model_lists_registry():

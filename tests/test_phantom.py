@@ -37,8 +37,9 @@ def _world(case, ijk: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_kidney_anatomy(name: str, seed: int) -> None:
     # No lesions, so label >= 1 is exactly the two kidneys.
-    case = generate_case(_variant(name, tumour_prevalence=0.0, cyst_prevalence=0.0),
-                         seed)
+    case = generate_case(
+        _variant(name, tumour_prevalence=0.0, cyst_prevalence=0.0), seed
+    )
     assert case.label.dtype == np.uint8 and case.image.dtype == np.float32
     assert case.image.shape == case.label.shape
     assert set(np.unique(case.label)) == {0, 1}
@@ -91,8 +92,11 @@ def test_written_files(tmp_path: Path) -> None:
     profile = PROFILES["standard-nephro"]
     (case_dir,) = write_site(tmp_path / "site", profile, n_cases=1, seed=5)
     expected = np.array(voxel_spacing(profile, DEFAULT_SCALE))
-    assert np.allclose(expected, [profile.inplane_spacing_mm * DEFAULT_SCALE] * 2
-                       + [profile.slice_thickness_mm * DEFAULT_SCALE])
+    assert np.allclose(
+        expected,
+        [profile.inplane_spacing_mm * DEFAULT_SCALE] * 2
+        + [profile.slice_thickness_mm * DEFAULT_SCALE],
+    )
     image = nib.load(case_dir / IMAGE_NAME)
     seg = nib.load(case_dir / SEGMENTATION_NAME)
     for img in (image, seg):
@@ -168,14 +172,18 @@ def test_load_profile(tmp_path: Path) -> None:
     assert load_profile(str(good)) == SiteProfile(**fields)
 
     bad = tmp_path / "bad.yaml"
-    bad.write_text("slice_thickness_mm: 9\ninplane_spacing_mm: 0.8\nnoise_hu: 10\n"
-                   "phase: nephrographic\n")
+    bad.write_text(
+        "slice_thickness_mm: 9\ninplane_spacing_mm: 0.8\nnoise_hu: 10\n"
+        "phase: nephrographic\n"
+    )
     with pytest.raises(ValueError, match="slice_thickness_mm"):
         load_profile(str(bad))
 
     extra = tmp_path / "extra.yaml"
-    extra.write_text("inplane_spacing_mm: 0.8\nslice_thickness_mm: 2\nnoise_hu: 10\n"
-                     "phase: nephrographic\nkvp: 120\n")
+    extra.write_text(
+        "inplane_spacing_mm: 0.8\nslice_thickness_mm: 2\nnoise_hu: 10\n"
+        "phase: nephrographic\nkvp: 120\n"
+    )
     with pytest.raises(ValueError, match="kvp"):
         load_profile(str(extra))
 
@@ -185,6 +193,7 @@ def test_write_site_never_deletes_foreign_cases(tmp_path: Path) -> None:
     foreign.mkdir(parents=True)
     (foreign / IMAGE_NAME).write_bytes(b"real data")
     with pytest.raises(FileExistsError, match="not written by the phantom"):
-        write_site(tmp_path / "kits", PROFILES["thick-slice-noisy"], n_cases=1,
-                   overwrite=True)
+        write_site(
+            tmp_path / "kits", PROFILES["thick-slice-noisy"], n_cases=1, overwrite=True
+        )
     assert (foreign / IMAGE_NAME).read_bytes() == b"real data"

@@ -29,8 +29,12 @@ def google_epsilon(noise: float, q: float, steps: int, delta: float) -> float:
 
 @pytest.mark.parametrize(
     "noise, q, steps, delta",
-    [(1.0, 0.25, 40, 1e-3), (0.8, 0.1, 300, 1e-5), (2.0, 1.0, 15, 1e-3),
-     (1.3, 0.004, 6000, 1e-5)],
+    [
+        (1.0, 0.25, 40, 1e-3),
+        (0.8, 0.1, 300, 1e-5),
+        (2.0, 1.0, 15, 1e-3),
+        (1.3, 0.004, 6000, 1e-5),
+    ],
 )
 def test_epsilon_matches_independent_accountant(noise, q, steps, delta):
     ours = epsilon_for([(noise, q, steps)], delta)
@@ -56,13 +60,17 @@ def test_calibration_meets_target_over_the_whole_plan():
 def test_ledger_survives_restart_and_next_run_continues(tmp_path):
     first = PrivacyLedger(tmp_path, "h1")
     cal = first.calibrate("run-a", 4.0, 1e-3, n_cases=20, batch_size=5, total_epochs=4)
-    first.record(LedgerEntry("run-a", 1, cal.noise_multiplier, cal.sample_rate, 4, "fp"))
+    first.record(
+        LedgerEntry("run-a", 1, cal.noise_multiplier, cal.sample_rate, 4, "fp")
+    )
     spent = first.epsilon(1e-3)
     # A new process (a restart) reads the same state directory.
     again = PrivacyLedger(tmp_path, "h1")
     assert again.epsilon(1e-3) == pytest.approx(spent)
     assert again.calibrate("run-a", 4.0, 1e-3, 20, 5, 4) == cal  # same run, same noise
-    again.record(LedgerEntry("run-b", 1, cal.noise_multiplier, cal.sample_rate, 4, "fp"))
+    again.record(
+        LedgerEntry("run-b", 1, cal.noise_multiplier, cal.sample_rate, 4, "fp")
+    )
     assert PrivacyLedger(tmp_path, "h1").epsilon(1e-3) > spent
 
 
@@ -117,8 +125,16 @@ class _Toy(torch.utils.data.Dataset):
 
 def _train(model, seed, dp, lr=0.1, opt="sgd"):
     return local_train(
-        model, _Toy(), torch.nn.CrossEntropyLoss(), epochs=1, batch_size=8,
-        learning_rate=lr, optimizer=opt, device=torch.device("cpu"), seed=seed, dp=dp,
+        model,
+        _Toy(),
+        torch.nn.CrossEntropyLoss(),
+        epochs=1,
+        batch_size=8,
+        learning_rate=lr,
+        optimizer=opt,
+        device=torch.device("cpu"),
+        seed=seed,
+        dp=dp,
     )
 
 
@@ -129,14 +145,19 @@ def test_per_sample_gradients_are_clipped():
     data = _Toy()
     for i in range(len(data)):
         model = GradSampleModule(torch.nn.Linear(4, 2))
-        opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
-                          noise_multiplier=0.0, max_grad_norm=1.0,
-                          expected_batch_size=1)
-        loss = torch.nn.CrossEntropyLoss()(model(data.x[i:i + 1]), data.y[i:i + 1])
+        opt = DPOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            noise_multiplier=0.0,
+            max_grad_norm=1.0,
+            expected_batch_size=1,
+        )
+        loss = torch.nn.CrossEntropyLoss()(model(data.x[i : i + 1]), data.y[i : i + 1])
         loss.backward()
         raw = torch.cat([p.grad_sample.flatten() for p in model.parameters()]).norm()
         opt.clip_and_accumulate()
-        clipped = torch.cat([p.summed_grad.flatten() for p in model.parameters()]).norm()
+        clipped = torch.cat(
+            [p.summed_grad.flatten() for p in model.parameters()]
+        ).norm()
         assert clipped <= 1.0 + 1e-5
         if raw > 1.0:  # large inputs make most raw gradients exceed the bound
             assert clipped == pytest.approx(1.0, rel=1e-4)

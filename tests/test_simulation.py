@@ -21,11 +21,13 @@ PLAN = {
 
 @pytest.mark.slow
 def test_two_sites_two_rounds_then_resume(tmp_path):
-    sites = [write_site_yaml(tmp_path, n, cases=6, seed=i, profile=p)
-             for i, (n, p) in enumerate([("site-a", "thin-slice-cm"),
-                                          ("site-b", "thick-slice-noisy")])]
-    kw = dict(out_dir=tmp_path / "runs", flwr_home=tmp_path / "flwr-home",
-              stream=True)
+    sites = [
+        write_site_yaml(tmp_path, n, cases=6, seed=i, profile=p)
+        for i, (n, p) in enumerate(
+            [("site-a", "thin-slice-cm"), ("site-b", "thick-slice-noisy")]
+        )
+    ]
+    kw = dict(out_dir=tmp_path / "runs", flwr_home=tmp_path / "flwr-home", stream=True)
     run = simulate(sites, "e2e", overrides={**PLAN, "num-server-rounds": 2}, **kw)
 
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -39,15 +41,17 @@ def test_two_sites_two_rounds_then_resume(tmp_path):
     eps = [e["epsilon"]["site-a"] for e in lines]
     assert 0 < eps[0] < eps[1] <= 20.0 * 1.01  # cumulative, within the plan target
     side = json.loads((run / "checkpoints" / "latest.json").read_text())
-    assert side["round"] == 2 and side["max_epsilon"] == pytest.approx(max(
-        e for e in lines[-1]["epsilon"].values()))
+    assert side["round"] == 2 and side["max_epsilon"] == pytest.approx(
+        max(e for e in lines[-1]["epsilon"].values())
+    )
     assert (run / "checkpoints" / "round-0001.pt").exists()
     assert (run / "final" / "latest.json").exists()
     assert "epsilon spent" in privacy_report(str(sites[0]))
 
     # Resume: one more round continues from the checkpoint, nothing is lost.
-    simulate(sites, "e2e", overrides={**PLAN, "num-server-rounds": 3, "resume": True},
-             **kw)
+    simulate(
+        sites, "e2e", overrides={**PLAN, "num-server-rounds": 3, "resume": True}, **kw
+    )
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [e["round"] for e in lines] == [1, 2, 3]
     assert json.loads((run / "checkpoints" / "latest.json").read_text())["round"] == 3

@@ -30,8 +30,14 @@ def _task_identity(monkeypatch):
 
 def _reply(node: int, content: RecordDict | None = None, error: str | None = None):
     meta = Metadata(
-        run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0,
-        reply_to_message_id="x", group_id="1", created_at=time.time(), ttl=60,
+        run_id=1,
+        message_id=f"m{node}",
+        src_node_id=node,
+        dst_node_id=0,
+        reply_to_message_id="x",
+        group_id="1",
+        created_at=time.time(),
+        ttl=60,
         message_type="train",
     )
     if error:
@@ -40,26 +46,48 @@ def _reply(node: int, content: RecordDict | None = None, error: str | None = Non
 
 
 def _arrays(w: float, shape=(2, 2), dtype=np.float32) -> ArrayRecord:
-    return ArrayRecord({"w": Array(np.full(shape, w, dtype=dtype)),
-                        "b": Array(np.array([w], dtype=np.float32))})
+    return ArrayRecord(
+        {
+            "w": Array(np.full(shape, w, dtype=dtype)),
+            "b": Array(np.array([w], dtype=np.float32)),
+        }
+    )
 
 
 def _train_reply(node, site, w, n, **arrays_kw):
     arrays = _arrays(w, **arrays_kw) if not isinstance(w, ArrayRecord) else w
-    return _reply(node, RecordDict({
-        wire.ARRAYS: arrays,
-        wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: n, wire.TRAIN_LOSS: 1.0,
-                                    wire.REFUSED: 0, wire.EPSILON: 1.0,
-                                    wire.DP_ENABLED: 1}),
-        wire.SITE: ConfigRecord({wire.SITE_NAME: site}),
-    }))
+    return _reply(
+        node,
+        RecordDict(
+            {
+                wire.ARRAYS: arrays,
+                wire.METRICS: MetricRecord(
+                    {
+                        wire.NUM_EXAMPLES: n,
+                        wire.TRAIN_LOSS: 1.0,
+                        wire.REFUSED: 0,
+                        wire.EPSILON: 1.0,
+                        wire.DP_ENABLED: 1,
+                    }
+                ),
+                wire.SITE: ConfigRecord({wire.SITE_NAME: site}),
+            }
+        ),
+    )
 
 
 def _refusal(node, site, reason):
-    return _reply(node, RecordDict({
-        wire.METRICS: MetricRecord({wire.REFUSED: 1, wire.NUM_EXAMPLES: 0}),
-        wire.SITE: ConfigRecord({wire.SITE_NAME: site, wire.REFUSAL_REASON: reason}),
-    }))
+    return _reply(
+        node,
+        RecordDict(
+            {
+                wire.METRICS: MetricRecord({wire.REFUSED: 1, wire.NUM_EXAMPLES: 0}),
+                wire.SITE: ConfigRecord(
+                    {wire.SITE_NAME: site, wire.REFUSAL_REASON: reason}
+                ),
+            }
+        ),
+    )
 
 
 class _Grid:
@@ -71,7 +99,9 @@ def _wrapper(min_sites=1):
     ended: list[RoundRecord] = []
     s = SiteAwareStrategy(
         build_strategy("fedavg", min_sites=1, fraction_evaluate=1.0),
-        min_sites=min_sites, round_offset=0, base_config={},
+        min_sites=min_sites,
+        round_offset=0,
+        base_config={},
         on_round_end=lambda rec, arrays: ended.append(rec),
     )
     list(s.configure_train(1, _arrays(0.0), ConfigRecord(), _Grid()))
@@ -80,8 +110,9 @@ def _wrapper(min_sites=1):
 
 def test_fedavg_hand_computed_two_sites():
     s, _ = _wrapper()
-    arrays, _ = s.aggregate_train(1, [_train_reply(1, "a", 1.0, 1),
-                                      _train_reply(2, "b", 4.0, 3)])
+    arrays, _ = s.aggregate_train(
+        1, [_train_reply(1, "a", 1.0, 1), _train_reply(2, "b", 4.0, 3)]
+    )
     # (1 * 1 + 4 * 3) / 4 = 3.25
     assert np.allclose(arrays["w"].numpy(), 3.25)
     assert np.allclose(arrays["b"].numpy(), 3.25)
@@ -98,8 +129,9 @@ def test_fedavg_hand_computed_two_sites():
 )
 def test_bad_update_rejected_round_goes_on(bad, reason):
     s, _ = _wrapper()
-    arrays, _ = s.aggregate_train(1, [_train_reply(1, "good", 2.0, 2),
-                                      _train_reply(2, "bad", bad, 2)])
+    arrays, _ = s.aggregate_train(
+        1, [_train_reply(1, "good", 2.0, 2), _train_reply(2, "bad", bad, 2)]
+    )
     assert reason in s._current.rejected["bad"]
     assert "good" in s._current.train
     assert np.allclose(arrays["w"].numpy(), 2.0)  # only the good site
@@ -107,8 +139,11 @@ def test_bad_update_rejected_round_goes_on(bad, reason):
 
 def test_refused_site_never_enters_the_aggregate():
     s, _ = _wrapper()
-    replies = [_train_reply(1, "a", 1.0, 1), _refusal(2, "b", "over budget"),
-               _reply(3, error="node died")]
+    replies = [
+        _train_reply(1, "a", 1.0, 1),
+        _refusal(2, "b", "over budget"),
+        _reply(3, error="node died"),
+    ]
     arrays, _ = s.aggregate_train(1, replies)
     assert s._current.refused == {"b": "over budget"}
     assert "node died" in s._current.failed["node-3"]
@@ -117,8 +152,9 @@ def test_refused_site_never_enters_the_aggregate():
 
 def test_too_few_valid_updates_skip_the_round():
     s, _ = _wrapper(min_sites=2)
-    arrays, metrics = s.aggregate_train(1, [_train_reply(1, "a", 1.0, 1),
-                                            _refusal(2, "b", "over budget")])
+    arrays, metrics = s.aggregate_train(
+        1, [_train_reply(1, "a", 1.0, 1), _refusal(2, "b", "over budget")]
+    )
     assert arrays is None and metrics is None and not s._current.aggregated
 
 
@@ -131,12 +167,36 @@ def test_round_end_gets_weighted_eval_means():
     s, ended = _wrapper()
     list(s.configure_evaluate(1, _arrays(0.0), ConfigRecord(), _Grid()))
     ev = [
-        _reply(1, RecordDict({wire.METRICS: MetricRecord(
-            {wire.dice_key("kidney"): 0.5, wire.NUM_VAL_CASES: 1, wire.NUM_EXAMPLES: 3}),
-            wire.SITE: ConfigRecord({wire.SITE_NAME: "a"})})),
-        _reply(2, RecordDict({wire.METRICS: MetricRecord(
-            {wire.dice_key("kidney"): 0.9, wire.NUM_VAL_CASES: 3, wire.NUM_EXAMPLES: 9}),
-            wire.SITE: ConfigRecord({wire.SITE_NAME: "b"})})),
+        _reply(
+            1,
+            RecordDict(
+                {
+                    wire.METRICS: MetricRecord(
+                        {
+                            wire.dice_key("kidney"): 0.5,
+                            wire.NUM_VAL_CASES: 1,
+                            wire.NUM_EXAMPLES: 3,
+                        }
+                    ),
+                    wire.SITE: ConfigRecord({wire.SITE_NAME: "a"}),
+                }
+            ),
+        ),
+        _reply(
+            2,
+            RecordDict(
+                {
+                    wire.METRICS: MetricRecord(
+                        {
+                            wire.dice_key("kidney"): 0.9,
+                            wire.NUM_VAL_CASES: 3,
+                            wire.NUM_EXAMPLES: 9,
+                        }
+                    ),
+                    wire.SITE: ConfigRecord({wire.SITE_NAME: "b"}),
+                }
+            ),
+        ),
     ]
     means = s.aggregate_evaluate(1, ev)
     assert means[wire.dice_key("kidney")] == pytest.approx((0.5 + 0.9 * 3) / 4)
