@@ -102,7 +102,15 @@ def main(grid: Grid, context: Context) -> None:
         log.info("%s", round_line(entry))
 
     strategy = SiteAwareStrategy(
-        build_strategy(plan.strategy, plan.min_sites, plan.fraction_evaluate),
+        build_strategy(
+            plan.strategy,
+            plan.min_sites,
+            plan.fraction_evaluate,
+            plan.central_dp,
+            plan.central_dp_noise,
+            plan.central_dp_clip,
+            num_sites=len(list(grid.get_node_ids())),
+        ),
         min_sites=plan.min_sites,
         round_offset=done,
         base_config={

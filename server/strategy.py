@@ -22,7 +22,11 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAvg,
+    Strategy,
+)
 
 from common import wire
 
@@ -42,17 +46,40 @@ class RoundRecord:
     aggregated: bool = False
 
 
-def build_strategy(name: str, min_sites: int, fraction_evaluate: float) -> Strategy:
-    """Flower's own strategy for a plan's ``strategy`` name."""
+def build_strategy(
+    name: str,
+    min_sites: int,
+    fraction_evaluate: float,
+    central_dp: str = "off",
+    central_dp_noise: float = 0.0,
+    central_dp_clip: float = 1.0,
+    num_sites: int | None = None,
+) -> Strategy:
+    """Flower's own strategy for a plan's ``strategy`` name.
+
+    With ``central_dp="server-fixed"`` it is wrapped in Flower's
+    ``DifferentialPrivacyServerSideFixedClipping``: each site's update is clipped
+    to ``central_dp_clip`` (L2, relative to the global model) and Gaussian noise
+    of std ``central_dp_noise * central_dp_clip / num_sites`` is added to the
+    aggregate. That bounds what any one *hospital* can move the model; it is
+    on top of, not instead of, the sample-level DP-SGD at every site.
+    """
     if name != "fedavg":
         raise ValueError(f"unknown strategy {name!r}; available: fedavg")
-    return FedAvg(
+    inner = FedAvg(
         fraction_train=1.0,
         fraction_evaluate=fraction_evaluate,
         min_train_nodes=min_sites,
         min_evaluate_nodes=min_sites if fraction_evaluate > 0 else 0,
         min_available_nodes=min_sites,
         weighted_by_key=wire.NUM_EXAMPLES,
+    )
+    if central_dp == "off":
+        return inner
+    if central_dp != "server-fixed":
+        raise ValueError(f"unknown central-dp {central_dp!r}; use off or server-fixed")
+    return DifferentialPrivacyServerSideFixedClipping(
+        inner, central_dp_noise, central_dp_clip, max(num_sites or min_sites, 1)
     )
 
 

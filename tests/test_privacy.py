@@ -179,3 +179,35 @@ def test_noise_is_added_and_zero_noise_without_clipping_matches_plain():
     _train(c, seed=3, dp=DPSpec(0.0, 1e9, "hooks"))
     _train(d, seed=3, dp=None)
     assert torch.allclose(c.weight, d.weight, atol=1e-5)
+
+
+def test_ledger_survives_sigkill_mid_writes(tmp_path):
+    """A site process killed at any moment leaves a ledger that loads and
+    holds every round it finished recording (atomic replace, never torn)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import sys\n"
+        "from client.privacy import LedgerEntry, PrivacyLedger\n"
+        "led = PrivacyLedger(sys.argv[1], 'h1')\n"
+        "for r in range(1, 100000):\n"
+        "    led.record(LedgerEntry('run', r, 1.0, 0.25, 8, 'fp'))\n"
+        "    print(r, flush=True)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)],
+                            stdout=subprocess.PIPE, text=True, env=env)
+    done = 0
+    deadline = time.monotonic() + 60
+    while done < 30 and time.monotonic() < deadline:
+        done = int(proc.stdout.readline() or done)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    ledger = PrivacyLedger(tmp_path, "h1")
+    rounds = [e.round for e in ledger.entries]
+    assert rounds == list(range(1, len(rounds) + 1))
+    assert len(rounds) >= done >= 30
