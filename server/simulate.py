@@ -9,12 +9,15 @@ stops the SuperLink by PID afterwards, whatever happened.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -77,7 +80,13 @@ class SuperLink:
     http_port: int  # Fleet, Control and Runtime APIs share this port in 1.41
 
     def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM by PID (its superexec follows via --parent-pid), then SIGKILL."""
+        """Stop the SuperLink and every process it started, by PID.
+
+        Flower detaches the superexec, the simulation process and Ray into new
+        sessions, and the simulation process outlives a killed SuperLink, so
+        the whole tree is collected first and each member is signalled.
+        """
+        tree = descendants(self.process.pid)
         if self.process.poll() is None:
             self.process.terminate()
             try:
@@ -85,6 +94,46 @@ class SuperLink:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(5)
+        _terminate(tree + [p for p in descendants(self.process.pid) if p not in tree])
+
+
+def descendants(pid: int) -> list[int]:
+    """PIDs of all live descendants of ``pid`` (Linux /proc), parents first."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _terminate(pids: list[int], grace: float = 10.0) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    alive = list(pids)
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in alive if _alive(p)]
+        time.sleep(0.2)
+    for pid in alive:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # zombies are gone already
 
 
 def _bin(name: str) -> str:
@@ -202,6 +251,8 @@ def simulate(
         f'init-args-logging-level="ERROR"'
     )
     link = start_superlink(flwr_home, env)
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_exit) if in_main else None
     try:
         _write_flwr_config(flwr_home, link.http_port)
         cmd = [
@@ -224,12 +275,18 @@ def simulate(
             _wait_for_final(run_dir, link)
     finally:
         link.stop()
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
     if not (run_dir / "metrics.jsonl").exists():
         raise SimulationError(
             f"run {run_name} wrote no metrics; see "
             f"{flwr_home}/sim-superlink/superlink.log"
         )
     return run_dir
+
+
+def _raise_exit(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _wait_for_final(run_dir: Path, link: SuperLink, timeout: float = 120) -> None:

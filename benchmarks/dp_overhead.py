@@ -1,0 +1,145 @@
+"""Cost of DP-SGD: a private training step vs a plain one, per registered model.
+
+Prints, for each model in the registry, the median step time and the peak memory
+of a DP-SGD step (Opacus, the model's registered grad-sample mode, and the
+alternative modes for comparison) relative to a non-private step on the same
+batch, measured side by side in this run. Ratios matter; absolute times are
+context only. Uses CUDA when present.
+
+    .venv/bin/python benchmarks/dp_overhead.py [--batch 4] [--patch 48,48,32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _one(
+    model_name: str, mode: str, batch: int, patch: tuple[int, ...], steps: int
+) -> dict:
+    """Run in a fresh process: time ``steps`` steps and report peak memory."""
+    import resource
+
+    import torch
+    from torch import nn
+
+    sys.path.insert(0, str(ROOT))
+    from client.train import _empty_step  # noqa: F401  (import cost paid up front)
+    from common.models import build_model
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    model = build_model(model_name).to(dev)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = torch.randn(batch, 1, *patch, device=dev)
+    y = torch.randint(0, 4, (batch, *patch), device=dev)
+    loss_fn = nn.CrossEntropyLoss()
+    if mode != "plain":
+        from opacus import GradSampleModule
+        from opacus.optimizers import DPOptimizer
+
+        model = GradSampleModule(
+            model,
+            batch_first=True,
+            loss_reduction="mean",
+            force_functorch=(mode == "functorch"),
+        )
+        opt = DPOptimizer(
+            opt, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=batch
+        )
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(steps + 2):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        opt.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= 2:  # warm-up
+            times.append(time.perf_counter() - t)
+    if dev.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024
+    return {"time": statistics.median(times), "peak_mb": peak, "device": dev.type}
+
+
+def main() -> None:
+    """Measure every registered model, plain vs DP, and print ratios."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--patch", default="48,48,32")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--models", default="")
+    ap.add_argument("--child", default="", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    patch = tuple(int(p) for p in args.patch.split(","))
+    if args.child:
+        name, mode = args.child.split(":")
+        print(json.dumps(_one(name, mode, args.batch, patch, args.steps)))
+        return
+
+    sys.path.insert(0, str(ROOT))
+    from common.models import MODELS
+
+    names = args.models.split(",") if args.models else sorted(MODELS)
+    print(f"batch {args.batch}, patch {patch}, {args.steps} timed steps (median)")
+    print(
+        f"{'model':<17}{'mode':<11}{'step s':>9}{'time x':>8}{'peak MB':>9}"
+        f"{'mem x':>7}  note"
+    )
+    for name in names:
+        registered = MODELS[name].grad_sample_mode
+        res = {}
+        for mode in ("plain", "functorch", "hooks"):
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    f"{name}:{mode}",
+                    "--batch",
+                    str(args.batch),
+                    "--patch",
+                    args.patch,
+                    "--steps",
+                    str(args.steps),
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+            res[mode] = json.loads(lines[-1]) if lines else None
+            if res[mode] is None:
+                print(f"{name:<17}{mode:<11} failed: {out.stderr.strip()[-200:]}")
+        base = res["plain"]
+        for mode, r in res.items():
+            if r is None or base is None:
+                continue
+            note = "registered" if mode == registered else ""
+            base_mb = base["peak_mb"]
+            mem_x = r["peak_mb"] / base_mb if base_mb > 0 else float("nan")
+            time_x = r["time"] / base["time"]
+            print(
+                f"{name:<17}{mode:<11}{r['time']:>9.3f}{time_x:>8.2f}"
+                f"{r['peak_mb']:>9.0f}{mem_x:>7.2f}  {note}"
+            )
+    print("device:", base["device"] if base else "?")
+
+
+if __name__ == "__main__":
+    main()
