@@ -29,6 +29,7 @@ from client.privacy import (
     LedgerError,
     PrivacyLedger,
     check_budget,
+    poisson_schedule,
 )
 from client.task import get_task
 from client.train import DPSpec, local_train, select_device
@@ -85,6 +86,7 @@ def train(msg: Message, context: Context) -> Message:
         model = build_plan_model(plan)
         import_state(model, msg.content[wire.ARRAYS].to_torch_state_dict())
         dp, eps_after, ledger, cal = None, float("inf"), None, None
+        sample_rate = 0.0
         if site.privacy.enabled:
             ledger = PrivacyLedger(site.state_dir, site.name)
             cal = ledger.calibrate(
@@ -95,15 +97,20 @@ def train(msg: Message, context: Context) -> Message:
                 plan.batch_size,
                 total_rounds * plan.local_epochs,
             )
-            round_steps = round(1 / cal.sample_rate) * plan.local_epochs
+            # Account what this round really runs: the data may have changed
+            # since the run's noise was calibrated.
+            sample_rate, steps_per_epoch = poisson_schedule(
+                data.n_train, plan.batch_size
+            )
             eps_after = check_budget(
                 ledger,
                 site.name,
                 site.privacy.max_epsilon,
                 site.privacy.delta,
                 plan.dp_target_epsilon,
-                cal,
-                round_steps,
+                cal.noise_multiplier,
+                sample_rate,
+                steps_per_epoch * plan.local_epochs,
             )
             dp = DPSpec(
                 cal.noise_multiplier,
@@ -136,7 +143,7 @@ def train(msg: Message, context: Context) -> Message:
                 run_id,
                 rnd,
                 cal.noise_multiplier,
-                cal.sample_rate,
+                sample_rate,
                 stats.steps,
                 data.fingerprint,
             )

@@ -202,14 +202,47 @@ def _cache_dir(site: SiteConfig, plan: Plan) -> Path:
     return site.state_dir / "cache" / hashlib.sha256(key).hexdigest()[:12]
 
 
-def volume_dataset(
-    cases: list[Case], site: SiteConfig, plan: Plan
-) -> PersistentDataset:
-    """Whole preprocessed volumes (dicts of image, label), cached on site disk."""
+class MemoVolumes(torch.utils.data.Dataset):
+    """Preprocessed volumes: on site disk (MONAI PersistentDataset) and, up to a
+    memory budget, in this process, which in simulation serves every round."""
+
+    _memo: dict[tuple[str, str], dict] = {}
+    _bytes = 0
+    budget_bytes = 4 * 2**30
+
+    def __init__(self, items: list[dict], plan: Plan, cache: Path) -> None:
+        self.items = items
+        self.cache = str(cache)
+        self.disk = PersistentDataset(
+            items, transform=preprocessing(plan), cache_dir=cache
+        )
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        key = (self.cache, self.items[index][IMAGE])
+        hit = MemoVolumes._memo.get(key)
+        if hit is not None:
+            return dict(hit)
+        item = self.disk[index]
+        size = sum(
+            v.numel() * v.element_size()
+            for v in item.values()
+            if isinstance(v, torch.Tensor)
+        )
+        if MemoVolumes._bytes + size <= MemoVolumes.budget_bytes:
+            MemoVolumes._memo[key] = item
+            MemoVolumes._bytes += size
+        return dict(item)
+
+
+def volume_dataset(cases: list[Case], site: SiteConfig, plan: Plan) -> MemoVolumes:
+    """Whole preprocessed volumes (dicts of image, label), cached at the site."""
     cache = _cache_dir(site, plan)
     cache.mkdir(parents=True, exist_ok=True)
     items = [{IMAGE: str(c.image), LABEL: str(c.label)} for c in cases]
-    return PersistentDataset(items, transform=preprocessing(plan), cache_dir=cache)
+    return MemoVolumes(items, plan, cache)
 
 
 class PatchDataset(torch.utils.data.Dataset):
@@ -220,7 +253,7 @@ class PatchDataset(torch.utils.data.Dataset):
     first sample's structure, which fails for MONAI's dictionaries.
     """
 
-    def __init__(self, volumes: PersistentDataset, plan: Plan) -> None:
+    def __init__(self, volumes: torch.utils.data.Dataset, plan: Plan) -> None:
         self.volumes = volumes
         self.crop = mt.Compose(
             [

@@ -250,7 +250,8 @@ def check_budget(
     max_epsilon: float,
     delta: float,
     target_epsilon: float,
-    cal: Calibration,
+    noise_multiplier: float,
+    sample_rate: float,
     round_steps: int,
 ) -> float:
     """Refuse a round that would pass the site's ceiling; return epsilon after it.
@@ -266,9 +267,7 @@ def check_budget(
             f"allows at most {max_epsilon:g} (privacy.max_epsilon); lower the plan's "
             "dp-target-epsilon"
         )
-    after = ledger.epsilon_after(
-        delta, cal.noise_multiplier, cal.sample_rate, round_steps
-    )
+    after = ledger.epsilon_after(delta, noise_multiplier, sample_rate, round_steps)
     if after > max_epsilon:
         spent = ledger.epsilon(delta)
         raise BudgetExceeded(

@@ -51,7 +51,7 @@ class SegmentationTask:
             image = item[IMAGE].unsqueeze(0).to(device)
             label = item[LABEL].unsqueeze(0).long().to(device)
             logits = sliding_window_inference(
-                image, plan.patch_size, sw_batch_size=4, predictor=model, overlap=0.25
+                image, plan.patch_size, sw_batch_size=16, predictor=model, overlap=0.25
             )
             losses.append(float(loss_fn(logits, label)))
             rows.append(region_dice(logits.argmax(1, keepdim=True), label).cpu())

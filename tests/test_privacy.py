@@ -78,13 +78,19 @@ def test_refuses_past_ceiling_and_names_both_numbers(tmp_path):
     ledger = PrivacyLedger(tmp_path, "h1")
     cal = ledger.calibrate("r", 2.0, 1e-3, 20, 5, 2)
     with pytest.raises(BudgetExceeded, match=r"epsilon 2.*at most 1\b"):
-        check_budget(ledger, "h1", 1.0, 1e-3, 2.0, cal, 4)
-    eps = check_budget(ledger, "h1", 3.0, 1e-3, 2.0, cal, 4)
+        check_budget(
+            ledger, "h1", 1.0, 1e-3, 2.0, cal.noise_multiplier, cal.sample_rate, 4
+        )
+    eps = check_budget(
+        ledger, "h1", 3.0, 1e-3, 2.0, cal.noise_multiplier, cal.sample_rate, 4
+    )
     ledger.record(LedgerEntry("r", 1, cal.noise_multiplier, cal.sample_rate, 4, "fp"))
     ledger.record(LedgerEntry("r", 2, cal.noise_multiplier, cal.sample_rate, 4, "fp"))
     assert eps < 3.0
     with pytest.raises(BudgetExceeded, match="past the site's ceiling 2.1"):
-        check_budget(ledger, "h1", 2.1, 1e-3, 2.0, cal, 4)
+        check_budget(
+            ledger, "h1", 2.1, 1e-3, 2.0, cal.noise_multiplier, cal.sample_rate, 4
+        )
 
 
 @pytest.mark.parametrize("damage", ["tamper", "truncate", "garbage"])
@@ -199,8 +205,12 @@ def test_ledger_survives_sigkill_mid_writes(tmp_path):
         "    print(r, flush=True)\n"
     )
     env = dict(os.environ, PYTHONPATH=os.getcwd())
-    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)],
-                            stdout=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     done = 0
     deadline = time.monotonic() + 60
     while done < 30 and time.monotonic() < deadline:

@@ -20,13 +20,24 @@ PLAN = {
 
 
 @pytest.mark.slow
-def test_two_sites_two_rounds_then_resume(tmp_path):
+def test_federation_with_dp_refusal_checkpoints_and_resume(tmp_path):
     sites = [
         write_site_yaml(tmp_path, n, cases=6, seed=i, profile=p)
         for i, (n, p) in enumerate(
             [("site-a", "thin-slice-cm"), ("site-b", "thick-slice-noisy")]
         )
     ]
+    # A third hospital allows less than the plan asks: it refuses every round,
+    # and the federation goes on without it.
+    sites.append(
+        write_site_yaml(
+            tmp_path,
+            "site-c",
+            cases=4,
+            seed=7,
+            privacy={"enabled": True, "max_epsilon": 5.0, "delta": 1e-3},
+        )
+    )
     kw = dict(out_dir=tmp_path / "runs", flwr_home=tmp_path / "flwr-home", stream=True)
     run = simulate(sites, "e2e", overrides={**PLAN, "num-server-rounds": 2}, **kw)
 
@@ -34,8 +45,11 @@ def test_two_sites_two_rounds_then_resume(tmp_path):
     assert [e["round"] for e in lines] == [1, 2]
     for e in lines:
         assert set(e["train"]) == {"site-a", "site-b"}
-        assert set(e["evaluate"]) == {"site-a", "site-b"}
-        assert not e["refused"] and not e["rejected"] and not e["failed"]
+        assert set(e["evaluate"]) == {"site-a", "site-b", "site-c"}
+        assert set(e["refused"]) == {"site-c"}
+        assert "epsilon 20" in e["refused"]["site-c"]
+        assert "at most 5" in e["refused"]["site-c"]
+        assert not e["rejected"] and not e["failed"] and e["aggregated"]
     loss = [sum(m["train-loss"] for m in e["train"].values()) for e in lines]
     assert loss[1] < loss[0]
     eps = [e["epsilon"]["site-a"] for e in lines]

@@ -204,17 +204,38 @@ def test_round_end_gets_weighted_eval_means():
 
 
 def test_central_dp_clips_and_adds_calibrated_noise():
-    inner = build_strategy("fedavg", 1, 1.0, "server-fixed", central_dp_noise=1.0,
-                           central_dp_clip=2.0, num_sites=2)
-    s = SiteAwareStrategy(inner, min_sites=1, round_offset=0, base_config={},
-                          on_round_end=lambda rec, arrays: None)
-    big = ArrayRecord({"w": Array(np.zeros((100, 100), np.float32)),
-                       "b": Array(np.zeros(1, np.float32))})
+    inner = build_strategy(
+        "fedavg",
+        1,
+        1.0,
+        "server-fixed",
+        central_dp_noise=1.0,
+        central_dp_clip=2.0,
+        num_sites=2,
+    )
+    s = SiteAwareStrategy(
+        inner,
+        min_sites=1,
+        round_offset=0,
+        base_config={},
+        on_round_end=lambda rec, arrays: None,
+    )
+    big = ArrayRecord(
+        {
+            "w": Array(np.zeros((100, 100), np.float32)),
+            "b": Array(np.zeros(1, np.float32)),
+        }
+    )
     list(s.configure_train(1, big, ConfigRecord(), _Grid()))
-    update = ArrayRecord({"w": Array(np.full((100, 100), 5.0, np.float32)),
-                          "b": Array(np.zeros(1, np.float32))})
-    out, _ = s.aggregate_train(1, [_train_reply(1, "a", update, 1),
-                                   _train_reply(2, "b", update, 1)])
+    update = ArrayRecord(
+        {
+            "w": Array(np.full((100, 100), 5.0, np.float32)),
+            "b": Array(np.zeros(1, np.float32)),
+        }
+    )
+    out, _ = s.aggregate_train(
+        1, [_train_reply(1, "a", update, 1), _train_reply(2, "b", update, 1)]
+    )
     w = out["w"].numpy()
     # each update (norm 500) is clipped to norm 2 -> mean entry 0.02; noise std
     # = noise * clip / sites = 1.0
