@@ -6,7 +6,7 @@ alternative modes for comparison) relative to a non-private step on the same
 batch, measured side by side in this run. Ratios matter; absolute times are
 context only. Uses CUDA when present.
 
-    .venv/bin/python benchmarks/dp_overhead.py [--batch 4] [--patch 48,48,32]
+    .venv/bin/python benchmarks/dp_overhead.py [--batch 8] [--patch 32,32,32]
 """
 
 from __future__ import annotations
@@ -80,8 +80,8 @@ def _one(
 def main() -> None:
     """Measure every registered model, plain vs DP, and print ratios."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--patch", default="48,48,32")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--patch", default="32,32,32")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--models", default="")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
