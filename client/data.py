@@ -14,12 +14,11 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import torch
 from monai import transforms as mt
 from monai.data import PersistentDataset
 
+from client.casecheck import CaseReport, inspect_case
 from common.config import Plan, SiteConfig
 
 log = logging.getLogger(__name__)
@@ -85,28 +84,20 @@ def discover_kits(root: Path) -> list[Case]:
     return cases
 
 
-def probe_case(case: Case) -> str | None:
-    """Cheap validity check by header and a full read; the problem, or None."""
-    try:
-        img = nib.load(str(case.image))
-        if len(img.shape) != 3:
-            return f"{case.image}: image is {len(img.shape)}D, expected 3D"
-        np.asanyarray(img.dataobj)  # forces decompression: catches truncation
-        if case.label is None:
-            return None
-        lab = nib.load(str(case.label))
-        if lab.shape != img.shape:
-            return (
-                f"{case.label}: label shape {lab.shape} differs from image shape "
-                f"{img.shape}; re-export the segmentation on the image grid"
-            )
-        values = np.unique(np.asanyarray(lab.dataobj))
-        bad = [int(v) for v in values if v not in (0, 1, 2, 3)]
-        if bad:
-            return f"{case.label}: label values {bad} are not KiTS labels 0-3"
-    except Exception as exc:  # nibabel raises many types for corrupt files
-        return f"{case.image.parent}: unreadable ({type(exc).__name__}: {exc})"
-    return None
+_INSPECTED: dict[tuple, CaseReport] = {}
+
+
+def inspect(case: Case) -> CaseReport:
+    """:func:`client.casecheck.inspect_case`, memoised per file version, so a
+    long-lived process (a simulation actor) reads each case once."""
+    key = tuple(
+        (str(p), p.stat().st_mtime_ns, p.stat().st_size) if p.exists() else (str(p),)
+        for p in (case.image, case.label)
+        if p is not None
+    )
+    if key not in _INSPECTED:
+        _INSPECTED[key] = inspect_case(case.image, case.label)
+    return _INSPECTED[key]
 
 
 def load_site_cases(site: SiteConfig) -> SiteCases:
@@ -126,12 +117,14 @@ def load_site_cases(site: SiteConfig) -> SiteCases:
         if case.label is None:
             skipped[case.case_id] = "no segmentation (prediction only)"
             continue
-        problem = probe_case(case)
-        if problem:
-            log.warning("skipping case: %s", problem)
-            skipped[case.case_id] = problem
-        else:
+        report = inspect(case)
+        if report.usable:
             usable.append(case)
+            continue
+        first = next(f for f in report.findings if f.severity == "error")
+        problem = f"{first.file}: {first.message}; {first.fix}"
+        log.warning("skipping case %s: %s", case.case_id, problem)
+        skipped[case.case_id] = problem
     if len(usable) < 2:
         raise SiteDataError(
             f"site {site.name}: {len(usable)} usable labelled case(s) under "

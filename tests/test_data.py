@@ -47,7 +47,7 @@ def _break(case_dir, how):
 @pytest.mark.parametrize(
     "how, words",
     [
-        ("truncated", "unreadable"),
+        ("truncated", "truncated"),
         ("label7", "[7]"),
         ("shape", "label shape"),
         ("nolabel", "no segmentation"),
