@@ -1,4 +1,4 @@
-"""Commands hospital IT runs at the site: ``site privacy``."""
+"""Commands hospital IT runs at the site: ``site check``, ``site privacy``."""
 
 from __future__ import annotations
 
@@ -36,6 +36,26 @@ def privacy_report(site_yaml: str) -> str:
     return "\n".join(lines)
 
 
+def _check(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from client.check import check_site, format_check
+
+    report = check_site(
+        args.site_yaml,
+        superlink=args.superlink,
+        root_certificates=Path(args.root_certificates)
+        if args.root_certificates
+        else None,
+    )
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        print(format_check(report))
+    return 0 if report.ok else 1
+
+
 def _privacy(args: argparse.Namespace) -> int:
     print(privacy_report(args.site_yaml))
     return 0
@@ -52,3 +72,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("site_yaml")
     p.set_defaults(func=_privacy)
+    c = ssub.add_parser(
+        "check",
+        help="readiness check of the site's config and data",
+        allow_abbrev=False,
+    )
+    c.add_argument("site_yaml")
+    c.add_argument("--json", action="store_true", help="machine-readable output")
+    c.add_argument(
+        "--superlink",
+        default=None,
+        metavar="HOST:PORT",
+        help="also check that the coordinator answers",
+    )
+    c.add_argument(
+        "--root-certificates",
+        default=None,
+        metavar="CA.PEM",
+        help="with --superlink: verify the coordinator's TLS certificate",
+    )
+    c.set_defaults(func=_check)
