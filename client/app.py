@@ -22,7 +22,7 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
-from client.data import SiteDataError
+from client.data import SiteDataError, load_site_cases, raw_volumes
 from client.privacy import (
     BudgetExceeded,
     LedgerEntry,
@@ -35,6 +35,7 @@ from client.task import get_task
 from client.train import DPSpec, local_train, select_device
 from common import wire
 from common.config import ConfigError, Plan, SiteConfig, load_plan, load_site_config
+from common.fingerprint import site_fingerprint
 from common.logs import setup_logging
 from common.models import get_model_spec
 from common.tasks import build_plan_model
@@ -65,6 +66,15 @@ def _setup(msg: Message, context: Context) -> tuple[Plan, SiteConfig]:
     setup_logging()
     plan = load_plan(context.run_config)
     site = load_site_config(site_config_path(context, plan))
+    cfg = msg.content.config_records.get(wire.CONFIG, {})
+    if wire.PREP_SPACING in cfg:  # the federated preprocessing plan
+        plan = load_plan(
+            {
+                **context.run_config,
+                "spacing-mm": ",".join(str(v) for v in cfg[wire.PREP_SPACING]),
+                "hu-window": ",".join(str(v) for v in cfg[wire.PREP_WINDOW]),
+            }
+        )
     return plan, site
 
 
@@ -183,6 +193,27 @@ def evaluate(msg: Message, context: Context) -> Message:
     values[wire.NUM_EXAMPLES] = data.n_train
     values[wire.NUM_VAL_CASES] = data.n_val
     return _reply(msg, site.name, MetricRecord(values))
+
+
+@app.query()
+def fingerprint(msg: Message, context: Context) -> Message:
+    """Aggregate dataset statistics for the federated preprocessing plan.
+
+    A site with fewer usable cases than the coordinator's minimum sends only
+    its refusal: aggregates over very few patients are close to per-case values.
+    """
+    try:
+        plan, site = _setup(msg, context)
+        cases = load_site_cases(site)
+    except REFUSALS as exc:
+        return _refusal(msg, "unknown", public_reason(exc))
+    usable = cases.train + cases.validation
+    minimum = int(msg.content[wire.CONFIG].get(wire.FINGERPRINT_MIN_CASES, 5))
+    if len(usable) < minimum:
+        reason = f"site {site.name}: fewer than {minimum} usable cases; no fingerprint"
+        return _refusal(msg, site.name, reason)
+    stats = site_fingerprint(raw_volumes(usable))
+    return _reply(msg, site.name, MetricRecord(stats))
 
 
 def public_reason(exc: Exception) -> str:

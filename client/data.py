@@ -14,6 +14,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import torch
 from monai import transforms as mt
 from monai.data import PersistentDataset
@@ -164,6 +166,19 @@ def _split(cases: list[Case], site: SiteConfig) -> tuple[list[Case], list[Case]]
         [c for c in cases if c.case_id not in val_ids],
         [c for c in cases if c.case_id in val_ids],
     )
+
+
+def raw_volumes(cases: list[Case]):
+    """``(image HU, label, spacing)`` per case in RAS axis order, for the
+    dataset fingerprint (aggregated before anything leaves the site)."""
+    for case in cases:
+        img = nib.as_closest_canonical(nib.load(str(case.image)))
+        lab = nib.as_closest_canonical(nib.load(str(case.label)))
+        yield (
+            np.asanyarray(img.dataobj, dtype=np.float32),
+            np.asanyarray(lab.dataobj),
+            tuple(float(z) for z in img.header.get_zooms()[:3]),
+        )
 
 
 def preprocessing(plan: Plan) -> mt.Compose:

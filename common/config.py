@@ -62,6 +62,8 @@ class Plan(BaseModel):
     seed: int = 0
     dp_target_epsilon: float = Field(8.0, alias="dp-target-epsilon", gt=0)
     dp_max_grad_norm: float = Field(1.0, alias="dp-max-grad-norm", gt=0)
+    fingerprint_round: bool = Field(False, alias="fingerprint-round")
+    fingerprint_min_cases: int = Field(5, alias="fingerprint-min-cases", ge=1)
     central_dp: Literal["off", "server-fixed"] = Field("off", alias="central-dp")
     central_dp_noise: float = Field(0.1, alias="central-dp-noise", ge=0)
     central_dp_clip: float = Field(10.0, alias="central-dp-clip", gt=0)

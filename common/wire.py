@@ -19,6 +19,11 @@ GLOBAL_ROUND: Final = "global-round"  # round counted across resumes
 RUN_ID: Final = "run-id"
 TOTAL_ROUNDS: Final = "total-rounds"
 
+# Federated preprocessing: the query's config and the plan it produces.
+FINGERPRINT_MIN_CASES: Final = "fingerprint-min-cases"
+PREP_SPACING: Final = "prep-spacing-mm"
+PREP_WINDOW: Final = "prep-hu-window"
+
 # MetricRecord keys sent by sites. `num-examples` always means training cases.
 NUM_EXAMPLES: Final = "num-examples"
 NUM_VAL_CASES: Final = "num-val-cases"

@@ -12,11 +12,19 @@ import logging
 import time
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    RecordDict,
+)
 from flwr.serverapp import Grid, ServerApp
 
 from common import wire
 from common.config import Plan, load_plan
+from common.fingerprint import combine
 from common.logs import setup_logging
 from common.tasks import build_plan_model
 from server.checkpoint import (
@@ -55,6 +63,45 @@ def _site_names(grid: Grid) -> dict[int, str]:
     return names
 
 
+def federated_preprocessing(grid: Grid, plan: Plan, run_dir: Path) -> dict:
+    """Ask every site for its dataset fingerprint and combine them; saved as
+    ``preprocessing.json`` beside the run (and reused when the run resumes)."""
+    path = run_dir / "preprocessing.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    config = ConfigRecord({wire.FINGERPRINT_MIN_CASES: plan.fingerprint_min_cases})
+    messages = [
+        Message(
+            content=RecordDict({wire.CONFIG: config}),
+            message_type=MessageType.QUERY,
+            dst_node_id=node,
+        )
+        for node in grid.get_node_ids()
+    ]
+    prints, refused = {}, {}
+    for reply in grid.send_and_receive(messages, timeout=plan.round_timeout):
+        if reply.has_error():
+            refused[f"node-{reply.metadata.src_node_id}"] = str(reply.error.reason)
+            continue
+        site = reply.content[wire.SITE]
+        name = str(site.get(wire.SITE_NAME, f"node-{reply.metadata.src_node_id}"))
+        metrics = reply.content[wire.METRICS]
+        if metrics.get(wire.REFUSED, 0):
+            refused[name] = str(site.get(wire.REFUSAL_REASON, "refused"))
+        else:
+            prints[name] = dict(metrics)
+    if len(prints) < plan.min_sites:
+        raise RuntimeError(
+            f"fingerprint round: {len(prints)} site(s) answered, {plan.min_sites} "
+            f"needed; refusals: {refused}"
+        )
+    prep = combine(prints)
+    prep["refused"] = refused
+    atomic_write_json(path, prep)
+    log.info("federated preprocessing plan: %s", prep)
+    return prep
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the federation described by the plan (Flower run config)."""
@@ -82,6 +129,15 @@ def main(grid: Grid, context: Context) -> None:
     if remaining <= 0:
         log.info("run %s already completed %d rounds", run_dir.name, done)
         return
+
+    base_config: dict = {
+        wire.RUN_ID: run_dir.name,
+        wire.TOTAL_ROUNDS: plan.num_server_rounds,
+    }
+    if plan.fingerprint_round:
+        prep = federated_preprocessing(grid, plan, run_dir)
+        base_config[wire.PREP_SPACING] = [float(v) for v in prep["spacing-mm"]]
+        base_config[wire.PREP_WINDOW] = [float(v) for v in prep["hu-window"]]
 
     def on_round_end(rec: RoundRecord, arrays: ArrayRecord) -> None:
         entry = round_entry(rec)
@@ -113,10 +169,7 @@ def main(grid: Grid, context: Context) -> None:
         ),
         min_sites=plan.min_sites,
         round_offset=done,
-        base_config={
-            wire.RUN_ID: run_dir.name,
-            wire.TOTAL_ROUNDS: plan.num_server_rounds,
-        },
+        base_config=base_config,
         on_round_end=on_round_end,
         site_names=_site_names(grid),
     )

@@ -16,6 +16,8 @@ PLAN = {
     "learning-rate": 0.01,
     "dp-target-epsilon": 20.0,
     "min-sites": 2,
+    "fingerprint-round": True,  # spacing and HU window derived from all sites
+    "fingerprint-min-cases": 5,
 }
 
 
@@ -41,6 +43,10 @@ def test_federation_with_dp_refusal_checkpoints_and_resume(tmp_path):
     kw = dict(out_dir=tmp_path / "runs", flwr_home=tmp_path / "flwr-home", stream=True)
     run = simulate(sites, "e2e", overrides={**PLAN, "num-server-rounds": 2}, **kw)
 
+    prep = json.loads((run / "preprocessing.json").read_text())
+    assert prep["sites"] == ["site-a", "site-b"] and prep["cases"] == 12
+    assert "fewer than 5" in prep["refused"]["site-c"]  # 4 cases: no fingerprint
+    assert -100 < prep["hu-window"][0] < prep["hu-window"][1] < 600  # kidney HU
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [e["round"] for e in lines] == [1, 2]
     for e in lines:
