@@ -212,7 +212,7 @@ def fingerprint(msg: Message, context: Context) -> Message:
     if len(usable) < minimum:
         reason = f"site {site.name}: fewer than {minimum} usable cases; no fingerprint"
         return _refusal(msg, site.name, reason)
-    stats = site_fingerprint(raw_volumes(usable))
+    stats = site_fingerprint(raw_volumes(usable, cases.label_map))
     return _reply(msg, site.name, MetricRecord(stats))
 
 

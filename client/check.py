@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from client.casecheck import FATAL, WARN, Finding
-from client.data import SiteDataError, discover_kits, inspect
+from client.data import SiteDataError, inspect
 from common.config import ConfigError, SiteConfig, load_site_config
 
 LABEL_NAMES = {0: "background", 1: "kidney", 2: "tumour", 3: "cyst"}
@@ -34,6 +34,8 @@ class SiteCheck:
 
     site: str
     config: str
+    layout: str = ""
+    notes: list[str] = field(default_factory=list)
     cases_found: int = 0
     cases_usable: int = 0
     cases_unlabelled: list[str] = field(default_factory=list)
@@ -84,8 +86,11 @@ def check_site(
     _check_environment(site, report)
     if superlink:
         _check_superlink(superlink, root_certificates, report)
+    from client.layouts import discover
+
+    d = site.data
     try:
-        cases = discover_kits(site.data.root)
+        found = discover(d.root, d.layout, d.label_names, d.manifest)
     except SiteDataError as exc:
         report.findings.append(
             Finding(
@@ -97,17 +102,20 @@ def check_site(
             )
         )
         return report
+    cases = found.cases
+    report.layout = found.layout
+    report.notes = list(found.notes)
     report.cases_found = len(cases)
     digests: dict[str, list[str]] = {}
     for case in cases:
         if case.label is None:
             report.cases_unlabelled.append(case.case_id)
-        result = inspect(case)
+        result = inspect(case, frozenset(found.label_map))
         report.findings.extend(result.findings)
         if result.usable and case.label is not None:
             report.cases_usable += 1
             for value, n in result.label_voxels.items():
-                name = LABEL_NAMES.get(value, str(value))
+                name = LABEL_NAMES.get(found.label_map.get(value, -1), str(value))
                 report.class_cases[name] = report.class_cases.get(name, 0) + 1
                 report.class_voxels[name] = report.class_voxels.get(name, 0) + n
         if case.image.exists():
@@ -248,6 +256,8 @@ def format_check(report: SiteCheck) -> str:
     """Text for the site's terminal: summary table, then problems by kind."""
     lines = [
         f"kidneyfl readiness check: site {report.site} ({report.config})",
+        f"  layout {report.layout or '?'}",
+        *(f"  note: {n}" for n in report.notes),
         f"  cases found {report.cases_found}, usable {report.cases_usable}, "
         f"unlabelled {len(report.cases_unlabelled)}, duplicates "
         f"{sum(len(d) for d in report.duplicates)}",

@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
@@ -48,6 +48,7 @@ class SiteCases:
     train: list[Case]
     validation: list[Case]
     skipped: dict[str, str]
+    label_map: dict[int, int] = field(default_factory=dict)
 
     def fingerprint(self) -> str:
         """Stable digest of the training set (ids and file sizes), for the ledger."""
@@ -58,68 +59,46 @@ class SiteCases:
         return h.hexdigest()[:16]
 
 
-def discover_kits(root: Path) -> list[Case]:
-    """Cases in KiTS layout: ``case_XXXXX/imaging.nii.gz`` + ``segmentation.nii.gz``.
-
-    KiTS21's ``aggregated_MAJ_seg.nii.gz`` is accepted when ``segmentation.nii.gz``
-    is absent. A case without a label is kept with ``label=None``.
-    """
-    if not root.is_dir():
-        raise SiteDataError(
-            f"data root {root} does not exist; set data.root in the site YAML to the "
-            "folder holding the case_XXXXX directories"
-        )
-    cases = []
-    for case_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        image = case_dir / "imaging.nii.gz"
-        if not image.exists():
-            continue
-        label = next(
-            (
-                case_dir / name
-                for name in ("segmentation.nii.gz", "aggregated_MAJ_seg.nii.gz")
-                if (case_dir / name).exists()
-            ),
-            None,
-        )
-        cases.append(Case(case_dir.name, image, label))
-    return cases
-
-
 _INSPECTED: dict[tuple, CaseReport] = {}
 
 
-def inspect(case: Case) -> CaseReport:
+def inspect(
+    case: Case, label_values: frozenset[int] = frozenset({0, 1, 2, 3})
+) -> CaseReport:
     """:func:`client.casecheck.inspect_case`, memoised per file version, so a
     long-lived process (a simulation actor) reads each case once."""
-    key = tuple(
+    key = (label_values,) + tuple(
         (str(p), p.stat().st_mtime_ns, p.stat().st_size) if p.exists() else (str(p),)
         for p in (case.image, case.label)
         if p is not None
     )
     if key not in _INSPECTED:
-        _INSPECTED[key] = inspect_case(case.image, case.label)
+        _INSPECTED[key] = inspect_case(case.image, case.label, label_values)
     return _INSPECTED[key]
 
 
 def load_site_cases(site: SiteConfig) -> SiteCases:
-    """Discover, validate and split a site's cases.
+    """Discover (any supported layout), validate and split a site's cases.
 
-    Unreadable cases are logged by path and skipped.
+    Unreadable cases are logged by path and skipped; unlabelled cases are kept
+    for prediction only.
 
     Raises
     ------
     SiteDataError
         If no labelled case is usable, or too few to split.
     """
-    found = discover_kits(site.data.root)
+    from client.layouts import discover
+
+    d = site.data
+    found = discover(d.root, d.layout, d.label_names, d.manifest)
     skipped: dict[str, str] = {}
     usable = []
-    for case in found:
+    for case in found.cases:
         if case.label is None:
             skipped[case.case_id] = "no segmentation (prediction only)"
             continue
-        report = inspect(case)
+        report = inspect(case, frozenset(found.label_map))
         if report.usable:
             usable.append(case)
             continue
@@ -130,16 +109,23 @@ def load_site_cases(site: SiteConfig) -> SiteCases:
     if len(usable) < 2:
         raise SiteDataError(
             f"site {site.name}: {len(usable)} usable labelled case(s) under "
-            f"{site.data.root} ({len(found)} found, {len(skipped)} skipped); at least "
+            f"{d.root} ({len(found.cases)} found, {len(skipped)} skipped); at least "
             "2 are needed. Run `kidneyfl site check` for the list of problems"
         )
-    train, val = _split(usable, site)
-    return SiteCases(train, val, skipped)
+    train, val = _split(usable, site, found.splits)
+    return SiteCases(train, val, skipped, found.label_map)
 
 
-def _split(cases: list[Case], site: SiteConfig) -> tuple[list[Case], list[Case]]:
+def _split(
+    cases: list[Case], site: SiteConfig, splits: dict[str, str] | None = None
+) -> tuple[list[Case], list[Case]]:
     by_id = {c.case_id: c for c in cases}
     d = site.data
+    if splits and d.train_cases is None and d.validation_cases is None:
+        val = [c for c in cases if splits.get(c.case_id) == "validation"]
+        train = [c for c in cases if splits.get(c.case_id) in (None, "", "train")]
+        if val and train:
+            return train, val
     if d.train_cases is not None or d.validation_cases is not None:
         named = (d.train_cases or []) + (d.validation_cases or [])
         missing = [i for i in named if i not in by_id]
@@ -168,25 +154,34 @@ def _split(cases: list[Case], site: SiteConfig) -> tuple[list[Case], list[Case]]
     )
 
 
-def raw_volumes(cases: list[Case]):
-    """``(image HU, label, spacing)`` per case in RAS axis order, for the
-    dataset fingerprint (aggregated before anything leaves the site)."""
+def raw_volumes(cases: list[Case], label_map: dict[int, int] | None = None):
+    """``(image HU, label, spacing)`` per case in RAS axis order, labels in
+    kidneyfl's values, for the dataset fingerprint (aggregated at the site)."""
+    from client.layouts import remap_labels
+
     for case in cases:
         img = nib.as_closest_canonical(nib.load(str(case.image)))
         lab = nib.as_closest_canonical(nib.load(str(case.label)))
         yield (
             np.asanyarray(img.dataobj, dtype=np.float32),
-            np.asanyarray(lab.dataobj),
+            remap_labels(np.asanyarray(lab.dataobj), label_map)
+            if label_map
+            else np.asanyarray(lab.dataobj),
             tuple(float(z) for z in img.header.get_zooms()[:3]),
         )
 
 
-def preprocessing(plan: Plan) -> mt.Compose:
-    """Deterministic transforms: load, RAS, resample, window and normalise."""
+def preprocessing(plan: Plan, label_map: dict[int, int] | None = None) -> mt.Compose:
+    """Deterministic transforms: load, map labels to kidneyfl's, RAS, resample,
+    window and normalise."""
     lo, hi = plan.hu_window
+    remap = []
+    if label_map and any(k != v for k, v in label_map.items()):
+        remap = [mt.Lambdad(keys=[LABEL], func=lambda x: _remapped(x, label_map))]
     return mt.Compose(
         [
             mt.LoadImaged(keys=[IMAGE, LABEL], image_only=True, reader="NibabelReader"),
+            *remap,
             mt.EnsureChannelFirstd(keys=[IMAGE, LABEL]),
             mt.Orientationd(keys=[IMAGE, LABEL], axcodes="RAS"),
             mt.Spacingd(
@@ -204,9 +199,20 @@ def preprocessing(plan: Plan) -> mt.Compose:
     )
 
 
-def _cache_dir(site: SiteConfig, plan: Plan) -> Path:
+def _remapped(x: torch.Tensor, label_map: dict[int, int]) -> torch.Tensor:
+    from client.layouts import remap_labels
+
+    out = x.clone()  # in place on a copy keeps the MetaTensor's affine
+    out[...] = torch.as_tensor(remap_labels(np.asarray(x), label_map), dtype=out.dtype)
+    return out
+
+
+def _cache_dir(
+    site: SiteConfig, plan: Plan, label_map: dict[int, int] | None = None
+) -> Path:
     # Preprocessed volumes are cached at the site; a new plan gets a new cache.
-    key = json.dumps([plan.spacing_mm, plan.hu_window, "v1"], sort_keys=True).encode()
+    lm = sorted((label_map or {}).items())
+    key = json.dumps([plan.spacing_mm, plan.hu_window, lm, "v1"]).encode()
     return site.state_dir / "cache" / hashlib.sha256(key).hexdigest()[:12]
 
 
@@ -218,11 +224,17 @@ class MemoVolumes(torch.utils.data.Dataset):
     _bytes = 0
     budget_bytes = 4 * 2**30
 
-    def __init__(self, items: list[dict], plan: Plan, cache: Path) -> None:
+    def __init__(
+        self,
+        items: list[dict],
+        plan: Plan,
+        cache: Path,
+        label_map: dict[int, int] | None = None,
+    ) -> None:
         self.items = items
         self.cache = str(cache)
         self.disk = PersistentDataset(
-            items, transform=preprocessing(plan), cache_dir=cache
+            items, transform=preprocessing(plan, label_map), cache_dir=cache
         )
 
     def __len__(self) -> int:
@@ -245,12 +257,17 @@ class MemoVolumes(torch.utils.data.Dataset):
         return dict(item)
 
 
-def volume_dataset(cases: list[Case], site: SiteConfig, plan: Plan) -> MemoVolumes:
+def volume_dataset(
+    cases: list[Case],
+    site: SiteConfig,
+    plan: Plan,
+    label_map: dict[int, int] | None = None,
+) -> MemoVolumes:
     """Whole preprocessed volumes (dicts of image, label), cached at the site."""
-    cache = _cache_dir(site, plan)
+    cache = _cache_dir(site, plan, label_map)
     cache.mkdir(parents=True, exist_ok=True)
     items = [{IMAGE: str(c.image), LABEL: str(c.label)} for c in cases]
-    return MemoVolumes(items, plan, cache)
+    return MemoVolumes(items, plan, cache, label_map)
 
 
 class PatchDataset(torch.utils.data.Dataset):

@@ -22,8 +22,9 @@ class SegmentationTask:
     def load_data(self, site: SiteConfig, plan: Plan) -> TaskData:
         """Discover, split and cache the site's cases."""
         cases = load_site_cases(site)
-        train = PatchDataset(volume_dataset(cases.train, site, plan), plan)
-        val = volume_dataset(cases.validation, site, plan)
+        lm = cases.label_map
+        train = PatchDataset(volume_dataset(cases.train, site, plan, lm), plan)
+        val = volume_dataset(cases.validation, site, plan, lm)
         return TaskData(
             train, val, len(cases.train), len(cases.validation), cases.fingerprint()
         )

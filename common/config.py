@@ -153,7 +153,12 @@ class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     root: Path
-    layout: Literal["kits"] = "kits"
+    layout: Literal[
+        "auto", "kits19", "kits21", "kits23", "msd", "nnunet", "manifest"
+    ] = "auto"
+    # dataset label name -> kidneyfl name (background, kidney, tumour, cyst)
+    label_names: dict[str, str] | None = None
+    manifest: Path | None = None  # CSV image,label[,split]; default root/manifest.csv
     validation_fraction: float = Field(0.25, ge=0, lt=1)
     split_seed: int = 0
     train_cases: list[str] | None = None
@@ -207,7 +212,14 @@ def load_site_config(path: str | Path) -> SiteConfig:
         site = SiteConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_explain(exc, str(path), plan=False)) from None
-    data = site.data.model_copy(update={"root": _resolve(base, site.data.root)})
+    data = site.data.model_copy(
+        update={
+            "root": _resolve(base, site.data.root),
+            "manifest": _resolve(base, site.data.manifest)
+            if site.data.manifest
+            else None,
+        }
+    )
     return site.model_copy(
         update={
             "data": data,

@@ -8,17 +8,17 @@ import torch
 from client.data import (
     PatchDataset,
     SiteDataError,
-    discover_kits,
     load_site_cases,
     volume_dataset,
 )
+from client.layouts import discover
 from client.segmentation import SegmentationTask
 from common.config import load_site_config
 from tests.conftest import write_site_yaml
 
 
 def test_discovers_kits_cases_and_splits_deterministically(tiny_site):
-    found = discover_kits(tiny_site.data.root)
+    found = discover(tiny_site.data.root, "kits23").cases
     assert [c.case_id for c in found] == [f"case_{i:05d}" for i in range(6)]
     a, b = load_site_cases(tiny_site), load_site_cases(tiny_site)
     assert [c.case_id for c in a.validation] == [c.case_id for c in b.validation]
