@@ -17,7 +17,8 @@ from server import cli as server_cli
 
 
 def _phantom(args: argparse.Namespace) -> int:
-    from common.phantom import DEFAULT_SCALE, load_profile, write_site
+    from common.phantom import DEFAULT_SCALE, load_profile
+    from common.phantom_io import write_site
 
     profile = load_profile(args.site_profile)
     dirs = write_site(

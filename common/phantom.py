@@ -14,18 +14,14 @@ The NIfTI header always states the spacing actually written.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import logging
 import math
-import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import nibabel as nib
 import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -38,9 +34,6 @@ LABELS = {0: "background", 1: "kidney", 2: "tumour", 3: "cyst"}
 FOV_MM = (340.0, 260.0, 170.0)
 IMAGE_NAME, SEGMENTATION_NAME = "imaging.nii.gz", "segmentation.nii.gz"
 METADATA_NAME = "phantom.json"
-_GZIP_LEVEL = 1  # noisy float32 barely compresses; level 1 keeps writes fast
-_CASE_DIR_RE = re.compile(r"case_\d{5}")
-_GENERATOR = "kidneyfl.common.phantom"
 
 
 class SiteProfile(BaseModel):
@@ -443,174 +436,6 @@ def generate_case(
     affine = np.diag([*spacing, 1.0])
     affine[:3, 3] = [ax[0] for ax in grid]
     return PhantomCase(img, lab, spacing, affine)
-
-
-def case_seed(site_seed: int, index: int) -> int:
-    """Return the seed that :func:`write_site` uses for case ``index`` of a site."""
-    return int(np.random.SeedSequence([site_seed, index]).generate_state(1)[0])
-
-
-def _atomic_write(path: Path, payload: bytes, compress: bool = False) -> None:
-    # A temp file in the same directory makes os.replace atomic, so a crash never
-    # leaves a truncated file under the final name.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            if compress:  # mtime=0 keeps the bytes identical across reruns
-                with gzip.GzipFile(
-                    filename="",
-                    mode="wb",
-                    fileobj=fh,
-                    mtime=0,
-                    compresslevel=_GZIP_LEVEL,
-                ) as gz:
-                    gz.write(payload)
-            else:
-                fh.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _save_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
-    img = nib.Nifti1Image(data, affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    img.header.set_xyzt_units("mm", "sec")
-    _atomic_write(path, img.to_bytes(), compress=True)
-
-
-def _remove_cases(case_dirs: list[Path]) -> None:
-    for case_dir in case_dirs:
-        for f in [
-            case_dir / IMAGE_NAME,
-            case_dir / SEGMENTATION_NAME,
-            *case_dir.glob(".*.tmp"),
-        ]:
-            f.unlink(missing_ok=True)
-        try:
-            case_dir.rmdir()
-        except OSError:
-            logger.warning(
-                "left %s in place: it holds files not written here", case_dir
-            )
-
-
-def write_site(
-    out_dir: Path,
-    profile: SiteProfile,
-    n_cases: int,
-    seed: int = 0,
-    scale: float = DEFAULT_SCALE,
-    overwrite: bool = False,
-) -> list[Path]:
-    """Write ``n_cases`` phantom cases for one site in KiTS layout.
-
-    Creates ``out_dir/case_00000/{imaging,segmentation}.nii.gz`` and so on, plus
-    ``out_dir/phantom.json`` recording the request. A rerun with the same arguments
-    keeps complete cases and only generates missing ones.
-
-    Parameters
-    ----------
-    out_dir : Path
-        Site directory, created if needed.
-    profile, scale
-        As for :func:`generate_case`.
-    n_cases : int
-        Number of cases (at least 1).
-    seed : int
-        Site seed; case ``i`` is ``generate_case(profile, case_seed(seed, i))``.
-    overwrite : bool
-        Replace cases that were generated with different settings.
-
-    Returns
-    -------
-    list of Path
-        The case directories, in order.
-
-    Raises
-    ------
-    FileExistsError
-        ``out_dir`` holds cases made with other settings and ``overwrite`` is False,
-        or case directories without our ``phantom.json`` (never deleted).
-    """
-    if n_cases < 1:
-        raise ValueError(f"n_cases must be at least 1, got {n_cases}")
-    out_dir, meta_path = Path(out_dir), Path(out_dir) / METADATA_NAME
-    meta: dict[str, Any] = {
-        "generator": _GENERATOR,
-        "phantom_version": PHANTOM_VERSION,
-        "profile": profile.model_dump(),
-        "seed": int(seed),
-        "scale": float(scale),
-        "n_cases": n_cases,
-        "spacing_mm": list(voxel_spacing(profile, scale)),
-        "labels": {str(k): v for k, v in LABELS.items()},
-        "case_seeds": [case_seed(seed, i) for i in range(n_cases)],
-    }
-    case_dirs = [out_dir / f"case_{i:05d}" for i in range(n_cases)]
-    try:
-        existing = json.loads(meta_path.read_text())
-    except FileNotFoundError:
-        existing = None
-    except (OSError, ValueError):
-        existing = {}  # unreadable: cannot be ours, since we write it atomically
-    present = sorted(
-        p
-        for p in out_dir.glob("case_*")
-        if p.is_dir() and _CASE_DIR_RE.fullmatch(p.name)
-    )
-
-    todo = list(range(n_cases))
-    if existing == meta:
-        todo = [
-            i
-            for i in todo
-            if not all(
-                (case_dirs[i] / n).is_file() for n in (IMAGE_NAME, SEGMENTATION_NAME)
-            )
-        ]
-        if not todo:
-            logger.info("%s: %d cases already up to date", out_dir, n_cases)
-            return case_dirs
-    elif existing is not None or present:
-        ours = isinstance(existing, dict) and existing.get("generator") == _GENERATOR
-        if present and not ours:
-            # Never delete case dirs we did not write (e.g. real KiTS data).
-            raise FileExistsError(
-                f"{out_dir} holds case directories that were not written by the "
-                "phantom generator; choose another directory"
-            )
-        if not overwrite:
-            raise FileExistsError(
-                f"{out_dir} already holds phantom cases generated with different "
-                f"settings (see {METADATA_NAME}); pass overwrite to replace them or "
-                "choose another directory"
-            )
-        logger.info(
-            "%s: removing %d cases made with other settings", out_dir, len(present)
-        )
-        _remove_cases(present)
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # Metadata goes first: with atomic case files, an interrupted run leaves only
-    # complete cases that match it, which a rerun then keeps.
-    _atomic_write(meta_path, (json.dumps(meta, indent=2) + "\n").encode())
-    for i in todo:
-        case = generate_case(profile, meta["case_seeds"][i], scale)
-        case_dirs[i].mkdir(exist_ok=True)
-        _save_nifti(case_dirs[i] / IMAGE_NAME, case.image, case.affine)
-        _save_nifti(case_dirs[i] / SEGMENTATION_NAME, case.label, case.affine)
-    logger.info(
-        "%s: wrote %d of %d cases (profile %s, spacing %s mm)",
-        out_dir,
-        len(todo),
-        n_cases,
-        profile.name,
-        meta["spacing_mm"],
-    )
-    return case_dirs
 
 
 def load_profile(name_or_path: str) -> SiteProfile:

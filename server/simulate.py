@@ -55,7 +55,8 @@ def default_plan() -> dict[str, Any]:
 
 def prepare_phantoms(sites: list[SiteConfig]) -> None:
     """Write synthetic cases for sites whose YAML has a ``phantom`` section."""
-    from common.phantom import DEFAULT_SCALE, load_profile, write_site
+    from common.phantom import DEFAULT_SCALE, load_profile
+    from common.phantom_io import write_site
 
     for site in sites:
         if site.phantom is None:

@@ -17,12 +17,11 @@ from common.phantom import (
     PROFILES,
     SEGMENTATION_NAME,
     SiteProfile,
-    case_seed,
     generate_case,
     load_profile,
     voxel_spacing,
-    write_site,
 )
+from common.phantom_io import case_seed, write_site
 
 
 def _variant(name: str, **changes: object) -> SiteProfile:
