@@ -73,6 +73,9 @@ def _setup(msg: Message, context: Context) -> tuple[Plan, SiteConfig]:
                 **context.run_config,
                 "spacing-mm": ",".join(str(v) for v in cfg[wire.PREP_SPACING]),
                 "hu-window": ",".join(str(v) for v in cfg[wire.PREP_WINDOW]),
+                "patch-size": ",".join(str(int(v)) for v in cfg[wire.PREP_PATCH]),
+                "intensity-mean": float(cfg[wire.PREP_MEAN]),
+                "intensity-std": float(cfg[wire.PREP_STD]),
             }
         )
     return plan, site

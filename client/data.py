@@ -189,14 +189,36 @@ def preprocessing(plan: Plan, label_map: dict[int, int] | None = None) -> mt.Com
                 pixdim=plan.spacing_mm,
                 mode=("bilinear", "nearest"),
             ),
-            mt.ScaleIntensityRanged(
-                keys=[IMAGE], a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True
-            ),
-            mt.CropForegroundd(keys=[IMAGE, LABEL], source_key=IMAGE, margin=2),
+            *_window_crop_normalise(plan),
             mt.EnsureTyped(keys=[IMAGE], dtype=torch.float32, track_meta=False),
             mt.EnsureTyped(keys=[LABEL], dtype=torch.uint8, track_meta=False),
         ]
     )
+
+
+def _window_crop_normalise(plan: Plan) -> list:
+    # Crop to voxels above the window's floor in both schemes, before any
+    # z-scoring (below-mean tissue would otherwise look like background).
+    lo, hi = plan.hu_window
+    crop = mt.CropForegroundd(
+        keys=[IMAGE, LABEL], source_key=IMAGE, margin=2, select_fn=lambda x: x > 0
+    )
+    if plan.intensity_mean is None or plan.intensity_std is None:
+        scale = mt.ScaleIntensityRanged(
+            keys=[IMAGE], a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True
+        )
+        return [scale, crop]
+    # nnU-Net's CT scheme: clip to the pooled window, z-score with pooled stats
+    clip = mt.ScaleIntensityRanged(
+        keys=[IMAGE], a_min=lo, a_max=hi, b_min=lo, b_max=hi, clip=True
+    )
+    crop_hu = mt.CropForegroundd(
+        keys=[IMAGE, LABEL], source_key=IMAGE, margin=2, select_fn=lambda x: x > lo
+    )
+    zscore = mt.NormalizeIntensityd(
+        keys=[IMAGE], subtrahend=plan.intensity_mean, divisor=plan.intensity_std
+    )
+    return [clip, crop_hu, zscore]
 
 
 def _remapped(x: torch.Tensor, label_map: dict[int, int]) -> torch.Tensor:
@@ -212,7 +234,8 @@ def _cache_dir(
 ) -> Path:
     # Preprocessed volumes are cached at the site; a new plan gets a new cache.
     lm = sorted((label_map or {}).items())
-    key = json.dumps([plan.spacing_mm, plan.hu_window, lm, "v1"]).encode()
+    norm = [plan.intensity_mean, plan.intensity_std]
+    key = json.dumps([plan.spacing_mm, plan.hu_window, norm, lm, "v1"]).encode()
     return site.state_dir / "cache" / hashlib.sha256(key).hexdigest()[:12]
 
 

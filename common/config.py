@@ -62,6 +62,10 @@ class Plan(BaseModel):
     seed: int = 0
     dp_target_epsilon: float = Field(8.0, alias="dp-target-epsilon", gt=0)
     dp_max_grad_norm: float = Field(1.0, alias="dp-max-grad-norm", gt=0)
+    # Set by the federated preprocessing plan (not run config): z-score
+    # normalisation after clipping to the HU window, as nnU-Net does for CT.
+    intensity_mean: float | None = Field(None, alias="intensity-mean")
+    intensity_std: float | None = Field(None, alias="intensity-std", gt=0)
     fingerprint_round: bool = Field(False, alias="fingerprint-round")
     fingerprint_min_cases: int = Field(5, alias="fingerprint-min-cases", ge=1)
     central_dp: Literal["off", "server-fixed"] = Field("off", alias="central-dp")

@@ -34,12 +34,18 @@ def site_fingerprint(
         outside the range clipped into the end bins); ``label-ml`` (total
         millilitres of labels 1, 2, 3).
     """
-    spacings, hist = [], np.zeros(HIST_BINS)
+    spacings, extents, hist = [], [], np.zeros(HIST_BINS)
     label_ml = np.zeros(3)
     n = 0
     for image, label, spacing in cases:
         n += 1
         spacings.append([float(s) for s in spacing[:3]])
+        extents.append(
+            [
+                n_vox * float(s)
+                for n_vox, s in zip(image.shape[:3], spacing[:3], strict=True)
+            ]
+        )
         fg = image[label > 0]
         hist += np.histogram(np.clip(fg, HIST_LO, HIST_HI - 1e-3), bins=EDGES)[0]
         voxel_ml = float(np.prod(spacing[:3])) / 1000.0
@@ -51,9 +57,11 @@ def site_fingerprint(
         for a in range(3)
         for qq in SPACING_QUANTILES
     ]
+    ext = [float(np.median(np.asarray(extents)[:, a])) if n else 0.0 for a in range(3)]
     return {
         "n-cases": float(n),
         "spacing-q": q,
+        "extent-mm": ext,
         "fg-hist": hist.tolist(),
         "label-ml": label_ml.tolist(),
     }
@@ -75,13 +83,18 @@ def hist_percentile(counts: np.ndarray, q: float) -> float:
     return float(EDGES[i] + frac * (EDGES[i + 1] - EDGES[i]))
 
 
-def combine(fingerprints: Mapping[str, Mapping[str, object]]) -> dict[str, object]:
+def combine(
+    fingerprints: Mapping[str, Mapping[str, object]],
+    max_patch: Sequence[int] = (128, 128, 128),
+) -> dict[str, object]:
     """One preprocessing plan from all sites' fingerprints.
 
     Target spacing: per axis, the case-weighted median of the sites' median
     spacings (nnU-Net takes the median spacing of the pooled cases). Intensity
     window: pooled foreground percentiles 0.5 and 99.5; mean and std of pooled
-    foreground intensities for normalisation.
+    foreground intensities for normalisation (nnU-Net's CT scheme); patch
+    size: the median image extent at the target spacing, in multiples of 16,
+    at most ``max_patch``.
     """
     if not fingerprints:
         raise ValueError("no site sent a fingerprint")
@@ -96,6 +109,14 @@ def combine(fingerprints: Mapping[str, Mapping[str, object]]) -> dict[str, objec
         ]
     )
     spacing = [_weighted_median(medians[:, a], weights) for a in range(3)]
+    extents = np.array([f["extent-mm"] for f in fingerprints.values()], float)
+    extent = [_weighted_median(extents[:, a], weights) for a in range(3)]
+    # nnU-Net-style: the patch covers the median image, in multiples of 16 voxels
+    # (the U-Nets downsample by 8-16), capped by the plan's largest patch.
+    patch = [
+        int(max(16, min(cap, (e / s) // 16 * 16)))
+        for e, s, cap in zip(extent, spacing, max_patch, strict=True)
+    ]
     centres = (EDGES[:-1] + EDGES[1:]) / 2
     mean = float((hist * centres).sum() / hist.sum())
     std = float(np.sqrt((hist * (centres - mean) ** 2).sum() / hist.sum()))
@@ -105,6 +126,7 @@ def combine(fingerprints: Mapping[str, Mapping[str, object]]) -> dict[str, objec
         "cases": int(weights.sum()),
         "spacing-mm": [round(s, 3) for s in spacing],
         "hu-window": [round(lo, 1), round(hi, 1)],
+        "patch-size": patch,
         "foreground-mean": round(mean, 2),
         "foreground-std": round(std, 2),
     }

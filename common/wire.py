@@ -23,6 +23,9 @@ TOTAL_ROUNDS: Final = "total-rounds"
 FINGERPRINT_MIN_CASES: Final = "fingerprint-min-cases"
 PREP_SPACING: Final = "prep-spacing-mm"
 PREP_WINDOW: Final = "prep-hu-window"
+PREP_PATCH: Final = "prep-patch-size"
+PREP_MEAN: Final = "prep-intensity-mean"
+PREP_STD: Final = "prep-intensity-std"
 
 # MetricRecord keys sent by sites. `num-examples` always means training cases.
 NUM_EXAMPLES: Final = "num-examples"

@@ -95,7 +95,7 @@ def federated_preprocessing(grid: Grid, plan: Plan, run_dir: Path) -> dict:
             f"fingerprint round: {len(prints)} site(s) answered, {plan.min_sites} "
             f"needed; refusals: {refused}"
         )
-    prep = combine(prints)
+    prep = combine(prints, max_patch=plan.patch_size)  # bounded compute
     prep["refused"] = refused
     atomic_write_json(path, prep)
     log.info("federated preprocessing plan: %s", prep)
@@ -138,6 +138,9 @@ def main(grid: Grid, context: Context) -> None:
         prep = federated_preprocessing(grid, plan, run_dir)
         base_config[wire.PREP_SPACING] = [float(v) for v in prep["spacing-mm"]]
         base_config[wire.PREP_WINDOW] = [float(v) for v in prep["hu-window"]]
+        base_config[wire.PREP_PATCH] = [int(v) for v in prep["patch-size"]]
+        base_config[wire.PREP_MEAN] = float(prep["foreground-mean"])
+        base_config[wire.PREP_STD] = float(prep["foreground-std"])
 
     def on_round_end(rec: RoundRecord, arrays: ArrayRecord) -> None:
         entry = round_entry(rec)

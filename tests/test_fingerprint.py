@@ -38,20 +38,27 @@ def test_spacing_is_case_weighted_median_of_site_medians():
         "big": {
             "n-cases": 10.0,
             "spacing-q": [0, 1.0, 0, 0, 1.0, 0, 0, 2.0, 0],
+            "extent-mm": [300.0, 200.0, 100.0],
             "fg-hist": [1.0] + [0.0] * (len(EDGES) - 2),
         },
         "small": {
             "n-cases": 3.0,
             "spacing-q": [0, 3.0, 0, 0, 3.0, 0, 0, 5.0, 0],
+            "extent-mm": [30.0, 20.0, 10.0],
             "fg-hist": [1.0] + [0.0] * (len(EDGES) - 2),
         },
     }
-    assert combine(fp)["spacing-mm"] == [1.0, 1.0, 2.0]
+    prep = combine(fp, max_patch=(128, 128, 32))
+    assert prep["spacing-mm"] == [1.0, 1.0, 2.0]
+    # median extent 300 x 200 x 100 mm at 1 x 1 x 2 mm, capped at 128 x 128 x 32
+    assert prep["patch-size"] == [128, 128, 32]
+    small = combine(fp, max_patch=(512, 512, 512))["patch-size"]
+    assert small == [288, 192, 48]  # 300/1 -> 288, 200/1 -> 192, 100/2 -> 48
 
 
 def test_fingerprint_holds_aggregates_only():
     fp = site_fingerprint(_site("standard-nephro", range(3)))
-    assert set(fp) == {"n-cases", "spacing-q", "fg-hist", "label-ml"}
+    assert set(fp) == {"n-cases", "spacing-q", "extent-mm", "fg-hist", "label-ml"}
     assert fp["n-cases"] == 3.0 and len(fp["fg-hist"]) == len(EDGES) - 1
     assert len(fp["spacing-q"]) == 9 and len(fp["label-ml"]) == 3
 

@@ -47,6 +47,9 @@ def test_federation_with_dp_refusal_checkpoints_and_resume(tmp_path):
     assert prep["sites"] == ["site-a", "site-b"] and prep["cases"] == 12
     assert "fewer than 5" in prep["refused"]["site-c"]  # 4 cases: no fingerprint
     assert -100 < prep["hu-window"][0] < prep["hu-window"][1] < 600  # kidney HU
+    assert all(p % 16 == 0 for p in prep["patch-size"])
+    assert all(p <= c for p, c in zip(prep["patch-size"], [32, 32, 16], strict=True))
+    assert prep["foreground-std"] > 0
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [e["round"] for e in lines] == [1, 2]
     for e in lines:
