@@ -22,8 +22,8 @@ from typing import Any
 from client.casecheck import FATAL, WARN, Finding
 from client.data import SiteDataError, inspect
 from common.config import ConfigError, SiteConfig, load_site_config
+from common.metrics import LABELS
 
-LABEL_NAMES = {0: "background", 1: "kidney", 2: "tumour", 3: "cyst"}
 MIN_CASES = 2
 MIN_FREE_BYTES = 1 * 2**30
 
@@ -115,7 +115,7 @@ def check_site(
         if result.usable and case.label is not None:
             report.cases_usable += 1
             for value, n in result.label_voxels.items():
-                name = LABEL_NAMES.get(found.label_map.get(value, -1), str(value))
+                name = LABELS.get(found.label_map.get(value, -1), str(value))
                 report.class_cases[name] = report.class_cases.get(name, 0) + 1
                 report.class_voxels[name] = report.class_voxels.get(name, 0) + n
         if case.image.exists():

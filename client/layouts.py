@@ -18,11 +18,12 @@ from typing import Any
 import numpy as np
 
 from client.data import Case, SiteDataError
+from common.metrics import LABELS
 
 log = logging.getLogger(__name__)
 
 LAYOUTS = ("auto", "kits19", "kits21", "kits23", "msd", "nnunet", "manifest")
-KIDNEYFL_LABELS = {"background": 0, "kidney": 1, "tumour": 2, "cyst": 3}
+KIDNEYFL_LABELS = {name: value for value, name in LABELS.items()}
 SPLITS = ("train", "validation", "test")
 MANIFEST_HEADER = "image,label[,split]"
 

@@ -13,6 +13,9 @@ from collections.abc import Iterable, Mapping
 import torch
 from monai.metrics import compute_dice
 
+# kidneyfl's label values (KiTS21/23); every layout is mapped onto these.
+LABELS: dict[int, str] = {0: "background", 1: "kidney", 2: "tumour", 3: "cyst"}
+
 KITS_REGIONS: dict[str, tuple[int, ...]] = {
     "kidney": (1, 2, 3),
     "masses": (2, 3),

@@ -26,11 +26,13 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from common.metrics import LABELS as KIDNEYFL_LABELS
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_SCALE = 2.5
 PHANTOM_VERSION = 1  # bump when the anatomy changes, so old site dirs read as stale
-LABELS = {0: "background", 1: "kidney", 2: "tumour", 3: "cyst"}
+LABELS = KIDNEYFL_LABELS  # re-exported: phantom.json records the label names
 FOV_MM = (340.0, 260.0, 170.0)
 IMAGE_NAME, SEGMENTATION_NAME = "imaging.nii.gz", "segmentation.nii.gz"
 METADATA_NAME = "phantom.json"
