@@ -14,6 +14,7 @@ from pathlib import Path
 from client import cli as site_cli
 from common.logs import setup_logging
 from server import cli as server_cli
+from server import coordinator_cli
 
 
 def _phantom(args: argparse.Namespace) -> int:
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_phantom)
     server_cli.register(sub)
     site_cli.register(sub)
+    coordinator_cli.register(sub)
     return parser
 
 

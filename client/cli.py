@@ -1,4 +1,4 @@
-"""Commands hospital IT runs at the site: ``site check``, ``site privacy``."""
+"""Commands hospital IT runs: ``site check|privacy|keygen|start``."""
 
 from __future__ import annotations
 
@@ -61,6 +61,30 @@ def _privacy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keygen(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from client.node import make_node_key
+
+    pub = make_node_key(Path(args.key), comment=args.comment)
+    print(f"private key {args.key} (keep it here, mode 0600)")
+    print(f"public key  {pub} (send this file to the consortium to register)")
+    return 0
+
+
+def _start(args: argparse.Namespace) -> int:
+    import shlex
+
+    from client.node import exec_supernode, supernode_command
+
+    site = load_site_config(args.site_yaml)
+    if args.print:
+        print(shlex.join(supernode_command(site)))
+        return 0
+    exec_supernode(site)
+    return 0  # not reached
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the site's subcommands under ``kidneyfl site``."""
     site = sub.add_parser(
@@ -92,3 +116,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="with --superlink: verify the coordinator's TLS certificate",
     )
     c.set_defaults(func=_check)
+    k = ssub.add_parser(
+        "keygen",
+        help="make this site's SuperNode key pair (send only the .pub)",
+        allow_abbrev=False,
+    )
+    k.add_argument("key", help="path of the private key; KEY.pub is written too")
+    k.add_argument("--comment", default="", help="e.g. the site name")
+    k.set_defaults(func=_keygen)
+    s = ssub.add_parser(
+        "start",
+        help="start the site's SuperNode from the federation block of its YAML",
+        allow_abbrev=False,
+    )
+    s.add_argument("site_yaml")
+    s.add_argument("--print", action="store_true", help="print the command only")
+    s.set_defaults(func=_start)

@@ -75,6 +75,12 @@ class Plan(BaseModel):
     run_name: str = Field("", alias="run-name")
     resume: bool = False
     sim_site_configs: str = Field("", alias="sim-site-configs")
+    # Deployment liveness: before round 1 the coordinator waits up to
+    # site-wait-timeout seconds for expected-sites (0: min-sites) to connect,
+    # then starts if min-sites are online; later, if fewer than min-sites stay
+    # online that long, it stops with the completed rounds checkpointed.
+    expected_sites: int = Field(0, alias="expected-sites", ge=0)
+    site_wait_timeout: float = Field(600.0, alias="site-wait-timeout", gt=0)
 
     @field_validator("spacing_mm", mode="before")
     @classmethod
@@ -180,6 +186,27 @@ class PhantomConfig(BaseModel):
     scale: float | None = Field(None, gt=0, le=20)  # None: the phantom default
 
 
+class FederationConfig(BaseModel):
+    """How the site's SuperNode reaches the coordinator (``kidneyfl site start``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    superlink: str = Field(pattern=r"^[A-Za-z0-9_.\[\]:-]+:[0-9]{1,5}$")
+    root_certificates: Path | None = None  # the consortium's ca.crt
+    auth_key: Path | None = None  # this site's private node key (never sent)
+    insecure: bool = False  # plaintext: development only, never across sites
+    clientappio_port: int = Field(9094, ge=1, le=65535)
+
+    @model_validator(mode="after")
+    def _tls_needed(self) -> FederationConfig:
+        if not self.insecure and self.root_certificates is None:
+            raise ValueError(
+                "set federation.root_certificates to the consortium's ca.crt "
+                "(TLS), or federation.insecure: true for a local test only"
+            )
+        return self
+
+
 class SiteConfig(BaseModel):
     """One hospital's site YAML. It never leaves the site."""
 
@@ -191,6 +218,7 @@ class SiteConfig(BaseModel):
     state_dir: Path
     privacy: PrivacyConfig
     phantom: PhantomConfig | None = None
+    federation: FederationConfig | None = None
     source: Path | None = Field(None, exclude=True)
 
 
@@ -224,9 +252,19 @@ def load_site_config(path: str | Path) -> SiteConfig:
             else None,
         }
     )
+    fed = site.federation
+    if fed is not None:
+        fed = fed.model_copy(
+            update={
+                k: _resolve(base, getattr(fed, k))
+                for k in ("root_certificates", "auth_key")
+                if getattr(fed, k) is not None
+            }
+        )
     return site.model_copy(
         update={
             "data": data,
+            "federation": fed,
             "state_dir": _resolve(base, site.state_dir),
             "source": path.resolve(),
         }

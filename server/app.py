@@ -7,6 +7,7 @@ the end writes the final model and a per-site summary.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -33,6 +34,8 @@ from server.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from server.liveness import LivenessGrid, SitesGone, wait_for_sites
+from server.recovery import reconcile_metrics
 from server.report import (
     append_metrics,
     read_metrics,
@@ -61,6 +64,22 @@ def _site_names(grid: Grid) -> dict[int, str]:
         if name:
             names[node.node_id] = str(name)
     return names
+
+
+def _state_sha(state: dict) -> str:
+    # Identifies the global weights exactly (logged on resume, tested).
+    h = hashlib.sha256()
+    for key in sorted(state):
+        h.update(key.encode())
+        h.update(state[key].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _write_status(run_dir: Path, state: str, done: int, message: str = "") -> None:
+    atomic_write_json(
+        run_dir / "status.json",
+        {"state": state, "rounds_done": done, "message": message, "time": time.time()},
+    )
 
 
 def federated_preprocessing(grid: Grid, plan: Plan, run_dir: Path) -> dict:
@@ -116,7 +135,13 @@ def main(grid: Grid, context: Context) -> None:
     if plan.resume and (ckpt_dir / "latest.json").exists():
         state, meta = load_checkpoint(ckpt_dir, plan.fingerprint())
         initial, done = ArrayRecord(state), int(meta["round"])
-        log.info("resumed %s from round %d", run_dir.name, done)
+        reconcile_metrics(run_dir, ckpt_dir, done)
+        log.info(
+            "resumed %s from round %d (global weights sha256 %s)",
+            run_dir.name,
+            done,
+            _state_sha(state),
+        )
     elif (ckpt_dir / "latest.json").exists():
         raise CheckpointError(
             f"{run_dir} already holds checkpoints; pass resume=true to continue it or "
@@ -129,6 +154,34 @@ def main(grid: Grid, context: Context) -> None:
     if remaining <= 0:
         log.info("run %s already completed %d rounds", run_dir.name, done)
         return
+    try:
+        _federate(grid, plan, run_dir, initial, done)
+    except SitesGone as exc:
+        last = max((int(e["round"]) for e in read_metrics(run_dir)), default=done)
+        msg = (
+            f"stopped after round {last}: {exc}. Every completed round is "
+            f"checkpointed in {ckpt_dir}; when the sites are back, run again with "
+            "resume=true"
+        )
+        _write_status(run_dir, "stopped", last, msg)
+        log.error("%s", msg)
+        raise RuntimeError(msg) from None
+
+
+def _federate(
+    grid: Grid, plan: Plan, run_dir: Path, initial: ArrayRecord, done: int
+) -> None:
+    ckpt_dir = run_dir / "checkpoints"
+    remaining = plan.num_server_rounds - done
+    _write_status(run_dir, "waiting-for-sites", done)
+    wait_for_sites(
+        grid,
+        want=max(plan.expected_sites, plan.min_sites),
+        need=plan.min_sites,
+        grace=plan.site_wait_timeout,
+    )
+    grid = LivenessGrid(grid, need=plan.min_sites, grace=plan.site_wait_timeout)
+    _write_status(run_dir, "running", done)
 
     base_config: dict = {
         wire.RUN_ID: run_dir.name,
@@ -145,7 +198,10 @@ def main(grid: Grid, context: Context) -> None:
     def on_round_end(rec: RoundRecord, arrays: ArrayRecord) -> None:
         entry = round_entry(rec)
         entry["time"] = time.time()
+        state = arrays.to_torch_state_dict()
+        entry["global_sha256"] = _state_sha(state)
         sidecar = {
+            "entry": entry,
             "plan": plan.model_dump(by_alias=True, mode="json"),
             "plan_fingerprint": json.loads(json.dumps(plan.fingerprint())),
             "model": plan.model,
@@ -156,8 +212,9 @@ def main(grid: Grid, context: Context) -> None:
             ),
             "sites": sorted(set(rec.train) | set(rec.evaluate)),
         }
-        save_checkpoint(ckpt_dir, rec.round, arrays.to_torch_state_dict(), sidecar)
+        save_checkpoint(ckpt_dir, rec.round, state, sidecar)
         append_metrics(run_dir, entry)
+        _write_status(run_dir, "running", rec.round)
         log.info("%s", round_line(entry))
 
     strategy = SiteAwareStrategy(
@@ -168,7 +225,7 @@ def main(grid: Grid, context: Context) -> None:
             plan.central_dp,
             plan.central_dp_noise,
             plan.central_dp_clip,
-            num_sites=len(list(grid.get_node_ids())),
+            num_sites=max(len(list(grid.get_node_ids())), plan.min_sites),
         ),
         min_sites=plan.min_sites,
         round_offset=done,
@@ -196,5 +253,6 @@ def main(grid: Grid, context: Context) -> None:
         },
     )
     entries = read_metrics(run_dir)
+    _write_status(run_dir, "finished", plan.num_server_rounds)
     log.info("\n%s", summary_table(entries))
     log.info("final model: %s", run_dir / "final")

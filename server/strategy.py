@@ -150,6 +150,7 @@ class SiteAwareStrategy(Strategy):
         self.site_names = dict(site_names or {})
         self._sent: ArrayRecord | None = None
         self._current: RoundRecord | None = None
+        self._asked: list[Message] = []
 
     # -- helpers ---------------------------------------------------------------
     def global_round(self, server_round: int) -> int:
@@ -164,7 +165,7 @@ class SiteAwareStrategy(Strategy):
 
     def site_of(self, msg: Message) -> str:
         """The site's name: registered name first, else what the reply declares."""
-        node = msg.metadata.src_node_id
+        node = self.node_of(msg)
         if node in self.site_names:
             return self.site_names[node]
         if not msg.has_error() and wire.SITE in msg.content.config_records:
@@ -172,6 +173,36 @@ class SiteAwareStrategy(Strategy):
             if name and name != "unknown":
                 return name
         return f"node-{node}"
+
+    def _refresh_names(self, grid: Grid) -> None:
+        # A site that (re)joins mid-run keeps its registered name.
+        get_nodes = getattr(grid, "get_nodes", None)
+        if get_nodes is None:
+            return
+        for node in get_nodes():
+            name = getattr(node, "name", None)
+            if name:
+                self.site_names[node.node_id] = str(name)
+
+    def _ask(self, messages: Iterable[Message]) -> list[Message]:
+        self._asked = list(messages)
+        return self._asked
+
+    def node_of(self, reply: Message) -> int:
+        """The site a reply is about. The SuperLink answers for a dead node
+        with an error reply from itself, so map it back through the request."""
+        # Flower fills message ids in when it sends the messages we return.
+        asked = {m.metadata.message_id: m.metadata.dst_node_id for m in self._asked}
+        return asked.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
+    def _note_silent(self, rec: RoundRecord, replies: list[Message]) -> None:
+        # Flower drops sites that do not answer before round-timeout silently.
+        answered = {self.node_of(m) for m in replies}
+        asked = {m.metadata.dst_node_id for m in self._asked}
+        for node in sorted(asked - answered):
+            site = self.site_names.get(node, f"node-{node}")
+            rec.failed.setdefault(site, "no reply within round-timeout")
+            log.warning("site %s did not answer in round %d", site, rec.round)
 
     def _record(self, server_round: int) -> RoundRecord:
         g = self.global_round(server_round)
@@ -191,8 +222,11 @@ class SiteAwareStrategy(Strategy):
         """Remember what was sent (the guard's reference), then delegate."""
         self._sent = arrays
         self._record(server_round)
-        return self.inner.configure_train(
-            server_round, arrays, self._config(config, server_round), grid
+        self._refresh_names(grid)
+        return self._ask(
+            self.inner.configure_train(
+                server_round, arrays, self._config(config, server_round), grid
+            )
         )
 
     def aggregate_train(
@@ -200,6 +234,8 @@ class SiteAwareStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Drop refusals and invalid updates, then let the inner strategy average."""
         rec = self._record(server_round)
+        replies = list(replies)
+        self._note_silent(rec, replies)
         accepted: list[Message] = []
         for msg in replies:
             site = self.site_of(msg)
@@ -244,8 +280,11 @@ class SiteAwareStrategy(Strategy):
     ) -> Iterable[Message]:
         """Delegate; ``arrays`` is the new global model, kept for the checkpoint."""
         self._sent = arrays
-        return self.inner.configure_evaluate(
-            server_round, arrays, self._config(config, server_round), grid
+        self._refresh_names(grid)
+        return self._ask(
+            self.inner.configure_evaluate(
+                server_round, arrays, self._config(config, server_round), grid
+            )
         )
 
     def aggregate_evaluate(
@@ -253,6 +292,8 @@ class SiteAwareStrategy(Strategy):
     ) -> MetricRecord | None:
         """Per-site metrics, the case-weighted mean, then the round's bookkeeping."""
         rec = self._record(server_round)
+        replies = list(replies)
+        self._note_silent(rec, replies)
         for msg in replies:
             site = self.site_of(msg)
             if msg.has_error():

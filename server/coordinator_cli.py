@@ -1,0 +1,70 @@
+"""Commands the consortium runs to deploy: ``coordinator superlink|connect``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+from pathlib import Path
+
+from server.deploy import superlink_command, write_connection
+
+
+def _superlink(args: argparse.Namespace) -> int:
+    cmd = superlink_command(
+        Path(args.certs), Path(args.state), args.host, args.port, auth=not args.no_auth
+    )
+    if args.print:
+        print(shlex.join(cmd))
+        return 0
+    Path(args.state).mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env.setdefault("FLWR_HOME", str(Path(args.state).resolve() / "flwr"))
+    os.execvpe(cmd[0], cmd, env)
+    return 0  # not reached
+
+
+def _connect(args: argparse.Namespace) -> int:
+    home = Path(args.flwr_home or os.environ.get("FLWR_HOME") or Path.home() / ".flwr")
+    path = write_connection(
+        home,
+        args.name,
+        args.address,
+        Path(args.root_certificates) if args.root_certificates else None,
+        insecure=args.insecure,
+    )
+    print(f"connection {args.name!r} -> {args.address} written to {path}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``kidneyfl coordinator ...``."""
+    co = sub.add_parser(
+        "coordinator", help="deployment commands for the consortium", allow_abbrev=False
+    )
+    csub = co.add_subparsers(dest="coordinator_command", required=True)
+    s = csub.add_parser(
+        "superlink",
+        help="start flower-superlink with TLS, node auth and a database",
+        allow_abbrev=False,
+    )
+    s.add_argument("--certs", required=True, help="folder from docker/make-certs.sh")
+    s.add_argument("--state", required=True, help="folder for the SuperLink database")
+    s.add_argument("--host", default="0.0.0.0")
+    s.add_argument("--port", type=int, default=9092)
+    s.add_argument(
+        "--no-auth", action="store_true", help="let any node join (testing only)"
+    )
+    s.add_argument("--print", action="store_true", help="print the command only")
+    s.set_defaults(func=_superlink)
+    c = csub.add_parser(
+        "connect",
+        help="name the SuperLink for flwr run / flwr supernode register",
+        allow_abbrev=False,
+    )
+    c.add_argument("name")
+    c.add_argument("--address", required=True, metavar="HOST:PORT")
+    c.add_argument("--root-certificates", default=None, metavar="CA.CRT")
+    c.add_argument("--insecure", action="store_true", help="plaintext (local tests)")
+    c.add_argument("--flwr-home", default=None)
+    c.set_defaults(func=_connect)
