@@ -84,6 +84,12 @@ def check_site(
         return report
     report.site = site.name
     _check_environment(site, report)
+    fed = site.federation
+    if superlink is None and fed is not None:
+        # The YAML's federation block: what `kidneyfl site start` will dial.
+        superlink = fed.superlink
+        root_certificates = None if fed.insecure else fed.root_certificates
+        _check_node_command(site, report)
     if superlink:
         _check_superlink(superlink, root_certificates, report)
     from client.layouts import discover
@@ -213,6 +219,24 @@ def _check_environment(site: SiteConfig, report: SiteCheck) -> None:
                     "setup-ledger", FATAL, str(state), str(exc), "restore the ledger"
                 )
             )
+
+
+def _check_node_command(site: SiteConfig, report: SiteCheck) -> None:
+    from client.node import supernode_command
+
+    try:
+        supernode_command(site)
+        report.environment["supernode_command"] = "ok"
+    except ConfigError as exc:
+        report.findings.append(
+            Finding(
+                "setup-federation",
+                FATAL,
+                str(site.source),
+                str(exc),
+                "fix the federation block as the message says",
+            )
+        )
 
 
 def _check_superlink(address: str, ca: Path | None, report: SiteCheck) -> None:

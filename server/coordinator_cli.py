@@ -19,7 +19,7 @@ def _superlink(args: argparse.Namespace) -> int:
         return 0
     Path(args.state).mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
-    env.setdefault("FLWR_HOME", str(Path(args.state).resolve() / "flwr"))
+    env["FLWR_HOME"] = str(Path(args.state).resolve() / "flwr")  # its own apps
     os.execvpe(cmd[0], cmd, env)
     return 0  # not reached
 

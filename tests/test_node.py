@@ -1,0 +1,126 @@
+"""A hospital's node identity and the commands that start each side."""
+
+from __future__ import annotations
+
+import os
+import stat
+import tomllib
+
+import pytest
+import yaml
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import (
+    load_ssh_private_key,
+    load_ssh_public_key,
+)
+
+from client.node import make_node_key, supernode_command, supernode_env
+from common.config import ConfigError, load_site_config
+from server.deploy import superlink_command, write_connection
+from tests.conftest import write_site_yaml
+
+
+def test_node_key_pair_is_p384_private_0600_and_never_overwritten(tmp_path):
+    key = tmp_path / "keys" / "hospital-a"
+    pub = make_node_key(key, comment="hospital-a")
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    private = load_ssh_private_key(key.read_bytes(), None)
+    public = load_ssh_public_key(pub.read_bytes())
+    assert isinstance(private, ec.EllipticCurvePrivateKey)
+    assert private.curve.name == "secp384r1"
+    assert public.public_numbers() == private.public_key().public_numbers()
+    assert pub.read_text().strip().endswith("hospital-a")
+    with pytest.raises(FileExistsError, match="new identity"):
+        make_node_key(key)
+
+
+def _site(tmp_path, federation):
+    yml = write_site_yaml(tmp_path, "hospital-a", generate=False)
+    doc = yaml.safe_load(yml.read_text())
+    doc["federation"] = federation
+    yml.write_text(yaml.safe_dump(doc))
+    return yml
+
+
+def test_supernode_command_tls_auth_local_api(tmp_path):
+    (tmp_path / "ca.crt").write_text("ca")
+    make_node_key(tmp_path / "node")
+    yml = _site(
+        tmp_path,
+        {
+            "superlink": "fl.example:9092",
+            "root_certificates": "ca.crt",
+            "auth_key": "node",
+            "clientappio_port": 9111,
+        },
+    )
+    site = load_site_config(yml)
+    cmd = supernode_command(site)
+    assert cmd[0].endswith("flower-supernode")
+    args = dict(zip(cmd[1::2], cmd[2::2], strict=False))
+    assert args["--superlink"] == "fl.example:9092"
+    assert args["--root-certificates"] == str(tmp_path / "ca.crt")  # resolved
+    assert args["--auth-supernode-private-key"] == str(tmp_path / "node")
+    assert args["--node-config"] == f'site-config="{yml.resolve()}"'
+    assert args["--host"] == "127.0.0.1" and args["--port"] == "9111"
+    assert "--insecure" not in cmd
+    assert "--allow-runtime-dependency-installation" not in cmd
+    env = supernode_env(site)
+    assert env["FLWR_HOME"] == str(site.state_dir / "flwr")
+
+
+def test_supernode_command_refuses_unsafe_or_missing_files(tmp_path):
+    (tmp_path / "ca.crt").write_text("ca")
+    make_node_key(tmp_path / "node")
+    fed = {
+        "superlink": "fl.example:9092",
+        "root_certificates": "ca.crt",
+        "auth_key": "node",
+    }
+    os.chmod(tmp_path / "node", 0o644)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        supernode_command(load_site_config(_site(tmp_path, fed)))
+    with pytest.raises(ConfigError, match="kidneyfl site keygen"):
+        supernode_command(load_site_config(_site(tmp_path, {**fed, "auth_key": "x"})))
+    with pytest.raises(ConfigError, match="ca.crt"):
+        supernode_command(
+            load_site_config(_site(tmp_path, {**fed, "root_certificates": "no.crt"}))
+        )
+
+
+def test_federation_block_requires_tls_unless_explicitly_insecure(tmp_path):
+    with pytest.raises(ConfigError, match="root_certificates"):
+        load_site_config(_site(tmp_path, {"superlink": "fl.example:9092"}))
+    with pytest.raises(ConfigError, match="superlink"):
+        load_site_config(_site(tmp_path, {"superlink": "no-port", "insecure": True}))
+    site = load_site_config(
+        _site(tmp_path, {"superlink": "127.0.0.1:9092", "insecure": True})
+    )
+    assert "--insecure" in supernode_command(site)
+    no_fed = write_site_yaml(tmp_path, "plain", generate=False)
+    with pytest.raises(ConfigError, match="no federation block"):
+        supernode_command(load_site_config(no_fed))
+
+
+def test_superlink_command_and_connection(tmp_path):
+    with pytest.raises(FileNotFoundError, match="make-certs.sh"):
+        superlink_command(tmp_path, tmp_path / "state")
+    for name in ("ca.crt", "server.pem", "server.key"):
+        (tmp_path / name).write_text("x")
+    cmd = superlink_command(tmp_path, tmp_path / "state", "127.0.0.1", 9999)
+    assert "--enable-supernode-auth" in cmd
+    assert "--disable-runtime-dependency-installation" in cmd
+    assert "--insecure" not in cmd
+    assert cmd[cmd.index("--database") + 1] == str(tmp_path / "state" / "superlink.db")
+    home = tmp_path / "home"
+    (home).mkdir()
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "local"\n[superlink.local]\naddress = ":local:"\n'
+    )
+    write_connection(home, "consortium", "fl.example:9092", tmp_path / "ca.crt")
+    conf = tomllib.loads((home / "config.toml").read_text())["superlink"]
+    assert conf["local"] == {"address": ":local:"}  # others kept
+    assert conf["default"] == "consortium"
+    assert conf["consortium"]["root-certificates"] == str(tmp_path / "ca.crt")
+    with pytest.raises(ValueError, match="root-certificates"):
+        write_connection(home, "x", "a:1")
