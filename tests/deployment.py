@@ -137,9 +137,9 @@ class Deployment:
     def start_step(self, name: str, tag: str, **env: str) -> Proc:
         """Start a long-running runbook block in the background (exec'd, so the
         PID is the service's own)."""
-        return self._start(
-            name, ["bash", "-c", "exec " + self.book[tag]], {**self.env, **env}
-        )
+        block = self.book[tag]
+        script = block if "\n" in block else "exec " + block
+        return self._start(name, ["bash", "-c", script], {**self.env, **env})
 
     @property
     def address(self) -> str:
@@ -279,7 +279,7 @@ class Deployment:
     ) -> Proc:
         """The runbook's `flwr run . consortium --stream -c "$PLAN"` (or resume)."""
         config = {k: v for k, v in plan.items() if k != "resume"}
-        config.update({"out-dir": str(out_dir), "run-name": run_name})
+        config.update({"out-dir": str(out_dir), "run-name": run_name, "resume": False})
         path = self.root / f"{run_name}-{int(time.time() * 1000)}.toml"
         path.write_text(tomli_w.dumps(config))
         return self.start_step(
