@@ -1,0 +1,112 @@
+"""Simulation scale: one round with 3, 10, 30 and 100 phantom sites.
+
+Runs ``kidneyfl simulate`` (SuperLink, Flower's Ray simulation engine, one
+ClientApp actor per 2 CPUs) for one round of train + evaluate on N tiny phantom
+sites, and reports wall time and peak memory: the peak of the summed resident
+memory of every process the run starts (sampled every 0.5 s from /proc), and
+that peak divided by N.
+
+    .venv/bin/python benchmarks/sim_scale.py [--sites 3,10,30,100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+PLAN = {
+    "spacing-mm": "6,6,8",
+    "patch-size": "32,32,16",
+    "batch-size": 2,
+    "local-epochs": 1,
+    "min-sites": 2,
+    "dp-target-epsilon": 30.0,
+}
+
+
+def _rss_tree(pid: int) -> int:
+    from server.simulate import descendants
+
+    total = 0
+    for p in [pid, *descendants(pid)]:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return total
+
+
+def measure(n: int, tmp: Path) -> dict:
+    """Wall time and peak memory of a one-round simulation of ``n`` sites."""
+    from server.simulate import simulate
+    from tests.conftest import write_site_yaml
+
+    sites = [
+        write_site_yaml(tmp, f"site-{i:03d}", cases=3, seed=i % 5) for i in range(n)
+    ]
+    peak = 0
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, _rss_tree(os.getpid()))
+            time.sleep(0.5)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    t0 = time.perf_counter()
+    try:
+        simulate(
+            sites,
+            f"scale-{n}",
+            out_dir=tmp / "runs",
+            overrides={**PLAN, "num-server-rounds": 1},
+            flwr_home=tmp / "flwr-home",
+            stream=False,
+        )
+    finally:
+        wall = time.perf_counter() - t0
+        stop.set()
+        thread.join()
+    return {
+        "sites": n,
+        "wall_s": wall,
+        "peak_rss_gb": peak / 1e9,
+        "per_site_mb": peak / n / 1e6,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sites", default="3,10,30,100")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        for n in (int(x) for x in args.sites.split(",")):
+            rows.append(measure(n, Path(d) / f"n{n}"))
+            r = rows[-1]
+            print(
+                f"{n:>4} sites: {r['wall_s']:7.1f} s, peak {r['peak_rss_gb']:.2f} GB "
+                f"({r['per_site_mb']:.0f} MB per site)",
+                flush=True,
+            )
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
