@@ -84,6 +84,7 @@ def main() -> None:
     ap.add_argument("--patch", default="32,32,32")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--models", default="")
+    ap.add_argument("--json", default="", help="also write the rows here")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     patch = tuple(int(p) for p in args.patch.split(","))
@@ -101,6 +102,7 @@ def main() -> None:
         f"{'model':<17}{'mode':<11}{'step s':>9}{'time x':>8}{'peak MB':>9}"
         f"{'mem x':>7}  note"
     )
+    rows = []
     for name in names:
         registered = MODELS[name].grad_sample_mode
         res = {}
@@ -138,7 +140,20 @@ def main() -> None:
                 f"{name:<17}{mode:<11}{r['time']:>9.3f}{time_x:>8.2f}"
                 f"{r['peak_mb']:>9.0f}{mem_x:>7.2f}  {note}"
             )
+            rows.append(
+                {
+                    "model": name,
+                    "mode": mode,
+                    "registered": mode == registered,
+                    "step_s": r["time"],
+                    "time_ratio": time_x,
+                    "mem_ratio": mem_x,
+                    "device": r["device"],
+                }
+            )
     print("device:", base["device"] if base else "?")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":
