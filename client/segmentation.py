@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
@@ -75,3 +78,17 @@ class SegmentationTask:
             out[wire.surface_dice_key(k)] = v
         out[wire.EVAL_LOSS] = sum(losses) / len(losses) if losses else float("nan")
         return out
+
+    def predict(
+        self,
+        model: nn.Module,
+        image: Path,
+        plan: Plan,
+        device: torch.device,
+        output: Path | None,
+    ) -> dict[str, Any]:
+        """Label map in the scan's own grid (written to ``output``) and the
+        volume of kidney, tumour and cyst in mL."""
+        from client.seg_predict import predict_scan
+
+        return predict_scan(model, image, plan, device, output)

@@ -23,6 +23,7 @@ from flwr.app import (
 from flwr.serverapp import Grid, ServerApp
 
 from common import wire
+from common.artifacts import PREPROCESSING_KEY, effective_preprocessing
 from common.config import Plan, load_plan
 from common.fingerprint import combine
 from common.logs import setup_logging
@@ -33,6 +34,7 @@ from server.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from server.deliver import deliver
 from server.report import (
     append_metrics,
     read_metrics,
@@ -134,6 +136,7 @@ def main(grid: Grid, context: Context) -> None:
         wire.RUN_ID: run_dir.name,
         wire.TOTAL_ROUNDS: plan.num_server_rounds,
     }
+    prep = None
     if plan.fingerprint_round:
         prep = federated_preprocessing(grid, plan, run_dir)
         base_config[wire.PREP_SPACING] = [float(v) for v in prep["spacing-mm"]]
@@ -141,6 +144,8 @@ def main(grid: Grid, context: Context) -> None:
         base_config[wire.PREP_PATCH] = [int(v) for v in prep["patch-size"]]
         base_config[wire.PREP_MEAN] = float(prep["foreground-mean"])
         base_config[wire.PREP_STD] = float(prep["foreground-std"])
+    # Checkpoints carry the preprocessing the sites applied (self-describing).
+    prep_meta = effective_preprocessing(plan, prep)
 
     def on_round_end(rec: RoundRecord, arrays: ArrayRecord) -> None:
         entry = round_entry(rec)
@@ -149,6 +154,7 @@ def main(grid: Grid, context: Context) -> None:
             "plan": plan.model_dump(by_alias=True, mode="json"),
             "plan_fingerprint": json.loads(json.dumps(plan.fingerprint())),
             "model": plan.model,
+            PREPROCESSING_KEY: prep_meta,
             "metrics": entry["weighted"],
             "epsilon_per_site": entry["epsilon"],
             "max_epsilon": max(
@@ -193,8 +199,10 @@ def main(grid: Grid, context: Context) -> None:
             "plan": plan.model_dump(by_alias=True, mode="json"),
             "plan_fingerprint": json.loads(json.dumps(plan.fingerprint())),
             "model": plan.model,
+            PREPROCESSING_KEY: prep_meta,
         },
     )
     entries = read_metrics(run_dir)
     log.info("\n%s", summary_table(entries))
     log.info("final model: %s", run_dir / "final")
+    deliver(run_dir)
