@@ -102,6 +102,8 @@ def _table(head: list[str], rows: list[list[Any]]) -> str:
     def cell(v: Any) -> str:
         if isinstance(v, float):
             return "-" if not math.isfinite(v) else f"{v:.4g}"
+        if isinstance(v, list | dict):
+            return html.escape(json.dumps(v))
         return html.escape("-" if v is None else str(v))
 
     out = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head)]
