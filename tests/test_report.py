@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import io
 import json
 import re
@@ -100,7 +101,7 @@ def test_report_sections_and_embedded_images(tmp_path):
     assert "confusion" in ids and "samples" not in ids  # no phantom slices given
     assert "http://" not in page and "https://" not in page and "<script" not in page
     assert "hospital-c" in page and "ceiling" in page  # the refusal is listed
-    assert '["benign", "malignant"]' in page  # the plan table, values as JSON
+    assert html.escape('["benign", "malignant"]') in page  # plan table: JSON
     pngs = _pngs(page)
     files = sorted(p.name for p in (run / "report").glob("*.png"))
     # dice, surface dice, loss, epsilon, spread, comparison, 2 sites + all sites
