@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -49,17 +50,21 @@ def export_model(checkpoint: Path, out_dir: Path | None = None) -> dict[str, Pat
     import_state(model, state)
     model.eval()
     example = torch.zeros((1, 1, *plan.patch_size), dtype=torch.float32)
-    try:
-        # Scripting keeps shape-dependent branches (BasicUNet pads odd sizes)
-        scripted = torch.jit.script(model)
-    except Exception as exc:  # noqa: BLE001 - any scripting failure: trace instead
-        log.info("torch.jit.script failed (%s); tracing instead", exc)
-        with torch.no_grad():
-            scripted = torch.jit.trace(model, example, check_trace=False)
     path = out_dir / TORCHSCRIPT_NAME
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / f".{TORCHSCRIPT_NAME}.tmp"
-    torch.jit.save(scripted, str(tmp))
+    with warnings.catch_warnings():
+        # torch 2.13 marks TorchScript deprecated; it still loads everywhere
+        # without Python model code, which is what hospitals' tools need.
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        try:
+            # Scripting keeps shape-dependent branches (BasicUNet pads odd sizes)
+            scripted = torch.jit.script(model)
+        except Exception as exc:  # noqa: BLE001 - any scripting failure: trace
+            log.info("torch.jit.script failed (%s); tracing instead", exc)
+            with torch.no_grad():
+                scripted = torch.jit.trace(model, example, check_trace=False)
+        torch.jit.save(scripted, str(tmp))
     tmp.replace(path)
     description = _describe(meta, plan.task)
     prep_path = out_dir / PREPROCESSING_NAME

@@ -17,6 +17,7 @@ matplotlib.use("Agg")  # before pyplot: headless coordinator, CI, containers
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from common import wire  # noqa: E402
 
@@ -24,6 +25,9 @@ DPI = 100
 
 
 def _png(fig: Any) -> bytes:
+    for ax in fig.axes:
+        if ax.get_xlabel() == "round":  # rounds are whole numbers
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
     plt.close(fig)
@@ -66,7 +70,7 @@ def metric_curves(
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8, loc="best")
-    fig.suptitle(title)
+    fig.suptitle(title, y=1.03)
     return _png(fig)
 
 
