@@ -150,11 +150,11 @@ def heatmap(
     im = ax.imshow(np.ma.masked_invalid(matrix), cmap=cmap, aspect="auto")
     ax.set_xticks(range(len(cols)), labels=list(cols), rotation=30, ha="right")
     ax.set_yticks(range(len(rows)), labels=list(rows))
-    finite = matrix[np.isfinite(matrix)]
-    mid = (finite.min() + finite.max()) / 2 if finite.size else 0.0
     for i in range(matrix.shape[0]):
         for j in range(matrix.shape[1]):
             if np.isfinite(matrix[i, j]):
+                r, g, b, _ = im.cmap(im.norm(matrix[i, j]))
+                dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5
                 ax.text(
                     j,
                     i,
@@ -162,7 +162,7 @@ def heatmap(
                     ha="center",
                     va="center",
                     fontsize=8,
-                    color="white" if matrix[i, j] < mid else "black",
+                    color="white" if dark else "black",
                 )
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

@@ -20,7 +20,6 @@ from common.phantom import generate_case, load_profile
 from common.tasks import build_plan_model
 from common.weights import export_state
 from server.checkpoint import save_checkpoint
-from server.export import export_model
 from tests.conftest import write_site_yaml
 
 PLAN = {
@@ -135,7 +134,11 @@ def untrained(tmp_path) -> Path:
 
 
 def test_export_matches_eager_model(untrained, tmp_path):
-    paths = export_model(untrained, tmp_path / "export")
+    assert kidneyfl(["export", str(untrained), "--out-dir", str(tmp_path / "e")]) == 0
+    paths = {
+        "model": tmp_path / "e" / "model.torchscript.pt",
+        "preprocessing": tmp_path / "e" / "preprocessing.json",
+    }
     scripted = torch.jit.load(str(paths["model"]))
     eager, plan, _ = load_model(untrained)
     torch.manual_seed(1)

@@ -163,3 +163,13 @@ def test_sample_slices_only_from_phantom_sites(tmp_path):
     run = _run(tmp_path)
     page = write_report(run, samples, skipped).read_text()
     assert 'id="samples"' in page and "No sample slice for real" in page
+
+
+def test_report_command_prints_lines_and_writes_html(tmp_path, capsys):
+    from cli.main import main as kidneyfl
+
+    run = _run(tmp_path, rounds=2)
+    assert kidneyfl(["report", str(run), "--no-samples"]) == 0
+    out = capsys.readouterr().out
+    assert "round   2 |" in out and "best-worst" in out
+    assert (run / "report.html").is_file() and (run / "tensorboard").is_dir()
