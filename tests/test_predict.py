@@ -30,7 +30,7 @@ PLAN = {
     "learning-rate": 0.02,
 }
 # Kidney (kidney+masses) Dice of the briefly trained model on a reoriented,
-# differently spaced phantom: 0.78 measured (torch 2.13 CPU); asserted with margin.
+# differently spaced phantom: 0.78-0.80 measured (torch 2.13 CPU); asserted with margin.
 MIN_KIDNEY_DICE = 0.4
 
 
@@ -79,7 +79,7 @@ def trained(tmp_path_factory) -> Path:
     data.train.set_seed(0)
     loader = torch.utils.data.DataLoader(data.train, batch_size=4, shuffle=True)
     model.train()
-    for _ in range(40):
+    for _ in range(30):
         for x, y in loader:
             opt.zero_grad()
             loss_fn(model(x), y).backward()
@@ -112,8 +112,9 @@ def test_predict_reoriented_phantom_lands_in_its_own_grid(trained, tmp_path, cap
     vols = summary["cases"]["scan"]["volumes-ml"]
     assert set(vols) == {"kidney", "tumour", "cyst"}
     voxel_ml = float(np.prod(case.spacing)) / 1000
-    true_kidney = float((truth == 1).sum()) * voxel_ml
-    assert 0.5 * true_kidney < vols["kidney"] < 1.5 * true_kidney
+    # kidney + masses: the region the Dice above is about
+    true_total = float((truth > 0).sum()) * voxel_ml
+    assert 0.5 * true_total < sum(vols.values()) < 1.5 * true_total
     out = capsys.readouterr().out
     assert "scan: kidney" in out and " mL" in out
 
