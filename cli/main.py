@@ -34,6 +34,71 @@ def _phantom(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    import json
+
+    from client.predict import predict, summary_lines
+
+    summary = predict(
+        Path(args.checkpoint),
+        Path(args.source),
+        output=Path(args.output) if args.output else None,
+        json_path=Path(args.json) if args.json else None,
+        device=args.device,
+    )
+    for line in summary_lines(summary):
+        print(line)
+    if args.json:
+        print(f"summary: {args.json}")
+    elif not args.output:
+        print(json.dumps(summary["cases"], indent=2))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from server.export import export_model
+
+    paths = export_model(
+        Path(args.checkpoint), Path(args.out_dir) if args.out_dir else None
+    )
+    print(f"TorchScript model: {paths['model']}")
+    print(f"preprocessing:     {paths['preprocessing']}")
+    return 0
+
+
+def _add_model_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="segment a NIfTI scan (or a folder of scans) with a trained model",
+        allow_abbrev=False,
+    )
+    p.add_argument("source", help="a NIfTI scan, or a folder of them")
+    p.add_argument(
+        "--checkpoint", required=True, help="checkpoint folder, e.g. runs/<run>/final"
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        default=None,
+        help="output NIfTI (for a scan) or folder (for a folder of scans)",
+    )
+    p.add_argument("--json", default=None, help="write the summary (volumes) as JSON")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.set_defaults(func=_predict)
+    e = sub.add_parser(
+        "export",
+        help="write a checkpoint as TorchScript with its preprocessing JSON",
+        allow_abbrev=False,
+    )
+    e.add_argument("checkpoint", help="checkpoint folder, e.g. runs/<run>/final")
+    e.add_argument(
+        "--out-dir",
+        default=None,
+        help="where to write (default: the checkpoint folder)",
+    )
+    e.set_defaults(func=_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """All subcommands, with long kebab-case flags."""
     parser = argparse.ArgumentParser(
@@ -66,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     server_cli.register(sub)
     site_cli.register(sub)
     coordinator_cli.register(sub)
+    _add_model_commands(sub)
     return parser
 
 

@@ -189,19 +189,21 @@ def preprocessing(plan: Plan, label_map: dict[int, int] | None = None) -> mt.Com
                 pixdim=plan.spacing_mm,
                 mode=("bilinear", "nearest"),
             ),
-            *_window_crop_normalise(plan),
+            *window_crop_normalise(plan),
             mt.EnsureTyped(keys=[IMAGE], dtype=torch.float32, track_meta=False),
             mt.EnsureTyped(keys=[LABEL], dtype=torch.uint8, track_meta=False),
         ]
     )
 
 
-def _window_crop_normalise(plan: Plan) -> list:
+def window_crop_normalise(plan: Plan, keys: tuple[str, ...] = (IMAGE, LABEL)) -> list:
+    """The plan's intensity steps: window, crop to the body, normalise (shared by
+    training, evaluation and prediction, which passes ``keys=(IMAGE,)``)."""
     # Crop to voxels above the window's floor in both schemes, before any
     # z-scoring (below-mean tissue would otherwise look like background).
     lo, hi = plan.hu_window
     crop = mt.CropForegroundd(
-        keys=[IMAGE, LABEL], source_key=IMAGE, margin=2, select_fn=lambda x: x > 0
+        keys=list(keys), source_key=IMAGE, margin=2, select_fn=lambda x: x > 0
     )
     if plan.intensity_mean is None or plan.intensity_std is None:
         scale = mt.ScaleIntensityRanged(
@@ -213,7 +215,7 @@ def _window_crop_normalise(plan: Plan) -> list:
         keys=[IMAGE], a_min=lo, a_max=hi, b_min=lo, b_max=hi, clip=True
     )
     crop_hu = mt.CropForegroundd(
-        keys=[IMAGE, LABEL], source_key=IMAGE, margin=2, select_fn=lambda x: x > lo
+        keys=list(keys), source_key=IMAGE, margin=2, select_fn=lambda x: x > lo
     )
     zscore = mt.NormalizeIntensityd(
         keys=[IMAGE], subtrahend=plan.intensity_mean, divisor=plan.intensity_std

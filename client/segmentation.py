@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
@@ -11,7 +14,7 @@ from client.data import IMAGE, LABEL, PatchDataset, load_site_cases, volume_data
 from client.task import TaskData
 from common import wire
 from common.config import Plan, SiteConfig
-from common.metrics import mean_by_region, region_dice
+from common.metrics import mean_by_region, region_dice, region_surface_dice
 
 
 class SegmentationTask:
@@ -43,10 +46,15 @@ class SegmentationTask:
     def evaluate(
         self, model: nn.Module, data: TaskData, plan: Plan, device: torch.device
     ) -> dict[str, float]:
-        """Mean Dice per KiTS region and mean loss over the validation volumes."""
+        """Mean Dice and surface Dice per KiTS region and mean loss over the
+        validation volumes (whole volumes, sliding-window inference).
+
+        Surface distances are measured on the evaluated grid, the plan's
+        ``spacing-mm`` (after the federated preprocessing plan, if any).
+        """
         model.to(device).eval()
         loss_fn = self.loss(plan)
-        rows, losses = [], []
+        rows, nsd_rows, losses = [], [], []
         for i in range(len(data.validation)):
             item = data.validation[i]
             image = item[IMAGE].unsqueeze(0).to(device)
@@ -55,7 +63,32 @@ class SegmentationTask:
                 image, plan.patch_size, sw_batch_size=16, predictor=model, overlap=0.25
             )
             losses.append(float(loss_fn(logits, label)))
-            rows.append(region_dice(logits.argmax(1, keepdim=True), label).cpu())
+            pred = logits.argmax(1, keepdim=True)
+            rows.append(region_dice(pred, label).cpu())
+            nsd_rows.append(
+                region_surface_dice(
+                    pred.cpu(),
+                    label.cpu(),
+                    plan.spacing_mm,
+                    plan.surface_dice_tolerance_mm,
+                )
+            )
         out = {wire.dice_key(k): v for k, v in mean_by_region(rows).items()}
+        for k, v in mean_by_region(nsd_rows).items():
+            out[wire.surface_dice_key(k)] = v
         out[wire.EVAL_LOSS] = sum(losses) / len(losses) if losses else float("nan")
         return out
+
+    def predict(
+        self,
+        model: nn.Module,
+        image: Path,
+        plan: Plan,
+        device: torch.device,
+        output: Path | None,
+    ) -> dict[str, Any]:
+        """Label map in the scan's own grid (written to ``output``) and the
+        volume of kidney, tumour and cyst in mL."""
+        from client.seg_predict import predict_scan
+
+        return predict_scan(model, image, plan, device, output)

@@ -7,6 +7,7 @@ module and one registry entry.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -39,6 +40,22 @@ class Task(Protocol):
     def evaluate(
         self, model: nn.Module, data: TaskData, plan: Plan, device: torch.device
     ) -> dict[str, float]: ...
+
+    def predict(
+        self,
+        model: nn.Module,
+        image: Path,
+        plan: Plan,
+        device: torch.device,
+        output: Path | None,
+    ) -> dict[str, Any]:
+        """Apply a trained model to one scan (``kidneyfl predict``).
+
+        Applies the plan's preprocessing, writes ``output`` when the task
+        produces a file (a label map for segmentation) and returns a JSON-able
+        summary (volumes, class probabilities, ...).
+        """
+        ...
 
 
 def get_task(name: str) -> Task:

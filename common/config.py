@@ -81,6 +81,11 @@ class Plan(BaseModel):
     # online that long, it stops with the completed rounds checkpointed.
     expected_sites: int = Field(0, alias="expected-sites", ge=0)
     site_wait_timeout: float = Field(600.0, alias="site-wait-timeout", gt=0)
+    # Evaluation (issue 6): surface Dice tolerance in mm per KiTS region
+    # (kidney+masses, masses, tumour); KiTS23's values by default.
+    surface_dice_tolerance_mm: tuple[float, float, float] = Field(
+        (1.033, 1.133, 1.150), alias="surface-dice-tolerance-mm"
+    )
 
     @field_validator("spacing_mm", mode="before")
     @classmethod
@@ -88,6 +93,17 @@ class Plan(BaseModel):
         t = _triple(v, float, "spacing-mm")
         if not all(0.2 <= s <= 10 for s in t):
             raise ValueError("spacing-mm values must be between 0.2 and 10 mm")
+        return t
+
+    @field_validator("surface_dice_tolerance_mm", mode="before")
+    @classmethod
+    def _tolerance(cls, v: Any) -> tuple:
+        t = _triple(v, float, "surface-dice-tolerance-mm")
+        if not all(0 <= s <= 50 for s in t):
+            raise ValueError(
+                "surface-dice-tolerance-mm values must be between 0 and 50 mm, "
+                "e.g. 1.033,1.133,1.150 (KiTS23)"
+            )
         return t
 
     @field_validator("patch_size", mode="before")

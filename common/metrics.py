@@ -2,16 +2,24 @@
 
 KiTS evaluates nested regions rather than raw classes:
 kidney+masses = labels {1, 2, 3}, masses = {2, 3}, tumour = {2}.
-Conventions (KiTS): when both prediction and truth are empty, Dice is 1; when
-only one is empty, Dice is 0.
+Two metrics per region, both with KiTS' empty conventions (when prediction and
+truth are both empty the score is 1; when only one is empty it is 0):
+
+- Dice (MONAI ``compute_dice``);
+- surface Dice, the normalised surface distance (MONAI ``compute_surface_dice``):
+  the fraction of both boundaries lying within a tolerance in mm of the other,
+  with distances measured at the voxel spacing of the evaluated volume. The
+  KiTS23 tolerances are 1.033 mm (kidney+masses), 1.133 mm (masses) and
+  1.150 mm (tumour).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 
 import torch
-from monai.metrics import compute_dice
+from monai.metrics import compute_dice, compute_surface_dice
 
 # kidneyfl's label values (KiTS21/23); every layout is mapped onto these.
 LABELS: dict[int, str] = {0: "background", 1: "kidney", 2: "tumour", 3: "cyst"}
@@ -21,6 +29,9 @@ KITS_REGIONS: dict[str, tuple[int, ...]] = {
     "masses": (2, 3),
     "tumour": (2,),
 }
+
+# KiTS23's surface Dice tolerances in mm, per region in KITS_REGIONS order.
+SURFACE_DICE_TOLERANCES_MM: tuple[float, float, float] = (1.033, 1.133, 1.150)
 
 
 def region_masks(labels: torch.Tensor) -> torch.Tensor:
@@ -59,6 +70,50 @@ def region_dice(pred_labels: torch.Tensor, true_labels: torch.Tensor) -> torch.T
     # non-empty prediction) with ignore_empty=False; an empty prediction against a
     # non-empty truth is 0 by the formula. Guard against NaN all the same.
     return torch.nan_to_num(dice, nan=0.0)
+
+
+def region_surface_dice(
+    pred_labels: torch.Tensor,
+    true_labels: torch.Tensor,
+    spacing_mm: tuple[float, ...],
+    tolerances_mm: tuple[float, ...] = SURFACE_DICE_TOLERANCES_MM,
+) -> torch.Tensor:
+    """Surface Dice (normalised surface distance) per case and KiTS region.
+
+    Parameters
+    ----------
+    pred_labels, true_labels : torch.Tensor
+        Integer label maps ``(B, 1, *spatial)`` on the same grid.
+    spacing_mm : tuple of float
+        Voxel size of that grid along each spatial axis, in mm.
+    tolerances_mm : tuple of float
+        One tolerance per region (KITS_REGIONS order), in mm.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B, n_regions)``: 1 where both are empty, 0 where only one is.
+    """
+    if len(tolerances_mm) != len(KITS_REGIONS):
+        raise ValueError(
+            f"need {len(KITS_REGIONS)} surface Dice tolerances (one per region "
+            f"{', '.join(KITS_REGIONS)}), got {len(tolerances_mm)}"
+        )
+    pred, true = region_masks(pred_labels), region_masks(true_labels)
+    with warnings.catch_warnings():
+        # empty regions are expected (no tumour in a case) and handled below
+        warnings.filterwarnings("ignore", message=".* of class .* is all 0")
+        nsd = compute_surface_dice(
+            pred,
+            true,
+            class_thresholds=[float(t) for t in tolerances_mm],
+            include_background=True,  # every channel is a region, none background
+            spacing=[float(s) for s in spacing_mm],
+        )
+    # MONAI returns NaN when both boundaries are empty and 0 when only one is.
+    both_empty = (pred.flatten(2).sum(-1) == 0) & (true.flatten(2).sum(-1) == 0)
+    nsd = torch.where(both_empty.to(nsd.device), torch.ones_like(nsd), nsd)
+    return torch.nan_to_num(nsd, nan=0.0)
 
 
 def mean_by_region(dice_rows: Iterable[torch.Tensor]) -> dict[str, float]:

@@ -48,3 +48,12 @@ DICE_PREFIX: Final = "dice-"
 def dice_key(region: str) -> str:
     """Metric key for the Dice of one KiTS region (``dice-kidney``...)."""
     return f"{DICE_PREFIX}{region}"
+
+
+# Evaluation (issue 6): surface Dice per KiTS region, next to Dice.
+SURFACE_DICE_PREFIX: Final = "surface-dice-"
+
+
+def surface_dice_key(region: str) -> str:
+    """Metric key for the surface Dice of one KiTS region (``surface-dice-kidney``)."""
+    return f"{SURFACE_DICE_PREFIX}{region}"

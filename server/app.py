@@ -24,6 +24,7 @@ from flwr.app import (
 from flwr.serverapp import Grid, ServerApp
 
 from common import wire
+from common.artifacts import PREPROCESSING_KEY, effective_preprocessing
 from common.config import Plan, load_plan
 from common.fingerprint import combine
 from common.logs import setup_logging
@@ -34,6 +35,7 @@ from server.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from server.deliver import deliver
 from server.liveness import LivenessGrid, SitesGone, wait_for_sites
 from server.recovery import reconcile_metrics
 from server.report import (
@@ -187,6 +189,7 @@ def _federate(
         wire.RUN_ID: run_dir.name,
         wire.TOTAL_ROUNDS: plan.num_server_rounds,
     }
+    prep = None
     if plan.fingerprint_round:
         prep = federated_preprocessing(grid, plan, run_dir)
         base_config[wire.PREP_SPACING] = [float(v) for v in prep["spacing-mm"]]
@@ -194,6 +197,8 @@ def _federate(
         base_config[wire.PREP_PATCH] = [int(v) for v in prep["patch-size"]]
         base_config[wire.PREP_MEAN] = float(prep["foreground-mean"])
         base_config[wire.PREP_STD] = float(prep["foreground-std"])
+    # Checkpoints carry the preprocessing the sites applied (self-describing).
+    prep_meta = effective_preprocessing(plan, prep)
 
     def on_round_end(rec: RoundRecord, arrays: ArrayRecord) -> None:
         entry = round_entry(rec)
@@ -205,6 +210,7 @@ def _federate(
             "plan": plan.model_dump(by_alias=True, mode="json"),
             "plan_fingerprint": json.loads(json.dumps(plan.fingerprint())),
             "model": plan.model,
+            PREPROCESSING_KEY: prep_meta,
             "metrics": entry["weighted"],
             "epsilon_per_site": entry["epsilon"],
             "max_epsilon": max(
@@ -250,9 +256,11 @@ def _federate(
             "plan": plan.model_dump(by_alias=True, mode="json"),
             "plan_fingerprint": json.loads(json.dumps(plan.fingerprint())),
             "model": plan.model,
+            PREPROCESSING_KEY: prep_meta,
         },
     )
     entries = read_metrics(run_dir)
     _write_status(run_dir, "finished", plan.num_server_rounds)
     log.info("\n%s", summary_table(entries))
     log.info("final model: %s", run_dir / "final")
+    deliver(run_dir)

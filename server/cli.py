@@ -54,6 +54,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from server.deliver import report
     from server.report import read_metrics, round_line, summary_table
 
     entries = read_metrics(Path(args.run_dir))
@@ -63,6 +64,7 @@ def _report(args: argparse.Namespace) -> int:
         print(round_line(e))
     print()
     print(summary_table(entries))
+    print(f"\nreport: {report(Path(args.run_dir), samples=not args.no_samples)}")
     return 0
 
 
@@ -96,7 +98,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_simulate)
 
     r = sub.add_parser(
-        "report", help="print a run's per-round metrics and summary", allow_abbrev=False
+        "report",
+        help="print a run's metrics and write report.html, plots, TensorBoard events",
+        allow_abbrev=False,
     )
     r.add_argument("run_dir")
+    r.add_argument(
+        "--no-samples",
+        action="store_true",
+        help="skip the sample slices (phantom sites only) in report.html",
+    )
     r.set_defaults(func=_report)

@@ -27,20 +27,37 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def round_entry(rec: RoundRecord) -> dict[str, Any]:
-    """The ``metrics.jsonl`` line for a round: per site, weighted mean, spread."""
-    entry = asdict(rec)
-    entry["weighted"] = weighted_eval_means(rec.evaluate)
-    spread = {}
-    for region in KITS_REGIONS:
+# Evaluation values that are counts, not scores: no best-worst spread for them.
+_NOT_SCORES = (wire.NUM_VAL_CASES, wire.NUM_EXAMPLES, wire.REFUSED)
+
+
+def site_spread(per_site: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Best minus worst site for every evaluation metric (NaN values ignored).
+
+    Confusion-matrix counts (``cm-i-j``) and case counts are not scores and
+    get no spread.
+    """
+    keys = sorted({k for m in per_site.values() for k in m})
+    out = {}
+    for key in keys:
+        if key in _NOT_SCORES or key.startswith("cm-"):
+            continue
         vals = [
-            m[wire.dice_key(region)]
-            for m in rec.evaluate.values()
-            if wire.dice_key(region) in m
+            float(m[key])
+            for m in per_site.values()
+            if key in m and isinstance(m[key], int | float) and math.isfinite(m[key])
         ]
         if vals:
-            spread[wire.dice_key(region)] = max(vals) - min(vals)
-    entry["spread"] = spread
+            out[key] = max(vals) - min(vals)
+    return out
+
+
+def round_entry(rec: RoundRecord) -> dict[str, Any]:
+    """The ``metrics.jsonl`` line for a round: per site, weighted mean, and the
+    best-worst site spread of every evaluation metric."""
+    entry = asdict(rec)
+    entry["weighted"] = weighted_eval_means(rec.evaluate)
+    entry["spread"] = site_spread(rec.evaluate)
     entry["epsilon"] = {
         s: m.get(wire.EPSILON) for s, m in rec.train.items() if m.get(wire.DP_ENABLED)
     }
@@ -86,6 +103,12 @@ def round_line(entry: dict[str, Any]) -> str:
         "Dice kidney/masses/tumour "
         + "/".join(_fmt(w.get(wire.dice_key(r)), 5).strip() for r in KITS_REGIONS)
     )
+    sp = entry.get("spread", {})
+    if any(wire.dice_key(r) in sp for r in KITS_REGIONS):
+        parts.append(
+            "best-worst "
+            + "/".join(_fmt(sp.get(wire.dice_key(r)), 5).strip() for r in KITS_REGIONS)
+        )
     for site, m in sorted(entry.get("evaluate", {}).items()):
         eps = entry.get("epsilon", {}).get(site)
         eps_txt = f" eps={eps:.2f}" if eps is not None else " eps=off"

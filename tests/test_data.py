@@ -94,5 +94,11 @@ def test_task_evaluate_returns_aggregates_only(tiny_site, tiny_plan):
     out = task.evaluate(
         build_plan_model(tiny_plan), data, tiny_plan, torch.device("cpu")
     )
-    assert set(out) == {"dice-kidney", "dice-masses", "dice-tumour", "eval-loss"}
+    regions = ("kidney", "masses", "tumour")
+    assert set(out) == {
+        *(f"dice-{r}" for r in regions),
+        *(f"surface-dice-{r}" for r in regions),
+        "eval-loss",
+    }
+    assert all(0.0 <= out[f"surface-dice-{r}"] <= 1.0 for r in regions)
     assert all(isinstance(v, float) for v in out.values())

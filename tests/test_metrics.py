@@ -1,6 +1,12 @@
 import torch
 
-from common.metrics import KITS_REGIONS, mean_by_region, region_dice
+from common.metrics import (
+    KITS_REGIONS,
+    SURFACE_DICE_TOLERANCES_MM,
+    mean_by_region,
+    region_dice,
+    region_surface_dice,
+)
 
 
 def _vol(values: dict[tuple[int, int, int], int]) -> torch.Tensor:
@@ -42,3 +48,55 @@ def test_cyst_counts_as_mass_not_tumour():
 def test_mean_by_region():
     rows = [torch.tensor([[1.0, 0.5, 0.0]]), torch.tensor([[0.0, 0.5, 1.0]])]
     assert mean_by_region(rows) == {"kidney": 0.5, "masses": 0.5, "tumour": 0.5}
+
+
+def _cube(z0: int, size: int = 6) -> torch.Tensor:
+    v = torch.zeros((1, 1, size, size, size), dtype=torch.long)
+    v[0, 0, 2:4, 2:4, z0 : z0 + 2] = 1  # a 2x2x2 kidney cube: every voxel is edge
+    return v
+
+
+def test_surface_dice_by_hand_with_spacing_and_tolerance():
+    truth, pred = _cube(2), _cube(3)  # shifted one voxel along the third axis
+    # Half of each boundary coincides (distance 0); the other half lies one voxel
+    # away along axis 3, i.e. 2 mm at spacing (1, 1, 2): inside a 2 mm tolerance,
+    # outside a 1 mm one.
+    tight = region_surface_dice(pred, truth, (1.0, 1.0, 2.0), (1.0, 1.0, 1.0))
+    loose = region_surface_dice(pred, truth, (1.0, 1.0, 2.0), (2.0, 2.0, 2.0))
+    fine = region_surface_dice(pred, truth, (1.0, 1.0, 0.5), (1.0, 1.0, 1.0))
+    # masses and tumour are empty in both -> 1 by convention
+    assert tight.tolist() == [[0.5, 1.0, 1.0]]
+    assert loose.tolist() == [[1.0, 1.0, 1.0]]
+    assert fine.tolist() == [[1.0, 1.0, 1.0]]  # 0.5 mm apart at finer spacing
+    assert region_dice(pred, truth)[0, 0].item() == 0.5  # overlap 4 of 8 + 8
+
+
+def test_surface_dice_empty_conventions():
+    empty = _vol({})
+    some = _vol({(2, 2, 2): 2})
+    sp = (1.0, 1.0, 1.0)
+    assert region_surface_dice(empty, empty, sp).tolist() == [[1.0, 1.0, 1.0]]
+    assert region_surface_dice(some, empty, sp).tolist() == [[0.0, 0.0, 0.0]]
+    assert region_surface_dice(empty, some, sp).tolist() == [[0.0, 0.0, 0.0]]
+    cyst = _vol({(2, 2, 2): 3})  # a cyst: a mass, not a tumour
+    assert region_surface_dice(cyst, cyst, sp).tolist() == [[1.0, 1.0, 1.0]]
+    assert region_surface_dice(some, cyst, sp).tolist() == [[1.0, 1.0, 0.0]]
+
+
+def test_surface_dice_needs_one_tolerance_per_region():
+    import pytest
+
+    with pytest.raises(ValueError, match="3 surface Dice tolerances"):
+        region_surface_dice(_vol({}), _vol({}), (1.0, 1.0, 1.0), (1.0, 1.0))
+
+
+def test_plan_tolerances_default_and_validation():
+    import pytest
+
+    from common.config import ConfigError, Plan, load_plan
+
+    assert Plan().surface_dice_tolerance_mm == SURFACE_DICE_TOLERANCES_MM
+    plan = load_plan({"surface-dice-tolerance-mm": "2,2,3"})
+    assert plan.surface_dice_tolerance_mm == (2.0, 2.0, 3.0)
+    with pytest.raises(ConfigError, match="surface-dice-tolerance-mm"):
+        load_plan({"surface-dice-tolerance-mm": "1,-1,1"})

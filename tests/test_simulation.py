@@ -69,6 +69,12 @@ def test_federation_with_dp_refusal_checkpoints_and_resume(tmp_path):
     )
     assert (run / "checkpoints" / "round-0001.pt").exists()
     assert (run / "final" / "latest.json").exists()
+    # What the consortium gets back (issue 6): report, exported model, events.
+    assert 'id="curves"' in (run / "report.html").read_text()
+    assert (run / "final" / "model.torchscript.pt").exists()
+    assert any((run / "tensorboard").iterdir())
+    side = json.loads((run / "final" / "latest.json").read_text())
+    assert side["preprocessing"]["spacing-mm"] == prep["spacing-mm"]
     assert "epsilon spent" in privacy_report(str(sites[0]))
 
     # Resume: one more round continues from the checkpoint, nothing is lost.

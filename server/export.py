@@ -1,0 +1,102 @@
+"""Export the final model for use outside kidneyfl: TorchScript + preprocessing.
+
+``runs/<run>/final/model.torchscript.pt`` loads with ``torch.jit.load`` alone
+(no kidneyfl, no MONAI); ``final/preprocessing.json`` beside it says what input
+it expects: RAS orientation, the voxel spacing, the HU window and normalisation,
+the patch size for sliding-window inference, and the output classes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.artifacts import load_model_dir
+from common.metrics import LABELS
+from common.tasks import build_plan_model
+from common.weights import import_state
+from server.checkpoint import atomic_write_bytes
+
+log = logging.getLogger("kidneyfl.server")
+
+TORCHSCRIPT_NAME = "model.torchscript.pt"
+PREPROCESSING_NAME = "preprocessing.json"
+
+
+def export_model(checkpoint: Path, out_dir: Path | None = None) -> dict[str, Path]:
+    """Write the TorchScript model and its preprocessing JSON.
+
+    Parameters
+    ----------
+    checkpoint : Path
+        A checkpoint folder (``runs/<run>/final``).
+    out_dir : Path, optional
+        Where to write; the checkpoint folder by default.
+
+    Returns
+    -------
+    dict
+        ``{"model": path, "preprocessing": path}``.
+    """
+    checkpoint = Path(checkpoint)
+    out_dir = Path(out_dir) if out_dir is not None else checkpoint
+    state, meta, plan = load_model_dir(checkpoint)
+    model = build_plan_model(plan)
+    import_state(model, state)
+    model.eval()
+    example = torch.zeros((1, 1, *plan.patch_size), dtype=torch.float32)
+    path = out_dir / TORCHSCRIPT_NAME
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f".{TORCHSCRIPT_NAME}.tmp"
+    with warnings.catch_warnings():
+        # torch 2.13 marks TorchScript deprecated; it still loads everywhere
+        # without Python model code, which is what hospitals' tools need.
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        try:
+            # Scripting keeps shape-dependent branches (BasicUNet pads odd sizes)
+            scripted = torch.jit.script(model)
+        except Exception as exc:  # noqa: BLE001 - any scripting failure: trace
+            log.info("torch.jit.script failed (%s); tracing instead", exc)
+            with torch.no_grad():
+                scripted = torch.jit.trace(model, example, check_trace=False)
+        torch.jit.save(scripted, str(tmp))
+    tmp.replace(path)
+    description = _describe(meta, plan.task)
+    prep_path = out_dir / PREPROCESSING_NAME
+    atomic_write_bytes(prep_path, json.dumps(description, indent=2).encode())
+    log.info("exported %s and %s", path, prep_path)
+    return {"model": path, "preprocessing": prep_path}
+
+
+def _describe(meta: dict[str, Any], task: str) -> dict[str, Any]:
+    prep = dict(meta["preprocessing"])
+    source = prep.pop("source", "plan")
+    normalise = (
+        "clip to hu-window, then (x - intensity-mean) / intensity-std"
+        if prep.get("intensity-mean") is not None
+        else "clip to hu-window, then scale linearly to [0, 1]"
+    )
+    return {
+        "task": task,
+        "model": meta.get("model"),
+        "round": meta.get("round"),
+        "weights-sha256": meta.get("sha256"),
+        "preprocessing": prep,
+        "preprocessing-source": source,
+        "steps": [
+            "reorient to RAS",
+            "resample to spacing-mm (linear)",
+            normalise,
+            "sliding-window inference with patch-size windows (overlap 0.25)",
+            "argmax over output channels",
+        ],
+        "input": "float32 tensor (batch, 1, x, y, z), RAS, after the steps above",
+        "output-classes": {str(k): v for k, v in LABELS.items()}
+        if task == "segmentation"
+        else None,
+    }

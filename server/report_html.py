@@ -1,0 +1,331 @@
+"""The run report: ``runs/<run>/report.html`` and its PNGs in ``runs/<run>/report/``.
+
+The HTML is self-contained (every image embedded as base64, no scripts, no
+CDN), so it opens offline and can be mailed to the consortium. It is built from
+what the coordinator already holds: ``metrics.jsonl``, ``plan.json``,
+``comparison.json`` (local/pooled baselines, when present) and sample slices
+rendered from phantom data only (see ``client/samples.py``).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+import math
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common import wire
+from server import plots
+from server.checkpoint import atomic_write_bytes
+from server.report import read_metrics
+
+log = logging.getLogger("kidneyfl.server")
+
+REPORT_NAME = "report.html"
+FIGURES_DIR = "report"
+COMPARISON_FILE = "comparison.json"
+_CM_KEY = re.compile(r"^cm-(\d+)-(\d+)$")
+_COUNTS = {wire.NUM_VAL_CASES, wire.NUM_EXAMPLES, wire.REFUSED}
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1.5em}
+td,th{border:1px solid #ccc;padding:3px 8px;text-align:right;font-size:13px}
+th{background:#f0f0f0} td:first-child,th:first-child{text-align:left}
+img{max-width:100%;margin:.3em 0} .note{color:#555;font-size:13px}
+figure{display:inline-block;margin:.5em}
+"""
+
+
+def score_keys(entries: list[dict[str, Any]]) -> list[str]:
+    """Evaluation metrics that are scores (not counts, losses or matrices), in a
+    stable order: Dice, surface Dice, then the rest alphabetically."""
+    keys = {
+        k
+        for e in entries
+        for m in e.get("evaluate", {}).values()
+        for k in m
+        if k not in _COUNTS and k != wire.EVAL_LOSS and not _CM_KEY.match(k)
+    }
+
+    def order(k: str) -> tuple[int, str]:
+        if k.startswith(wire.SURFACE_DICE_PREFIX):
+            return (1, k)
+        return (0 if k.startswith(wire.DICE_PREFIX) else 2, k)
+
+    return sorted(keys, key=order)
+
+
+def confusion_matrices(
+    entry: dict[str, Any],
+) -> dict[str, np.ndarray]:
+    """``{site: counts}`` from ``cm-<true>-<pred>`` metrics, plus ``all sites``."""
+    out: dict[str, np.ndarray] = {}
+    for site, m in sorted(entry.get("evaluate", {}).items()):
+        cells = {
+            (int(g[1]), int(g[2])): float(v)
+            for k, v in m.items()
+            if (g := _CM_KEY.match(k)) and v is not None
+        }
+        if not cells:
+            continue
+        n = max(max(i, j) for i, j in cells) + 1
+        mat = np.zeros((n, n))
+        for (i, j), v in cells.items():
+            mat[i, j] = v
+        out[site] = mat
+    if len(out) > 1:
+        n = max(m.shape[0] for m in out.values())
+        total = np.zeros((n, n))
+        for m in out.values():
+            total[: m.shape[0], : m.shape[1]] += m
+        out["all sites"] = total
+    return out
+
+
+def _img(name: str, png: bytes, alt: str) -> str:
+    data = base64.b64encode(png).decode()
+    return (
+        f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(alt)}"'
+        f' data-file="{html.escape(name)}"></figure>'
+    )
+
+
+def _table(head: list[str], rows: list[list[Any]]) -> str:
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return "-" if not math.isfinite(v) else f"{v:.4g}"
+        if isinstance(v, list | dict):
+            return html.escape(json.dumps(v))
+        return html.escape("-" if v is None else str(v))
+
+    out = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head)]
+    out[0] += "</tr>"
+    for r in rows:
+        out.append("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>")
+    return "\n".join(out) + "</table>"
+
+
+def _final_table(entries: list[dict[str, Any]], keys: list[str]) -> str:
+    last = entries[-1]
+    head = ["site", *keys, wire.EVAL_LOSS, "val cases", "epsilon", "delta"]
+    rows = []
+    sites = sorted(set(last.get("evaluate", {})) | set(last.get("train", {})))
+    for site in sites:
+        m = last.get("evaluate", {}).get(site, {})
+        t = last.get("train", {}).get(site, {})
+        eps = last.get("epsilon", {}).get(site)
+        rows.append(
+            [site, *(m.get(k) for k in keys), m.get(wire.EVAL_LOSS)]
+            + [m.get(wire.NUM_VAL_CASES), "off" if eps is None else eps, t.get("delta")]
+        )
+    w, sp = last.get("weighted", {}), last.get("spread", {})
+    rows.append(["weighted mean", *(w.get(k) for k in keys), w.get(wire.EVAL_LOSS)])
+    rows.append(["best-worst", *(sp.get(k) for k in keys)])
+    return _table(head, rows)
+
+
+def _events_table(entries: list[dict[str, Any]]) -> str:
+    rows = []
+    for e in entries:
+        for kind in ("refused", "rejected", "failed"):
+            for site, why in e.get(kind, {}).items():
+                rows.append([e["round"], site, kind, why])
+    if not rows:
+        return '<p class="note">No refusals, rejected updates or failures.</p>'
+    return _table(["round", "site", "event", "reason"], rows)
+
+
+def _figures(
+    run_dir: Path, entries: list[dict[str, Any]], plan: dict[str, Any], samples: list
+) -> dict[str, list[tuple[str, bytes]]]:
+    """Section -> [(file name, PNG)]."""
+    keys = score_keys(entries)
+    figs: dict[str, list[tuple[str, bytes]]] = {}
+    groups = [
+        ("dice.png", "Dice", [k for k in keys if k.startswith(wire.DICE_PREFIX)]),
+        (
+            "surface-dice.png",
+            "Surface Dice",
+            [k for k in keys if k.startswith(wire.SURFACE_DICE_PREFIX)],
+        ),
+        (
+            "metrics.png",
+            "Validation metrics",
+            [
+                k
+                for k in keys
+                if not k.startswith((wire.DICE_PREFIX, wire.SURFACE_DICE_PREFIX))
+            ],
+        ),
+    ]
+    figs["curves"] = [
+        (name, plots.metric_curves(entries, ks, title))
+        for name, title, ks in groups
+        if ks
+    ]
+    figs["loss"] = [("loss.png", plots.loss_curves(entries))]
+    if any(v is not None for e in entries for v in e.get("epsilon", {}).values()):
+        figs["privacy"] = [("epsilon.png", plots.epsilon_curves(entries))]
+    if keys and len({s for e in entries for s in e.get("evaluate", {})}) > 1:
+        figs["spread"] = [("spread.png", plots.spread_curves(entries, keys))]
+    comp = run_dir / COMPARISON_FILE
+    if comp.is_file():
+        figs["comparison"] = [("comparison.png", comparison_heatmap(comp))]
+    cms = confusion_matrices(entries[-1])
+    if cms:
+        names = plan.get("class-names")
+        figs["confusion"] = []
+        for i, (site, mat) in enumerate(cms.items()):
+            labels = (
+                list(names)[: mat.shape[0]]
+                if isinstance(names, list | tuple) and len(names) >= mat.shape[0]
+                else [str(k) for k in range(mat.shape[0])]
+            )
+            png = plots.heatmap(
+                mat,
+                labels,
+                labels,
+                f"confusion: {site}",
+                "predicted",
+                "true",
+                ".0f",
+                "Blues",
+            )
+            figs["confusion"].append((f"confusion-{i}.png", png))
+    if samples:
+        figs["samples"] = [
+            (
+                f"sample-{i}.png",
+                plots.sample_slice(
+                    s.image,
+                    s.truth,
+                    s.pred,
+                    f"{s.site} (phantom): red = model"
+                    + (", green = reference" if s.truth is not None else ""),
+                ),
+            )
+            for i, s in enumerate(samples)
+        ]
+    return figs
+
+
+def comparison_heatmap(path: Path) -> bytes:
+    """Model x site heat map of ``comparison.json``'s headline metric."""
+    comp = json.loads(path.read_text())
+    metric = comp["metric"]
+    models, sites = list(comp["models"]), list(comp["sites"])
+    values = comp["values"]
+    mat = np.array(
+        [
+            [
+                float(values.get(m, {}).get(s, {}).get(metric, math.nan) or math.nan)
+                for s in sites
+            ]
+            for m in models
+        ]
+    )
+    return plots.heatmap(mat, models, sites, f"{metric}: model x site", "site", "model")
+
+
+_SECTIONS = [
+    (
+        "curves",
+        "Per-site validation curves",
+        "One line per site and the case-weighted mean, every round.",
+    ),
+    (
+        "loss",
+        "Loss",
+        "Training loss reported by each site after its local epochs; validation "
+        "loss on its validation split.",
+    ),
+    (
+        "privacy",
+        "Privacy",
+        "Cumulative epsilon per site at the site's own delta (Opacus RDP "
+        "accountant over the site's whole ledger).",
+    ),
+    ("spread", "Best-worst site spread", "Best minus worst site, per metric, round."),
+    (
+        "comparison",
+        "Federated vs local vs pooled",
+        "Each model evaluated on each site's validation split (comparison.json).",
+    ),
+    (
+        "confusion",
+        "Confusion matrices",
+        "Last round; rows are the true class, columns the predicted class.",
+    ),
+    (
+        "samples",
+        "Sample slices (phantom data only)",
+        "Rendered only for simulated sites whose data are synthetic phantoms; a "
+        "real site's images never reach the coordinator or this report.",
+    ),
+]
+
+
+def write_report(
+    run_dir: Path, samples: list | None = None, skipped_samples: list[str] | None = None
+) -> Path:
+    """Write ``report.html`` and the PNGs; returns the HTML path.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the run has no completed round.
+    """
+    run_dir = Path(run_dir)
+    entries = read_metrics(run_dir)
+    if not entries:
+        raise FileNotFoundError(f"{run_dir}: no metrics.jsonl with rounds")
+    plan_path = run_dir / "plan.json"
+    plan = json.loads(plan_path.read_text()) if plan_path.is_file() else {}
+    figs = _figures(run_dir, entries, plan, samples or [])
+    fig_dir = run_dir / FIGURES_DIR
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    for old in fig_dir.glob("*.png"):
+        old.unlink()
+    body = [
+        f"<h1>kidneyfl run {html.escape(run_dir.name)}</h1>",
+        f'<p class="note">{len(entries)} round(s); generated '
+        f"{time.strftime('%Y-%m-%d %H:%M:%S')} from metrics.jsonl.</p>",
+        '<h2 id="final">Final numbers (last round)</h2>',
+        _final_table(entries, score_keys(entries)),
+    ]
+    for key, title, note in _SECTIONS:
+        items = figs.get(key)
+        if not items:
+            continue
+        body.append(f'<h2 id="{key}">{html.escape(title)}</h2>')
+        body.append(f'<p class="note">{html.escape(note)}</p>')
+        for name, png in items:
+            atomic_write_bytes(fig_dir / name, png)
+            body.append(_img(f"{FIGURES_DIR}/{name}", png, f"{title}: {name}"))
+    if skipped_samples:
+        body.append(
+            '<p class="note">No sample slice for '
+            + html.escape(", ".join(skipped_samples))
+            + ": not phantom data.</p>"
+        )
+    body.append('<h2 id="events">Refusals, rejected updates, failures</h2>')
+    body.append(_events_table(entries))
+    body.append('<h2 id="plan">Plan</h2>')
+    body.append(_table(["key", "value"], [[k, plan[k]] for k in sorted(plan)]))
+    page = (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f"<title>kidneyfl {html.escape(run_dir.name)}</title><style>{_CSS}</style>"
+        "</head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
+    out = run_dir / REPORT_NAME
+    atomic_write_bytes(out, page.encode())
+    log.info("report: %s", out)
+    return out
