@@ -48,3 +48,10 @@ DICE_PREFIX: Final = "dice-"
 def dice_key(region: str) -> str:
     """Metric key for the Dice of one KiTS region (``dice-kidney``...)."""
     return f"{DICE_PREFIX}{region}"
+
+
+# Strategies and personalisation (issue 7; docs/strategies.md).
+PROXIMAL_MU: Final = "proximal-mu"  # injected by Flower's FedProx
+FINE_TUNE_ACTION: Final = "finetune"  # message type "train.finetune"
+FINE_TUNE_STEPS: Final = "fine-tune-steps"
+FINE_TUNED: Final = "fine-tuned"  # metric: 1 in a fine-tune reply
