@@ -26,13 +26,17 @@ from common import wire
 from common.config import Plan, load_plan
 from common.fingerprint import combine
 from common.logs import setup_logging
+from common.personal import require_norm_params
 from common.tasks import build_plan_model
+from server.aggregators import strategy_options
 from server.checkpoint import (
     CheckpointError,
     atomic_write_json,
     load_checkpoint,
+    load_server_state,
     save_checkpoint,
 )
+from server.finetune import run_fine_tune
 from server.report import (
     append_metrics,
     read_metrics,
@@ -112,10 +116,13 @@ def main(grid: Grid, context: Context) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     model = build_plan_model(plan)
     initial = ArrayRecord(model.state_dict())
-    done = 0
+    if plan.fedbn:
+        require_norm_params(model, plan.model)
+    done, server_state = 0, {}
     if plan.resume and (ckpt_dir / "latest.json").exists():
         state, meta = load_checkpoint(ckpt_dir, plan.fingerprint())
         initial, done = ArrayRecord(state), int(meta["round"])
+        server_state = load_server_state(ckpt_dir, meta)
         log.info("resumed %s from round %d", run_dir.name, done)
     elif (ckpt_dir / "latest.json").exists():
         raise CheckpointError(
@@ -156,7 +163,13 @@ def main(grid: Grid, context: Context) -> None:
             ),
             "sites": sorted(set(rec.train) | set(rec.evaluate)),
         }
-        save_checkpoint(ckpt_dir, rec.round, arrays.to_torch_state_dict(), sidecar)
+        save_checkpoint(
+            ckpt_dir,
+            rec.round,
+            arrays.to_torch_state_dict(),
+            sidecar,
+            server_state=strategy.export_state(),
+        )
         append_metrics(run_dir, entry)
         log.info("%s", round_line(entry))
 
@@ -169,13 +182,16 @@ def main(grid: Grid, context: Context) -> None:
             plan.central_dp_noise,
             plan.central_dp_clip,
             num_sites=len(list(grid.get_node_ids())),
+            **strategy_options(plan),
         ),
         min_sites=plan.min_sites,
         round_offset=done,
         base_config=base_config,
         on_round_end=on_round_end,
         site_names=_site_names(grid),
+        norm_factor=plan.guard_norm_factor,
     )
+    strategy.import_state(server_state)
     result = strategy.start(
         grid=grid,
         initial_arrays=initial,
@@ -195,6 +211,8 @@ def main(grid: Grid, context: Context) -> None:
             "model": plan.model,
         },
     )
+    if plan.fine_tune_steps > 0:
+        run_fine_tune(grid, plan, run_dir, final, base_config, strategy.site_of)
     entries = read_metrics(run_dir)
     log.info("\n%s", summary_table(entries))
     log.info("final model: %s", run_dir / "final")
