@@ -121,7 +121,7 @@ def run_baselines(
     ValueError
         For an unknown baseline kind.
     """
-    kinds = list(kinds or KINDS)
+    kinds = list(KINDS) if kinds is None else list(kinds)
     unknown = set(kinds) - set(KINDS)
     if unknown:
         raise ValueError(f"unknown baselines {sorted(unknown)}; use local,pooled")
