@@ -11,6 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
+from cli.baselines import simulate_baselines
 from client import cli as site_cli
 from common.logs import setup_logging
 from server import cli as server_cli
@@ -128,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_phantom)
-    server_cli.register(sub)
+    server_cli.register(sub, baselines=simulate_baselines)
     site_cli.register(sub)
     coordinator_cli.register(sub)
     _add_model_commands(sub)

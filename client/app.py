@@ -23,6 +23,7 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 
 from client.data import SiteDataError, load_site_cases, raw_volumes
+from client.personal import keep_norm_local, overlay_local_norm, save_fine_tuned
 from client.privacy import (
     BudgetExceeded,
     LedgerEntry,
@@ -38,6 +39,7 @@ from common.config import ConfigError, Plan, SiteConfig, load_plan, load_site_co
 from common.fingerprint import site_fingerprint
 from common.logs import setup_logging
 from common.models import get_model_spec
+from common.personal import require_norm_params
 from common.tasks import build_plan_model
 from common.weights import export_state, import_state
 
@@ -84,6 +86,20 @@ def _setup(msg: Message, context: Context) -> tuple[Plan, SiteConfig]:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Local epochs from the global weights; reply with weights and aggregates."""
+    return _train_round(msg, context, fine_tune=False)
+
+
+@app.train(wire.FINE_TUNE_ACTION)
+def fine_tune(msg: Message, context: Context) -> Message:
+    """Fine-tune the final global model locally; it stays at the site.
+
+    The reply carries only the fine-tuned model's validation metrics (and the
+    privacy spent): no arrays, nothing to aggregate.
+    """
+    return _train_round(msg, context, fine_tune=True)
+
+
+def _train_round(msg: Message, context: Context, fine_tune: bool) -> Message:
     try:
         plan, site = _setup(msg, context)
     except ConfigError as exc:
@@ -93,11 +109,15 @@ def train(msg: Message, context: Context) -> Message:
     run_id = str(cfg.get(wire.RUN_ID, context.run_id))
     rnd = int(cfg.get(wire.GLOBAL_ROUND, cfg.get(wire.SERVER_ROUND, 1)))
     total_rounds = int(cfg.get(wire.TOTAL_ROUNDS, plan.num_server_rounds))
+    ft_steps = int(cfg.get(wire.FINE_TUNE_STEPS, plan.fine_tune_steps))
     try:
         task = get_task(plan.task)
         data = task.load_data(site, plan)
         model = build_plan_model(plan)
-        import_state(model, msg.content[wire.ARRAYS].to_torch_state_dict())
+        received = msg.content[wire.ARRAYS].to_torch_state_dict()
+        norm = require_norm_params(model, plan.model) if plan.fedbn else []
+        start = overlay_local_norm(received, site, run_id) if norm else received
+        import_state(model, start)
         dp, eps_after, ledger, cal = None, float("inf"), None, None
         sample_rate = 0.0
         if site.privacy.enabled:
@@ -109,6 +129,7 @@ def train(msg: Message, context: Context) -> Message:
                 data.n_train,
                 plan.batch_size,
                 total_rounds * plan.local_epochs,
+                extra_steps=plan.fine_tune_steps,
             )
             # Account what this round really runs: the data may have changed
             # since the run's noise was calibrated.
@@ -123,7 +144,7 @@ def train(msg: Message, context: Context) -> Message:
                 plan.dp_target_epsilon,
                 cal.noise_multiplier,
                 sample_rate,
-                steps_per_epoch * plan.local_epochs,
+                ft_steps if fine_tune else steps_per_epoch * plan.local_epochs,
             )
             dp = DPSpec(
                 cal.noise_multiplier,
@@ -137,17 +158,21 @@ def train(msg: Message, context: Context) -> Message:
     device = select_device(site.device)
     seed = plan.seed * 1_000_003 + rnd * 7919 + zlib.crc32(site.name.encode())
     data.train.set_seed(seed % 2**31)
+    _, steps_per_epoch = poisson_schedule(data.n_train, plan.batch_size)
     stats = local_train(
         model,
         data.train,
         task.loss(plan),
-        epochs=plan.local_epochs,
+        epochs=-(-ft_steps // steps_per_epoch) if fine_tune else plan.local_epochs,
         batch_size=plan.batch_size,
         learning_rate=plan.learning_rate,
         optimizer=plan.optimizer,
         device=device,
         seed=seed % 2**31,
         dp=dp,
+        # FedProx: Flower's strategy sends mu; never while fine-tuning
+        proximal_mu=0.0 if fine_tune else float(cfg.get(wire.PROXIMAL_MU, 0.0)),
+        max_steps=ft_steps if fine_tune else None,
     )
     state = export_state(model)  # refuses NaN/Inf before anything leaves
     if ledger is not None and cal is not None:
@@ -163,23 +188,33 @@ def train(msg: Message, context: Context) -> Message:
         )
         eps_after = ledger.epsilon(site.privacy.delta)
     log.info(
-        "site %s round %d: loss %.4f, %d steps, epsilon %.3f",
+        "site %s %s %d: loss %.4f, %d steps, epsilon %.3f",
         site.name,
+        "fine-tune after round" if fine_tune else "round",
         rnd,
         stats.loss,
         stats.steps,
         eps_after,
     )
+    privacy = {
+        wire.DP_ENABLED: int(dp is not None),
+        wire.EPSILON: eps_after,
+        wire.DELTA: float(site.privacy.delta or 0.0),
+        wire.NOISE_MULTIPLIER: dp.noise_multiplier if dp else 0.0,
+        wire.REFUSED: 0,
+    }
+    if fine_tune:
+        save_fine_tuned(state, site, run_id)
+        values = task.evaluate(model, data, plan, device)
+        values.update(privacy)
+        values[wire.FINE_TUNED] = 1
+        values[wire.NUM_EXAMPLES] = data.n_train
+        values[wire.NUM_VAL_CASES] = data.n_val
+        return _reply(msg, site.name, MetricRecord(values))
+    if norm:
+        state = keep_norm_local(state, received, norm, site, run_id)
     metrics = MetricRecord(
-        {
-            wire.NUM_EXAMPLES: data.n_train,
-            wire.TRAIN_LOSS: stats.loss,
-            wire.DP_ENABLED: int(dp is not None),
-            wire.EPSILON: eps_after,
-            wire.DELTA: float(site.privacy.delta or 0.0),
-            wire.NOISE_MULTIPLIER: dp.noise_multiplier if dp else 0.0,
-            wire.REFUSED: 0,
-        }
+        {wire.NUM_EXAMPLES: data.n_train, wire.TRAIN_LOSS: stats.loss, **privacy}
     )
     return _reply(msg, site.name, metrics, ArrayRecord(state))
 
@@ -191,7 +226,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     task = get_task(plan.task)
     data = task.load_data(site, plan)
     model = build_plan_model(plan)
-    import_state(model, msg.content[wire.ARRAYS].to_torch_state_dict())
+    state = msg.content[wire.ARRAYS].to_torch_state_dict()
+    if plan.fedbn:  # each site evaluates with its own normalisation layers
+        run_id = str(msg.content[wire.CONFIG].get(wire.RUN_ID, context.run_id))
+        state = overlay_local_norm(state, site, run_id)
+    import_state(model, state)
     values = task.evaluate(model, data, plan, select_device(site.device))
     values[wire.NUM_EXAMPLES] = data.n_train
     values[wire.NUM_VAL_CASES] = data.n_val

@@ -203,12 +203,17 @@ class PrivacyLedger:
         n_cases: int,
         batch_size: int,
         total_epochs: int,
+        extra_steps: int = 0,
     ) -> Calibration:
-        """The run's noise: reused if this run was calibrated before, else new."""
+        """The run's noise: reused if this run was calibrated before, else new.
+
+        ``extra_steps`` are steps the run takes beyond its epochs (per-site
+        fine-tuning of the final model), so they fit in the same target.
+        """
         if run_id in self.calibrations:
             return self.calibrations[run_id]
         q, steps_per_epoch = poisson_schedule(n_cases, batch_size)
-        planned = steps_per_epoch * total_epochs
+        planned = steps_per_epoch * total_epochs + extra_steps
         noise = calibrate_noise(target_epsilon, delta, q, planned)
         cal = Calibration(run_id, target_epsilon, delta, q, planned, noise)
         self.calibrations[run_id] = cal

@@ -2,6 +2,16 @@
 
 Task-agnostic: the task supplies the model, dataset and loss; this module runs
 the epochs. Nothing here knows about Flower.
+
+FedProx under DP-SGD. The proximal term ``mu/2 ||w - w_global||^2`` has the
+gradient ``mu (w - w_global)``, which depends on no training sample. It is
+therefore *not* put into the loss (Opacus would compute it per sample, clip it
+with the data gradient and so distort both), but added to ``p.grad`` after the
+DP optimiser has clipped, noised and averaged the data gradient and before the
+parameter update. A data-independent function of an already privatised gradient
+is post-processing, so the DP guarantee and the ledger's accounting are
+unchanged. Without DP the same code path gives exactly the gradient of
+``loss + mu/2 ||w - w_global||^2``.
 """
 
 from __future__ import annotations
@@ -11,6 +21,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -67,15 +78,30 @@ def local_train(
     device: torch.device,
     seed: int,
     dp: DPSpec | None = None,
+    proximal_mu: float = 0.0,
+    anchor: dict[str, torch.Tensor] | None = None,
+    max_steps: int | None = None,
 ) -> TrainStats:
     """Train ``model`` in place for ``epochs`` epochs; returns aggregate stats.
 
     With ``dp`` set, Opacus DP-SGD runs with Poisson sampling: each step's batch
     size is random, possibly zero. An empty batch still takes an optimiser step
     (noise only) so that the steps run equal the steps accounted for.
+
+    Parameters
+    ----------
+    proximal_mu : float
+        FedProx: add ``proximal_mu * (w - anchor)`` to every parameter's
+        (privatised) gradient, see the module docstring.
+    anchor : dict, optional
+        The global weights by parameter name; default: the weights at entry.
+    max_steps : int, optional
+        Stop after this many optimiser steps (fine-tuning); ``epochs`` is then
+        an upper bound.
     """
     torch.manual_seed(seed)
     model.to(device).train()
+    prox = _proximal_pairs(model, proximal_mu, anchor, device)
     gen = torch.Generator().manual_seed(seed)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=gen)
     opt = _optimizer(optimizer, model.parameters(), learning_rate)
@@ -90,7 +116,9 @@ def local_train(
             dp.grad_sample_mode,
         )
     try:
-        total, batches, steps = _epochs(net, opt, loader, loss_fn, epochs, device)
+        total, batches, steps = _epochs(
+            net, opt, loader, loss_fn, epochs, device, prox, proximal_mu, max_steps
+        )
     finally:
         if net is not model:
             net.remove_hooks()  # leave ``model`` a plain module, trained in place
@@ -105,10 +133,15 @@ def _epochs(
     loss_fn: nn.Module,
     epochs: int,
     device: torch.device,
+    prox: list[tuple[nn.Parameter, torch.Tensor]] | None = None,
+    mu: float = 0.0,
+    max_steps: int | None = None,
 ) -> tuple[float, int, int]:
     total, batches, steps = 0.0, 0, 0
     for _ in range(epochs):
         for images, labels in loader:
+            if max_steps is not None and steps >= max_steps:
+                return total, batches, steps
             opt.zero_grad(set_to_none=True)
             if images.shape[0] == 0:
                 _empty_step(model)
@@ -117,9 +150,54 @@ def _epochs(
                 loss.backward()
                 total += float(loss.detach())
                 batches += 1
-            opt.step()
+            _step(opt, prox or [], mu)
             steps += 1
     return total, batches, steps
+
+
+def _proximal_pairs(
+    model: nn.Module,
+    mu: float,
+    anchor: dict[str, torch.Tensor] | None,
+    device: torch.device,
+) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    if mu <= 0:
+        return []
+    pairs = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        ref = anchor[name] if anchor is not None else p.detach()
+        pairs.append((p, ref.detach().to(device, copy=True)))
+    return pairs
+
+
+def _add_proximal(prox: list[tuple[nn.Parameter, torch.Tensor]], mu: float) -> None:
+    with torch.no_grad():
+        for p, ref in prox:
+            term = mu * (p.detach() - ref)
+            if p.grad is None:
+                p.grad = term
+            else:
+                p.grad.add_(term)
+
+
+def _step(
+    opt: torch.optim.Optimizer,
+    prox: list[tuple[nn.Parameter, torch.Tensor]],
+    mu: float,
+) -> None:
+    if not prox:
+        opt.step()
+    elif isinstance(opt, DPOptimizer):
+        # clip, noise and average first; then the data-independent proximal
+        # gradient (post-processing), then the update
+        if opt.pre_step():
+            _add_proximal(prox, mu)
+            opt.original_optimizer.step()
+    else:
+        _add_proximal(prox, mu)
+        opt.step()
 
 
 def _empty_step(model: nn.Module) -> None:

@@ -36,6 +36,22 @@ def _triple(value: Any, kind: type, name: str) -> tuple:
     return tuple(kind(p) for p in parts)
 
 
+# Flower's own strategies a plan may name (server/aggregators.py builds them).
+StrategyName = Literal[
+    "fedavg",
+    "fedprox",
+    "fedadam",
+    "fedyogi",
+    "fedadagrad",
+    "fedavgm",
+    "fedmedian",
+    "fedtrimmedavg",
+    "krum",
+    "multikrum",
+    "bulyan",
+]
+
+
 class Plan(BaseModel):
     """The federation plan, shared by the coordinator and every site.
 
@@ -47,7 +63,7 @@ class Plan(BaseModel):
 
     task: Literal["segmentation"] = "segmentation"
     model: str = "unet-small"
-    strategy: Literal["fedavg"] = "fedavg"
+    strategy: StrategyName = "fedavg"
     num_server_rounds: int = Field(4, alias="num-server-rounds", ge=1, le=10_000)
     local_epochs: int = Field(1, alias="local-epochs", ge=1, le=1000)
     batch_size: int = Field(4, alias="batch-size", ge=1, le=512)
@@ -71,6 +87,20 @@ class Plan(BaseModel):
     central_dp: Literal["off", "server-fixed"] = Field("off", alias="central-dp")
     central_dp_noise: float = Field(0.1, alias="central-dp-noise", ge=0)
     central_dp_clip: float = Field(10.0, alias="central-dp-clip", gt=0)
+    # Aggregation strategies, update guard, personalisation (issue 7); see
+    # docs/strategies.md. 0 for server-learning-rate: the strategy's own default.
+    proximal_mu: float = Field(0.0, alias="proximal-mu", ge=0)
+    server_learning_rate: float = Field(0.0, alias="server-learning-rate", ge=0)
+    server_momentum: float = Field(0.0, alias="server-momentum", ge=0, lt=1)
+    server_beta_1: float = Field(0.9, alias="server-beta-1", ge=0, lt=1)
+    server_beta_2: float = Field(0.99, alias="server-beta-2", ge=0, lt=1)
+    server_tau: float = Field(1e-3, alias="server-tau", gt=0)
+    trimmed_beta: float = Field(0.2, alias="trimmed-beta", ge=0, lt=0.5)
+    num_malicious_sites: int = Field(0, alias="num-malicious-sites", ge=0)
+    krum_select: int = Field(1, alias="krum-select", ge=1)
+    guard_norm_factor: float = Field(10.0, alias="guard-norm-factor", ge=0)
+    fedbn: bool = False
+    fine_tune_steps: int = Field(0, alias="fine-tune-steps", ge=0, le=100_000)
     out_dir: str = Field("runs", alias="out-dir")
     run_name: str = Field("", alias="run-name")
     resume: bool = False
@@ -127,6 +157,25 @@ class Plan(BaseModel):
                 "hu-window needs 'low,high' with low < high, e.g. -150,350"
             )
         return tuple(parts)
+
+    @model_validator(mode="after")
+    def _robust_needs_sites(self) -> Plan:
+        # Flower's robust rules silently skip aggregation with too few replies;
+        # say so up front instead.
+        f = self.num_malicious_sites
+        need = {"krum": f + 3, "multikrum": f + 3, "bulyan": 4 * f + 3}
+        if self.strategy in need and self.min_sites < need[self.strategy]:
+            raise ValueError(
+                f"strategy {self.strategy} with num-malicious-sites={f} needs at "
+                f"least {need[self.strategy]} updates per round; set min-sites >= "
+                f"{need[self.strategy]} or lower num-malicious-sites"
+            )
+        if self.strategy == "multikrum" and self.krum_select > self.min_sites - f:
+            raise ValueError(
+                f"krum-select={self.krum_select} is more than min-sites - "
+                f"num-malicious-sites ({self.min_sites - f}); lower krum-select"
+            )
+        return self
 
     @property
     def site_config_paths(self) -> list[Path]:

@@ -38,7 +38,9 @@ class ModelSpec:
     description: str
 
 
-def _unet(channels: tuple[int, ...], res_units: int) -> Callable[[int, int], nn.Module]:
+def _unet(
+    channels: tuple[int, ...], res_units: int, affine: bool = False
+) -> Callable[[int, int], nn.Module]:
     def build(in_channels: int, out_channels: int) -> nn.Module:
         return UNet(
             spatial_dims=3,
@@ -47,7 +49,9 @@ def _unet(channels: tuple[int, ...], res_units: int) -> Callable[[int, int], nn.
             channels=channels,
             strides=(2,) * (len(channels) - 1),
             num_res_units=res_units,
-            norm="instance",  # affine-free InstanceNorm3d: no stats, DP-safe
+            # InstanceNorm3d keeps no running stats (DP-safe); affine=True adds a
+            # per-channel scale and shift that FedBN can keep local to a site
+            norm=("instance", {"affine": True}) if affine else "instance",
         )
 
     return build
@@ -71,6 +75,13 @@ MODELS: dict[str, ModelSpec] = {
         _unet((4, 8, 16, 32), res_units=1),
         "functorch",
         "MONAI UNet, 4 levels of 4-32 channels (~39 k parameters); the DP demo default",
+    ),
+    "unet-tiny-affine": ModelSpec(
+        "unet-tiny-affine",
+        "segmentation",
+        _unet((4, 8, 16, 32), res_units=1, affine=True),
+        "functorch",
+        "unet-tiny with affine InstanceNorm (per-channel scale and shift): for FedBN",
     ),
     "unet-small": ModelSpec(
         "unet-small",

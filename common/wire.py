@@ -57,3 +57,10 @@ SURFACE_DICE_PREFIX: Final = "surface-dice-"
 def surface_dice_key(region: str) -> str:
     """Metric key for the surface Dice of one KiTS region (``surface-dice-kidney``)."""
     return f"{SURFACE_DICE_PREFIX}{region}"
+
+
+# Strategies and personalisation (issue 7; docs/strategies.md).
+PROXIMAL_MU: Final = "proximal-mu"  # injected by Flower's FedProx
+FINE_TUNE_ACTION: Final = "finetune"  # message type "train.finetune"
+FINE_TUNE_STEPS: Final = "fine-tune-steps"
+FINE_TUNED: Final = "fine-tuned"  # metric: 1 in a fine-tune reply

@@ -28,14 +28,18 @@ from common.artifacts import PREPROCESSING_KEY, effective_preprocessing
 from common.config import Plan, load_plan
 from common.fingerprint import combine
 from common.logs import setup_logging
+from common.personal import require_norm_params
 from common.tasks import build_plan_model
+from server.aggregators import strategy_options
 from server.checkpoint import (
     CheckpointError,
     atomic_write_json,
     load_checkpoint,
+    load_server_state,
     save_checkpoint,
 )
 from server.deliver import deliver
+from server.finetune import run_fine_tune
 from server.liveness import LivenessGrid, SitesGone, wait_for_sites
 from server.recovery import reconcile_metrics
 from server.report import (
@@ -133,10 +137,13 @@ def main(grid: Grid, context: Context) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     model = build_plan_model(plan)
     initial = ArrayRecord(model.state_dict())
-    done = 0
+    if plan.fedbn:
+        require_norm_params(model, plan.model)
+    done, server_state = 0, {}
     if plan.resume and (ckpt_dir / "latest.json").exists():
         state, meta = load_checkpoint(ckpt_dir, plan.fingerprint())
         initial, done = ArrayRecord(state), int(meta["round"])
+        server_state = load_server_state(ckpt_dir, meta)
         reconcile_metrics(run_dir, ckpt_dir, done)
         log.info(
             "resumed %s from round %d (global weights sha256 %s)",
@@ -157,7 +164,7 @@ def main(grid: Grid, context: Context) -> None:
         log.info("run %s already completed %d rounds", run_dir.name, done)
         return
     try:
-        _federate(grid, plan, run_dir, initial, done)
+        _federate(grid, plan, run_dir, initial, done, server_state)
     except SitesGone as exc:
         last = max((int(e["round"]) for e in read_metrics(run_dir)), default=done)
         msg = (
@@ -171,7 +178,12 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def _federate(
-    grid: Grid, plan: Plan, run_dir: Path, initial: ArrayRecord, done: int
+    grid: Grid,
+    plan: Plan,
+    run_dir: Path,
+    initial: ArrayRecord,
+    done: int,
+    server_state: dict,
 ) -> None:
     ckpt_dir = run_dir / "checkpoints"
     remaining = plan.num_server_rounds - done
@@ -218,7 +230,13 @@ def _federate(
             ),
             "sites": sorted(set(rec.train) | set(rec.evaluate)),
         }
-        save_checkpoint(ckpt_dir, rec.round, state, sidecar)
+        save_checkpoint(
+            ckpt_dir,
+            rec.round,
+            state,
+            sidecar,
+            server_state=strategy.export_state(),
+        )
         append_metrics(run_dir, entry)
         _write_status(run_dir, "running", rec.round)
         log.info("%s", round_line(entry))
@@ -232,13 +250,16 @@ def _federate(
             plan.central_dp_noise,
             plan.central_dp_clip,
             num_sites=max(len(list(grid.get_node_ids())), plan.min_sites),
+            **strategy_options(plan),
         ),
         min_sites=plan.min_sites,
         round_offset=done,
         base_config=base_config,
         on_round_end=on_round_end,
         site_names=_site_names(grid),
+        norm_factor=plan.guard_norm_factor,
     )
+    strategy.import_state(server_state)
     result = strategy.start(
         grid=grid,
         initial_arrays=initial,
@@ -259,6 +280,8 @@ def _federate(
             PREPROCESSING_KEY: prep_meta,
         },
     )
+    if plan.fine_tune_steps > 0:
+        run_fine_tune(grid, plan, run_dir, final, base_config, strategy.site_of)
     entries = read_metrics(run_dir)
     _write_status(run_dir, "finished", plan.num_server_rounds)
     log.info("\n%s", summary_table(entries))

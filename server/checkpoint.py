@@ -4,6 +4,10 @@ Each round writes the global weights (``round-NNNN.pt``) and a JSON sidecar
 (round, plan, model, metrics, epsilon per site, package version, the weights'
 SHA-256), both atomically (temp file, fsync, rename). ``latest.json`` is written
 last, so a crash at any point leaves the previous round's checkpoint intact.
+
+Strategies with server optimiser state (FedAdam/FedYogi/FedAdagrad moments,
+FedAvgM momentum) also write ``round-NNNN.server.pt``, checksummed in the same
+sidecar, so that a resumed run continues the exact same optimisation.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 LATEST = "latest.json"
@@ -60,14 +65,31 @@ def save_checkpoint(
     round_: int,
     state: OrderedDict[str, torch.Tensor],
     sidecar: dict[str, Any],
+    server_state: dict[str, np.ndarray] | None = None,
 ) -> Path:
-    """Write one round's weights and sidecar; returns the sidecar path."""
+    """Write one round's weights (and server state) and sidecar; returns the
+    sidecar path."""
     buf = io.BytesIO()
     torch.save(state, buf)
     data = buf.getvalue()
     weights = ckpt_dir / f"round-{round_:04d}.pt"
     atomic_write_bytes(weights, data)
     meta = dict(sidecar)
+    if server_state:
+        sbuf = io.BytesIO()
+        torch.save(
+            {
+                k: torch.from_numpy(np.ascontiguousarray(v))
+                for k, v in server_state.items()
+            },
+            sbuf,
+        )
+        server_file = ckpt_dir / f"round-{round_:04d}.server.pt"
+        atomic_write_bytes(server_file, sbuf.getvalue())
+        meta.update(
+            server_state=server_file.name,
+            server_state_sha256=hashlib.sha256(sbuf.getvalue()).hexdigest(),
+        )
     meta.update(
         round=round_,
         weights=weights.name,
@@ -112,3 +134,25 @@ def load_checkpoint(
             )
     state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     return state, meta
+
+
+def load_server_state(ckpt_dir: Path, meta: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The server optimiser state saved with a checkpoint (empty if none).
+
+    Raises
+    ------
+    CheckpointError
+        If the file is missing or fails its checksum.
+    """
+    name = meta.get("server_state")
+    if not name:
+        return {}
+    path = ckpt_dir / name
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"{path}: unreadable ({exc})") from None
+    if hashlib.sha256(data).hexdigest() != meta.get("server_state_sha256"):
+        raise CheckpointError(f"{path}: checksum mismatch; the file is damaged")
+    loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    return {k: v.numpy() for k, v in loaded.items()}

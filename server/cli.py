@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from server.simulate import PROJECT_DIR
@@ -32,6 +33,12 @@ def _simulate(args: argparse.Namespace) -> int:
     from server.report import read_metrics, summary_table
     from server.simulate import simulate
 
+    kinds = [k for k in (args.baselines or "").split(",") if k]
+    if kinds and args.baselines_fn is None:
+        raise ValueError("--baselines needs the kidneyfl command (cli.main)")
+    unknown = set(kinds) - {"local", "pooled"}
+    if unknown:
+        raise ValueError(f"--baselines: unknown {sorted(unknown)}; use local,pooled")
     overrides = _parse_set(args.set)
     if args.rounds is not None:
         overrides["num-server-rounds"] = args.rounds
@@ -49,6 +56,11 @@ def _simulate(args: argparse.Namespace) -> int:
     entries = read_metrics(run_dir)
     print()
     print(summary_table(entries))
+    if kinds:
+        path = args.baselines_fn(
+            [Path(p) for p in args.sites.split(",") if p], run_dir, kinds
+        )
+        print(f"\nbaselines {','.join(kinds)}: {path}")
     print(f"\nrun directory: {run_dir}")
     return 0
 
@@ -68,8 +80,17 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add the coordinator's subcommands."""
+BaselinesFn = Callable[[list[Path], Path, list[str]], Path]
+
+
+def register(
+    sub: argparse._SubParsersAction, baselines: BaselinesFn | None = None
+) -> None:
+    """Add the coordinator's subcommands.
+
+    ``baselines`` trains ``simulate --baselines`` (site-side code, so the
+    top-level ``cli`` passes it in: the coordinator never imports ``client``).
+    """
     p = sub.add_parser(
         "simulate", help="run a local federation of site YAMLs", allow_abbrev=False
     )
@@ -95,7 +116,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--flwr-home", default=None)
     p.add_argument("--cpus-per-site", type=int, default=2)
-    p.set_defaults(func=_simulate)
+    p.add_argument(
+        "--baselines",
+        default="",
+        metavar="local,pooled",
+        help="also train each site alone and/or all data pooled, with the same "
+        "optimiser steps, and write comparison.json (docs/strategies.md)",
+    )
+    p.set_defaults(func=_simulate, baselines_fn=baselines)
 
     r = sub.add_parser(
         "report",

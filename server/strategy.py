@@ -6,8 +6,14 @@ own DP wrappers do) and adds, without copying Flower's round loop:
 - refusals: a site that refuses a round (privacy budget, unusable data) is left
   out of aggregation, and why is recorded;
 - the update guard: a reply whose arrays have missing or extra keys, other
-  shapes or dtypes, or NaN/Inf is rejected before aggregation; the round goes on
-  with the rest, and is skipped (global model unchanged) if too few remain;
+  shapes or dtypes, or NaN/Inf is rejected before aggregation, and so is one
+  whose distance from the global model (L2 norm of update - global) is more
+  than ``norm_factor`` times the median of the round's other updates; the round
+  goes on with the rest, and is skipped (global model unchanged) if too few
+  remain;
+- rounds: the inner strategy sees the round counted across resumes (FedAdam's
+  bias correction depends on it), its aggregate keeps the global model's dtypes,
+  and its server state (moments, momentum) can be exported for checkpoints;
 - bookkeeping: per-site metrics, a checkpoint and a ``metrics.jsonl`` line at
   the end of every round, via the ``on_round_end`` callback.
 """
@@ -20,15 +26,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import (
-    DifferentialPrivacyServerSideFixedClipping,
-    FedAvg,
-    Strategy,
-)
+from flwr.serverapp.strategy import Strategy
 
 from common import wire
+from server.aggregators import (
+    build_strategy,
+    export_strategy_state,
+    import_strategy_state,
+)
+
+__all__ = [
+    "RoundRecord",
+    "SiteAwareStrategy",
+    "build_strategy",
+    "check_update",
+    "update_norm",
+]
 
 log = logging.getLogger("kidneyfl.server")
 
@@ -44,43 +59,8 @@ class RoundRecord:
     rejected: dict[str, str] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     aggregated: bool = False
-
-
-def build_strategy(
-    name: str,
-    min_sites: int,
-    fraction_evaluate: float,
-    central_dp: str = "off",
-    central_dp_noise: float = 0.0,
-    central_dp_clip: float = 1.0,
-    num_sites: int | None = None,
-) -> Strategy:
-    """Flower's own strategy for a plan's ``strategy`` name.
-
-    With ``central_dp="server-fixed"`` it is wrapped in Flower's
-    ``DifferentialPrivacyServerSideFixedClipping``: each site's update is clipped
-    to ``central_dp_clip`` (L2, relative to the global model) and Gaussian noise
-    of std ``central_dp_noise * central_dp_clip / num_sites`` is added to the
-    aggregate. That bounds what any one *hospital* can move the model; it is
-    on top of, not instead of, the sample-level DP-SGD at every site.
-    """
-    if name != "fedavg":
-        raise ValueError(f"unknown strategy {name!r}; available: fedavg")
-    inner = FedAvg(
-        fraction_train=1.0,
-        fraction_evaluate=fraction_evaluate,
-        min_train_nodes=min_sites,
-        min_evaluate_nodes=min_sites if fraction_evaluate > 0 else 0,
-        min_available_nodes=min_sites,
-        weighted_by_key=wire.NUM_EXAMPLES,
-    )
-    if central_dp == "off":
-        return inner
-    if central_dp != "server-fixed":
-        raise ValueError(f"unknown central-dp {central_dp!r}; use off or server-fixed")
-    return DifferentialPrivacyServerSideFixedClipping(
-        inner, central_dp_noise, central_dp_clip, max(num_sites or min_sites, 1)
-    )
+    # L2 norm of (update - global model) of each valid update, for the norm rule
+    update_norms: dict[str, float] = field(default_factory=dict)
 
 
 def check_update(reference: ArrayRecord, update: ArrayRecord | None) -> str | None:
@@ -113,6 +93,51 @@ def check_update(reference: ArrayRecord, update: ArrayRecord | None) -> str | No
     return None
 
 
+def update_norm(reference: ArrayRecord, update: ArrayRecord) -> float:
+    """L2 norm of ``update - reference`` over all floating-point arrays."""
+    total = 0.0
+    for key in reference.keys():
+        ref = reference[key].numpy()
+        if not np.issubdtype(ref.dtype, np.floating):
+            continue
+        diff = update[key].numpy().astype(np.float64) - ref.astype(np.float64)
+        total += float(np.dot(diff.ravel(), diff.ravel()))
+    return float(np.sqrt(total))
+
+
+def norm_outliers(norms: dict[str, float], factor: float) -> dict[str, str]:
+    """Sites whose update norm is more than ``factor`` x the others' median.
+
+    Each update is compared with the median of the *other* updates, so one
+    scaled update among two is caught too. No rule without others, with
+    ``factor <= 0``, or when the others did not move (median 0).
+    """
+    out: dict[str, str] = {}
+    if factor <= 0 or len(norms) < 2:
+        return out
+    for site, norm in norms.items():
+        med = float(np.median([n for s, n in norms.items() if s != site]))
+        if med > 0 and norm > factor * med:
+            out[site] = (
+                f"update norm {norm:.4g} is more than {factor:g} x the median "
+                f"{med:.4g} of the round's other updates (guard-norm-factor)"
+            )
+    return out
+
+
+def _cast_like(reference: ArrayRecord, arrays: ArrayRecord) -> ArrayRecord:
+    # Some of Flower's server optimisers compute in float64; the global model
+    # keeps the sites' dtypes so that every round's guard compares like with like.
+    if all(arrays[k].dtype == reference[k].dtype for k in reference.keys()):
+        return arrays
+    return ArrayRecord(
+        {
+            k: Array(np.asarray(arrays[k].numpy(), dtype=reference[k].numpy().dtype))
+            for k in reference.keys()
+        }
+    )
+
+
 class SiteAwareStrategy(Strategy):
     """Wrap ``inner`` with refusals, the update guard and per-round bookkeeping.
 
@@ -131,6 +156,9 @@ class SiteAwareStrategy(Strategy):
     site_names : dict
         Registered node names (deployment) by node id; replies' declared
         names are used otherwise.
+    norm_factor : float
+        Reject an update whose norm (update - global) is more than this many
+        times the median of the round's other updates; 0 turns the rule off.
     """
 
     def __init__(
@@ -141,8 +169,10 @@ class SiteAwareStrategy(Strategy):
         base_config: dict[str, Any],
         on_round_end: Callable[[RoundRecord, ArrayRecord], None],
         site_names: dict[int, str] | None = None,
+        norm_factor: float = 0.0,
     ) -> None:
         self.inner = inner
+        self.norm_factor = norm_factor
         self.min_sites = min_sites
         self.round_offset = round_offset
         self.base_config = base_config
@@ -225,7 +255,10 @@ class SiteAwareStrategy(Strategy):
         self._refresh_names(grid)
         return self._ask(
             self.inner.configure_train(
-                server_round, arrays, self._config(config, server_round), grid
+                self.global_round(server_round),
+                arrays,
+                self._config(config, server_round),
+                grid,
             )
         )
 
@@ -263,6 +296,7 @@ class SiteAwareStrategy(Strategy):
                 continue
             rec.train[site] = metrics
             accepted.append(msg)
+        accepted = self._norm_rule(rec, accepted)
         if len(accepted) < self.min_sites:
             log.warning(
                 "round %d skipped: %d valid update(s), %d needed; "
@@ -272,8 +306,41 @@ class SiteAwareStrategy(Strategy):
                 self.min_sites,
             )
             return None, None
+        arrays, metrics = self.inner.aggregate_train(
+            self.global_round(server_round), accepted
+        )
+        if arrays is None:  # e.g. Bulyan with too few replies
+            log.warning("round %d: %s did not aggregate", rec.round, _name(self))
+            return None, metrics
         rec.aggregated = True
-        return self.inner.aggregate_train(server_round, accepted)
+        if self._sent is not None:
+            arrays = _cast_like(self._sent, arrays)
+        return arrays, metrics
+
+    def _norm_rule(self, rec: RoundRecord, accepted: list[Message]) -> list[Message]:
+        if self._sent is None or not accepted:
+            return accepted
+        pairs = [(self.site_of(m), m) for m in accepted]
+        norms = {
+            site: update_norm(self._sent, m.content.array_records[wire.ARRAYS])
+            for site, m in pairs
+        }
+        rec.update_norms.update(norms)
+        outliers = norm_outliers(norms, self.norm_factor)
+        for site, why in outliers.items():
+            rec.rejected[site] = why
+            rec.train.pop(site, None)
+            log.warning("update from %s rejected in round %d: %s", site, rec.round, why)
+        return [m for site, m in pairs if site not in outliers]
+
+    # -- server state for checkpoints ---------------------------------------------
+    def export_state(self) -> dict[str, np.ndarray]:
+        """The inner strategy's server optimiser state (empty if it has none)."""
+        return export_strategy_state(self.inner)
+
+    def import_state(self, state: dict[str, np.ndarray]) -> None:
+        """Restore a state saved by :meth:`export_state` (on resume)."""
+        import_strategy_state(self.inner, state)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -283,7 +350,10 @@ class SiteAwareStrategy(Strategy):
         self._refresh_names(grid)
         return self._ask(
             self.inner.configure_evaluate(
-                server_round, arrays, self._config(config, server_round), grid
+                self.global_round(server_round),
+                arrays,
+                self._config(config, server_round),
+                grid,
             )
         )
 
@@ -304,6 +374,11 @@ class SiteAwareStrategy(Strategy):
         if self._sent is not None:
             self.on_round_end(rec, self._sent)
         return MetricRecord(means) if means else None
+
+
+def _name(strategy: Strategy) -> str:
+    inner = getattr(strategy, "inner", strategy)
+    return type(inner).__name__
 
 
 def _metrics(msg: Message) -> dict[str, float]:
