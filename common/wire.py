@@ -48,3 +48,22 @@ DICE_PREFIX: Final = "dice-"
 def dice_key(region: str) -> str:
     """Metric key for the Dice of one KiTS region (``dice-kidney``...)."""
     return f"{DICE_PREFIX}{region}"
+
+
+# Classification task (issue 8): evaluation metrics of a site's validation set.
+# Recall and AUC are left out for a class the site has no validation case of.
+ACCURACY: Final = "accuracy"
+BALANCED_ACCURACY: Final = "balanced-accuracy"
+AUC_MACRO: Final = "auc-macro"  # one-vs-rest ROC AUC, mean over classes
+RECALL_PREFIX: Final = "recall-"
+CONFUSION_PREFIX: Final = "cm-"  # counts: cm-<true class>-<predicted class>
+
+
+def recall_key(name: str) -> str:
+    """Metric key for the recall (sensitivity) of one class (``recall-stone``)."""
+    return f"{RECALL_PREFIX}{name}"
+
+
+def confusion_key(true: str, pred: str) -> str:
+    """Metric key for a confusion count: cases of ``true`` predicted ``pred``."""
+    return f"{CONFUSION_PREFIX}{true}-{pred}"
