@@ -13,8 +13,9 @@ follow the mix exactly (largest remainder) and everything is deterministic given
 Lesions, with the HU ranges radiologists use:
 
 - cyst: round, sharp, homogeneous water density (0-20 HU);
-- tumour: lobulated, heterogeneous, enhancing (corticomedullary 120-170 HU,
-  nephrographic 90-120 HU), larger ones with a necrotic centre;
+- tumour: lobulated, often exophytic, heterogeneous, enhancing
+  (corticomedullary 110-140 HU +- 40, nephrographic 70-95 HU +- 25, below the
+  parenchyma), larger ones with a necrotic centre;
 - stone: small (2-8 mm), very bright (500-1500 HU before partial volume, always
   over 300 HU as written), in the renal sinus or a calyx.
 """
@@ -167,29 +168,31 @@ def generate_slice(
         )
 
     if label == "cyst":
-        rad = rng.uniform(5, 16)
-        c = on_kidney(rng.uniform(0.5, 1.0))
+        rad = rng.uniform(7, 18)
+        c = on_kidney(rng.uniform(0.4, 1.0))
         img[_ellipse(x, y, c, rad, rad * rng.uniform(0.9, 1.1), 0) <= 1] = rng.uniform(
             0, 20
         )
     elif label == "tumour":
-        rad = rng.uniform(8, 22)
-        c = on_kidney(rng.uniform(0.3, 1.0))
+        rad = rng.uniform(12, 26)
+        c = on_kidney(rng.uniform(0.5, 1.1))  # often exophytic: bulges the contour
         k = rng.standard_normal((4, 2)) * (2 * math.pi / rng.uniform(8, 20))
         ph = rng.uniform(0, 2 * math.pi, 4)
         waves = [np.cos(k[i, 0] * x + k[i, 1] * y + ph[i]) for i in range(4)]
-        lob = 1.0 + 0.12 * (waves[0] + waves[1]) / 2
+        lob = 1.0 + 0.15 * (waves[0] + waves[1]) / 2
         tex = (waves[2] + waves[3]) / 2
-        rho = _ellipse(x, y, c, rad, rad * rng.uniform(0.85, 1.15), 0)
-        hu = (
-            (rng.uniform(120, 170) + 35 * tex)
-            if cm
-            else (rng.uniform(90, 120) + 15 * tex)
-        )
+        rho = _ellipse(x, y, c, rad, rad * rng.uniform(0.8, 1.2), 0)
+        # Heterogeneous; in the nephrographic phase less enhancing than the
+        # parenchyma around it, in the corticomedullary phase between cortex
+        # and medulla with a wide spread.
+        if cm:
+            hu = rng.uniform(110, 140) + 40 * tex
+        else:
+            hu = rng.uniform(70, 95) + 25 * tex
         mask = rho <= lob
         img[mask] = hu[mask]
-        if rad > 14:
-            img[mask & (rho < 0.4 + 0.1 * tex)] = rng.uniform(20, 35)
+        if rad > 14:  # necrotic centre
+            img[mask & (rho < 0.45 + 0.1 * tex)] = rng.uniform(15, 35)
     elif label == "stone":
         diam = rng.uniform(2, 8)
         hu = rng.uniform(500, 1500)

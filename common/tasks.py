@@ -43,7 +43,8 @@ def _segmentation_phantom(site: SiteConfig) -> None:
     from common.phantom import DEFAULT_SCALE, load_profile
     from common.phantom_io import write_site
 
-    assert site.phantom is not None
+    if site.phantom is None:
+        return
     write_site(
         site.data.root,
         load_profile(site.phantom.profile),
