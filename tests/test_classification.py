@@ -351,7 +351,9 @@ def test_classifiers_are_opacus_clean_and_take_a_private_step(name):
         torch.nn.functional.cross_entropy(net(xb), yb).backward()
         assert all(p.grad_sample is not None for p in net.parameters())
     opt.step()
-    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    assert any(
+        not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True)
+    )
 
 
 def test_plan_model_outputs_follow_class_names():
