@@ -16,8 +16,8 @@ Lesions, with the HU ranges radiologists use:
 - tumour: lobulated, often exophytic, heterogeneous, enhancing
   (corticomedullary 110-140 HU +- 40, nephrographic 70-95 HU +- 25, below the
   parenchyma), larger ones with a necrotic centre;
-- stone: small (2-8 mm), very bright (500-1500 HU before partial volume, always
-  over 300 HU as written), in the renal sinus or a calyx.
+- stone: small (3-8 mm), very bright (700-1800 HU before partial volume, at
+  least 600 HU after it), in the renal sinus or a calyx.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ DEFAULT_CLS_SCALE = 1.5  # 1.2-1.4 mm pixels: 70-85 pixels across the crop
 CROP_MM = 100.0
 MANIFEST_NAME, METADATA_NAME, IMAGES_DIR = "manifest.csv", "phantom.json", "images"
 _GENERATOR = "kidneyfl.common.phantom_cls"
+CLS_PHANTOM_VERSION = 1  # bump when the slices change, so old sites read as stale
 
 
 @dataclass(frozen=True, eq=False)
@@ -194,12 +195,12 @@ def generate_slice(
         if rad > 14:  # necrotic centre
             img[mask & (rho < 0.45 + 0.1 * tex)] = rng.uniform(15, 35)
     elif label == "stone":
-        diam = rng.uniform(2, 8)
-        hu = rng.uniform(500, 1500)
+        diam = rng.uniform(3, 8)
+        hu = rng.uniform(700, 1800)
         # Partial volume with a thick slice dilutes a small stone, never below
-        # 420 HU, so over 300 HU after any profile offset and noise.
+        # 600 HU, so over 300 HU after any profile offset, noise and blur.
         hu = max(
-            420.0, 40.0 + (hu - 40.0) * min(1.0, diam / profile.slice_thickness_mm)
+            600.0, 40.0 + (hu - 40.0) * min(1.0, diam / profile.slice_thickness_mm)
         )
         c = hilum if rng.random() < 0.5 else on_kidney(rng.uniform(0.2, 0.6))
         rad = max(diam / 2, 0.5 * px)  # at least one pixel
@@ -253,6 +254,7 @@ def write_cls_site(
     meta: dict[str, Any] = {
         "generator": _GENERATOR,
         "phantom_version": PHANTOM_VERSION,
+        "cls_phantom_version": CLS_PHANTOM_VERSION,
         "profile": profile.model_dump(),
         "seed": int(seed),
         "scale": float(scale),

@@ -12,13 +12,21 @@ from collections.abc import Callable
 
 from torch import nn
 
+from common import wire
 from common.config import Plan, SiteConfig
+from common.metrics import KITS_REGIONS
 from common.models import NUM_SEG_CLASSES, build_model, get_model_spec
 
 # Number of network outputs for a plan, per task.
 TASK_OUTPUTS: dict[str, Callable[[Plan], int]] = {
     "segmentation": lambda plan: NUM_SEG_CLASSES,
     "classification": lambda plan: len(plan.class_names),
+}
+
+# The evaluation metrics a report leads with, per task (round line, summary).
+HEADLINE_METRICS: dict[str, tuple[str, ...]] = {
+    "segmentation": tuple(wire.dice_key(r) for r in KITS_REGIONS),
+    "classification": (wire.BALANCED_ACCURACY, wire.ACCURACY, wire.AUC_MACRO),
 }
 
 
