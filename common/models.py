@@ -181,7 +181,7 @@ MODELS: dict[str, ModelSpec] = {
         # Full resolution into layer 1: a stone is 2-4 pixels of a 64^2 slice.
         _resnet((1, 1, 1, 1), (8, 16, 32, 32)),
         "hooks",
-        "MONAI ResNet 2D, one basic block per stage, 8-64 channels (~78 k "
+        "MONAI ResNet 2D, one basic block per stage, 8-32 channels (~39 k "
         "parameters); the classification DP default on CPU",
     ),
     "resnet18": ModelSpec(
