@@ -23,6 +23,8 @@ def _phantom(args: argparse.Namespace) -> int:
     from common.phantom_io import write_site
 
     profile = load_profile(args.site_profile)
+    if args.task == "classification":
+        return _phantom_classification(args, profile)
     dirs = write_site(
         Path(args.out),
         profile,
@@ -100,6 +102,37 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     e.set_defaults(func=_export)
 
 
+def _parse_mix(text: str | None) -> dict[str, float] | None:
+    """``stone=4,normal=1`` -> {"stone": 4.0, "normal": 1.0}."""
+    if not text:
+        return None
+    mix = {}
+    for part in text.split(","):
+        name, sep, weight = part.partition("=")
+        if not sep:
+            raise ValueError(f"--class-mix expects class=weight pairs, got {part!r}")
+        mix[name.strip()] = float(weight)
+    return mix
+
+
+def _phantom_classification(args: argparse.Namespace, profile) -> int:
+    from common.phantom_cls import DEFAULT_CLS_SCALE, class_counts, write_cls_site
+
+    mix = _parse_mix(args.class_mix)
+    manifest = write_cls_site(
+        Path(args.out),
+        profile,
+        args.cases,
+        class_mix=mix,
+        seed=args.seed,
+        scale=args.scale or DEFAULT_CLS_SCALE,
+        overwrite=args.overwrite,
+    )
+    counts = ", ".join(f"{c} {k}" for c, k in class_counts(args.cases, mix).items())
+    print(f"{args.cases} slices of profile {profile.name} ({counts}); {manifest}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """All subcommands, with long kebab-case flags."""
     parser = argparse.ArgumentParser(
@@ -110,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser(
         "phantom",
-        help="write synthetic kidney CT cases (KiTS layout)",
+        help="write synthetic kidney CT cases (KiTS layout, or slices for "
+        "--task classification)",
         allow_abbrev=False,
     )
     p.add_argument("--out", required=True, help="output folder")
@@ -128,6 +162,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="voxel size multiplier (1.0 = native scanner spacing)",
     )
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument(
+        "--task",
+        choices=("segmentation", "classification"),
+        default="segmentation",
+        help="segmentation: KiTS volumes; classification: labelled slices + "
+        "manifest.csv (normal, cyst, tumour, stone)",
+    )
+    p.add_argument(
+        "--class-mix",
+        default=None,
+        metavar="CLASS=WEIGHT,...",
+        help="classification: relative class frequencies, e.g. stone=4,normal=1 "
+        "(default: equal)",
+    )
     p.set_defaults(func=_phantom)
     server_cli.register(sub, baselines=simulate_baselines)
     site_cli.register(sub)

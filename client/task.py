@@ -60,9 +60,13 @@ class Task(Protocol):
 
 def get_task(name: str) -> Task:
     """The site-side plug-in for a task name."""
+    from client.classification import ClassificationTask
     from client.segmentation import SegmentationTask
 
-    tasks: dict[str, Task] = {"segmentation": SegmentationTask()}
+    tasks: dict[str, Task] = {
+        "segmentation": SegmentationTask(),
+        "classification": ClassificationTask(),
+    }
     try:
         return tasks[name]
     except KeyError:

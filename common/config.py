@@ -6,6 +6,7 @@ unknown keys are errors, so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -61,7 +62,7 @@ class Plan(BaseModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
 
-    task: Literal["segmentation"] = "segmentation"
+    task: Literal["segmentation", "classification"] = "segmentation"
     model: str = "unet-small"
     strategy: StrategyName = "fedavg"
     num_server_rounds: int = Field(4, alias="num-server-rounds", ge=1, le=10_000)
@@ -116,6 +117,59 @@ class Plan(BaseModel):
     surface_dice_tolerance_mm: tuple[float, float, float] = Field(
         (1.033, 1.133, 1.150), alias="surface-dice-tolerance-mm"
     )
+    # Classification task (issue 8; docs/classification.md). Ignored by
+    # segmentation. Class order defines the network's outputs.
+    class_names: tuple[str, ...] = Field(
+        ("normal", "cyst", "tumour", "stone"), alias="class-names"
+    )
+    class_balance: Literal["loss", "sampler", "none"] = Field(
+        "loss", alias="class-balance"
+    )
+    class_weights: tuple[float, ...] = Field((), alias="class-weights")
+    image_size: int = Field(64, alias="image-size", ge=16, le=1024)
+
+    @field_validator("class_names", mode="before")
+    @classmethod
+    def _class_names(cls, v: Any) -> tuple:
+        names = (
+            [p.strip() for p in v.split(",") if p.strip()]
+            if isinstance(v, str)
+            else [str(p).strip() for p in v]
+        )
+        if len(names) < 2 or len(set(names)) != len(names):
+            raise ValueError(
+                "class-names needs at least two distinct comma-separated names, "
+                "e.g. normal,cyst,tumour,stone"
+            )
+        if not all(re.fullmatch(r"[a-z0-9][a-z0-9_]*", n) for n in names):
+            raise ValueError(
+                "class-names may use lower-case letters, digits and _ only "
+                "(they become metric keys such as recall-<name>)"
+            )
+        return tuple(names)
+
+    @field_validator("class_weights", mode="before")
+    @classmethod
+    def _class_weights(cls, v: Any) -> tuple:
+        parts = (
+            [p for p in v.replace(" ", ",").split(",") if p]
+            if isinstance(v, str)
+            else list(v)
+        )
+        weights = tuple(float(p) for p in parts)
+        if not all(w > 0 for w in weights):
+            raise ValueError("class-weights must be positive numbers, e.g. 1,2,2,4")
+        return weights
+
+    @model_validator(mode="after")
+    def _weights_match_classes(self) -> Plan:
+        if self.class_weights and len(self.class_weights) != len(self.class_names):
+            raise ValueError(
+                f"class-weights has {len(self.class_weights)} values but class-names "
+                f"has {len(self.class_names)}; give one weight per class or leave "
+                "class-weights empty to derive them from each site's counts"
+            )
+        return self
 
     @field_validator("spacing_mm", mode="before")
     @classmethod
@@ -185,6 +239,7 @@ class Plan(BaseModel):
     def fingerprint(self) -> dict[str, Any]:
         """What must match for a checkpoint to resume under this plan."""
         keep = ("task", "model", "spacing_mm", "patch_size", "hu_window", "strategy")
+        keep += ("class_names", "image_size")  # the classifier's outputs and input
         return {k: getattr(self, k) for k in keep}
 
 
@@ -229,7 +284,14 @@ class DataConfig(BaseModel):
 
     root: Path
     layout: Literal[
-        "auto", "kits19", "kits21", "kits23", "msd", "nnunet", "manifest"
+        "auto",
+        "kits19",
+        "kits21",
+        "kits23",
+        "msd",
+        "nnunet",
+        "manifest",
+        "class-folders",  # classification: <root>/<class>/<image> (issue 8)
     ] = "auto"
     # dataset label name -> kidneyfl name (background, kidney, tumour, cyst)
     label_names: dict[str, str] | None = None
@@ -249,6 +311,22 @@ class PhantomConfig(BaseModel):
     cases: int = Field(16, ge=2, le=2000)
     seed: int = 0
     scale: float | None = Field(None, gt=0, le=20)  # None: the phantom default
+    # Classification phantoms (issue 8): labelled slices instead of KiTS volumes,
+    # drawn with this class mix (relative weights; default equal).
+    task: Literal["segmentation", "classification"] = "segmentation"
+    class_mix: dict[str, float] | None = None
+
+    @field_validator("class_mix")
+    @classmethod
+    def _mix(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v is not None and (
+            not v or any(w < 0 for w in v.values()) or sum(v.values()) <= 0
+        ):
+            raise ValueError(
+                "class_mix needs non-negative weights per class with a positive "
+                "sum, e.g. {normal: 1, cyst: 1, tumour: 1, stone: 4}"
+            )
+        return v
 
 
 class FederationConfig(BaseModel):

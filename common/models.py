@@ -11,7 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from monai.networks.nets import BasicUNet, UNet
+from monai.networks.nets import BasicUNet, DenseNet, ResNet, UNet
+from monai.networks.nets.resnet import ResNetBlock
 from torch import nn
 
 NUM_SEG_CLASSES = 4  # background, kidney, tumour, cyst (KiTS21/23)
@@ -68,6 +69,87 @@ def _basic_unet(in_channels: int, out_channels: int) -> nn.Module:
     )
 
 
+# Classification networks (issue 8): 2D, one CT slice in, class logits out.
+# GroupNorm instead of BatchNorm (per-sample gradients need no batch
+# statistics; InstanceNorm would see a 2x2 map at the last DenseNet stage) and
+# out-of-place ReLU and residual adds (Opacus' backward hooks forbid in-place).
+_RELU = ("relu", {"inplace": False})
+_GROUP = ("group", {"num_groups": 4})
+
+
+class _ResidualBlock(ResNetBlock):
+    """MONAI's basic ResNet block with the residual added out of place.
+
+    MONAI 1.6.1's ``ResNet._make_layer`` passes neither ``act`` nor ``norm`` to
+    its blocks (they would get in-place ReLU and BatchNorm), so they are fixed
+    here.
+    """
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.update(act=_RELU, norm=_GROUP)
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(self.act(self.bn1(self.conv1(x)))))
+        residual = x if self.downsample is None else self.downsample(x)
+        return self.act(out + residual)
+
+
+def _resnet(
+    layers: tuple[int, ...], planes: tuple[int, ...], stem_stride: int = 2
+) -> Callable[[int, int], nn.Module]:
+    def build(in_channels: int, out_channels: int) -> nn.Module:
+        net = ResNet(
+            block=_ResidualBlock,
+            layers=list(layers),
+            block_inplanes=list(planes),
+            spatial_dims=2,
+            n_input_channels=in_channels,
+            conv1_t_size=3,
+            conv1_t_stride=2,
+            no_max_pool=True,
+            num_classes=out_channels,
+            act=_RELU,
+            norm=_GROUP,
+        )
+        # Global max-pooling: a lesion is a few pixels of a slice, and average
+        # pooling dilutes it (measured: far slower to learn on the phantoms).
+        net.avgpool = nn.AdaptiveMaxPool2d(1)
+        return _batch_to_group(net)
+
+    return build
+
+
+def _batch_to_group(module: nn.Module) -> nn.Module:
+    """Replace BatchNorm2d (MONAI 1.6.1's ResNet shortcut ignores ``norm``)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(module, name, nn.GroupNorm(4, child.num_features))
+        else:
+            _batch_to_group(child)
+    return module
+
+
+def _densenet(
+    features: int, growth: int, blocks: tuple[int, ...]
+) -> Callable[[int, int], nn.Module]:
+    def build(in_channels: int, out_channels: int) -> nn.Module:
+        net = DenseNet(
+            spatial_dims=2,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            init_features=features,
+            growth_rate=growth,
+            block_config=blocks,
+            act=_RELU,
+            norm=_GROUP,
+        )
+        net.class_layers.pool = nn.AdaptiveMaxPool2d(1)  # as for the ResNets
+        return net
+
+    return build
+
+
 MODELS: dict[str, ModelSpec] = {
     "unet-tiny": ModelSpec(
         "unet-tiny",
@@ -103,6 +185,36 @@ MODELS: dict[str, ModelSpec] = {
         _basic_unet,
         "functorch",
         "MONAI BasicUNet with out-of-place LeakyReLU and affine InstanceNorm",
+    ),
+    "resnet-tiny": ModelSpec(
+        "resnet-tiny",
+        "classification",
+        # Full resolution into layer 1: a stone is 2-4 pixels of a 64^2 slice.
+        _resnet((1, 1, 1, 1), (8, 16, 32, 32)),
+        "hooks",
+        "MONAI ResNet 2D, one basic block per stage, 8-32 channels (~39 k "
+        "parameters); the classification DP default on CPU",
+    ),
+    "resnet18": ModelSpec(
+        "resnet18",
+        "classification",
+        _resnet((2, 2, 2, 2), (64, 128, 256, 512)),
+        "hooks",
+        "MONAI ResNet-18 2D (~11 M parameters); for GPUs",
+    ),
+    "densenet-small": ModelSpec(
+        "densenet-small",
+        "classification",
+        _densenet(16, 8, (2, 2, 2, 2)),
+        "hooks",
+        "MONAI DenseNet 2D, 4 blocks of 2 layers, growth 8 (~27 k parameters)",
+    ),
+    "densenet121": ModelSpec(
+        "densenet121",
+        "classification",
+        _densenet(64, 32, (6, 12, 24, 16)),
+        "hooks",
+        "MONAI DenseNet121 2D (~7 M parameters); for GPUs",
     ),
 }
 

@@ -64,3 +64,20 @@ PROXIMAL_MU: Final = "proximal-mu"  # injected by Flower's FedProx
 FINE_TUNE_ACTION: Final = "finetune"  # message type "train.finetune"
 FINE_TUNE_STEPS: Final = "fine-tune-steps"
 FINE_TUNED: Final = "fine-tuned"  # metric: 1 in a fine-tune reply
+# Classification task (issue 8): evaluation metrics of a site's validation set.
+# Recall and AUC are left out for a class the site has no validation case of.
+ACCURACY: Final = "accuracy"
+BALANCED_ACCURACY: Final = "balanced-accuracy"
+AUC_MACRO: Final = "auc-macro"  # one-vs-rest ROC AUC, mean over classes
+RECALL_PREFIX: Final = "recall-"
+CONFUSION_PREFIX: Final = "cm-"  # counts: cm-<true class>-<predicted class>
+
+
+def recall_key(name: str) -> str:
+    """Metric key for the recall (sensitivity) of one class (``recall-stone``)."""
+    return f"{RECALL_PREFIX}{name}"
+
+
+def confusion_key(true: str, pred: str) -> str:
+    """Metric key for a confusion count: cases of ``true`` predicted ``pred``."""
+    return f"{CONFUSION_PREFIX}{true}-{pred}"

@@ -55,22 +55,10 @@ def default_plan() -> dict[str, Any]:
 
 def prepare_phantoms(sites: list[SiteConfig]) -> None:
     """Write synthetic cases for sites whose YAML has a ``phantom`` section."""
-    from common.phantom import DEFAULT_SCALE, load_profile
-    from common.phantom_io import write_site
+    from common.tasks import write_site_phantom
 
     for site in sites:
-        if site.phantom is None:
-            continue
-        profile = load_profile(site.phantom.profile)
-        write_site(
-            site.data.root,
-            profile,
-            site.phantom.cases,
-            seed=site.phantom.seed,
-            scale=site.phantom.scale or DEFAULT_SCALE,
-            # only ever replaces cases it generated itself (phantom.json present)
-            overwrite=True,
-        )
+        write_site_phantom(site)  # the writer of the section's task
 
 
 @dataclass
