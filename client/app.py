@@ -23,6 +23,7 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 
 from client.data import SiteDataError, load_site_cases, raw_volumes
+from client.gate import governed
 from client.privacy import (
     BudgetExceeded,
     LedgerEntry,
@@ -82,6 +83,7 @@ def _setup(msg: Message, context: Context) -> tuple[Plan, SiteConfig]:
 
 
 @app.train()
+@governed(site_config_path)
 def train(msg: Message, context: Context) -> Message:
     """Local epochs from the global weights; reply with weights and aggregates."""
     try:
@@ -185,6 +187,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@governed(site_config_path)
 def evaluate(msg: Message, context: Context) -> Message:
     """Dice per KiTS region on the site's validation split (means only)."""
     plan, site = _setup(msg, context)
@@ -199,6 +202,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 
 @app.query()
+@governed(site_config_path)
 def fingerprint(msg: Message, context: Context) -> Message:
     """Aggregate dataset statistics for the federated preprocessing plan.
 

@@ -48,3 +48,37 @@ DICE_PREFIX: Final = "dice-"
 def dice_key(region: str) -> str:
     """Metric key for the Dice of one KiTS region (``dice-kidney``...)."""
     return f"{DICE_PREFIX}{region}"
+
+
+# -- Reply contract (governance, client/contract.py) --------------------------
+# The only metric keys a site may send, by message type. A key not listed here
+# (or matched by its task's patterns) is refused at the site before the reply
+# leaves. Values are finite scalars, except the fingerprint aggregates, which are
+# fixed-length lists (their lengths are checked).
+MSG_TRAIN: Final = "train"
+MSG_EVALUATE: Final = "evaluate"
+MSG_QUERY: Final = "query"
+FP_N_CASES: Final = "n-cases"
+FP_SPACING_Q: Final = "spacing-q"
+FP_EXTENT: Final = "extent-mm"
+FP_HIST: Final = "fg-hist"
+FP_LABEL_ML: Final = "label-ml"
+REFUSAL_METRICS: Final = frozenset({REFUSED, NUM_EXAMPLES})
+REPLY_METRICS: Final = {
+    MSG_TRAIN: frozenset(
+        {NUM_EXAMPLES, TRAIN_LOSS, DP_ENABLED, EPSILON, DELTA, NOISE_MULTIPLIER}
+    )
+    | REFUSAL_METRICS,
+    MSG_EVALUATE: frozenset({NUM_EXAMPLES, NUM_VAL_CASES, EVAL_LOSS}) | REFUSAL_METRICS,
+    MSG_QUERY: frozenset({FP_N_CASES}) | REFUSAL_METRICS,
+}
+# List-valued aggregates (fingerprint query only): key -> allowed length.
+REPLY_LIST_METRICS: Final = {
+    MSG_QUERY: {FP_SPACING_Q: 9, FP_EXTENT: 3, FP_HIST: 1024, FP_LABEL_ML: 3},
+}
+# Task metrics in evaluate replies, by task, as full-match regular expressions.
+TASK_METRIC_PATTERNS: Final = {
+    "segmentation": (r"dice-[a-z]+",),  # one KiTS region per key
+    "classification": (r"accuracy", r"balanced-accuracy", r"auroc", r"cm-\d+-\d+"),
+}
+REPLY_SITE_KEYS: Final = frozenset({SITE_NAME, REFUSAL_REASON})

@@ -1,0 +1,425 @@
+"""The site's executor: no bundle code runs before its hash is approved.
+
+Flower side of hospital governance (issue 10). Three pieces:
+
+- :func:`run_executor` (``kidneyfl site executor SITE_YAML``) runs in place of
+  ``flower-superexec`` beside a SuperNode started with ``--isolation process``.
+  It is Flower's own SuperExec loop with one executor swapped in: for every
+  ClientApp task it starts :func:`run_task` (``python -m client.gate task``)
+  instead of ``flwr-clientapp``, and it launches no other task type.
+- :func:`run_task` is Flower's ``flwr-clientapp`` runner
+  (``run_clientapp``) with three hooks: after the task input is pulled it
+  notes the message and the bundle; before the bundle is installed it checks
+  the bundle's SHA-256 against the site YAML and raises :class:`AppRefused`
+  (Flower turns that into an error reply that names the hash; nothing from the
+  bundle was unpacked or imported); before the reply is pushed it checks the
+  reply against the wire contract and writes the audit entry.
+- :func:`governed` wraps the ClientApp's handlers (``client/app.py``) so every
+  reply is checked and recorded where the app runs, in simulation too.
+
+This module imports Flower, like ``client/app.py``: it is the site's other
+Flower boundary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from client.audit import AuditLog
+from client.contract import ReplyView, check_reply, expected_arrays
+from client.governance import (
+    SIMULATION_HASH,
+    AppRefused,
+    check_approved,
+    spent_epsilon,
+)
+from common import wire
+from common.config import ConfigError, Plan, SiteConfig, load_plan, load_site_config
+
+log = logging.getLogger("kidneyfl.gate")
+
+APP_HASH_ENV = "KIDNEYFL_APP_HASH"  # set by the gate once the bundle is approved
+AUDITED_ENV = "KIDNEYFL_AUDITED_MESSAGE"  # message id the app itself recorded
+# Packages of the site's own kidneyfl that the bundle ships too: dropped from
+# sys.modules before the bundle is loaded, so its own copies are imported.
+BUNDLE_PACKAGES = ("client", "common", "server", "cli")
+BLOCKED_REASON = (
+    "reply withheld by the site's wire-contract check; see the site's audit log"
+)
+
+
+# -- the reply: view, check, record ----------------------------------------------
+def reply_view(reply: Message) -> ReplyView:
+    """What ``reply`` would send: record kinds, array specs, metrics, site keys."""
+    mtype = reply.metadata.message_type
+    if reply.has_error():
+        return ReplyView(mtype, {}, is_error=True, nbytes=len(reply.error.reason))
+    content = reply.content
+    records: dict[str, str] = {}
+    for name in content.array_records:
+        records[name] = "arrays"
+    for name in content.metric_records:
+        records[name] = "metrics"
+    for name in content.config_records:
+        records[name] = "config"
+    arrays: dict[str, tuple[tuple[int, ...], str]] = {}
+    nbytes = 0
+    for rec in content.array_records.values():
+        for key, arr in rec.items():
+            arrays[key] = (tuple(int(s) for s in arr.shape), str(arr.dtype))
+            nbytes += len(arr.data)
+    metrics = dict(content.metric_records.get(wire.METRICS, {}))
+    site = dict(content.config_records.get(wire.SITE, {}))
+    nbytes += len(json.dumps([metrics, site], default=str).encode())
+    return ReplyView(mtype, records, arrays, metrics, site, nbytes=nbytes)
+
+
+def refusal(msg: Message, site: str, reason: str) -> Message:
+    """A kidneyfl refusal reply (what ``client/app.py`` sends when it refuses)."""
+    content = RecordDict(
+        {
+            wire.METRICS: MetricRecord({wire.REFUSED: 1, wire.NUM_EXAMPLES: 0}),
+            wire.SITE: ConfigRecord(
+                {wire.SITE_NAME: site, wire.REFUSAL_REASON: reason[:2000]}
+            ),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
+def enforce(
+    site: SiteConfig, plan: Plan | None, msg: Message, reply: Message
+) -> tuple[Message, str, str, int]:
+    """Check ``reply`` against the contract: (reply to send, decision, why, bytes).
+
+    A reply that breaks the contract is replaced by a refusal whose reason says
+    only that it was withheld; the problems themselves stay in the audit log.
+    """
+    view = reply_view(reply)
+    if view.is_error:
+        return reply, "failed", reply.error.reason[:500], view.nbytes
+    if plan is None:
+        problems = ["the run config is not a kidneyfl plan"]
+    else:
+        expected = expected_arrays(plan) if view.arrays else {}
+        problems = check_reply(view, site.name, plan.task, expected)
+    if problems:
+        log.error("site %s: reply withheld: %s", site.name, "; ".join(problems))
+        out = refusal(msg, site.name, BLOCKED_REASON)
+        return out, "blocked", "; ".join(problems), reply_view(out).nbytes
+    if view.metrics.get(wire.REFUSED) == 1:
+        return (
+            reply,
+            "refused",
+            str(view.site.get(wire.REFUSAL_REASON, "")),
+            view.nbytes,
+        )
+    return reply, "ran", "", view.nbytes
+
+
+def _round(msg: Message) -> int | None:
+    cfg = msg.content.config_records.get(wire.CONFIG, {}) if msg.has_content() else {}
+    for key in (wire.GLOBAL_ROUND, wire.SERVER_ROUND):
+        if key in cfg:
+            return int(cfg[key])
+    return None
+
+
+def record(
+    site: SiteConfig,
+    msg: Message,
+    context: Context | None,
+    where: str,
+    decision: str,
+    reason: str,
+    eps_before: float | None,
+    nbytes: int,
+    app_hash: str | None = None,
+) -> None:
+    """One audit entry for the request ``msg``; the privacy ledger gives epsilon."""
+    cfg = msg.content.config_records.get(wire.CONFIG, {}) if msg.has_content() else {}
+    run_id = cfg.get(wire.RUN_ID, context.run_id if context else msg.metadata.run_id)
+    AuditLog(site.state_dir).append(
+        site=site.name,
+        run_id=str(run_id),
+        app_hash=app_hash or os.environ.get(APP_HASH_ENV, SIMULATION_HASH),
+        message_type=msg.metadata.message_type,
+        round=_round(msg),
+        message_id=msg.metadata.message_id,
+        decision=decision,
+        reason=reason,
+        epsilon_before=eps_before,
+        epsilon_after=spent_epsilon(site),
+        bytes_sent=nbytes,
+        where=where,
+    )
+
+
+Handler = Callable[[Message, Context], Message]
+
+
+def governed(
+    site_path: Callable[[Context, Plan], Path],
+) -> Callable[[Handler], Handler]:
+    """Decorate a ClientApp handler: contract check and audit entry per reply.
+
+    ``site_path(context, plan)`` finds the site YAML (``client.app``'s
+    ``site_config_path``). If the site cannot be resolved the handler answers
+    alone (it refuses with its own reason) and nothing is recorded, since the
+    state directory is unknown.
+    """
+
+    def decorate(handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        def wrapper(msg: Message, context: Context) -> Message:
+            try:
+                plan = load_plan(context.run_config)
+                site = load_site_config(site_path(context, plan))
+            except ConfigError:
+                return handler(msg, context)
+            eps0 = spent_epsilon(site)
+            try:
+                reply = handler(msg, context)
+            except Exception as exc:
+                record(site, msg, context, "app", "failed", type(exc).__name__, eps0, 0)
+                os.environ[AUDITED_ENV] = msg.metadata.message_id
+                raise
+            reply, decision, why, nbytes = enforce(site, plan, msg, reply)
+            record(site, msg, context, "app", decision, why, eps0, nbytes)
+            os.environ[AUDITED_ENV] = msg.metadata.message_id
+            return reply
+
+        return wrapper
+
+    return decorate
+
+
+# -- the gate around Flower's ClientApp runner ------------------------------------
+class _Task:
+    """What the gate has seen of the one task this process runs."""
+
+    def __init__(self, site: SiteConfig) -> None:
+        self.site = site
+        self.message: Message | None = None
+        self.context: Context | None = None
+        self.fab: Any = None
+        self.eps0: float | None = None
+        self.refused = False
+        self.app_hash: str | None = None
+
+
+def _hooks(task: _Task, rc: Any) -> None:
+    """Wrap the runner's pull, install and push steps (fail closed if missing)."""
+    for name in (
+        "pull_task_input",
+        "install_from_fab",
+        "push_message",
+        "run_clientapp",
+    ):
+        if not callable(getattr(rc, name, None)):
+            raise RuntimeError(
+                f"flwr {rc.__name__}.{name} not found: this Flower version is not the "
+                "one the site's gate supports (1.41); the site runs nothing"
+            )
+    pull, install, push = rc.pull_task_input, rc.install_from_fab, rc.push_message
+
+    def pull_task_input(client: Any) -> Any:
+        message, context, run, fab = pull(client)
+        task.message, task.context, task.fab = message, context, fab
+        task.eps0 = spent_epsilon(task.site)
+        return message, context, run, fab
+
+    def install_from_fab(content: bytes, *args: Any, **kwargs: Any) -> Any:
+        digest = hashlib.sha256(content).hexdigest()
+        try:
+            check_approved(task.site, getattr(task.fab, "hash_str", ""), content)
+        except AppRefused as exc:
+            task.refused = True
+            log.error("%s", exc)
+            if task.message is not None:
+                record(
+                    task.site,
+                    task.message,
+                    task.context,
+                    "gate",
+                    "refused",
+                    str(exc),
+                    task.eps0,
+                    len(str(exc)),
+                    app_hash=digest,
+                )
+            raise
+        task.app_hash = digest
+        os.environ[APP_HASH_ENV] = digest
+        for mod in list(sys.modules):
+            if mod.split(".")[0] in BUNDLE_PACKAGES:
+                del sys.modules[mod]
+        return install(content, *args, **kwargs)
+
+    def push_message(client: Any, reply: Message, context: Context) -> None:
+        msg = task.message
+        if msg is not None and not task.refused:
+            try:
+                plan: Plan | None = load_plan(context.run_config)
+            except ConfigError:
+                plan = None
+            checked, decision, why, nbytes = enforce(task.site, plan, msg, reply)
+            if checked is not reply or os.environ.get(AUDITED_ENV) != (
+                msg.metadata.message_id
+            ):
+                record(
+                    task.site, msg, context, "gate", decision, why, task.eps0, nbytes
+                )
+            reply = checked
+        push(client, reply, context)
+
+    rc.pull_task_input = pull_task_input
+    rc.install_from_fab = install_from_fab
+    rc.push_message = push_message
+
+
+def run_task(site_yaml: str, args: argparse.Namespace) -> None:
+    """One ClientApp task behind the approval check (what ``flwr-clientapp`` runs)."""
+    from flwr.supercore.tls import validate_and_resolve_root_certificates
+    from flwr.supernode.runtime import run_clientapp as rc
+
+    site = load_site_config(site_yaml)
+    _hooks(_Task(site), rc)
+    rc.run_clientapp(
+        runtime_api_address=args.runtime_api_address,
+        token=args.token,
+        insecure=args.insecure,
+        certificates=validate_and_resolve_root_certificates(
+            args.root_certificates, args.insecure
+        ),
+        parent_pid=args.parent_pid,
+        runtime_dependency_install=False,  # the site runs only what IT installed
+    )
+
+
+# -- the executor ------------------------------------------------------------------
+class GateExecutor:
+    """Flower SuperExec executor that starts ClientApp tasks behind the gate."""
+
+    def __init__(self, site_yaml: str) -> None:
+        self.site_yaml = str(Path(site_yaml).resolve())
+
+    def get_eligible_capacity(self, supported: set, **_: Any) -> tuple[set, set]:
+        """Only ClientApp tasks; a SuperNode has no other kind."""
+        from flwr.supercore.constant import TaskType
+
+        return {t for t in supported if t == TaskType.CLIENT_APP}, set()
+
+    def wait_for_capacity(self, *_: Any, **__: Any) -> None:
+        """No capacity gate: one process per task, as Flower's own executor."""
+
+    def launch(self, spec: Any) -> Any:
+        """Start ``python -m client.gate task`` for a ClientApp task."""
+        from flwr.supercore.constant import TaskType
+        from flwr.supercore.superexec.executor import LaunchResult
+
+        if spec.task_type != TaskType.CLIENT_APP:
+            return LaunchResult.failed(
+                f"the site runs ClientApps only, not {spec.task_type}"
+            )
+        cmd = [*task_command(self.site_yaml), "--runtime-api-address"]
+        cmd += [spec.runtime_api_address, "--token", spec.token]
+        if spec.insecure:
+            cmd.append("--insecure")
+        elif spec.root_certificates_path:
+            cmd += ["--root-certificates", spec.root_certificates_path]
+        if spec.parent_pid is not None:
+            cmd += ["--parent-pid", str(spec.parent_pid)]
+        subprocess.Popen(cmd)  # noqa: S603 - our own interpreter and module
+        return LaunchResult.accepted()
+
+    def reconcile(self) -> None:
+        """Nothing pooled."""
+
+    def close(self) -> None:
+        """Nothing held."""
+
+
+def task_command(site_yaml: str | Path) -> list[str]:
+    """The gate's command line for one task (arguments follow)."""
+    return [sys.executable, "-m", "client.gate", "task", str(site_yaml)]
+
+
+def executor_command(site: SiteConfig) -> list[str]:
+    """``kidneyfl site executor`` as a command line (for runbooks and tests)."""
+    return [sys.executable, "-m", "client.gate", "executor", str(site.source)]
+
+
+def isolated_supernode_command(site: SiteConfig) -> list[str]:
+    """The site's ``flower-supernode`` command, with ClientApps left to the gate."""
+    from client.node import supernode_command
+
+    return [*supernode_command(site), "--isolation", "process"]
+
+
+def run_executor(site_yaml: str | Path) -> None:
+    """Flower's SuperExec loop for the site's SuperNode, with :class:`GateExecutor`.
+
+    Raises
+    ------
+    ConfigError
+        If the YAML has no federation block (the SuperNode's port is there).
+    """
+    from flwr.supercore.superexec import run_superexec as rs
+
+    site = load_site_config(site_yaml)
+    if site.federation is None:
+        raise ConfigError(f"{site.source}: no federation block; see docs/deployment.md")
+    if not site.governance.require_approval:
+        log.warning("site %s: approval is OFF (governance.require_approval)", site.name)
+    from client.node import supernode_env
+
+    os.environ.update(supernode_env(site))  # the SuperNode's FLWR_HOME, no installs
+    executor = GateExecutor(str(site.source))
+    # run_superexec builds its executor through this module-level factory; it is
+    # the one thing swapped, so Flower's own loop, auth and shutdown stay as is.
+    rs.get_executor = lambda *a, **k: executor
+    rs.run_superexec(
+        runtime_api_address=f"127.0.0.1:{site.federation.clientappio_port}",
+        insecure=True,  # the SuperNode's local API: plain HTTP on loopback only
+        runtime_dependency_install=False,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m client.gate executor SITE_YAML | task SITE_YAML --token ...``."""
+    from common.logs import setup_logging
+
+    setup_logging()
+    p = argparse.ArgumentParser(prog="client.gate", allow_abbrev=False)
+    sub = p.add_subparsers(dest="mode", required=True)
+    e = sub.add_parser("executor", allow_abbrev=False)
+    e.add_argument("site_yaml")
+    t = sub.add_parser("task", allow_abbrev=False)
+    t.add_argument("site_yaml")
+    t.add_argument("--runtime-api-address", required=True)
+    t.add_argument("--token", required=True)
+    t.add_argument("--insecure", action="store_true")
+    t.add_argument("--root-certificates", default=None)
+    t.add_argument("--parent-pid", type=int, default=None)
+    args = p.parse_args(argv)
+    if args.mode == "executor":
+        run_executor(args.site_yaml)
+    else:
+        run_task(args.site_yaml, args)
+
+
+if __name__ == "__main__":
+    main()
