@@ -22,7 +22,7 @@ from common.config import SHA256_HEX, ConfigError, SiteConfig, load_site_config
 
 log = logging.getLogger(__name__)
 
-SIMULATION_HASH = "not-checked (simulation)"
+SIMULATION_HASH = "unverified (no site gate)"
 
 
 class AppRefused(RuntimeError):
