@@ -215,6 +215,7 @@ class _Task:
         self.message: Message | None = None
         self.context: Context | None = None
         self.fab: Any = None
+        self.client: Any = None
         self.eps0: float | None = None
         self.refused = False
         self.app_hash: str | None = None
@@ -237,7 +238,12 @@ def _hooks(task: _Task, rc: Any) -> None:
 
     def pull_task_input(client: Any) -> Any:
         message, context, run, fab = pull(client)
-        task.message, task.context, task.fab = message, context, fab
+        task.client, task.message, task.context, task.fab = (
+            client,
+            message,
+            context,
+            fab,
+        )
         task.eps0 = spent_epsilon(task.site)
         return message, context, run, fab
 
@@ -246,21 +252,7 @@ def _hooks(task: _Task, rc: Any) -> None:
         try:
             check_approved(task.site, getattr(task.fab, "hash_str", ""), content)
         except AppRefused as exc:
-            task.refused = True
-            log.error("%s", exc)
-            if task.message is not None:
-                record(
-                    task.site,
-                    task.message,
-                    task.context,
-                    "gate",
-                    "refused",
-                    str(exc),
-                    task.eps0,
-                    len(str(exc)),
-                    app_hash=digest,
-                )
-            raise
+            _refuse(task, rc, push, digest, str(exc))  # does not return
         task.app_hash = digest
         os.environ[APP_HASH_ENV] = digest
         for mod in list(sys.modules):
@@ -288,6 +280,40 @@ def _hooks(task: _Task, rc: Any) -> None:
     rc.pull_task_input = pull_task_input
     rc.install_from_fab = install_from_fab
     rc.push_message = push_message
+
+
+def _refuse(task: _Task, rc: Any, push: Callable, digest: str, reason: str) -> None:
+    """Answer the request with an error reply naming the hash, record it, exit.
+
+    The task is reported *completed* (the site decided; nothing crashed), so the
+    SuperNode hands the run's next message to a fresh task at once.
+    """
+    from flwr.app import Error
+    from flwr.common.constant import ErrorCode, SubStatus
+    from flwr.supercore.exit import ExitCode, flwr_exit
+
+    task.refused = True
+    log.error("%s", reason)
+    if task.message is None or task.context is None:
+        raise AppRefused(reason)
+    reply = Message(
+        Error(code=ErrorCode.LOAD_CLIENT_APP_EXCEPTION, reason=reason),
+        reply_to=task.message,
+    )
+    record(
+        task.site,
+        task.message,
+        task.context,
+        "gate",
+        "refused",
+        reason,
+        task.eps0,
+        len(reason),
+        app_hash=digest,
+    )
+    push(task.client, reply, task.context)
+    rc.push_task_output(task.client, task.context, SubStatus.COMPLETED, "")
+    flwr_exit(ExitCode.SUCCESS, f"refused: {reason}")
 
 
 def run_task(site_yaml: str, args: argparse.Namespace) -> None:

@@ -153,6 +153,7 @@ def _run_gate(site_yaml: Path, fab: Path, home: Path, monkeypatch) -> dict:
     digest = hashlib.sha256(content).hexdigest()
     msg = request("query", RecordDict({"config": ConfigRecord({})}))
     pushed: list[Message] = []
+    statuses: list[str] = []
     rc = SimpleNamespace(
         __name__="fake_runner",
         pull_task_input=lambda client: (
@@ -163,11 +164,14 @@ def _run_gate(site_yaml: Path, fab: Path, home: Path, monkeypatch) -> dict:
         ),
         install_from_fab=install_from_fab,
         push_message=lambda client, reply, ctx: pushed.append(reply),
+        push_task_output=lambda client, ctx, sub_status, details: statuses.append(
+            sub_status
+        ),
         run_clientapp=lambda **kw: None,
     )
     gate._hooks(gate._Task(load_site_config(site_yaml)), rc)
     message, ctx, _, got = rc.pull_task_input(None)
-    result: dict = {"pushed": pushed, "digest": digest}
+    result: dict = {"pushed": pushed, "digest": digest, "statuses": statuses}
     saved = dict(sys.modules)
     try:
         rc.install_from_fab(got.content, skip_prompt=True)
@@ -175,24 +179,23 @@ def _run_gate(site_yaml: Path, fab: Path, home: Path, monkeypatch) -> dict:
             "kidneyfltest/govapp", "0.1.0", digest
         )
         reply = app(message=message, context=ctx)
-    except AppRefused as exc:
-        result["refused"] = str(exc)
-        reply = Message(
-            __import__("flwr.app", fromlist=["Error"]).Error(0, str(exc)),
-            reply_to=message,
-        )
+        rc.push_message(None, reply, ctx)
+    except SystemExit as exc:  # the gate answered and ended the task itself
+        result["exit"] = exc.code
     finally:
         sys.modules.clear()
         sys.modules.update(saved)
-    rc.push_message(None, reply, ctx)
     return result
 
 
 def test_unapproved_bundle_never_runs(site_yaml, fab, tmp_path, monkeypatch) -> None:
     home = tmp_path / "flwr"
     res = _run_gate(site_yaml, fab, home, monkeypatch)
-    assert res["digest"] in res["refused"] and "hospA" in res["refused"]
-    assert "/" not in res["refused"]  # the reason goes to the coordinator
+    assert res["exit"] == 0 and res["statuses"] == ["completed"]
+    (reply,) = res["pushed"]  # the coordinator gets an error reply naming the hash
+    reason = reply.error.reason
+    assert reply.has_error() and res["digest"] in reason and "hospA" in reason
+    assert "/" not in reason
     assert not (home / "markers").exists()  # nothing from the bundle was imported
     assert not (home / "apps").exists()  # nor even unpacked
     (entry,) = AuditLog(load_site_config(site_yaml).state_dir).entries()
@@ -206,7 +209,7 @@ def test_approved_bundle_runs_and_is_recorded(
     approve(site_yaml, fab)
     home = tmp_path / "flwr"
     res = _run_gate(site_yaml, fab, home, monkeypatch)
-    assert "refused" not in res
+    assert "exit" not in res
     assert len(list((home / "markers").iterdir())) == 1  # its code ran
     (reply,) = res["pushed"]
     assert dict(reply.content["metrics"]) == {"n-cases": 3.0}

@@ -30,7 +30,7 @@ def main(grid: Grid, context: Context) -> None:
             )
             for n in nodes
         ]
-        replies = grid.send_and_receive(msgs, timeout=90)
+        replies = grid.send_and_receive(msgs, timeout=60)
         out[phase] = [
             {"error": r.error.reason}
             if r.has_error()

@@ -1,0 +1,108 @@
+"""Governance on a real deployment: SuperLink (TLS), two SuperNodes with
+``--isolation process``, each with the site's gate executor.
+
+One run of the test app (tests/govapp) goes to both sites. hospA approved the
+bundle, hospB did not: hospB must answer with an error naming the hash and
+never import the bundle (its ClientApp writes a marker when imported); hospA
+runs it, and its second reply, which carries a metric off the contract, is
+withheld at the gate. Both audit logs verify.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from client.audit import AuditLog
+from client.gate import BLOCKED_REASON, executor_command, isolated_supernode_command
+from client.governance import approve, bundle_hash
+from client.node import supernode_env
+from common.config import load_site_config
+from server.simulate import PROJECT_DIR
+from tests.deployment import BIN, CONNECTION, Deployment, run_cli, wait_for
+
+pytestmark = pytest.mark.slow
+
+GOVAPP = Path(__file__).parent / "govapp"
+
+
+def build_fab(out: Path, env: dict) -> Path:
+    res = subprocess.run(
+        [str(BIN / "flwr"), "build", "--app", str(GOVAPP)],
+        cwd=out,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    (fab,) = list(out.glob("*.fab")) or list(GOVAPP.glob("*.fab"))
+    return fab.replace(out / fab.name)
+
+
+def test_only_the_approved_bundle_runs(tmp_path: Path) -> None:
+    d = Deployment(tmp_path / "deploy", tls=True, auth=False)
+    out = tmp_path / "replies.json"
+    d.env.update(GOV_OUT=str(out), GOV_NODES="2")
+    try:
+        d.start_superlink()
+        fab = build_fab(tmp_path, d.env)
+        markers = {}
+        for i, name in enumerate(("hospA", "hospB")):
+            yml = d.add_site(name, cases=2, seed=i)
+            if name == "hospA":
+                approve(yml, fab)
+            site = load_site_config(yml)
+            env = supernode_env(site)
+            d._start(f"node-{name}", isolated_supernode_command(site), env)
+            markers[name] = tmp_path / f"markers-{name}"
+            env = dict(
+                env, PYTHONPATH=str(PROJECT_DIR), GOV_MARKER_DIR=str(markers[name])
+            )
+            d._start(f"exec-{name}", executor_command(site), env)
+        res = run_cli(
+            [str(BIN / "flwr"), "run", str(GOVAPP), CONNECTION, "--stream"],
+            d.env,
+            timeout=240,
+        )
+        wait_for(out.exists, 30, "the ServerApp's replies file")
+    finally:
+        d.stop_all()
+    replies = json.loads(out.read_text())
+    digest = bundle_hash(fab)
+    by_site = {}
+    for phase, rows in replies.items():
+        for row in rows:
+            name = row.get("site", {}).get("name") or (
+                "hospB" if "hospB" in row.get("error", "") else "?"
+            )
+            by_site[(phase, name)] = row
+    assert set(by_site) == {
+        ("plain", "hospA"),
+        ("plain", "hospB"),
+        ("extra", "hospA"),
+        ("extra", "hospB"),
+    }, (replies, res.stdout[-3000:])
+    # hospB: refused before anything from the bundle was imported.
+    for phase in ("plain", "extra"):
+        reason = by_site[(phase, "hospB")]["error"]
+        assert "refuses app bundle sha256:" + digest in reason and "/" not in reason
+    assert not markers["hospB"].exists()
+    # hospA: the approved bundle ran; its off-contract reply never left.
+    assert by_site[("plain", "hospA")]["metrics"] == {"n-cases": 3.0}
+    assert any(markers["hospA"].iterdir())
+    blocked = by_site[("extra", "hospA")]
+    assert blocked["metrics"] == {"refused": 1, "num-examples": 0}
+    assert blocked["site"]["refusal-reason"] == BLOCKED_REASON
+    # Both sites' records: every request, the chain intact.
+    logs = {n: AuditLog(load_site_config(d.sites[n]).state_dir) for n in d.sites}
+    a = [(e["decision"], e["where"]) for e in logs["hospA"].entries()]
+    b = [(e["decision"], e["app_hash"][:8]) for e in logs["hospB"].entries()]
+    assert a == [("ran", "gate"), ("blocked", "gate")]
+    assert b == [("refused", digest[:8])] * 2
+    assert "case-ids" in logs["hospA"].entries()[1]["reason"]
+    assert all(log.verify().ok for log in logs.values())
