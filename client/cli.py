@@ -173,7 +173,7 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def _executor(args: argparse.Namespace) -> int:
-    from client.gate import run_executor
+    from client.executor import run_executor
 
     run_executor(args.site_yaml)
     return 0  # not reached

@@ -1,19 +1,16 @@
-"""The site's executor: no bundle code runs before its hash is approved.
+"""The site's gate: no bundle code runs before its hash is approved, and no
+reply leaves unchecked or unrecorded.
 
-Flower side of hospital governance (issue 10). Three pieces:
+Flower side of hospital governance (issue 10); the executor that launches the
+gate is ``client/executor.py``. Two pieces:
 
-- :func:`run_executor` (``kidneyfl site executor SITE_YAML``) runs in place of
-  ``flower-superexec`` beside a SuperNode started with ``--isolation process``.
-  It is Flower's own SuperExec loop with one executor swapped in: for every
-  ClientApp task it starts :func:`run_task` (``python -m client.gate task``)
-  instead of ``flwr-clientapp``, and it launches no other task type.
 - :func:`run_task` is Flower's ``flwr-clientapp`` runner
   (``run_clientapp``) with three hooks: after the task input is pulled it
   notes the message and the bundle; before the bundle is installed it checks
-  the bundle's SHA-256 against the site YAML and raises :class:`AppRefused`
-  (Flower turns that into an error reply that names the hash; nothing from the
-  bundle was unpacked or imported); before the reply is pushed it checks the
-  reply against the wire contract and writes the audit entry.
+  the bundle's SHA-256 against the site YAML and, if it is not approved,
+  answers with an error reply that names the hash, records the refusal and
+  ends the task (nothing from the bundle was unpacked or imported); before a
+  reply is pushed it checks it against the wire contract and records it.
 - :func:`governed` wraps the ClientApp's handlers (``client/app.py``) so every
   reply is checked and recorded where the app runs, in simulation too.
 
@@ -29,7 +26,6 @@ import hashlib
 import json
 import logging
 import os
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -333,119 +329,3 @@ def run_task(site_yaml: str, args: argparse.Namespace) -> None:
         parent_pid=args.parent_pid,
         runtime_dependency_install=False,  # the site runs only what IT installed
     )
-
-
-# -- the executor ------------------------------------------------------------------
-class GateExecutor:
-    """Flower SuperExec executor that starts ClientApp tasks behind the gate."""
-
-    def __init__(self, site_yaml: str) -> None:
-        self.site_yaml = str(Path(site_yaml).resolve())
-
-    def get_eligible_capacity(self, supported: set, **_: Any) -> tuple[set, set]:
-        """Only ClientApp tasks; a SuperNode has no other kind."""
-        from flwr.supercore.constant import TaskType
-
-        return {t for t in supported if t == TaskType.CLIENT_APP}, set()
-
-    def wait_for_capacity(self, *_: Any, **__: Any) -> None:
-        """No capacity gate: one process per task, as Flower's own executor."""
-
-    def launch(self, spec: Any) -> Any:
-        """Start ``python -m client.gate task`` for a ClientApp task."""
-        from flwr.supercore.constant import TaskType
-        from flwr.supercore.superexec.executor import LaunchResult
-
-        if spec.task_type != TaskType.CLIENT_APP:
-            return LaunchResult.failed(
-                f"the site runs ClientApps only, not {spec.task_type}"
-            )
-        cmd = [*task_command(self.site_yaml), "--runtime-api-address"]
-        cmd += [spec.runtime_api_address, "--token", spec.token]
-        if spec.insecure:
-            cmd.append("--insecure")
-        elif spec.root_certificates_path:
-            cmd += ["--root-certificates", spec.root_certificates_path]
-        if spec.parent_pid is not None:
-            cmd += ["--parent-pid", str(spec.parent_pid)]
-        subprocess.Popen(cmd)  # noqa: S603 - our own interpreter and module
-        return LaunchResult.accepted()
-
-    def reconcile(self) -> None:
-        """Nothing pooled."""
-
-    def close(self) -> None:
-        """Nothing held."""
-
-
-def task_command(site_yaml: str | Path) -> list[str]:
-    """The gate's command line for one task (arguments follow)."""
-    return [sys.executable, "-m", "client.gate", "task", str(site_yaml)]
-
-
-def executor_command(site: SiteConfig) -> list[str]:
-    """``kidneyfl site executor`` as a command line (for runbooks and tests)."""
-    return [sys.executable, "-m", "client.gate", "executor", str(site.source)]
-
-
-def isolated_supernode_command(site: SiteConfig) -> list[str]:
-    """The site's ``flower-supernode`` command, with ClientApps left to the gate."""
-    from client.node import supernode_command
-
-    return [*supernode_command(site), "--isolation", "process"]
-
-
-def run_executor(site_yaml: str | Path) -> None:
-    """Flower's SuperExec loop for the site's SuperNode, with :class:`GateExecutor`.
-
-    Raises
-    ------
-    ConfigError
-        If the YAML has no federation block (the SuperNode's port is there).
-    """
-    from flwr.supercore.superexec import run_superexec as rs
-
-    site = load_site_config(site_yaml)
-    if site.federation is None:
-        raise ConfigError(f"{site.source}: no federation block; see docs/deployment.md")
-    if not site.governance.require_approval:
-        log.warning("site %s: approval is OFF (governance.require_approval)", site.name)
-    from client.node import supernode_env
-
-    os.environ.update(supernode_env(site))  # the SuperNode's FLWR_HOME, no installs
-    executor = GateExecutor(str(site.source))
-    # run_superexec builds its executor through this module-level factory; it is
-    # the one thing swapped, so Flower's own loop, auth and shutdown stay as is.
-    rs.get_executor = lambda *a, **k: executor
-    rs.run_superexec(
-        runtime_api_address=f"127.0.0.1:{site.federation.clientappio_port}",
-        insecure=True,  # the SuperNode's local API: plain HTTP on loopback only
-        runtime_dependency_install=False,
-    )
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m client.gate executor SITE_YAML | task SITE_YAML --token ...``."""
-    from common.logs import setup_logging
-
-    setup_logging()
-    p = argparse.ArgumentParser(prog="client.gate", allow_abbrev=False)
-    sub = p.add_subparsers(dest="mode", required=True)
-    e = sub.add_parser("executor", allow_abbrev=False)
-    e.add_argument("site_yaml")
-    t = sub.add_parser("task", allow_abbrev=False)
-    t.add_argument("site_yaml")
-    t.add_argument("--runtime-api-address", required=True)
-    t.add_argument("--token", required=True)
-    t.add_argument("--insecure", action="store_true")
-    t.add_argument("--root-certificates", default=None)
-    t.add_argument("--parent-pid", type=int, default=None)
-    args = p.parse_args(argv)
-    if args.mode == "executor":
-        run_executor(args.site_yaml)
-    else:
-        run_task(args.site_yaml, args)
-
-
-if __name__ == "__main__":
-    main()

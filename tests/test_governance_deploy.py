@@ -1,6 +1,7 @@
 """Governance on a real deployment: SuperLink (TLS), two SuperNodes with
 ``--isolation process``, each with the site's gate executor.
 
+Each site runs `python -m client.executor site` (SuperNode plus executor).
 One run of the test app (tests/govapp) goes to both sites. hospA approved the
 bundle, hospB did not: hospB must answer with an error naming the hash and
 never import the bundle (its ClientApp writes a marker when imported); hospA
@@ -12,14 +13,14 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from client.audit import AuditLog
-from client.gate import BLOCKED_REASON, executor_command, isolated_supernode_command
+from client.gate import BLOCKED_REASON
 from client.governance import approve, bundle_hash
-from client.node import supernode_env
 from common.config import load_site_config
 from server.simulate import PROJECT_DIR
 from tests.deployment import BIN, CONNECTION, Deployment, run_cli, wait_for
@@ -56,14 +57,14 @@ def test_only_the_approved_bundle_runs(tmp_path: Path) -> None:
             yml = d.add_site(name, cases=2, seed=i)
             if name == "hospA":
                 approve(yml, fab)
-            site = load_site_config(yml)
-            env = supernode_env(site)
-            d._start(f"node-{name}", isolated_supernode_command(site), env)
             markers[name] = tmp_path / f"markers-{name}"
             env = dict(
-                env, PYTHONPATH=str(PROJECT_DIR), GOV_MARKER_DIR=str(markers[name])
+                d.env, PYTHONPATH=str(PROJECT_DIR), GOV_MARKER_DIR=str(markers[name])
             )
-            d._start(f"exec-{name}", executor_command(site), env)
+            # What `kidneyfl site start` runs with approval on: the SuperNode
+            # (--isolation process) and the gate executor, as one service.
+            cmd = [sys.executable, "-m", "client.executor", "site", str(yml)]
+            d._start(f"site-{name}", cmd, env)
         res = run_cli(
             [str(BIN / "flwr"), "run", str(GOVAPP), CONNECTION, "--stream"],
             d.env,
