@@ -24,7 +24,6 @@ from functools import lru_cache
 
 from common import wire
 from common.config import Plan
-from common.tasks import build_plan_model
 
 ArraySpec = tuple[tuple[int, ...], str]
 
@@ -56,8 +55,16 @@ class ReplyView:
     nbytes: int = 0
 
 
+_BUILD: list = []  # common.tasks.build_plan_model, imported on first use
+
+
 @lru_cache(maxsize=8)
 def _expected(task: str, model: str, seed: int) -> tuple[tuple[str, ArraySpec], ...]:
+    if not _BUILD:  # torch and MONAI load late; bound once (see client/gate.py)
+        from common.tasks import build_plan_model
+
+        _BUILD.append(build_plan_model)
+    build_plan_model = _BUILD[0]
     plan = Plan.model_validate({"task": task, "model": model, "seed": seed})
     state = build_plan_model(plan).state_dict()
     return tuple(

@@ -96,7 +96,11 @@ def refusal(msg: Message, site: str, reason: str) -> Message:
 
 
 def enforce(
-    site: SiteConfig, plan: Plan | None, msg: Message, reply: Message
+    site: SiteConfig,
+    plan: Plan | None,
+    msg: Message,
+    reply: Message,
+    expected: dict | None = None,
 ) -> tuple[Message, str, str, int]:
     """Check ``reply`` against the contract: (reply to send, decision, why, bytes).
 
@@ -109,7 +113,8 @@ def enforce(
     if plan is None:
         problems = ["the run config is not a kidneyfl plan"]
     else:
-        expected = expected_arrays(plan) if view.arrays else {}
+        if expected is None:
+            expected = expected_arrays(plan) if view.arrays else {}
         problems = check_reply(view, site.name, plan.task, expected)
     if problems:
         log.error("site %s: reply withheld: %s", site.name, "; ".join(problems))
@@ -212,6 +217,8 @@ class _Task:
         self.context: Context | None = None
         self.fab: Any = None
         self.client: Any = None
+        self.plan: Plan | None = None
+        self.expected: dict = {}
         self.eps0: float | None = None
         self.refused = False
         self.app_hash: str | None = None
@@ -251,6 +258,13 @@ def _hooks(task: _Task, rc: Any) -> None:
             _refuse(task, rc, push, digest, str(exc))  # does not return
         task.app_hash = digest
         os.environ[APP_HASH_ENV] = digest
+        # Everything the reply check needs, from the site's own code, before
+        # the bundle's copies of the same packages are imported.
+        try:
+            task.plan = load_plan(task.context.run_config) if task.context else None
+        except ConfigError:
+            task.plan = None
+        task.expected = expected_arrays(task.plan) if task.plan else {}
         for mod in list(sys.modules):
             if mod.split(".")[0] in BUNDLE_PACKAGES:
                 del sys.modules[mod]
@@ -259,11 +273,9 @@ def _hooks(task: _Task, rc: Any) -> None:
     def push_message(client: Any, reply: Message, context: Context) -> None:
         msg = task.message
         if msg is not None and not task.refused:
-            try:
-                plan: Plan | None = load_plan(context.run_config)
-            except ConfigError:
-                plan = None
-            checked, decision, why, nbytes = enforce(task.site, plan, msg, reply)
+            checked, decision, why, nbytes = enforce(
+                task.site, task.plan, msg, reply, task.expected
+            )
             if checked is not reply or os.environ.get(AUDITED_ENV) != (
                 msg.metadata.message_id
             ):

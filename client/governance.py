@@ -17,12 +17,12 @@ from pathlib import Path
 
 import yaml
 
-from client.privacy import LedgerError, PrivacyLedger
 from common.config import SHA256_HEX, ConfigError, SiteConfig, load_site_config
 
 log = logging.getLogger(__name__)
 
 SIMULATION_HASH = "unverified (no site gate)"
+_LEDGER: tuple = ()  # (PrivacyLedger, LedgerError), imported on first use
 
 
 class AppRefused(RuntimeError):
@@ -130,9 +130,17 @@ def approvals_report(site_yaml: str | Path) -> str:
 
 def spent_epsilon(site: SiteConfig) -> float | None:
     """Epsilon the site's ledger has recorded so far (None without DP or ledger)."""
+    global _LEDGER
     if not site.privacy.enabled or site.privacy.delta is None:
         return None
+    if not _LEDGER:
+        # Imported late (torch, Opacus): the gate must start its task heartbeat
+        # within seconds; bound once, so later calls keep the site's own copy.
+        from client.privacy import LedgerError, PrivacyLedger
+
+        _LEDGER = (PrivacyLedger, LedgerError)
+    ledger_cls, error = _LEDGER
     try:
-        return PrivacyLedger(site.state_dir, site.name).epsilon(site.privacy.delta)
-    except LedgerError:
+        return ledger_cls(site.state_dir, site.name).epsilon(site.privacy.delta)
+    except error:
         return None
