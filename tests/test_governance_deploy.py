@@ -21,18 +21,20 @@ import pytest
 from client.audit import AuditLog
 from client.gate import BLOCKED_REASON
 from client.governance import approve, bundle_hash
+from client.privacy import PrivacyLedger
 from common.config import load_site_config
 from server.simulate import PROJECT_DIR
-from tests.deployment import BIN, CONNECTION, Deployment, run_cli, wait_for
+from tests.deployment import BIN, CONNECTION, Deployment, metrics, run_cli, wait_for
 
 pytestmark = pytest.mark.slow
 
 GOVAPP = Path(__file__).parent / "govapp"
 
 
-def build_fab(out: Path, env: dict) -> Path:
+def build_fab(out: Path, env: dict, app: Path = GOVAPP) -> Path:
+    """`flwr build` of ``app``: the bundle a hospital reviews and approves."""
     res = subprocess.run(
-        [str(BIN / "flwr"), "build", "--app", str(GOVAPP)],
+        [str(BIN / "flwr"), "build", "--app", str(app)],
         cwd=out,
         env=env,
         capture_output=True,
@@ -41,7 +43,7 @@ def build_fab(out: Path, env: dict) -> Path:
         check=False,
     )
     assert res.returncode == 0, res.stdout + res.stderr
-    (fab,) = list(out.glob("*.fab")) or list(GOVAPP.glob("*.fab"))
+    (fab,) = list(out.glob("*.fab")) or list(app.glob("*.fab"))
     return fab.replace(out / fab.name)
 
 
@@ -107,3 +109,54 @@ def test_only_the_approved_bundle_runs(tmp_path: Path) -> None:
     assert b == [("refused", digest[:8])] * 2
     assert "case-ids" in logs["hospA"].entries()[1]["reason"]
     assert all(log.verify().ok for log in logs.values())
+
+
+def test_approved_kidneyfl_bundle_trains_through_the_gate(tmp_path: Path) -> None:
+    """The real app, approved by hash, trains one round behind the gate; the
+    site's audit log records both requests with the bundle's hash and agrees
+    with the privacy ledger."""
+    d = Deployment(tmp_path / "deploy", tls=True, auth=False)
+    try:
+        d.start_superlink()
+        fab = build_fab(tmp_path, d.env, PROJECT_DIR)
+        yml = d.add_site("hospA", cases=4, seed=0)
+        approve(yml, fab)
+        env = dict(d.env, PYTHONPATH=str(PROJECT_DIR))
+        d._start(
+            "site-hospA",
+            [sys.executable, "-m", "client.executor", "site", str(yml)],
+            env,
+        )
+        plan = {
+            "spacing-mm": "6,6,8",
+            "patch-size": "32,32,16",
+            "batch-size": 2,
+            "model": "unet-tiny",
+            "num-server-rounds": 1,
+            "local-epochs": 1,
+            "dp-target-epsilon": 30.0,
+            "min-sites": 1,
+            "expected-sites": 1,
+            "site-wait-timeout": 120.0,
+        }
+        run = d.submit("gov-e2e", tmp_path / "runs", plan)
+        wait_for(lambda: run.popen.poll() is not None, 400, "flwr run to finish", 1)
+    finally:
+        d.stop_all()
+    assert run.popen.returncode == 0, run.text()[-3000:]
+    rounds = metrics(tmp_path / "runs" / "gov-e2e")
+    assert len(rounds) == 1 and rounds[0]["aggregated"], rounds
+    site = load_site_config(yml)
+    log = AuditLog(site.state_dir)
+    entries = log.entries()
+    assert log.verify().ok
+    assert [(e["message_type"], e["decision"], e["where"]) for e in entries] == [
+        ("train", "ran", "app"),
+        ("evaluate", "ran", "app"),
+    ], entries
+    assert {e["app_hash"] for e in entries} == {bundle_hash(fab)}
+    ledger = PrivacyLedger(site.state_dir, site.name)
+    assert entries[0]["epsilon_after"] == pytest.approx(
+        ledger.epsilon(site.privacy.delta)
+    )
+    assert entries[0]["epsilon_before"] == 0.0 < entries[0]["epsilon_after"]
