@@ -149,6 +149,13 @@ def _run_gate(site_yaml: Path, fab: Path, home: Path, monkeypatch) -> dict:
     monkeypatch.setenv("FLWR_HOME", str(home))
     monkeypatch.setenv("GOV_MARKER_DIR", str(home / "markers"))
     monkeypatch.delenv(gate.APP_HASH_ENV, raising=False)
+    # Flower's flwr_exit also arms an os._exit timer, which would end pytest.
+    import flwr.supercore.exit as flwr_exit_mod
+
+    def no_timer_exit(code: int, *args: object, **kwargs: object) -> None:
+        raise SystemExit(int(code))
+
+    monkeypatch.setattr(flwr_exit_mod, "flwr_exit", no_timer_exit)
     content = fab.read_bytes()
     digest = hashlib.sha256(content).hexdigest()
     msg = request("query", RecordDict({"config": ConfigRecord({})}))
