@@ -23,6 +23,7 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 
 from client.data import SiteDataError, load_site_cases, raw_volumes
+from client.gate import governed
 from client.personal import keep_norm_local, overlay_local_norm, save_fine_tuned
 from client.privacy import (
     BudgetExceeded,
@@ -84,12 +85,14 @@ def _setup(msg: Message, context: Context) -> tuple[Plan, SiteConfig]:
 
 
 @app.train()
+@governed(site_config_path)
 def train(msg: Message, context: Context) -> Message:
     """Local epochs from the global weights; reply with weights and aggregates."""
     return _train_round(msg, context, fine_tune=False)
 
 
 @app.train(wire.FINE_TUNE_ACTION)
+@governed(site_config_path)
 def fine_tune(msg: Message, context: Context) -> Message:
     """Fine-tune the final global model locally; it stays at the site.
 
@@ -220,6 +223,7 @@ def _train_round(msg: Message, context: Context, fine_tune: bool) -> Message:
 
 
 @app.evaluate()
+@governed(site_config_path)
 def evaluate(msg: Message, context: Context) -> Message:
     """Dice per KiTS region on the site's validation split (means only)."""
     plan, site = _setup(msg, context)
@@ -238,6 +242,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 
 @app.query()
+@governed(site_config_path)
 def fingerprint(msg: Message, context: Context) -> Message:
     """Aggregate dataset statistics for the federated preprocessing plan.
 

@@ -78,10 +78,24 @@ def _start(args: argparse.Namespace) -> int:
     from client.node import exec_supernode, supernode_command
 
     site = load_site_config(args.site_yaml)
+    if site.governance.require_approval:
+        # Approved bundles only: the SuperNode hands ClientApps to the site's
+        # gate executor, which checks the bundle's hash before any of it runs.
+        from client.executor import (
+            executor_command,
+            isolated_supernode_command,
+            run_governed,
+        )
+
+        if args.print:
+            print(shlex.join(isolated_supernode_command(site)))
+            print(shlex.join(executor_command(site)))
+            return 0
+        return run_governed(args.site_yaml)
     if args.print:
         print(shlex.join(supernode_command(site)))
         return 0
-    exec_supernode(site)
+    exec_supernode(site)  # approval explicitly off in the site YAML
     return 0  # not reached
 
 
@@ -132,3 +146,83 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("site_yaml")
     s.add_argument("--print", action="store_true", help="print the command only")
     s.set_defaults(func=_start)
+    register_governance(ssub)
+
+
+# -- Governance (issue 10): approve | approvals | audit | executor -------------
+def _approve(args: argparse.Namespace) -> int:
+    from client.governance import approve
+
+    digest, new = approve(args.site_yaml, args.bundle)
+    state = "approved" if new else "already approved"
+    print(f"sha256:{digest} {state} in {args.site_yaml}")
+    return 0
+
+
+def _approvals(args: argparse.Namespace) -> int:
+    from client.governance import approvals_report
+
+    print(approvals_report(args.site_yaml))
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from client.audit import AuditLog, format_table
+
+    site = load_site_config(args.site_yaml)
+    audit = AuditLog(site.state_dir)
+    if args.verify:
+        check = audit.verify()
+        if check.ok:
+            print(f"audit log {audit.path}: {check.entries} entries, chain intact")
+            print(f"head sha256:{check.head} (keep a copy off-site)")
+            return 0
+        print(
+            f"audit log {audit.path}: entry {check.first_bad} is bad: "
+            f"{check.problem} ({check.entries} entries before it verified)"
+        )
+        return 1
+    print(format_table(audit.entries()))
+    return 0
+
+
+def _executor(args: argparse.Namespace) -> int:
+    from client.executor import run_executor
+
+    run_executor(args.site_yaml)
+    return 0  # not reached
+
+
+def register_governance(ssub: argparse._SubParsersAction) -> None:
+    """``kidneyfl site approve|approvals|audit|executor``."""
+    a = ssub.add_parser(
+        "approve",
+        help="add a reviewed app bundle (.fab or its SHA-256) to the site YAML",
+        allow_abbrev=False,
+    )
+    a.add_argument("site_yaml")
+    a.add_argument("bundle", help="the .fab file `flwr build` wrote, or its hash")
+    a.set_defaults(func=_approve)
+    p = ssub.add_parser(
+        "approvals", help="list the site's approved app bundles", allow_abbrev=False
+    )
+    p.add_argument("site_yaml")
+    p.set_defaults(func=_approvals)
+    u = ssub.add_parser(
+        "audit", help="print or verify the site's audit log", allow_abbrev=False
+    )
+    u.add_argument("site_yaml")
+    u.add_argument(
+        "--verify",
+        action="store_true",
+        help="check the hash chain; exit 1 naming the first bad entry",
+    )
+    u.set_defaults(func=_audit)
+    e = ssub.add_parser(
+        "executor",
+        help="run ClientApps for the site's SuperNode (--isolation process), "
+        "approved bundles only",
+        allow_abbrev=False,
+    )
+    e.add_argument("site_yaml")
+    e.set_defaults(func=_executor)

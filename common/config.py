@@ -350,6 +350,37 @@ class FederationConfig(BaseModel):
         return self
 
 
+# -- Governance (issue 10): which app bundles may run at the site ------------
+SHA256_HEX = r"^[0-9a-f]{64}$"
+
+
+class GovernanceConfig(BaseModel):
+    """The site's own list of reviewed app bundles (SHA-256 of the ``.fab``).
+
+    Approval is on unless the YAML switches it off explicitly; it is enforced by
+    the site's executor (``kidneyfl site executor``), not by the bundle's code.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    require_approval: bool = True
+    approved_apps: list[str] = Field(default_factory=list)
+
+    @field_validator("approved_apps", mode="before")
+    @classmethod
+    def _hashes(cls, v: Any) -> list[str]:
+        out = []
+        for h in v or []:
+            h = str(h).strip().lower().removeprefix("sha256:")
+            if not re.fullmatch(SHA256_HEX, h):
+                raise ValueError(
+                    f"{h!r} is not a SHA-256 hex digest (64 hex characters); add "
+                    "bundles with `kidneyfl site approve SITE_YAML BUNDLE.fab`"
+                )
+            out.append(h)
+        return out
+
+
 class SiteConfig(BaseModel):
     """One hospital's site YAML. It never leaves the site."""
 
@@ -362,6 +393,7 @@ class SiteConfig(BaseModel):
     privacy: PrivacyConfig
     phantom: PhantomConfig | None = None
     federation: FederationConfig | None = None
+    governance: GovernanceConfig = Field(default_factory=GovernanceConfig)
     source: Path | None = Field(None, exclude=True)
 
 

@@ -81,3 +81,45 @@ def recall_key(name: str) -> str:
 def confusion_key(true: str, pred: str) -> str:
     """Metric key for a confusion count: cases of ``true`` predicted ``pred``."""
     return f"{CONFUSION_PREFIX}{true}-{pred}"
+
+
+# -- Reply contract (governance, client/contract.py) --------------------------
+# The only metric keys a site may send, by message type. A key not listed here
+# (or matched by its task's patterns) is refused at the site before the reply
+# leaves. Values are finite scalars, except the fingerprint aggregates, which are
+# fixed-length lists (their lengths are checked).
+MSG_TRAIN: Final = "train"
+MSG_EVALUATE: Final = "evaluate"
+MSG_QUERY: Final = "query"
+FP_N_CASES: Final = "n-cases"
+FP_SPACING_Q: Final = "spacing-q"
+FP_EXTENT: Final = "extent-mm"
+FP_HIST: Final = "fg-hist"
+FP_LABEL_ML: Final = "label-ml"
+REFUSAL_METRICS: Final = frozenset({REFUSED, NUM_EXAMPLES})
+REPLY_METRICS: Final = {
+    MSG_TRAIN: frozenset(
+        {NUM_EXAMPLES, TRAIN_LOSS, DP_ENABLED, EPSILON, DELTA, NOISE_MULTIPLIER}
+    )
+    # a fine-tune reply ("train.finetune") carries validation metrics instead
+    | frozenset({FINE_TUNED, NUM_VAL_CASES, EVAL_LOSS})
+    | REFUSAL_METRICS,
+    MSG_EVALUATE: frozenset({NUM_EXAMPLES, NUM_VAL_CASES, EVAL_LOSS}) | REFUSAL_METRICS,
+    MSG_QUERY: frozenset({FP_N_CASES}) | REFUSAL_METRICS,
+}
+# List-valued aggregates (fingerprint query only): key -> allowed length.
+REPLY_LIST_METRICS: Final = {
+    MSG_QUERY: {FP_SPACING_Q: 9, FP_EXTENT: 3, FP_HIST: 1024, FP_LABEL_ML: 3},
+}
+# Task metrics in evaluate replies, by task, as full-match regular expressions.
+TASK_METRIC_PATTERNS: Final = {
+    "segmentation": (r"dice-[a-z]+", r"surface-dice-[a-z]+"),  # per KiTS region
+    "classification": (
+        r"accuracy",
+        r"balanced-accuracy",
+        r"auc-macro",
+        r"recall-[a-z0-9_]+",
+        r"cm-\d+-\d+",
+    ),
+}
+REPLY_SITE_KEYS: Final = frozenset({SITE_NAME, REFUSAL_REASON})

@@ -198,7 +198,14 @@ class Deployment:
         )
         return proc
 
-    def add_site(self, name: str, cases: int = 6, seed: int = 0, **kw: object) -> Path:
+    def add_site(
+        self,
+        name: str,
+        cases: int = 6,
+        seed: int = 0,
+        approval: bool = False,
+        **kw: object,
+    ) -> Path:
         """Phantom data, a node key pair and a site YAML with a federation block."""
         yml = write_site_yaml(self.root, name, cases=cases, seed=seed, **kw)
         doc = yaml.safe_load(yml.read_text())
@@ -216,6 +223,9 @@ class Deployment:
             assert res.returncode == 0, res.stdout + res.stderr
             fed["auth_key"] = str(key)
         doc["federation"] = fed
+        # Bundle approval is tested in tests/test_governance_deploy.py; here
+        # the SuperNode runs ClientApps directly (the development setting).
+        doc["governance"] = {"require_approval": approval}
         yml.write_text(yaml.safe_dump(doc))
         self.sites[name] = yml
         return yml
