@@ -95,24 +95,36 @@ def _fmt(v: Any, width: int = 7) -> str:
     return f"{v:.3f}".rjust(width)
 
 
+def headline(entry: dict[str, Any]) -> tuple[str, tuple[str, ...], str, str]:
+    """The task's headline metrics in a round entry: (title, keys, site key, label).
+
+    Classification runs report balanced accuracy, accuracy and macro AUC;
+    segmentation runs Dice per KiTS region.
+    """
+    keys = set(entry.get("weighted", {}))
+    for m in entry.get("evaluate", {}).values():
+        keys |= set(m)
+    dice = tuple(wire.dice_key(r) for r in KITS_REGIONS)
+    if wire.BALANCED_ACCURACY in keys and not keys & set(dice):
+        cls = (wire.BALANCED_ACCURACY, wire.ACCURACY, wire.AUC_MACRO)
+        return "balanced-acc/acc/auc", cls, wire.BALANCED_ACCURACY, "bal-acc"
+    return "Dice kidney/masses/tumour", dice, wire.dice_key("kidney"), "kidney"
+
+
 def round_line(entry: dict[str, Any]) -> str:
-    """One line per round for the terminal: Dice per site and epsilon per site."""
+    """One line per round for the terminal: the task's headline metric per site
+    (Dice, or balanced accuracy for classification) and epsilon per site."""
     parts = [f"round {entry['round']:>3}"]
     w = entry.get("weighted", {})
-    parts.append(
-        "Dice kidney/masses/tumour "
-        + "/".join(_fmt(w.get(wire.dice_key(r)), 5).strip() for r in KITS_REGIONS)
-    )
+    title, cols, site_key, label = headline(entry)
+    parts.append(title + " " + "/".join(_fmt(w.get(c), 5).strip() for c in cols))
     sp = entry.get("spread", {})
-    if any(wire.dice_key(r) in sp for r in KITS_REGIONS):
-        parts.append(
-            "best-worst "
-            + "/".join(_fmt(sp.get(wire.dice_key(r)), 5).strip() for r in KITS_REGIONS)
-        )
+    if any(c in sp for c in cols):
+        parts.append("best-worst " + "/".join(_fmt(sp.get(c), 5).strip() for c in cols))
     for site, m in sorted(entry.get("evaluate", {}).items()):
         eps = entry.get("epsilon", {}).get(site)
         eps_txt = f" eps={eps:.2f}" if eps is not None else " eps=off"
-        parts.append(f"{site}: kidney {m.get(wire.dice_key('kidney'), 0):.3f}{eps_txt}")
+        parts.append(f"{site}: {label} {m.get(site_key, 0):.3f}{eps_txt}")
     for kind in ("refused", "rejected", "failed"):
         for site, why in entry.get(kind, {}).items():
             parts.append(f"{site} {kind.upper()} ({why[:80]})")
@@ -126,7 +138,7 @@ def summary_table(entries: list[dict[str, Any]]) -> str:
     if not entries:
         return "no rounds completed"
     first, last = entries[0], entries[-1]
-    cols = [wire.dice_key(r) for r in KITS_REGIONS]
+    cols = list(headline(last)[1])
     head = f"{'site':<16}" + "".join(f"{c:>14}" for c in cols)
     head += f"{'val cases':>10}{'epsilon':>9}{'delta':>9}"
     lines = [f"Summary after round {last['round']} (first round in brackets)", head]

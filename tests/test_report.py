@@ -173,3 +173,30 @@ def test_report_command_prints_lines_and_writes_html(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "round   2 |" in out and "best-worst" in out
     assert (run / "report.html").is_file() and (run / "tensorboard").is_dir()
+
+
+def test_classification_rounds_report_balanced_accuracy_not_dice():
+    from server.report import summary_table
+
+    rec = RoundRecord(round=1)
+    rec.evaluate = {
+        "a": {
+            "balanced-accuracy": 0.6,
+            "accuracy": 0.7,
+            "auc-macro": 0.8,
+            "num-val-cases": 10,
+        },
+        "b": {
+            "balanced-accuracy": 0.4,
+            "accuracy": 0.5,
+            "auc-macro": 0.6,
+            "num-val-cases": 30,
+        },
+    }
+    entry = round_entry(rec)
+    line = round_line(entry)
+    assert "Dice" not in line
+    assert "balanced-acc/acc/auc 0.450/0.550/0.650" in line  # case-weighted
+    assert "a: bal-acc 0.600" in line and "b: bal-acc 0.400" in line
+    table = summary_table([entry])
+    assert "balanced-accuracy" in table and "dice" not in table
