@@ -119,7 +119,7 @@ TASK_METRIC_PATTERNS: Final = {
         r"balanced-accuracy",
         r"auc-macro",
         r"recall-[a-z0-9_]+",
-        r"cm-\d+-\d+",
+        r"cm-[a-z0-9_]+-[a-z0-9_]+",  # confusion counts: cm-<true>-<predicted>
     ),
 }
 REPLY_SITE_KEYS: Final = frozenset({SITE_NAME, REFUSAL_REASON})

@@ -31,7 +31,7 @@ log = logging.getLogger("kidneyfl.server")
 REPORT_NAME = "report.html"
 FIGURES_DIR = "report"
 COMPARISON_FILE = "comparison.json"
-_CM_KEY = re.compile(r"^cm-(\d+)-(\d+)$")
+_CM_KEY = re.compile(r"^cm-([a-z0-9_]+)-([a-z0-9_]+)$")
 _COUNTS = {wire.NUM_VAL_CASES, wire.NUM_EXAMPLES, wire.REFUSED}
 
 _CSS = """
@@ -64,15 +64,26 @@ def score_keys(entries: list[dict[str, Any]]) -> list[str]:
 
 
 def confusion_matrices(
-    entry: dict[str, Any],
+    entry: dict[str, Any], class_names: list[str] | None = None
 ) -> dict[str, np.ndarray]:
-    """``{site: counts}`` from ``cm-<true>-<pred>`` metrics, plus ``all sites``."""
+    """``{site: counts}`` from ``cm-<true>-<pred>`` metrics, plus ``all sites``.
+
+    Classes are named (``cm-cyst-stone``, in ``class_names`` order) or numbered.
+    """
+    index = {str(n): i for i, n in enumerate(class_names or [])}
+
+    def idx(token: str) -> int | None:
+        return int(token) if token.isdigit() else index.get(token)
+
     out: dict[str, np.ndarray] = {}
     for site, m in sorted(entry.get("evaluate", {}).items()):
         cells = {
-            (int(g[1]), int(g[2])): float(v)
+            (i, j): float(v)
             for k, v in m.items()
-            if (g := _CM_KEY.match(k)) and v is not None
+            if (g := _CM_KEY.match(k))
+            and v is not None
+            and (i := idx(g[1])) is not None
+            and (j := idx(g[2])) is not None
         }
         if not cells:
             continue
@@ -179,9 +190,11 @@ def _figures(
     comp = run_dir / COMPARISON_FILE
     if comp.is_file():
         figs["comparison"] = [("comparison.png", comparison_heatmap(comp))]
-    cms = confusion_matrices(entries[-1])
+    names = plan.get("class-names")
+    cms = confusion_matrices(
+        entries[-1], list(names) if isinstance(names, list | tuple) else None
+    )
     if cms:
-        names = plan.get("class-names")
         figs["confusion"] = []
         for i, (site, mat) in enumerate(cms.items()):
             labels = (

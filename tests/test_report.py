@@ -200,3 +200,18 @@ def test_classification_rounds_report_balanced_accuracy_not_dice():
     assert "a: bal-acc 0.600" in line and "b: bal-acc 0.400" in line
     table = summary_table([entry])
     assert "balanced-accuracy" in table and "dice" not in table
+
+
+def test_confusion_matrix_from_class_named_keys():
+    rec = RoundRecord(round=1)
+    rec.evaluate = {
+        "a": {
+            "cm-cyst-cyst": 3,
+            "cm-cyst-stone": 1,
+            "cm-stone-stone": 2,
+            "num-val-cases": 6,
+        },
+    }
+    cms = confusion_matrices(round_entry(rec), ["normal", "cyst", "tumour", "stone"])
+    mat = cms["a"]
+    assert mat[1, 1] == 3 and mat[1, 3] == 1 and mat[3, 3] == 2 and mat.sum() == 6
