@@ -254,14 +254,22 @@ def simulate(
             "--run-config",
             str(overrides_file),
         ]
-        if stream:
-            cmd.append("--stream")
+        # Always `--stream`: it is what makes `flwr run` wait for the run to
+        # end. Without `stream` the log goes to a file instead of the terminal.
+        cmd.append("--stream")
         log.info("starting %d sites: %s", len(sites), ", ".join(names))
-        proc = subprocess.run(cmd, env=env, cwd=PROJECT_DIR, check=False)
+        if stream:
+            proc = subprocess.run(cmd, env=env, cwd=PROJECT_DIR, check=False)
+        else:
+            run_log = flwr_home / "flwr-run.log"
+            log.info("run log: %s", run_log)
+            with run_log.open("ab") as fh:
+                proc = subprocess.run(
+                    cmd, env=env, cwd=PROJECT_DIR, check=False, stdout=fh, stderr=fh
+                )
         if proc.returncode != 0:
             raise SimulationError(f"`flwr run` exited with code {proc.returncode}")
-        if stream:
-            _wait_for_final(run_dir, link)
+        _wait_for_final(run_dir, link)
     finally:
         link.stop()
         if in_main:
