@@ -97,3 +97,51 @@ def test_reconcile_drops_rounds_after_the_checkpoint_and_restores_missing(tmp_pa
     before = (tmp_path / "metrics.jsonl").read_bytes()
     reconcile_metrics(tmp_path, ckpt, done=3)
     assert (tmp_path / "metrics.jsonl").read_bytes() == before
+
+
+class Meta:
+    def __init__(self, reply_to):
+        self.reply_to_message_id = reply_to
+
+
+class Reply:
+    def __init__(self, reply_to):
+        self.metadata = Meta(reply_to)
+
+
+class MessagingGrid(FakeGrid):
+    """Replies to message ``i`` become available at pull number ``ready[i]``."""
+
+    def __init__(self, ready):
+        super().__init__([[1, 2, 3]])
+        self.ready = ready
+        self.pulls = 0
+        self.asked = []
+
+    def push_messages(self, messages):
+        return [f"m{i}" for i, _ in enumerate(messages)]
+
+    def pull_messages(self, ids):
+        self.asked.append(sorted(ids))
+        self.pulls += 1
+        return [Reply(i) for i in sorted(ids) if self.ready[i] <= self.pulls]
+
+
+def test_send_and_receive_polls_at_its_own_interval_until_every_reply():
+    clock = Clock()
+    fake = MessagingGrid({"m0": 1, "m1": 4, "m2": 2})
+    grid = LivenessGrid(fake, 1, 30, clock, poll=0.25, sleep=clock.sleep)
+    replies = grid.send_and_receive(["a", "b", "c"])
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m0", "m1", "m2"]
+    # Each reply is collected once; answered messages are not asked for again.
+    assert fake.asked == [["m0", "m1", "m2"], ["m1", "m2"], ["m1"], ["m1"]]
+    assert clock.t == pytest.approx(0.75)  # three 0.25 s waits, not 3 s ones
+
+
+def test_send_and_receive_returns_what_it_has_at_the_timeout():
+    clock = Clock()
+    fake = MessagingGrid({"m0": 1, "m1": 10**9})
+    grid = LivenessGrid(fake, 1, 30, clock, poll=0.5, sleep=clock.sleep)
+    replies = grid.send_and_receive(["a", "b"], timeout=2.0)
+    assert [r.metadata.reply_to_message_id for r in replies] == ["m0"]
+    assert 2.0 <= clock.t <= 2.5

@@ -67,6 +67,13 @@ def test_supernode_command_tls_auth_local_api(tmp_path):
     assert "--allow-runtime-dependency-installation" not in cmd
     env = supernode_env(site)
     assert env["FLWR_HOME"] == str(site.state_dir / "flwr")
+    # Tasks are picked up every 0.2 s, unless the operator chose otherwise.
+    assert env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == "0.2"
+    os.environ["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = "2"
+    try:
+        assert supernode_env(site)["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == "2"
+    finally:
+        del os.environ["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"]
 
 
 def test_supernode_command_refuses_unsafe_or_missing_files(tmp_path):
