@@ -9,11 +9,21 @@ which is Flower's ClientApp runner behind the approval check
 (:func:`client.gate.run_task`). :func:`run_governed` starts the SuperNode and
 the executor together (what ``kidneyfl site start`` should run when
 ``governance.require_approval`` is on).
+
+Warm start: Flower starts a fresh interpreter per message, which spends
+seconds importing torch, MONAI and Opacus before any work. With
+``federation.warm_clientapp`` (the default) the executor keeps one *spare*
+task process that has already imported those libraries (never the bundle's
+code) and is blocked reading its task from a pipe; a message is handed to the
+spare, and a new spare is started once no task is running. Each task still
+gets its own process, and the bundle is imported only after the gate approves
+it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import subprocess
@@ -26,11 +36,30 @@ from common.config import ConfigError, SiteConfig, load_site_config
 log = logging.getLogger("kidneyfl.executor")
 
 
+# Third-party libraries a spare imports while it waits (the site's installed
+# versions; the bundle ships only kidneyfl's own code).
+WARM_MODULES = (
+    "numpy",
+    "torch",
+    "monai",
+    "monai.networks.nets",
+    "monai.inferers",
+    "monai.metrics",
+    "opacus",
+    "nibabel",
+    "flwr.supernode.runtime.run_clientapp",
+)
+
+
 class GateExecutor:
     """Flower SuperExec executor that starts ClientApp tasks behind the gate."""
 
-    def __init__(self, site_yaml: str) -> None:
+    def __init__(self, site_yaml: str, warm: bool = False) -> None:
         self.site_yaml = str(Path(site_yaml).resolve())
+        self.warm = warm
+        self._spare: subprocess.Popen | None = None
+        self._tasks: list[subprocess.Popen] = []
+        self.handed_to_spare = 0  # tasks that ran in a warm spare
 
     def get_eligible_capacity(self, supported: set, **_: Any) -> tuple[set, set]:
         """Only ClientApp tasks; a SuperNode has no other kind."""
@@ -42,7 +71,7 @@ class GateExecutor:
         """No capacity gate: one process per task, as Flower's own executor."""
 
     def launch(self, spec: Any) -> Any:
-        """Start ``python -m client.executor task`` for a ClientApp task."""
+        """Run a ClientApp task behind the gate: in the warm spare, or a new process."""
         from flwr.supercore.constant import TaskType
         from flwr.supercore.superexec.executor import LaunchResult
 
@@ -50,22 +79,82 @@ class GateExecutor:
             return LaunchResult.failed(
                 f"the site runs ClientApps only, not {spec.task_type}"
             )
-        cmd = [*task_command(self.site_yaml), "--runtime-api-address"]
-        cmd += [spec.runtime_api_address, "--token", spec.token]
-        if spec.insecure:
-            cmd.append("--insecure")
-        elif spec.root_certificates_path:
-            cmd += ["--root-certificates", spec.root_certificates_path]
-        if spec.parent_pid is not None:
-            cmd += ["--parent-pid", str(spec.parent_pid)]
-        subprocess.Popen(cmd)  # noqa: S603 - our own interpreter and module
+        task = {
+            "runtime_api_address": spec.runtime_api_address,
+            "token": spec.token,
+            "insecure": bool(spec.insecure),
+            "root_certificates": None if spec.insecure else spec.root_certificates_path,
+            "parent_pid": spec.parent_pid,
+        }
+        proc = self._hand_to_spare(task)
+        if proc is None:
+            cmd = [*task_command(self.site_yaml), "--runtime-api-address"]
+            cmd += [task["runtime_api_address"], "--token", task["token"]]
+            if task["insecure"]:
+                cmd.append("--insecure")
+            elif task["root_certificates"]:
+                cmd += ["--root-certificates", task["root_certificates"]]
+            if task["parent_pid"] is not None:
+                cmd += ["--parent-pid", str(task["parent_pid"])]
+            proc = subprocess.Popen(cmd)  # noqa: S603 - our interpreter and module
+        self._tasks.append(proc)
         return LaunchResult.accepted()
 
+    def _hand_to_spare(self, task: dict) -> subprocess.Popen | None:
+        spare, self._spare = self._spare, None
+        if spare is None or spare.poll() is not None or spare.stdin is None:
+            return None
+        try:  # the token goes through the pipe, never on a command line
+            spare.stdin.write(json.dumps(task) + "\n")
+            spare.stdin.close()
+        except OSError:
+            spare.kill()
+            return None
+        self.handed_to_spare += 1
+        log.info("task handed to the warm ClientApp process (pid %d)", spare.pid)
+        return spare
+
     def reconcile(self) -> None:
-        """Nothing pooled."""
+        """Reap finished tasks; start a spare when none is running (warm start)."""
+        self._tasks = [p for p in self._tasks if p.poll() is None]
+        if self._spare is not None and self._spare.poll() is not None:
+            self._spare = None  # died while idle (e.g. killed): start another
+        if self.warm and self._spare is None and not self._tasks:
+            # After the running task, so the imports never compete with training.
+            self._spare = subprocess.Popen(  # noqa: S603 - our interpreter and module
+                [*task_command(self.site_yaml), "--spare"],
+                stdin=subprocess.PIPE,
+                text=True,
+            )
 
     def close(self) -> None:
-        """Nothing held."""
+        """Stop the idle spare (running tasks end with their SuperNode)."""
+        spare, self._spare = self._spare, None
+        if spare is not None and spare.poll() is None:
+            if spare.stdin is not None:
+                spare.stdin.close()  # EOF: the spare exits on its own
+            try:
+                spare.wait(5)
+            except subprocess.TimeoutExpired:
+                spare.kill()
+
+
+def await_task() -> argparse.Namespace | None:
+    """In a spare: import :data:`WARM_MODULES`, then wait for one task on stdin.
+
+    Returns None when stdin closes first (the executor stopped).
+    """
+    import importlib
+
+    for name in WARM_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:  # a library the site does not use
+            log.debug("spare: %s not installed", name)
+    line = sys.stdin.readline()
+    if not line.strip():
+        return None
+    return argparse.Namespace(**json.loads(line))
 
 
 def task_command(site_yaml: str | Path) -> list[str]:
@@ -101,7 +190,7 @@ def run_executor(site_yaml: str | Path, parent_pid: int | None = None) -> None:
     if not site.governance.require_approval:
         log.warning("site %s: approval is OFF (governance.require_approval)", site.name)
     os.environ.update(supernode_env_for(site))  # the SuperNode's FLWR_HOME
-    executor = GateExecutor(str(site.source))
+    executor = GateExecutor(str(site.source), warm=site.federation.warm_clientapp)
     # run_superexec builds its executor through this module-level factory; it is
     # the one thing swapped, so Flower's own loop, auth and shutdown stay as is.
     rs.get_executor = lambda *a, **k: executor
@@ -176,8 +265,9 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("site_yaml")
     t = sub.add_parser("task", allow_abbrev=False)
     t.add_argument("site_yaml")
-    t.add_argument("--runtime-api-address", required=True)
-    t.add_argument("--token", required=True)
+    t.add_argument("--spare", action="store_true", help="take the task from stdin")
+    t.add_argument("--runtime-api-address", default=None)
+    t.add_argument("--token", default=None)
     t.add_argument("--insecure", action="store_true")
     t.add_argument("--root-certificates", default=None)
     t.add_argument("--parent-pid", type=int, default=None)
@@ -189,6 +279,13 @@ def main(argv: list[str] | None = None) -> None:
     else:
         from client.gate import run_task
 
+        if args.spare:
+            task = await_task()
+            if task is None:
+                return
+            args = argparse.Namespace(site_yaml=args.site_yaml, **vars(task))
+        elif not (args.runtime_api_address and args.token):
+            p.error("task needs --runtime-api-address and --token (or --spare)")
         run_task(args.site_yaml, args)
 
 

@@ -339,6 +339,10 @@ class FederationConfig(BaseModel):
     auth_key: Path | None = None  # this site's private node key (never sent)
     insecure: bool = False  # plaintext: development only, never across sites
     clientappio_port: int = Field(9094, ge=1, le=65535)
+    # Keep one idle ClientApp process with torch/MONAI/Opacus already imported,
+    # so a message does not wait for those imports (governed sites only; costs
+    # the memory of one idle process).
+    warm_clientapp: bool = True
 
     @model_validator(mode="after")
     def _tls_needed(self) -> FederationConfig:

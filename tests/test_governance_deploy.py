@@ -122,7 +122,7 @@ def test_approved_kidneyfl_bundle_trains_through_the_gate(tmp_path: Path) -> Non
         yml = d.add_site("hospA", cases=4, seed=0, approval=True)
         approve(yml, fab)
         env = dict(d.env, PYTHONPATH=str(PROJECT_DIR))
-        d._start(
+        node = d._start(
             "site-hospA",
             [sys.executable, "-m", "client.executor", "site", str(yml)],
             env,
@@ -144,6 +144,10 @@ def test_approved_kidneyfl_bundle_trains_through_the_gate(tmp_path: Path) -> Non
     finally:
         d.stop_all()
     assert run.popen.returncode == 0, run.text()[-3000:]
+    # Both messages ran in warm spares (federation.warm_clientapp, the default).
+    assert node.text().count("handed to the warm ClientApp process") == 2, node.text()[
+        -3000:
+    ]
     rounds = metrics(tmp_path / "runs" / "gov-e2e")
     assert len(rounds) == 1 and rounds[0]["aggregated"], rounds
     site = load_site_config(yml)
