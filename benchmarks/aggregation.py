@@ -2,9 +2,11 @@
 
 For each (K, P) it times, side by side in this run:
 
-- ``strategy``: kidneyfl's coordinator path, ``SiteAwareStrategy`` (refusal
-  filter and update guard: keys, shapes, dtypes, NaN/Inf) around Flower's own
-  ``FedAvg.aggregate_train``, on Flower ``Message`` replies;
+- ``strategy``: kidneyfl's coordinator path, ``SiteAwareStrategy.aggregate_train``
+  on Flower ``Message`` replies: the refusal filter, the update guard (keys,
+  shapes, dtypes, NaN/Inf, the norm of every update) and FedAvg's case-weighted
+  mean, the guard and the mean in one chunked pass over each update's bytes
+  (``server/updates.py``), and the result serialised into a Flower ArrayRecord;
 - ``numpy``: a plain case-weighted mean of the same arrays
   (``sum(w_k * x_k) / sum(w_k)``), the lower bound any framework pays;
 - ``copy``: one memory copy of all K updates (``np.copyto``), i.e. the machine's

@@ -16,19 +16,36 @@ own DP wrappers do) and adds, without copying Flower's round loop:
   and its server state (moments, momentum) can be exported for checkpoints;
 - bookkeeping: per-site metrics, a checkpoint and a ``metrics.jsonl`` line at
   the end of every round, via the ``on_round_end`` callback.
+
+The guard reads each update once (``server/updates.py``). For FedAvg and FedProx,
+whose aggregate is exactly the case-weighted mean, that same pass also computes
+the mean, as Flower's ``aggregate_arrayrecords`` does, instead of handing the
+replies to Flower to decode a second time: a deliberate departure from "let
+Flower aggregate", for speed (benchmarks/aggregation.py). Every other strategy,
+and FedAvg under central DP, aggregates through Flower's own ``aggregate_train``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+import math
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.exception import InconsistentMessageReplies
+from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
+from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consistency
 
 from common import wire
 from server.aggregators import (
@@ -36,6 +53,12 @@ from server.aggregators import (
     export_strategy_state,
     import_strategy_state,
 )
+from server.updates import check_update, scan_updates, update_norm
+
+# Strategies whose aggregate_train is exactly aggregate_arrayrecords' weighted
+# mean plus train_metrics_aggr_fn (FedProx only adds a config value).
+_MEAN_STRATEGIES = (FedAvg, FedProx)
+_R = TypeVar("_R", ArrayRecord, MetricRecord, ConfigRecord)
 
 __all__ = [
     "RoundRecord",
@@ -61,48 +84,6 @@ class RoundRecord:
     aggregated: bool = False
     # L2 norm of (update - global model) of each valid update, for the norm rule
     update_norms: dict[str, float] = field(default_factory=dict)
-
-
-def check_update(reference: ArrayRecord, update: ArrayRecord | None) -> str | None:
-    """Why an update may not be aggregated, or None if it may.
-
-    The reference is the global model the site was sent.
-    """
-    if update is None:
-        return "reply carries no model arrays"
-    ref_keys, got_keys = set(reference.keys()), set(update.keys())
-    if ref_keys != got_keys:
-        missing = sorted(ref_keys - got_keys)[:3]
-        extra = sorted(got_keys - ref_keys)[:3]
-        return (
-            f"array keys differ from the global model (missing {missing}, "
-            f"extra {extra})"
-        )
-    for key in reference.keys():
-        ref, got = reference[key], update[key]
-        if tuple(ref.shape) != tuple(got.shape):
-            return (
-                f"array {key!r} has shape {tuple(got.shape)}, "
-                f"expected {tuple(ref.shape)}"
-            )
-        if ref.dtype != got.dtype:
-            return f"array {key!r} has dtype {got.dtype}, expected {ref.dtype}"
-        arr = got.numpy()
-        if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
-            return f"array {key!r} has NaN or Inf values"
-    return None
-
-
-def update_norm(reference: ArrayRecord, update: ArrayRecord) -> float:
-    """L2 norm of ``update - reference`` over all floating-point arrays."""
-    total = 0.0
-    for key in reference.keys():
-        ref = reference[key].numpy()
-        if not np.issubdtype(ref.dtype, np.floating):
-            continue
-        diff = update[key].numpy().astype(np.float64) - ref.astype(np.float64)
-        total += float(np.dot(diff.ravel(), diff.ravel()))
-    return float(np.sqrt(total))
 
 
 def norm_outliers(norms: dict[str, float], factor: float) -> dict[str, str]:
@@ -132,7 +113,12 @@ def _cast_like(reference: ArrayRecord, arrays: ArrayRecord) -> ArrayRecord:
         return arrays
     return ArrayRecord(
         {
-            k: Array(np.asarray(arrays[k].numpy(), dtype=reference[k].numpy().dtype))
+            k: Array(
+                np.asarray(
+                    wire.array_view(arrays[k]),
+                    dtype=wire.array_view(reference[k]).dtype,
+                )
+            )
             for k in reference.keys()
         }
     )
@@ -198,8 +184,9 @@ class SiteAwareStrategy(Strategy):
         node = self.node_of(msg)
         if node in self.site_names:
             return self.site_names[node]
-        if not msg.has_error() and wire.SITE in msg.content.config_records:
-            name = str(msg.content.config_records[wire.SITE].get(wire.SITE_NAME, ""))
+        site = None if msg.has_error() else _part(msg, wire.SITE, ConfigRecord)
+        if site is not None:
+            name = str(site.get(wire.SITE_NAME, ""))
             if name and name != "unknown":
                 return name
         return f"node-{node}"
@@ -265,11 +252,11 @@ class SiteAwareStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Drop refusals and invalid updates, then let the inner strategy average."""
+        """Drop refusals and invalid updates, then average the rest."""
         rec = self._record(server_round)
         replies = list(replies)
         self._note_silent(rec, replies)
-        accepted: list[Message] = []
+        candidates: list[tuple[str, Message, dict[str, float]]] = []
         for msg in replies:
             site = self.site_of(msg)
             if msg.has_error():
@@ -284,19 +271,8 @@ class SiteAwareStrategy(Strategy):
                 rec.refused[site] = reason
                 log.warning("site %s refused round %d: %s", site, rec.round, reason)
                 continue
-            arrays = msg.content.array_records.get(wire.ARRAYS)
-            problem = (
-                check_update(self._sent, arrays) if self._sent is not None else None
-            )
-            if problem:
-                rec.rejected[site] = problem
-                log.warning(
-                    "update from %s rejected in round %d: %s", site, rec.round, problem
-                )
-                continue
-            rec.train[site] = metrics
-            accepted.append(msg)
-        accepted = self._norm_rule(rec, accepted)
+            candidates.append((site, msg, metrics))
+        accepted, mean = self._guard(rec, candidates)
         if len(accepted) < self.min_sites:
             log.warning(
                 "round %d skipped: %d valid update(s), %d needed; "
@@ -306,9 +282,7 @@ class SiteAwareStrategy(Strategy):
                 self.min_sites,
             )
             return None, None
-        arrays, metrics = self.inner.aggregate_train(
-            self.global_round(server_round), accepted
-        )
+        arrays, metrics = self._aggregate(server_round, accepted, mean)
         if arrays is None:  # e.g. Bulyan with too few replies
             log.warning("round %d: %s did not aggregate", rec.round, _name(self))
             return None, metrics
@@ -317,21 +291,89 @@ class SiteAwareStrategy(Strategy):
             arrays = _cast_like(self._sent, arrays)
         return arrays, metrics
 
-    def _norm_rule(self, rec: RoundRecord, accepted: list[Message]) -> list[Message]:
-        if self._sent is None or not accepted:
-            return accepted
-        pairs = [(self.site_of(m), m) for m in accepted]
-        norms = {
-            site: update_norm(self._sent, m.content.array_records[wire.ARRAYS])
-            for site, m in pairs
-        }
+    def _guard(
+        self, rec: RoundRecord, candidates: list[tuple[str, Message, dict[str, float]]]
+    ) -> tuple[list[Message], dict[str, Array] | None]:
+        """The update guard over the round's replies: the accepted ones and,
+        for FedAvg/FedProx when none was rejected, their mean."""
+        if self._sent is None:  # nothing to compare with
+            rec.train.update({site: metrics for site, _, metrics in candidates})
+            return [msg for _, msg, _ in candidates], None
+        msgs = [msg for _, msg, _ in candidates]
+        factors = self._mean_factors(msgs) if len(msgs) >= self.min_sites else None
+        scans, mean = scan_updates(
+            self._sent,
+            [_part(m, wire.ARRAYS, ArrayRecord) for m in msgs],
+            factors,
+        )
+        passed: list[tuple[str, Message]] = []
+        norms: dict[str, float] = {}
+        for (site, msg, metrics), scan in zip(candidates, scans, strict=True):
+            if scan.problem:
+                rec.rejected[site] = scan.problem
+                log.warning(
+                    "update from %s rejected in round %d: %s",
+                    site,
+                    rec.round,
+                    scan.problem,
+                )
+                continue
+            rec.train[site] = metrics
+            passed.append((site, msg))
+            norms[site] = scan.norm
         rec.update_norms.update(norms)
         outliers = norm_outliers(norms, self.norm_factor)
         for site, why in outliers.items():
             rec.rejected[site] = why
             rec.train.pop(site, None)
             log.warning("update from %s rejected in round %d: %s", site, rec.round, why)
-        return [m for site, m in pairs if site not in outliers]
+        accepted = [msg for site, msg in passed if site not in outliers]
+        return accepted, mean if len(accepted) == len(msgs) else None
+
+    def _mean_factors(self, msgs: list[Message]) -> list[float] | None:
+        """Flower's FedAvg weights (num-examples / total) for these replies, or
+        None where Flower aggregates itself (other strategies, odd replies)."""
+        if type(self.inner) not in _MEAN_STRATEGIES or not msgs:
+            return None
+        key = cast(FedAvg, self.inner).weighted_by_key
+        contents = [m.content for m in msgs]
+        try:
+            validate_message_reply_consistency(contents, key, check_arrayrecord=True)
+        except InconsistentMessageReplies:
+            return None  # Flower's aggregate_train reports it
+        # as aggregate_arrayrecords: the first (only) MetricRecord's weight
+        weights = [
+            float(cast(float, next(_records(c, MetricRecord))[key])) for c in contents
+        ]
+        total = sum(weights)
+        if total == 0 or not math.isfinite(total):
+            return None
+        return [w / total for w in weights]
+
+    def _aggregate(
+        self,
+        server_round: int,
+        accepted: list[Message],
+        mean: dict[str, Array] | None,
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """FedAvg/FedProx: the guard's mean and Flower's metric aggregation;
+        every other strategy: Flower's own aggregate_train."""
+        if mean is None and self._sent is not None:
+            factors = self._mean_factors(accepted)
+            if factors is not None:  # some update was rejected: average again
+                _, mean = scan_updates(
+                    self._sent,
+                    [_part(m, wire.ARRAYS, ArrayRecord) for m in accepted],
+                    factors,
+                )
+        if mean is None:
+            return self.inner.aggregate_train(self.global_round(server_round), accepted)
+        inner = cast(FedAvg, self.inner)
+        contents = [m.content for m in accepted]
+        # Flower's key order: the first reply's
+        keys = next(_records(contents[0], ArrayRecord)).keys()
+        arrays = ArrayRecord({k: mean[k] for k in keys})
+        return arrays, inner.train_metrics_aggr_fn(contents, inner.weighted_by_key)
 
     # -- server state for checkpoints ---------------------------------------------
     def export_state(self) -> dict[str, np.ndarray]:
@@ -381,8 +423,20 @@ def _name(strategy: Strategy) -> str:
     return type(inner).__name__
 
 
+def _part(msg: Message, name: str, kind: type[_R]) -> _R | None:
+    """``msg.content.<kind>_records.get(name)`` without Flower building (and
+    writing back) a filtered copy of the whole RecordDict at every access."""
+    record = msg.content.get(name)
+    return record if isinstance(record, kind) else None
+
+
+def _records(content: RecordDict, kind: type[_R]) -> Iterator[_R]:
+    """The records of one kind, in order (``content.<kind>_records.values()``)."""
+    return (r for r in content.values() if isinstance(r, kind))
+
+
 def _metrics(msg: Message) -> dict[str, float]:
-    record = msg.content.metric_records.get(wire.METRICS)
+    record = _part(msg, wire.METRICS, MetricRecord)
     if record is None:
         return {}
     return {k: float(v) for k, v in record.items() if isinstance(v, (int, float))}
