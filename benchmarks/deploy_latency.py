@@ -1,19 +1,30 @@
 """Deployment round latency on 127.0.0.1: SuperLink + 2 SuperNodes, small model.
 
-Starts a real ``flower-superlink`` and two ``flower-supernode`` processes (the
-runbook's commands, via tests/deployment.py; TLS and node auth on), runs R
-rounds of the smallest plan, and reports seconds per round (time between
-consecutive round checkpoints) and where a round goes:
+Starts a real ``flower-superlink`` and two hospital SuperNodes (the runbook's
+commands via tests/deployment.py; TLS and node authentication on), runs R
+rounds of the smallest plan (unet-tiny, 5 phantom cases per site, DP on), and
+reports seconds per round (time between consecutive round checkpoints), for
+three ways a site can run its ClientApps, side by side in one run:
 
-- ``clientapp_import_s``: a fresh Python process importing kidneyfl's ClientApp
-  (Flower starts one ``flwr-clientapp`` process per message: train and evaluate
-  per site per round);
-- ``train_s`` / ``evaluate_s``: the ClientApp's own work, from the site logs;
-- the rest is Flower's polling (SuperNodes poll the SuperLink every few
-  seconds when idle, the ServerApp's ``send_and_receive`` polls every 3 s) and
-  message transfer.
+- ``flower``: ``flower-supernode`` in its default subprocess isolation, where
+  Flower starts one fresh ``flwr-clientapp`` interpreter per message (the
+  development setting, ``governance.require_approval: false``);
+- ``gate``: what ``kidneyfl site start`` runs with approval on (the default):
+  ``--isolation process`` plus the site's gate executor, each message again a
+  fresh interpreter (``federation.warm_clientapp: false``);
+- ``gate-warm``: the same with the executor's warm spare (the default), which
+  has imported torch, MONAI and Opacus before the message arrives.
+
+Also measured, for where a round goes: the time a fresh interpreter takes to
+import kidneyfl's ClientApp (paid twice per round per site without the warm
+spare). The rest is Flower's polling: an idle SuperNode asks the SuperLink for
+work every 3 s (hard-coded in Flower 1.41), twice per round (train, evaluate).
+kidneyfl sets what it controls: the coordinator collects replies every 0.2 s
+(``server/liveness.py``) and SuperExecs poll every 0.2 s
+(``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``).
 
     .venv/bin/python benchmarks/deploy_latency.py [--rounds 3]
+        [--modes flower,gate,gate-warm]
 """
 
 from __future__ import annotations
@@ -26,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -37,7 +50,9 @@ PLAN = {
     "min-sites": 2,
     "expected-sites": 2,
     "dp-target-epsilon": 30.0,
+    "site-wait-timeout": 120.0,
 }
+MODES = ("flower", "gate", "gate-warm")
 
 
 def import_time(repeats: int = 3) -> float:
@@ -52,54 +67,88 @@ def import_time(repeats: int = 3) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def measure(rounds: int) -> dict:
-    """Seconds per round of a 2-site deployment."""
+def measure(mode: str, rounds: int) -> dict:
+    """Seconds per round of a 2-site deployment with the sites run as ``mode``."""
+    from client.governance import approve
+    from server.simulate import PROJECT_DIR
     from tests.deployment import Deployment, metrics, wait_for
+    from tests.test_governance_deploy import build_fab
 
+    governed = mode != "flower"
     with tempfile.TemporaryDirectory() as d:
-        dep = Deployment(Path(d) / "deploy")
+        tmp = Path(d)
+        dep = Deployment(tmp / "deploy")
         try:
             dep.start_superlink()
+            fab = build_fab(tmp, dep.env, PROJECT_DIR) if governed else None
             names = ["hospital-a", "hospital-b"]
             for i, name in enumerate(names):
-                dep.add_site(name, cases=5, seed=i)
+                yml = dep.add_site(name, cases=5, seed=i, approval=governed)
+                doc = yaml.safe_load(yml.read_text())
+                doc["federation"]["warm_clientapp"] = mode == "gate-warm"
+                yml.write_text(yaml.safe_dump(doc))
+                if fab is not None:
+                    approve(yml, fab)
                 dep.register(name)
             for name in names:
-                dep.start_site(name)
+                if governed:  # what `kidneyfl site start` runs with approval on
+                    cmd = [sys.executable, "-m", "client.executor", "site"]
+                    env = dict(dep.env, PYTHONPATH=str(PROJECT_DIR))
+                    dep._start(f"site-{name}", [*cmd, str(dep.sites[name])], env)
+                else:
+                    dep.start_site(name)
             dep.wait_online(names)
-            out = Path(d) / "runs"
+            out = tmp / "runs"
             t0 = time.perf_counter()
             run = dep.submit("latency", out, {**PLAN, "num-server-rounds": rounds})
             wait_for(lambda: run.popen.poll() is not None, 1800, "run end", 1)
             wall = time.perf_counter() - t0
             entries = metrics(out / "latency")
+            warm = sum(
+                dep.procs[f"site-{n}"].text().count("handed to the warm ClientApp")
+                for n in names
+            )
         finally:
             dep.stop_all()
+    if len(entries) != rounds or not all(e.get("aggregated") for e in entries):
+        raise RuntimeError(f"{mode}: expected {rounds} aggregated rounds: {entries}")
     times = [e["time"] for e in entries]
     gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
     return {
+        "mode": mode,
         "rounds": len(entries),
         "submit_to_end_s": wall,
         "round_gaps_s": gaps,
-        "per_round_s": sum(gaps) / len(gaps) if gaps else float("nan"),
+        "per_round_s": sum(gaps) / len(gaps),
+        "warm_tasks": warm,
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = set(modes) - set(MODES)
+    if unknown or args.rounds < 2:
+        ap.error(f"modes from {MODES} and at least 2 rounds")
     imp = import_time()
-    row = {**measure(args.rounds), "clientapp_import_s": imp}
-    print(
-        f"deployment, 2 sites: {row['per_round_s']:.1f} s per round (target 5); "
-        f"a fresh ClientApp process imports in {imp:.1f} s and each round starts "
-        f"2 per site; submit to end {row['submit_to_end_s']:.1f} s for "
-        f"{row['rounds']} rounds"
-    )
+    rows = [measure(m, args.rounds) for m in modes]
+    base = next((r["per_round_s"] for r in rows if r["mode"] == "flower"), None)
+    for r in rows:
+        r["clientapp_import_s"] = imp
+        r["vs_flower"] = r["per_round_s"] / base if base else None
+        ratio = f", {r['vs_flower']:.2f}x flower" if base else ""
+        print(
+            f"{r['mode']:>9}: {r['per_round_s']:.1f} s per round{ratio} "
+            f"(target 5); {r['warm_tasks']} of {4 * r['rounds']} messages warm; "
+            f"submit to end {r['submit_to_end_s']:.1f} s for {r['rounds']} rounds"
+        )
+    print(f"a fresh interpreter imports the ClientApp in {imp:.1f} s")
     if args.json:
-        Path(args.json).write_text(json.dumps(row, indent=2))
+        Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0
 
 

@@ -3,10 +3,14 @@
 Prints, for each model in the registry, the median step time and the peak memory
 of a DP-SGD step (Opacus, the model's registered grad-sample mode, and the
 alternative modes for comparison) relative to a non-private step on the same
-batch, measured side by side in this run. Ratios matter; absolute times are
-context only. Uses CUDA when present.
+batch, measured side by side in this run. Segmentation models get 3D patches
+(``--patch``) and voxel-wise cross-entropy over the 4 KiTS labels;
+classification models get 2D slices (``--image-size``, the plan's default 64)
+and cross-entropy over 4 classes. Ratios matter; absolute times are context
+only. Uses CUDA when present.
 
     .venv/bin/python benchmarks/dp_overhead.py [--batch 8] [--patch 32,32,32]
+        [--models unet-tiny,resnet-tiny] [--modes plain,registered]
 """
 
 from __future__ import annotations
@@ -23,7 +27,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _one(
-    model_name: str, mode: str, batch: int, patch: tuple[int, ...], steps: int
+    model_name: str,
+    mode: str,
+    batch: int,
+    patch: tuple[int, ...],
+    steps: int,
+    image_size: int = 64,
 ) -> dict:
     """Run in a fresh process: time ``steps`` steps and report peak memory."""
     import resource
@@ -33,14 +42,18 @@ def _one(
 
     sys.path.insert(0, str(ROOT))
     from client.train import _empty_step  # noqa: F401  (import cost paid up front)
-    from common.models import build_model
+    from common.models import build_model, get_model_spec
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    model = build_model(model_name).to(dev)
+    model = build_model(model_name, out_channels=4).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    x = torch.randn(batch, 1, *patch, device=dev)
-    y = torch.randint(0, 4, (batch, *patch), device=dev)
+    if get_model_spec(model_name).task == "classification":
+        x = torch.randn(batch, 1, image_size, image_size, device=dev)
+        y = torch.randint(0, 4, (batch,), device=dev)
+    else:
+        x = torch.randn(batch, 1, *patch, device=dev)
+        y = torch.randint(0, 4, (batch, *patch), device=dev)
     loss_fn = nn.CrossEntropyLoss()
     if mode != "plain":
         from opacus import GradSampleModule
@@ -83,21 +96,32 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--patch", default="32,32,32")
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--models", default="")
+    ap.add_argument(
+        "--modes",
+        default="plain,functorch,hooks",
+        help="plain and any of functorch, hooks, registered (the model's own)",
+    )
     ap.add_argument("--json", default="", help="also write the rows here")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     patch = tuple(int(p) for p in args.patch.split(","))
     if args.child:
         name, mode = args.child.split(":")
-        print(json.dumps(_one(name, mode, args.batch, patch, args.steps)))
+        print(
+            json.dumps(_one(name, mode, args.batch, patch, args.steps, args.image_size))
+        )
         return
 
     sys.path.insert(0, str(ROOT))
     from common.models import MODELS
 
     names = args.models.split(",") if args.models else sorted(MODELS)
-    print(f"batch {args.batch}, patch {patch}, {args.steps} timed steps (median)")
+    print(
+        f"batch {args.batch}, patch {patch} (3D) / {args.image_size}^2 (2D), "
+        f"{args.steps} timed steps (median)"
+    )
     print(
         f"{'model':<17}{'mode':<11}{'step s':>9}{'time x':>8}{'peak MB':>9}"
         f"{'mem x':>7}  note"
@@ -106,7 +130,12 @@ def main() -> None:
     for name in names:
         registered = MODELS[name].grad_sample_mode
         res = {}
-        for mode in ("plain", "functorch", "hooks"):
+        modes = ["plain"] + [
+            registered if m == "registered" else m
+            for m in args.modes.split(",")
+            if m and m != "plain"
+        ]
+        for mode in dict.fromkeys(modes):
             out = subprocess.run(
                 [
                     sys.executable,
@@ -119,6 +148,8 @@ def main() -> None:
                     args.patch,
                     "--steps",
                     str(args.steps),
+                    "--image-size",
+                    str(args.image_size),
                 ],
                 capture_output=True,
                 text=True,
@@ -143,6 +174,7 @@ def main() -> None:
             rows.append(
                 {
                     "model": name,
+                    "task": MODELS[name].task,
                     "mode": mode,
                     "registered": mode == registered,
                     "step_s": r["time"],

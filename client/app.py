@@ -9,6 +9,7 @@ exception.
 from __future__ import annotations
 
 import logging
+import time
 import zlib
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from client.privacy import (
     poisson_schedule,
 )
 from client.task import get_task
+from client.timings import record_timing
 from client.train import DPSpec, local_train, select_device
 from common import wire
 from common.config import ConfigError, Plan, SiteConfig, load_plan, load_site_config
@@ -115,7 +117,9 @@ def _train_round(msg: Message, context: Context, fine_tune: bool) -> Message:
     ft_steps = int(cfg.get(wire.FINE_TUNE_STEPS, plan.fine_tune_steps))
     try:
         task = get_task(plan.task)
+        t_load = time.perf_counter()
         data = task.load_data(site, plan)
+        t_load = time.perf_counter() - t_load
         model = build_plan_model(plan)
         received = msg.content[wire.ARRAYS].to_torch_state_dict()
         norm = require_norm_params(model, plan.model) if plan.fedbn else []
@@ -162,6 +166,7 @@ def _train_round(msg: Message, context: Context, fine_tune: bool) -> Message:
     seed = plan.seed * 1_000_003 + rnd * 7919 + zlib.crc32(site.name.encode())
     data.train.set_seed(seed % 2**31)
     _, steps_per_epoch = poisson_schedule(data.n_train, plan.batch_size)
+    t_work = time.perf_counter()
     stats = local_train(
         model,
         data.train,
@@ -178,6 +183,8 @@ def _train_round(msg: Message, context: Context, fine_tune: bool) -> Message:
         max_steps=ft_steps if fine_tune else None,
     )
     state = export_state(model)  # refuses NaN/Inf before anything leaves
+    kind = "fine-tune" if fine_tune else "train"
+    record_timing(site, run_id, rnd, kind, t_load, time.perf_counter() - t_work)
     if ledger is not None and cal is not None:
         ledger.record(
             LedgerEntry(
@@ -228,14 +235,20 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Dice per KiTS region on the site's validation split (means only)."""
     plan, site = _setup(msg, context)
     task = get_task(plan.task)
+    t_load = time.perf_counter()
     data = task.load_data(site, plan)
+    t_load = time.perf_counter() - t_load
     model = build_plan_model(plan)
     state = msg.content[wire.ARRAYS].to_torch_state_dict()
+    cfg = msg.content[wire.CONFIG]
+    run_id = str(cfg.get(wire.RUN_ID, context.run_id))
     if plan.fedbn:  # each site evaluates with its own normalisation layers
-        run_id = str(msg.content[wire.CONFIG].get(wire.RUN_ID, context.run_id))
         state = overlay_local_norm(state, site, run_id)
     import_state(model, state)
+    t_work = time.perf_counter()
     values = task.evaluate(model, data, plan, select_device(site.device))
+    rnd = int(cfg.get(wire.GLOBAL_ROUND, cfg.get(wire.SERVER_ROUND, 0)))
+    record_timing(site, run_id, rnd, "evaluate", t_load, time.perf_counter() - t_work)
     values[wire.NUM_EXAMPLES] = data.n_train
     values[wire.NUM_VAL_CASES] = data.n_val
     return _reply(msg, site.name, MetricRecord(values))

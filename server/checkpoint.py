@@ -79,7 +79,7 @@ def save_checkpoint(
         sbuf = io.BytesIO()
         torch.save(
             {
-                k: torch.from_numpy(np.ascontiguousarray(v))
+                k: torch.from_numpy(np.array(v, order="C"))  # keeps 0-d as 0-d
                 for k, v in server_state.items()
             },
             sbuf,

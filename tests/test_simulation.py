@@ -5,6 +5,8 @@ import json
 import pytest
 
 from client.cli import privacy_report
+from client.timings import read_timings
+from common.config import load_site_config
 from server.simulate import simulate
 from tests.conftest import write_site_yaml
 
@@ -76,6 +78,11 @@ def test_federation_with_dp_refusal_checkpoints_and_resume(tmp_path):
     side = json.loads((run / "final" / "latest.json").read_text())
     assert side["preprocessing"]["spacing-mm"] == prep["spacing-mm"]
     assert "epsilon spent" in privacy_report(str(sites[0]))
+    # Each site keeps its own timings (load and work per message), locally.
+    state = load_site_config(sites[0]).state_dir
+    kinds = [(t["round"], t["kind"]) for t in read_timings(state)]
+    assert kinds == [(1, "train"), (1, "evaluate"), (2, "train"), (2, "evaluate")]
+    assert all(t["work_s"] > 0 and t["load_s"] >= 0 for t in read_timings(state))
 
     # Resume: one more round continues from the checkpoint, nothing is lost.
     simulate(

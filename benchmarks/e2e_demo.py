@@ -1,0 +1,132 @@
+"""End to end: the README's main job (``make demo``) and where its time goes.
+
+Runs what ``kidneyfl simulate`` runs for the demo (the three example hospitals
+of ``sites/``, the plan in pyproject.toml: 5 rounds of DP FedAvg on unet-tiny)
+on copies of the site YAMLs whose data and state live in a temporary folder,
+so nothing of a real ``make demo`` is touched. Phases:
+
+- ``phantoms``: writing the synthetic cases (timed on its own, first);
+- ``data loading``, ``training``, ``evaluation``: summed from the sites' own
+  ``timings.jsonl`` (client/timings.py; one line per message). The first load
+  at a site builds its preprocessing cache; later ones read it;
+- ``coordinator and Flower``: the rest of the run's wall time: SuperLink and
+  Ray start-up, ClientApp imports, messaging, aggregation, checkpoints, the
+  final export and the report.
+
+With one ClientApp at a time (2 cores, 2 CPUs per site) the phases add up to
+the wall time; with parallel sites the site phases overlap and the remainder
+is shown as measured.
+
+    .venv/bin/python benchmarks/e2e_demo.py [--cases 200] [--rounds 5] [--json out]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+DEMO_SITES = ("hospital-a", "hospital-b", "hospital-c")
+
+
+def _copy_sites(tmp: Path, cases: int | None) -> list[Path]:
+    out = []
+    for name in DEMO_SITES:
+        doc = yaml.safe_load((ROOT / "sites" / f"{name}.yaml").read_text())
+        doc["data"]["root"] = str(tmp / "phantoms" / name)
+        doc["state_dir"] = str(tmp / "state" / name)
+        if cases:
+            doc["phantom"]["cases"] = cases
+        path = tmp / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        out.append(path)
+    return out
+
+
+def measure(cases: int | None, rounds: int | None) -> dict:
+    """Seconds per phase of one demo run."""
+    from client.timings import read_timings
+    from common.config import load_site_config
+    from server.simulate import prepare_phantoms, simulate
+
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        paths = _copy_sites(tmp, cases)
+        sites = [load_site_config(p) for p in paths]
+        t0 = time.perf_counter()
+        prepare_phantoms(sites)
+        t_phantoms = time.perf_counter() - t0
+        overrides = {"num-server-rounds": rounds} if rounds else {}
+        t0 = time.perf_counter()
+        run = simulate(
+            paths,
+            "demo",
+            out_dir=tmp / "runs",
+            overrides=overrides,
+            flwr_home=tmp / "flwr-home",
+            stream=False,
+        )
+        t_run = time.perf_counter() - t0
+        lines = [
+            json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()
+        ]
+        timings = [t for s in sites for t in read_timings(s.state_dir)]
+    last = lines[-1]
+    load = sum(t["load_s"] for t in timings)
+    train = sum(t["work_s"] for t in timings if t["kind"] == "train")
+    evaluate = sum(t["work_s"] for t in timings if t["kind"] == "evaluate")
+    kidney = last.get("weighted", {}).get("dice-kidney")
+    return {
+        "cases_per_site": sites[0].phantom.cases if sites[0].phantom else None,
+        "rounds": len(lines),
+        "total_s": t_phantoms + t_run,
+        "phantoms_s": t_phantoms,
+        "data_loading_s": load,
+        "training_s": train,
+        "evaluation_s": evaluate,
+        "coordinator_and_flower_s": t_run - load - train - evaluate,
+        "final_kidney_dice": kidney,
+        "max_epsilon": max(last.get("epsilon", {0: 0}).values()),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cases", type=int, default=None, help="phantoms per site")
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    row = measure(args.cases, args.rounds)
+    total = row["total_s"]
+    print(
+        f"demo: {total / 60:.1f} min for {row['rounds']} rounds, "
+        f"{row['cases_per_site']} cases per site (target 10 min)"
+    )
+    for key in (
+        "phantoms_s",
+        "data_loading_s",
+        "training_s",
+        "evaluation_s",
+        "coordinator_and_flower_s",
+    ):
+        name = key[:-2].replace("_", " ")
+        print(f"  {name:<24}{row[key]:>8.1f} s {100 * row[key] / total:>5.1f} %")
+    print(
+        f"  final kidney Dice {row['final_kidney_dice']}, "
+        f"max epsilon {row['max_epsilon']:.2f}"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(row, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
