@@ -15,7 +15,7 @@ seconds importing torch, MONAI and Opacus before any work. With
 ``federation.warm_clientapp`` (the default) the executor keeps one *spare*
 task process that has already imported those libraries (never the bundle's
 code) and is blocked reading its task from a pipe; a message is handed to the
-spare, and a new spare is started once no task is running. Each task still
+spare, and a new spare is started at once. Each task still
 gets its own process, and the bundle is imported only after the gate approves
 it.
 """
@@ -115,12 +115,13 @@ class GateExecutor:
         return spare
 
     def reconcile(self) -> None:
-        """Reap finished tasks; start a spare when none is running (warm start)."""
+        """Reap finished tasks; keep one spare waiting (warm start)."""
         self._tasks = [p for p in self._tasks if p.poll() is None]
         if self._spare is not None and self._spare.poll() is not None:
             self._spare = None  # died while idle (e.g. killed): start another
-        if self.warm and self._spare is None and not self._tasks:
-            # After the running task, so the imports never compete with training.
+        if self.warm and self._spare is None:
+            # At once, beside a running task: the next message (this round's
+            # evaluate) comes seconds after the current one ends.
             self._spare = subprocess.Popen(  # noqa: S603 - our interpreter and module
                 [*task_command(self.site_yaml), "--spare"],
                 stdin=subprocess.PIPE,

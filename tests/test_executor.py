@@ -71,7 +71,7 @@ def _records(out: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
 
 
-def test_task_goes_to_the_warm_spare_and_the_next_spare_waits_for_it(fake):
+def test_task_goes_to_the_warm_spare_and_a_new_spare_is_ready_at_once(fake):
     execu = ex.GateExecutor("site.yaml", warm=True)
     try:
         execu.reconcile()  # idle: a spare starts and waits on its pipe
@@ -84,13 +84,15 @@ def test_task_goes_to_the_warm_spare_and_the_next_spare_waits_for_it(fake):
         assert rec["task"]["token"] == "secret-token"  # through the pipe ...
         assert not any("secret-token" in a for a in rec["argv"])  # ... not argv
         assert execu.handed_to_spare == 1
-        # While the task runs, no new spare competes with it for the CPU.
+        # The next spare starts beside the running task, ready for the next
+        # message; the task itself is reaped once it ends.
         execu.reconcile()
-        assert execu._spare is None
+        assert execu._spare is not None and execu._spare is not spare
+        assert execu._tasks == [spare]
         (fake / "release").write_text("")
         _wait(lambda: spare.poll() is not None)
         execu.reconcile()
-        assert execu._spare is not None and execu._spare is not spare
+        assert execu._tasks == []
     finally:
         (fake / "release").write_text("")
         execu.close()
