@@ -52,22 +52,18 @@ def _machine() -> str:
     )
 
 
-def _commit() -> str:
+def _git(*args: str) -> str:
     res = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
+        ["git", *args], cwd=ROOT, capture_output=True, text=True, check=False
     )
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
-    return (res.stdout.strip() or "unknown") + (" (modified)" if dirty else "")
+    return res.stdout.strip()
+
+
+def _commit() -> str:
+    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    return (_git("rev-parse", "--short", "HEAD") or "unknown") + (
+        " (modified)" if dirty else ""
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
