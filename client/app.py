@@ -67,10 +67,19 @@ def site_config_path(context: Context, plan: Plan) -> Path:
     )
 
 
+def apply_cpu_threads(site: SiteConfig) -> None:
+    """Limit torch to the site's ``cpu_threads`` (if set) for this process."""
+    if site.cpu_threads is not None:
+        import torch
+
+        torch.set_num_threads(site.cpu_threads)
+
+
 def _setup(msg: Message, context: Context) -> tuple[Plan, SiteConfig]:
     setup_logging()
     plan = load_plan(context.run_config)
     site = load_site_config(site_config_path(context, plan))
+    apply_cpu_threads(site)
     cfg = msg.content.config_records.get(wire.CONFIG, {})
     if wire.PREP_SPACING in cfg:  # the federated preprocessing plan
         plan = load_plan(
@@ -121,7 +130,7 @@ def _train_round(msg: Message, context: Context, fine_tune: bool) -> Message:
         data = task.load_data(site, plan)
         t_load = time.perf_counter() - t_load
         model = build_plan_model(plan)
-        received = msg.content[wire.ARRAYS].to_torch_state_dict()
+        received = wire.unpack_arrays(msg.content[wire.ARRAYS]).to_torch_state_dict()
         norm = require_norm_params(model, plan.model) if plan.fedbn else []
         start = overlay_local_norm(received, site, run_id) if norm else received
         import_state(model, start)
@@ -239,7 +248,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     data = task.load_data(site, plan)
     t_load = time.perf_counter() - t_load
     model = build_plan_model(plan)
-    state = msg.content[wire.ARRAYS].to_torch_state_dict()
+    state = wire.unpack_arrays(msg.content[wire.ARRAYS]).to_torch_state_dict()
     cfg = msg.content[wire.CONFIG]
     run_id = str(cfg.get(wire.RUN_ID, context.run_id))
     if plan.fedbn:  # each site evaluates with its own normalisation layers
@@ -294,7 +303,7 @@ def _reply(
         {wire.METRICS: metrics, wire.SITE: ConfigRecord({wire.SITE_NAME: site})}
     )
     if arrays is not None:
-        content[wire.ARRAYS] = arrays
+        content[wire.ARRAYS] = wire.pack_arrays(arrays)  # one buffer on the wire
     return Message(content=content, reply_to=msg)
 
 

@@ -11,13 +11,15 @@ the executor together (what ``kidneyfl site start`` should run when
 ``governance.require_approval`` is on).
 
 Warm start: Flower starts a fresh interpreter per message, which spends
-seconds importing torch, MONAI and Opacus before any work. With
-``federation.warm_clientapp`` (the default) the executor keeps one *spare*
-task process that has already imported those libraries (never the bundle's
-code) and is blocked reading its task from a pipe; a message is handed to the
-spare, and a new spare is started at once. Each task still
-gets its own process, and the bundle is imported only after the gate approves
-it.
+seconds of CPU importing torch, MONAI and Opacus before any work. With
+``federation.warm_clientapp`` (the default) the executor keeps one *fork
+server*: a process that has imported those libraries once (never the bundle's
+code) and reads tasks from a pipe; for each task it forks a child, which
+starts with the libraries already in memory and runs the task behind the gate.
+Each task still gets its own process, and the bundle is imported only in that
+child, after the gate approves it. Where ``os.fork`` does not exist, the
+executor keeps one warm *spare* process instead, used once and replaced at
+once (the import cost is then paid per task, off the message's path).
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ import argparse
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from common.config import ConfigError, SiteConfig, load_site_config
 
@@ -54,12 +57,16 @@ WARM_MODULES = (
 class GateExecutor:
     """Flower SuperExec executor that starts ClientApp tasks behind the gate."""
 
-    def __init__(self, site_yaml: str, warm: bool = False) -> None:
+    def __init__(
+        self, site_yaml: str, warm: bool = False, fork: bool | None = None
+    ) -> None:
         self.site_yaml = str(Path(site_yaml).resolve())
         self.warm = warm
-        self._spare: subprocess.Popen | None = None
+        # Warm start through a fork server where the OS can fork, else spares.
+        self.fork = hasattr(os, "fork") if fork is None else fork
+        self._spare: subprocess.Popen | None = None  # the fork server or a spare
         self._tasks: list[subprocess.Popen] = []
-        self.handed_to_spare = 0  # tasks that ran in a warm spare
+        self.handed_to_spare = 0  # tasks that started warm
 
     def get_eligible_capacity(self, supported: set, **_: Any) -> tuple[set, set]:
         """Only ClientApp tasks; a SuperNode has no other kind."""
@@ -86,33 +93,43 @@ class GateExecutor:
             "root_certificates": None if spec.insecure else spec.root_certificates_path,
             "parent_pid": spec.parent_pid,
         }
-        proc = self._hand_to_spare(task)
-        if proc is None:
-            cmd = [*task_command(self.site_yaml), "--runtime-api-address"]
-            cmd += [task["runtime_api_address"], "--token", task["token"]]
-            if task["insecure"]:
-                cmd.append("--insecure")
-            elif task["root_certificates"]:
-                cmd += ["--root-certificates", task["root_certificates"]]
-            if task["parent_pid"] is not None:
-                cmd += ["--parent-pid", str(task["parent_pid"])]
-            proc = subprocess.Popen(cmd)  # noqa: S603 - our interpreter and module
-        self._tasks.append(proc)
+        if self._hand_to_warm(task):
+            return LaunchResult.accepted()
+        cmd = [*task_command(self.site_yaml), "--runtime-api-address"]
+        cmd += [task["runtime_api_address"], "--token", task["token"]]
+        if task["insecure"]:
+            cmd.append("--insecure")
+        elif task["root_certificates"]:
+            cmd += ["--root-certificates", task["root_certificates"]]
+        if task["parent_pid"] is not None:
+            cmd += ["--parent-pid", str(task["parent_pid"])]
+        self._tasks.append(subprocess.Popen(cmd))  # noqa: S603 - our interpreter
         return LaunchResult.accepted()
 
-    def _hand_to_spare(self, task: dict) -> subprocess.Popen | None:
-        spare, self._spare = self._spare, None
-        if spare is None or spare.poll() is not None or spare.stdin is None:
-            return None
+    def _hand_to_warm(self, task: dict) -> bool:
+        """Give the task to the fork server or the spare; False: start it cold."""
+        proc = self._spare
+        if not self.fork:
+            self._spare = None  # a spare runs one task
+        if proc is None or proc.poll() is not None or proc.stdin is None:
+            self._spare = None
+            return False
         try:  # the token goes through the pipe, never on a command line
-            spare.stdin.write(json.dumps(task) + "\n")
-            spare.stdin.close()
+            proc.stdin.write(json.dumps(task) + "\n")
+            if self.fork:
+                proc.stdin.flush()
+            else:
+                proc.stdin.close()
         except OSError:
-            spare.kill()
-            return None
+            proc.kill()
+            self._spare = None
+            return False
         self.handed_to_spare += 1
-        log.info("task handed to the warm ClientApp process (pid %d)", spare.pid)
-        return spare
+        if not self.fork:
+            self._tasks.append(proc)
+        what = "fork server" if self.fork else "process"
+        log.info("task handed to the warm ClientApp %s (pid %d)", what, proc.pid)
+        return True
 
     def reconcile(self) -> None:
         """Reap finished tasks; keep one spare waiting (warm start)."""
@@ -122,14 +139,15 @@ class GateExecutor:
         if self.warm and self._spare is None:
             # At once, beside a running task: the next message (this round's
             # evaluate) comes seconds after the current one ends.
+            flag = "--forkserver" if self.fork else "--spare"
             self._spare = subprocess.Popen(  # noqa: S603 - our interpreter and module
-                [*task_command(self.site_yaml), "--spare"],
+                [*task_command(self.site_yaml), flag],
                 stdin=subprocess.PIPE,
                 text=True,
             )
 
     def close(self) -> None:
-        """Stop the idle spare (running tasks end with their SuperNode)."""
+        """Stop the fork server or idle spare (tasks end with their SuperNode)."""
         spare, self._spare = self._spare, None
         if spare is not None and spare.poll() is None:
             if spare.stdin is not None:
@@ -140,22 +158,91 @@ class GateExecutor:
                 spare.kill()
 
 
-def await_task() -> argparse.Namespace | None:
-    """In a spare: import :data:`WARM_MODULES`, then wait for one task on stdin.
-
-    Returns None when stdin closes first (the executor stopped).
-    """
+def warm_imports() -> None:
+    """Import :data:`WARM_MODULES` (third-party only; never the bundle)."""
     import importlib
 
     for name in WARM_MODULES:
         try:
             importlib.import_module(name)
         except ImportError:  # a library the site does not use
-            log.debug("spare: %s not installed", name)
+            log.debug("warm start: %s not installed", name)
+
+
+def await_task() -> argparse.Namespace | None:
+    """In a spare: warm the imports, then wait for one task on stdin.
+
+    Returns None when stdin closes first (the executor stopped).
+    """
+    warm_imports()
     line = sys.stdin.readline()
     if not line.strip():
         return None
     return argparse.Namespace(**json.loads(line))
+
+
+def serve_forks(site_yaml: str) -> None:
+    """The fork server: warm the imports once, then fork a child per task line.
+
+    Reads one JSON task per line from stdin until EOF. The server itself never
+    runs a task, never imports the bundle, and never touches CUDA (a forked
+    child could not use it then); children are reaped by the kernel.
+    """
+    warm_imports()
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # no zombies
+    while line := sys.stdin.readline():
+        if not line.strip():
+            continue
+        task = json.loads(line)
+        if _cuda_initialised():  # fail safe: a cold process for this task
+            log.error("fork server: CUDA is initialised here; exiting")
+            sys.exit(3)
+        pid = os.fork()
+        if pid == 0:
+            _run_forked(site_yaml, task)
+        log.info("task started in forked process %d", pid)
+
+
+def _cuda_initialised() -> bool:
+    torch = sys.modules.get("torch")
+    return bool(torch is not None and torch.cuda.is_initialized())
+
+
+def _run_forked(site_yaml: str, task: dict) -> NoReturn:
+    """In a forked child: run the task as a fresh process would, then exit."""
+    code = 1
+    try:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)  # the server's task pipe is not the child's
+        os.close(null)
+        _reseed()
+        from client.gate import run_task
+
+        run_task(site_yaml, argparse.Namespace(site_yaml=site_yaml, **task))
+        code = 0
+    except SystemExit as exc:  # Flower's runner ends with sys.exit(code)
+        code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    except BaseException:  # noqa: BLE001 - report, then exit the child
+        log.exception("ClientApp task failed")
+    finally:
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+
+
+def _reseed() -> None:
+    """Fresh entropy for the RNGs a new interpreter would seed from the OS."""
+    import random
+
+    random.seed()
+    np = sys.modules.get("numpy")
+    if np is not None:
+        np.random.seed()
 
 
 def task_command(site_yaml: str | Path) -> list[str]:
@@ -267,6 +354,9 @@ def main(argv: list[str] | None = None) -> None:
     t = sub.add_parser("task", allow_abbrev=False)
     t.add_argument("site_yaml")
     t.add_argument("--spare", action="store_true", help="take the task from stdin")
+    t.add_argument(
+        "--forkserver", action="store_true", help="fork a child per task on stdin"
+    )
     t.add_argument("--runtime-api-address", default=None)
     t.add_argument("--token", default=None)
     t.add_argument("--insecure", action="store_true")
@@ -280,6 +370,9 @@ def main(argv: list[str] | None = None) -> None:
     else:
         from client.gate import run_task
 
+        if args.forkserver:
+            serve_forks(args.site_yaml)
+            return
         if args.spare:
             task = await_task()
             if task is None:

@@ -21,6 +21,7 @@ Flower boundary.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import hashlib
 import json
@@ -73,6 +74,8 @@ def reply_view(reply: Message) -> ReplyView:
     arrays: dict[str, tuple[tuple[int, ...], str]] = {}
     nbytes = 0
     for rec in content.array_records.values():
+        with contextlib.suppress(wire.PackError):  # malformed: checked as it is
+            rec = wire.unpack_arrays(rec)  # noqa: PLW2901 - the arrays it carries
         for key, arr in rec.items():
             arrays[key] = (tuple(int(s) for s in arr.shape), str(arr.dtype))
             nbytes += len(arr.data)

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from common.config import ConfigError, SiteConfig
-from common.runtime import SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_S
+from common.runtime import flower_process_env
 
 
 def make_node_key(path: Path, comment: str = "") -> Path:
@@ -129,8 +129,7 @@ def supernode_env(site: SiteConfig) -> dict[str, str]:
     env["FLWR_HOME"] = str(site.state_dir / "flwr")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.pop("FLWR_ALLOW_RUNTIME_DEPENDENCY_INSTALLATION", None)
-    env.setdefault(SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_S)
-    return env
+    return flower_process_env(env)
 
 
 def exec_supernode(site: SiteConfig) -> None:

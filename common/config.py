@@ -393,6 +393,10 @@ class SiteConfig(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     data: DataConfig
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # CPU threads torch may use for this site's work; default: all cores. Set
+    # it when the machine is shared (with other sites or jobs): threads beyond
+    # the cores the site really has make every step slower, not faster.
+    cpu_threads: int | None = Field(None, ge=1, le=1024)
     state_dir: Path
     privacy: PrivacyConfig
     phantom: PhantomConfig | None = None

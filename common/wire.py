@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Final
 import numpy as np
 
 if TYPE_CHECKING:  # common/ stays importable without Flower
-    from flwr.app import Array
+    from flwr.app import Array, ArrayRecord
 
 # Record names inside a Message's RecordDict.
 ARRAYS: Final = "arrays"
@@ -74,6 +74,99 @@ def _npy_header(
     if dtype.hasobject:
         raise ValueError("array holds Python objects; refusing to load it")
     return tuple(shape), bool(fortran), dtype
+
+
+# -- packing: a model's arrays as one buffer on the wire ---------------------------
+# Flower sends every Array of an ArrayRecord as its own object, each a request
+# per hop (coordinator -> SuperLink -> SuperNode -> ClientApp and back), with
+# its own npy header. A U-Net has ~60 tensors, most of them tiny, so a model
+# travels as two arrays instead: the raw bytes of every tensor back to back,
+# and a JSON layout (name, dtype, shape per tensor, in order). Packing is
+# lossless; both ends unpack before anything else reads the arrays.
+PACKED: Final = "kidneyfl.packed"
+PACKED_LAYOUT: Final = "kidneyfl.layout"
+_PACKABLE_KINDS: Final = frozenset("fiub")  # numbers and bools, never objects
+
+
+class PackError(ValueError):
+    """A packed model that does not unpack (malformed or inconsistent)."""
+
+
+def is_packed(record: "ArrayRecord") -> bool:
+    """Whether ``record`` is a packed model (exactly the two packing keys)."""
+    return set(record.keys()) == {PACKED, PACKED_LAYOUT}
+
+
+def pack_arrays(record: "ArrayRecord") -> "ArrayRecord":
+    """``record`` as one byte buffer and its layout (already packed: as is)."""
+    import json
+
+    from flwr.app import Array, ArrayRecord
+
+    if is_packed(record):
+        return record
+    layout, parts = [], []
+    for name, arr in record.items():
+        view = np.ascontiguousarray(array_view(arr))
+        layout.append([name, view.dtype.str, list(view.shape)])
+        parts.append(view.reshape(-1).view(np.uint8))
+    blob = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+    meta = np.frombuffer(json.dumps(layout).encode(), dtype=np.uint8)
+    return ArrayRecord({PACKED: Array(blob), PACKED_LAYOUT: Array(meta.copy())})
+
+
+def unpack_arrays(record: "ArrayRecord") -> "ArrayRecord":
+    """The named arrays of a packed ``record`` (not packed: as is).
+
+    Raises
+    ------
+    PackError
+        If the layout is not a list of (name, numeric dtype, shape), names
+        repeat, or the sizes do not add up to the buffer exactly.
+    """
+    import json
+
+    from flwr.app import Array, ArrayRecord
+
+    if not is_packed(record):
+        return record
+    try:
+        blob = array_view(record[PACKED])
+        raw = array_view(record[PACKED_LAYOUT])
+        if blob.dtype != np.uint8 or blob.ndim != 1 or raw.dtype != np.uint8:
+            raise PackError("packed model: buffer and layout must be uint8 bytes")
+        layout = json.loads(raw.tobytes().decode())
+    except (ValueError, UnicodeDecodeError) as exc:
+        if isinstance(exc, PackError):
+            raise
+        raise PackError(f"packed model: unreadable buffer or layout ({exc})") from exc
+    if not isinstance(layout, list):
+        raise PackError("packed model: the layout is not a list")
+    out: dict[str, Array] = {}
+    offset = 0
+    for entry in layout:
+        try:
+            name, dtype_str, shape = entry
+            dtype = np.dtype(dtype_str)
+            ok = isinstance(name, str) and isinstance(shape, list)
+            ok = ok and all(isinstance(d, int) and d >= 0 for d in shape)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok or dtype.kind not in _PACKABLE_KINDS or dtype.itemsize > 16:
+            raise PackError(f"packed model: bad layout entry {str(entry)[:80]}")
+        if name in out:
+            raise PackError(f"packed model: array {name!r} appears twice")
+        size = math.prod(shape) * dtype.itemsize
+        if offset + size > blob.size:
+            raise PackError(f"packed model: buffer ends inside array {name!r}")
+        chunk = blob[offset : offset + size].view(dtype).reshape(shape)
+        out[name] = Array(np.array(chunk))
+        offset += size
+    if offset != blob.size:
+        raise PackError(
+            f"packed model: {blob.size - offset} bytes after the last array"
+        )
+    return ArrayRecord(out)
 
 
 # ConfigRecord keys sent by the coordinator.

@@ -7,7 +7,7 @@ import os
 import shlex
 from pathlib import Path
 
-from common.runtime import SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_S
+from common.runtime import flower_process_env
 from server.deploy import superlink_command, write_connection
 
 
@@ -21,7 +21,7 @@ def _superlink(args: argparse.Namespace) -> int:
     Path(args.state).mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env["FLWR_HOME"] = str(Path(args.state).resolve() / "flwr")  # its own apps
-    env.setdefault(SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_S)
+    flower_process_env(env)
     os.execvpe(cmd[0], cmd, env)
     return 0  # not reached
 

@@ -127,12 +127,12 @@ class LivenessGrid:
         Pushes the messages, then pulls replies until every message has one or
         ``timeout`` seconds have passed (no timeout: until every reply is in).
         """
-        pending = set(self._grid.push_messages(messages))
+        pending = set(self._grid.push_messages(pack_models(messages)))
         end = None if timeout is None else self._clock() + timeout
         replies: list[Any] = []
         while pending:
             got = list(self._grid.pull_messages(pending))
-            replies.extend(got)
+            replies.extend(unpack_models(got))
             pending.difference_update(m.metadata.reply_to_message_id for m in got)
             if not pending or (end is not None and self._clock() >= end):
                 break
@@ -141,3 +141,45 @@ class LivenessGrid:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
+
+
+def _array_records(msg: Any) -> dict[str, Any]:
+    """A message's array records (none for errors and stand-in messages)."""
+    if not hasattr(msg, "has_content") or not msg.has_content():
+        return {}
+    return dict(msg.content.array_records)
+
+
+def pack_models(messages: Iterable[Any]) -> list[Any]:
+    """The messages with every model packed (``common.wire.pack_arrays``).
+
+    A model sent to many sites is packed once.
+    """
+    from common.wire import pack_arrays
+
+    out, packed = list(messages), {}
+    for msg in out:
+        for name, rec in _array_records(msg).items():
+            if id(rec) not in packed:
+                packed[id(rec)] = (rec, pack_arrays(rec))  # keeps rec alive
+            msg.content[name] = packed[id(rec)][1]
+    return out
+
+
+def unpack_models(replies: Iterable[Any]) -> list[Any]:
+    """The replies with every packed model unpacked, in place.
+
+    A model that does not unpack is left as it came and logged; the update
+    guard then rejects it (its arrays are not the model's), so one bad site
+    never stops the round.
+    """
+    from common.wire import PackError, unpack_arrays
+
+    out = list(replies)
+    for msg in out:
+        for name, rec in _array_records(msg).items():
+            try:
+                msg.content[name] = unpack_arrays(rec)
+            except PackError as exc:
+                log.warning("node %s: %s", msg.metadata.src_node_id, exc)
+    return out

@@ -27,6 +27,7 @@ from typing import Any
 import tomli_w
 
 from common.config import SiteConfig, load_plan, load_site_config
+from common.runtime import flower_process_env
 
 log = logging.getLogger("kidneyfl.simulate")
 
@@ -233,6 +234,7 @@ def simulate(
         # flower-superlink spawns flower-superexec and flwr-simulation by name.
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     )
+    flower_process_env(env)
     gpus = _gpus_per_site()
     fed = (
         f"num-supernodes={len(sites)} client-resources-num-cpus={int(cpus_per_site)} "

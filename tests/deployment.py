@@ -108,6 +108,7 @@ class Deployment:
         self.env.update(
             FLWR_HOME=str(self.home),
             FLWR_DISABLE_UPDATE_CHECK="1",
+            FLWR_TELEMETRY_ENABLED="0",
             PYTHONUNBUFFERED="1",
             PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
             CERTS=str(self.certs),
@@ -226,6 +227,10 @@ class Deployment:
         # Bundle approval is tested in tests/test_governance_deploy.py; here
         # the SuperNode runs ClientApps directly (the development setting).
         doc["governance"] = {"require_approval": approval}
+        # Several sites share this machine's cores: one torch thread each, as
+        # a hospital sharing a server would set (more threads than cores make
+        # every step slower).
+        doc.setdefault("cpu_threads", 1)
         yml.write_text(yaml.safe_dump(doc))
         self.sites[name] = yml
         return yml

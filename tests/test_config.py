@@ -42,6 +42,26 @@ def test_bad_value_is_named(tmp_path):
         load_site_config(_write(tmp_path, doc))
 
 
+def test_cpu_threads_are_validated_and_limit_torch(tmp_path):
+    import torch
+
+    from client.app import apply_cpu_threads
+
+    with pytest.raises(ConfigError, match="cpu_threads"):
+        load_site_config(_write(tmp_path, dict(GOOD, cpu_threads=0)))
+    assert load_site_config(_write(tmp_path, GOOD)).cpu_threads is None
+    site = load_site_config(_write(tmp_path, dict(GOOD, cpu_threads=1)))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        apply_cpu_threads(site)
+        assert torch.get_num_threads() == 1
+        apply_cpu_threads(load_site_config(_write(tmp_path, GOOD)))  # unset: as is
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_privacy_needs_budget_unless_explicitly_disabled(tmp_path):
     doc = dict(GOOD, privacy={"enabled": True})
     with pytest.raises(ConfigError, match="max_epsilon"):

@@ -1,4 +1,4 @@
-"""The site executor's warm spare, with a stand-in task process (no Flower run)."""
+"""The site executor's warm start (fork server, spare), with stand-in tasks."""
 
 from __future__ import annotations
 
@@ -21,6 +21,13 @@ out = pathlib.Path(sys.argv[1])
 kind = "spare" if "--spare" in sys.argv else "fresh"
 name = f"{len(list(out.glob('*.json')))}-{kind}"
 record = {"argv": sys.argv[2:]}
+if "--forkserver" in sys.argv:  # one record per task line, until EOF
+    while line := sys.stdin.readline():
+        n = len(list(out.glob('*.json')))
+        rec = {"argv": sys.argv[2:], "task": json.loads(line)}
+        (out / f"{n}-fork.json").write_text(json.dumps(rec))
+    (out / "fork.eof").write_text("")
+    sys.exit(0)
 if "--spare" in sys.argv:
     line = sys.stdin.readline()
     if not line.strip():
@@ -71,8 +78,50 @@ def _records(out: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
 
 
+def test_tasks_go_to_one_fork_server_through_its_pipe(fake):
+    execu = ex.GateExecutor("site.yaml", warm=True, fork=True)
+    try:
+        execu.reconcile()  # idle: the fork server starts and waits on its pipe
+        server = execu._spare
+        assert server is not None and server.poll() is None
+        execu.launch(_spec("token-1"))
+        execu.reconcile()
+        execu.launch(_spec("token-2"))
+        _wait(lambda: len(_records(fake)) == 2)
+        recs = _records(fake)
+        assert [r["task"]["token"] for r in recs] == ["token-1", "token-2"]
+        assert all("--forkserver" in r["argv"] for r in recs)
+        assert not any("token" in a for r in recs for a in r["argv"])  # not argv
+        # One server for both tasks; nothing for the executor to reap.
+        assert execu._spare is server and execu._tasks == []
+        assert execu.handed_to_spare == 2
+    finally:
+        execu.close()
+    _wait(lambda: (fake / "fork.eof").exists())  # EOF on its pipe ends it
+    assert server.poll() == 0
+
+
+def test_a_dead_fork_server_means_a_cold_task_then_a_new_server(fake):
+    execu = ex.GateExecutor("site.yaml", warm=True, fork=True)
+    (fake / "release").write_text("")
+    try:
+        execu.reconcile()
+        execu._spare.kill()
+        execu._spare.wait()
+        execu.launch(_spec("tok"))  # falls back to a fresh process
+        _wait(lambda: len(_records(fake)) == 1)
+        assert "--forkserver" not in _records(fake)[0]["argv"]
+        assert execu.handed_to_spare == 0
+        execu.reconcile()  # and the next message finds a new server
+        assert execu._spare is not None and execu._spare.poll() is None
+        execu.launch(_spec("tok2"))
+        assert execu.handed_to_spare == 1
+    finally:
+        execu.close()
+
+
 def test_task_goes_to_the_warm_spare_and_a_new_spare_is_ready_at_once(fake):
-    execu = ex.GateExecutor("site.yaml", warm=True)
+    execu = ex.GateExecutor("site.yaml", warm=True, fork=False)
     try:
         execu.reconcile()  # idle: a spare starts and waits on its pipe
         spare = execu._spare
@@ -114,7 +163,7 @@ def test_without_warm_start_each_task_is_a_fresh_process(fake):
 
 
 def test_a_dead_spare_is_replaced_and_the_task_still_runs(fake):
-    execu = ex.GateExecutor("site.yaml", warm=True)
+    execu = ex.GateExecutor("site.yaml", warm=True, fork=False)
     (fake / "release").write_text("")
     try:
         execu.reconcile()
@@ -138,3 +187,78 @@ def test_spare_waits_for_its_task_and_exits_on_eof(monkeypatch):
     assert got.token == "t" and got.runtime_api_address == "a:1"
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
     assert ex.await_task() is None
+
+
+# A real fork server (`serve_forks`) whose children run a stand-in for the
+# gate's `run_task`: it records the child's pid, parent and task, then exits
+# the way Flower's runner does (sys.exit), or raises.
+FORK_SERVER = """
+import json, os, pathlib, sys
+sys.path.insert(0, sys.argv[2])
+import client.executor as ex
+import client.gate as gate
+out = pathlib.Path(sys.argv[1])
+ex.WARM_MODULES = ("json",)
+
+def run_task(site_yaml, args):
+    import numpy as np
+    rec = {"pid": os.getpid(), "ppid": os.getppid(), "token": args.token,
+           "site": site_yaml, "stdin": sys.stdin.read(),
+           "draw": float(np.random.rand())}
+    (out / f"task-{args.token}.json").write_text(json.dumps(rec))
+    if args.token == "boom":
+        raise RuntimeError("task failed")
+    sys.exit(0)
+
+gate.run_task = run_task
+(out / "server.pid").write_text(str(os.getpid()))
+ex.serve_forks("site.yaml")
+(out / "server.eof").write_text("")
+"""
+
+
+def test_fork_server_forks_a_child_per_task_and_survives_a_failing_one(tmp_path):
+    import subprocess
+
+    script = tmp_path / "server.py"
+    script.write_text(FORK_SERVER)
+    root = str(Path(ex.__file__).resolve().parents[1])
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path), root],
+        stdin=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for token in ("a", "boom", "b"):
+            proc.stdin.write(json.dumps({"token": token, "insecure": True}) + "\n")
+            proc.stdin.flush()
+            _wait(lambda t=token: (tmp_path / f"task-{t}.json").exists())
+        proc.stdin.close()
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    server = int((tmp_path / "server.pid").read_text())
+    recs = {t: json.loads((tmp_path / f"task-{t}.json").read_text()) for t in "ab"}
+    assert (tmp_path / "server.eof").exists()  # a failing task did not end it
+    for rec in recs.values():
+        assert rec["ppid"] == server and rec["pid"] != server
+        assert rec["stdin"] == ""  # the child does not see the task pipe
+        assert rec["site"] == "site.yaml"
+    assert recs["a"]["pid"] != recs["b"]["pid"]
+    assert recs["a"]["draw"] != recs["b"]["draw"]  # reseeded like a new process
+
+
+def test_warm_imports_leave_cuda_uninitialised():
+    """A forked child can only use CUDA if its server never touched it."""
+    import subprocess
+
+    code = (
+        "import client.executor as ex; ex.warm_imports(); import torch; "
+        "assert not torch.cuda.is_initialized(); print('ok')"
+    )
+    root = str(Path(ex.__file__).resolve().parents[1])
+    res = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True
+    )
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr

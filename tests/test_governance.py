@@ -250,10 +250,13 @@ def test_approval_off_only_when_explicit(site_yaml, fab) -> None:
 
 
 # -- the reply contract ---------------------------------------------------------------
-def _train_reply(msg: Message, arrays: dict, metrics: dict, site: dict) -> Message:
+def _train_reply(
+    msg: Message, arrays: dict, metrics: dict, site: dict, packed: bool = False
+) -> Message:
+    record = ArrayRecord(arrays)
     content = RecordDict(
         {
-            wire.ARRAYS: ArrayRecord(arrays),
+            wire.ARRAYS: wire.pack_arrays(record) if packed else record,
             wire.METRICS: MetricRecord(metrics),
             wire.SITE: ConfigRecord(site),
         }
@@ -283,9 +286,14 @@ GOOD_METRICS = {wire.NUM_EXAMPLES: 3, wire.TRAIN_LOSS: 0.5, wire.REFUSED: 0}
         ("path-reason", "path separator"),
         ("case-reason", "case identifier"),
         ("subset", None),
+        ("bad-pack", "is not a parameter"),
     ],
 )
-def test_contract(site_yaml, model_arrays, change: str, problem: str | None) -> None:
+@pytest.mark.parametrize("packed", [False, True], ids=["named", "packed"])
+def test_contract(
+    site_yaml, model_arrays, change: str, problem: str | None, packed: bool
+) -> None:
+    """The contract reads the arrays a reply carries, packed or not."""
     site = load_site_config(site_yaml)
     plan = Plan.model_validate(PLAN)
     arrays, metrics = dict(model_arrays), dict(GOOD_METRICS)
@@ -310,7 +318,11 @@ def test_contract(site_yaml, model_arrays, change: str, problem: str | None) -> 
     elif change == "subset":
         arrays.pop(first)
     msg = request("train", RecordDict({"config": ConfigRecord({})}))
-    reply = _train_reply(msg, arrays, metrics, record)
+    reply = _train_reply(msg, arrays, metrics, record, packed)
+    if change == "bad-pack":  # a buffer that does not unpack travels as is
+        bad = wire.pack_arrays(ArrayRecord(arrays))
+        bad[wire.PACKED] = Array(np.zeros(3, np.uint8))
+        reply.content[wire.ARRAYS] = bad
     sent, decision, why, nbytes = gate.enforce(site, plan, msg, reply)
     if problem is None:
         assert (decision, why) == ("ran", "") and sent is reply

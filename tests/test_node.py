@@ -69,11 +69,19 @@ def test_supernode_command_tls_auth_local_api(tmp_path):
     assert env["FLWR_HOME"] == str(site.state_dir / "flwr")
     # Tasks are picked up every 0.2 s, unless the operator chose otherwise.
     assert env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == "0.2"
+    # Flower's telemetry (usage events to telemetry.flower.ai) is off.
+    assert env["FLWR_TELEMETRY_ENABLED"] == "0"
+    saved = {k: os.environ.pop(k, None) for k in ("FLWR_TELEMETRY_ENABLED",)}
     os.environ["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = "2"
+    os.environ["FLWR_TELEMETRY_ENABLED"] = "1"  # an operator's explicit choice
     try:
-        assert supernode_env(site)["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == "2"
+        env = supernode_env(site)
+        assert env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == "2"
+        assert env["FLWR_TELEMETRY_ENABLED"] == "1"
     finally:
         del os.environ["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"]
+        del os.environ["FLWR_TELEMETRY_ENABLED"]
+        os.environ.update({k: v for k, v in saved.items() if v is not None})
 
 
 def test_supernode_command_refuses_unsafe_or_missing_files(tmp_path):

@@ -64,7 +64,7 @@ def test_fedbn_round_then_fine_tune_at_the_site(tmp_path):
 
     reply = site_app.train(_msg("train", ArrayRecord(model.state_dict()), 1), ctx)
     assert reply.content[wire.METRICS][wire.REFUSED] == 0
-    sent = reply.content[wire.ARRAYS].to_torch_state_dict()
+    sent = wire.unpack_arrays(reply.content[wire.ARRAYS]).to_torch_state_dict()
     local = torch.load(personal_dir(site, "run-x") / "norm.pt", weights_only=True)
     for k in keys:  # the norm layers trained, stayed home, and did not travel
         assert torch.equal(sent[k], glob[k])
