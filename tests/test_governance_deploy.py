@@ -145,9 +145,7 @@ def test_approved_kidneyfl_bundle_trains_through_the_gate(tmp_path: Path) -> Non
         d.stop_all()
     assert run.popen.returncode == 0, run.text()[-3000:]
     # Both messages ran in warm spares (federation.warm_clientapp, the default).
-    assert node.text().count("handed to the warm ClientApp") == 2, node.text()[
-        -3000:
-    ]
+    assert node.text().count("handed to the warm ClientApp") == 2, node.text()[-3000:]
     rounds = metrics(tmp_path / "runs" / "gov-e2e")
     assert len(rounds) == 1 and rounds[0]["aggregated"], rounds
     site = load_site_config(yml)
