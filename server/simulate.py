@@ -185,6 +185,41 @@ def _write_flwr_config(flwr_home: Path, http_port: int) -> None:
     (flwr_home / "config.toml").write_text(tomli_w.dumps(config))
 
 
+def stage_app(dest: Path, root: Path = PROJECT_DIR) -> Path:
+    """``dest`` holding exactly the files Flower packs into the app bundle (FAB).
+
+    ``flwr run DIR`` walks every file under DIR before it filters them; with a
+    virtual environment inside the project that is ~45,000 files and ~5 s per
+    run. This walk skips the folders ``.gitignore`` excludes, then applies
+    Flower's own filter, so the bundle built from ``dest`` is byte-identical.
+    """
+    from flwr.cli.utils import (
+        build_pathspec,
+        filter_paths_for_publish,
+        load_gitignore_patterns,
+    )
+
+    patterns = load_gitignore_patterns(root / ".gitignore")
+    spec = build_pathspec(patterns)
+    prune = not any(p.lstrip().startswith("!") for p in patterns)  # no re-includes
+    files: dict[str, Path | bytes] = {}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        rel = Path(dirpath).relative_to(root).as_posix()
+        prefix = "" if rel == "." else f"{rel}/"
+        if prune:
+            dirnames[:] = [d for d in dirnames if not spec.match_file(f"{prefix}{d}/")]
+        for name in filenames:
+            path = Path(dirpath) / name
+            if not path.is_symlink():
+                files[prefix + name] = path
+    shutil.rmtree(dest, ignore_errors=True)
+    for rel_path, src in filter_paths_for_publish(files).items():
+        target = dest / rel_path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, target)  # type: ignore[arg-type]
+    return dest
+
+
 def simulate(
     site_paths: list[Path],
     run_name: str,
@@ -249,7 +284,7 @@ def simulate(
         cmd = [
             _bin("flwr"),
             "run",
-            str(PROJECT_DIR),
+            str(stage_app(flwr_home / "app")),
             CONNECTION,
             "--federation-config",
             fed,
