@@ -3,8 +3,8 @@
 Starts a real ``flower-superlink`` and two hospital SuperNodes (the runbook's
 commands via tests/deployment.py; TLS and node authentication on), runs R
 rounds of the smallest plan (unet-tiny, 5 phantom cases per site, DP on), and
-reports seconds per round (time between consecutive round checkpoints), for
-three ways a site can run its ClientApps, side by side in one run:
+reports seconds per round (time between consecutive round checkpoints) for
+one or more ways a site can run its ClientApps, side by side in one run:
 
 - ``flower``: ``flower-supernode`` in its default subprocess isolation, where
   Flower starts one fresh ``flwr-clientapp`` interpreter per message (the
@@ -12,19 +12,24 @@ three ways a site can run its ClientApps, side by side in one run:
 - ``gate``: what ``kidneyfl site start`` runs with approval on (the default):
   ``--isolation process`` plus the site's gate executor, each message again a
   fresh interpreter (``federation.warm_clientapp: false``);
-- ``gate-warm``: the same with the executor's warm spare (the default), which
-  has imported torch, MONAI and Opacus before the message arrives.
+- ``gate-warm`` (the default, and the only mode run unless asked): the same
+  with the executor's fork server, which imported torch, MONAI and Opacus
+  once; each message runs in a child forked from it.
 
-Also measured, for where a round goes: the time a fresh interpreter takes to
-import kidneyfl's ClientApp (paid twice per round per site without the warm
-spare). The rest is Flower's polling: an idle SuperNode asks the SuperLink for
-work every 3 s (hard-coded in Flower 1.41), twice per round (train, evaluate).
-kidneyfl sets what it controls: the coordinator collects replies every 0.2 s
-(``server/liveness.py``) and SuperExecs poll every 0.2 s
-(``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``).
+Both sites share this machine, so each has ``cpu_threads: 1`` (as a hospital
+sharing a server would set). Where a round goes: each site's own
+``timings.jsonl`` gives its loading and work per message; the rest is
+messaging: an idle SuperNode asks the SuperLink for work every 3 s
+(hard-coded in Flower 1.41), twice per round (train, evaluate), plus the
+transfers and the coordinator. kidneyfl sets what it controls: the coordinator
+collects replies every 0.2 s (``server/liveness.py``), SuperExecs poll every
+0.2 s (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``), and a model travels as one
+packed buffer (``common.wire.pack_arrays``). Also printed: the time a fresh
+interpreter takes to import kidneyfl's ClientApp (what the fork server saves
+per message).
 
     .venv/bin/python benchmarks/deploy_latency.py [--rounds 3]
-        [--modes flower,gate,gate-warm]
+        [--modes gate-warm]   (or any of flower,gate,gate-warm, side by side)
 """
 
 from __future__ import annotations
@@ -80,7 +85,7 @@ def measure(mode: str, rounds: int) -> dict:
         dep = Deployment(tmp / "deploy")
         try:
             dep.start_superlink()
-            fab = build_fab(tmp, dep.env, PROJECT_DIR) if governed else None
+            fab = build_fab(tmp, dep.env, dep.app) if governed else None
             names = ["hospital-a", "hospital-b"]
             for i, name in enumerate(names):
                 yml = dep.add_site(name, cases=5, seed=i, approval=governed)
@@ -108,26 +113,48 @@ def measure(mode: str, rounds: int) -> dict:
                 dep.procs[f"site-{n}"].text().count("handed to the warm ClientApp")
                 for n in names
             )
+            work = site_work([dep.sites[n] for n in names], rounds)
         finally:
             dep.stop_all()
     if len(entries) != rounds or not all(e.get("aggregated") for e in entries):
         raise RuntimeError(f"{mode}: expected {rounds} aggregated rounds: {entries}")
     times = [e["time"] for e in entries]
     gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    per_round = sum(gaps) / len(gaps)
     return {
         "mode": mode,
         "rounds": len(entries),
         "submit_to_end_s": wall,
         "round_gaps_s": gaps,
-        "per_round_s": sum(gaps) / len(gaps),
+        "per_round_s": per_round,
         "warm_tasks": warm,
+        **work,
+        "other_s": per_round - work["train_work_s"] - work["evaluate_work_s"],
+    }
+
+
+def site_work(site_yamls: list[Path], rounds: int) -> dict:
+    """Mean seconds per round the slowest site spent loading and working, per
+    message kind, over rounds 2.. (the rounds whose gaps are measured), from
+    each site's own ``timings.jsonl``."""
+    by: dict[tuple[int, str], float] = {}
+    for yml in site_yamls:
+        state = Path(yaml.safe_load(yml.read_text())["state_dir"])
+        for line in (state / "timings.jsonl").read_text().splitlines():
+            t = json.loads(line)
+            key = (int(t["round"]), t["kind"])
+            by[key] = max(by.get(key, 0.0), t["load_s"] + t["work_s"])
+    steady = range(2, rounds + 1)
+    return {
+        f"{kind}_work_s": sum(by.get((r, kind), 0.0) for r in steady) / len(steady)
+        for kind in ("train", "evaluate")
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--modes", default="gate-warm")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
@@ -144,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{r['mode']:>9}: {r['per_round_s']:.1f} s per round{ratio} "
             f"(target 5); {r['warm_tasks']} of {4 * r['rounds']} messages warm; "
-            f"submit to end {r['submit_to_end_s']:.1f} s for {r['rounds']} rounds"
+            f"submit to end {r['submit_to_end_s']:.1f} s for {r['rounds']} rounds; "
+            f"per round: site work train {r['train_work_s']:.1f} s + evaluate "
+            f"{r['evaluate_work_s']:.1f} s, the rest {r['other_s']:.1f} s"
         )
     print(f"a fresh interpreter imports the ClientApp in {imp:.1f} s")
     if args.json:

@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--max-params",
                 "1000000" if q else "30000000",
                 "--repeats",
-                "1" if q else "3",
+                "1" if q else "2",
             ],
             tmp / "agg.json",
         )
@@ -142,12 +142,20 @@ def main(argv: list[str] | None = None) -> int:
             ["--sites", "3,10" if q else "3,10,30,100"],
             tmp / "scale.json",
         )
+        first = (scale or [None])[0]
         for r in scale or []:
+            extra = r["sites"] - first["sites"]
+            marginal = (
+                f"; {(r['peak_rss_gb'] - first['peak_rss_gb']) * 1e3 / extra:.1f} MB "
+                f"per site beyond {first['sites']}"
+                if extra
+                else ""
+            )
             rows.append(
                 (
                     f"4 simulation, {r['sites']} sites, 1 round",
                     f"{r['wall_s']:.0f} s, peak {r['peak_rss_gb']:.2f} GB "
-                    f"({r['per_site_mb']:.0f} MB/site)",
+                    f"({r['per_site_mb']:.0f} MB/site{marginal})",
                     "100 sites in 24 GB",
                     "yes" if r["peak_rss_gb"] < 24 else "no",
                 )
@@ -165,14 +173,17 @@ def main(argv: list[str] | None = None) -> int:
             )
         lat = _run(
             "deploy_latency.py",
-            ["--rounds", "2" if q else "3", "--modes", "flower,gate-warm"],
+            ["--rounds", "2" if q else "3", "--modes", "gate-warm"],
             tmp / "lat.json",
         )
         for r in lat or []:
             rows.append(
                 (
                     f"6 deployment round, 2 sites, {r['mode']}",
-                    f"{r['per_round_s']:.1f} s/round"
+                    f"{r['per_round_s']:.1f} s/round: site work train "
+                    f"{r['train_work_s']:.1f} s + evaluate "
+                    f"{r['evaluate_work_s']:.1f} s, messaging and the rest "
+                    f"{r['other_s']:.1f} s"
                     + (f" ({r['vs_flower']:.2f}x flower)" if r["vs_flower"] else "")
                     + f"; fresh ClientApp import {r['clientapp_import_s']:.1f} s",
                     "< 5 s",

@@ -1,10 +1,11 @@
 """Simulation scale: one round with 3, 10, 30 and 100 phantom sites.
 
 Runs ``kidneyfl simulate`` (SuperLink, Flower's Ray simulation engine, one
-ClientApp actor per 2 CPUs) for one round of train + evaluate on N tiny phantom
-sites, and reports wall time and peak memory: the peak of the summed resident
-memory of every process the run starts (sampled every 0.5 s from /proc), and
-that peak divided by N.
+ClientApp actor per 2 CPUs) for one round of DP training on N tiny phantom
+sites (evaluation off), and reports wall time and peak memory: the peak of the
+summed resident memory of every process the run starts (sampled every 0.5 s
+from /proc), and that peak divided by N; ``run_all`` adds the memory each
+site beyond the first size costs.
 
     .venv/bin/python benchmarks/sim_scale.py [--sites 3,10,30,100]
 """
@@ -30,6 +31,9 @@ PLAN = {
     "local-epochs": 1,
     "min-sites": 2,
     "dp-target-epsilon": 30.0,
+    # Train only: the figure is what N sites cost the engine (time, memory);
+    # evaluation would add ~0.2 s per site and nothing to that.
+    "fraction-evaluate": 0.0,
 }
 
 
@@ -47,7 +51,7 @@ def _rss_tree(pid: int) -> int:
     return total
 
 
-def measure(n: int, tmp: Path) -> dict:
+def measure(n: int, tmp: Path, cpus_per_site: int = 2) -> dict:
     """Wall time and peak memory of a one-round simulation of ``n`` sites."""
     from server.simulate import simulate
     from tests.conftest import write_site_yaml
@@ -74,6 +78,7 @@ def measure(n: int, tmp: Path) -> dict:
             out_dir=tmp / "runs",
             overrides={**PLAN, "num-server-rounds": 1},
             flwr_home=tmp / "flwr-home",
+            cpus_per_site=cpus_per_site,
             stream=False,
         )
     finally:
@@ -82,6 +87,7 @@ def measure(n: int, tmp: Path) -> dict:
         thread.join()
     return {
         "sites": n,
+        "cpus_per_site": cpus_per_site,
         "wall_s": wall,
         "peak_rss_gb": peak / 1e9,
         "per_site_mb": peak / n / 1e6,
@@ -91,12 +97,18 @@ def measure(n: int, tmp: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sites", default="3,10,30,100")
+    ap.add_argument(
+        "--cpus-per-site",
+        type=int,
+        default=2,
+        help="CPUs per virtual site (Ray actor); kidneyfl simulate's default is 2",
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as d:
         for n in (int(x) for x in args.sites.split(",")):
-            rows.append(measure(n, Path(d) / f"n{n}"))
+            rows.append(measure(n, Path(d) / f"n{n}", args.cpus_per_site))
             r = rows[-1]
             print(
                 f"{n:>4} sites: {r['wall_s']:7.1f} s, peak {r['peak_rss_gb']:.2f} GB "

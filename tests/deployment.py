@@ -27,6 +27,7 @@ from server.simulate import (
     _terminate,
     descendants,
     free_port,
+    stage_app,
 )
 from tests.conftest import write_site_yaml
 
@@ -135,25 +136,39 @@ class Deployment:
             check=False,
         )
 
-    def start_step(self, name: str, tag: str, **env: str) -> Proc:
+    def start_step(
+        self, name: str, tag: str, cwd: Path = PROJECT_DIR, **env: str
+    ) -> Proc:
         """Start a long-running runbook block in the background (exec'd, so the
         PID is the service's own)."""
         block = self.book[tag]
         script = block if "\n" in block else "exec " + block
-        return self._start(name, ["bash", "-c", script], {**self.env, **env})
+        return self._start(name, ["bash", "-c", script], {**self.env, **env}, cwd)
+
+    @property
+    def app(self) -> Path:
+        """The app's files as `flwr run .` bundles them, copied once per
+        deployment (``server.simulate.stage_app``: a byte-identical bundle,
+        without walking the virtual environment on every run)."""
+        staged = self.root / "app"
+        if not (staged / "pyproject.toml").exists():
+            stage_app(staged)
+        return staged
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def _start(self, name: str, cmd: list[str], env: dict) -> Proc:
+    def _start(
+        self, name: str, cmd: list[str], env: dict, cwd: Path = PROJECT_DIR
+    ) -> Proc:
         log = self.root / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as fh:
             popen = subprocess.Popen(
                 cmd,
                 env=env,
-                cwd=PROJECT_DIR,
+                cwd=cwd,
                 stdout=fh,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -300,6 +315,7 @@ class Deployment:
         return self.start_step(
             f"run-{run_name}-{len(self.procs)}",
             "resume" if resume else "run",
+            cwd=self.app,
             PLAN=str(path),
         )
 

@@ -118,7 +118,7 @@ def test_approved_kidneyfl_bundle_trains_through_the_gate(tmp_path: Path) -> Non
     d = Deployment(tmp_path / "deploy", tls=True, auth=False)
     try:
         d.start_superlink()
-        fab = build_fab(tmp_path, d.env, PROJECT_DIR)
+        fab = build_fab(tmp_path, d.env, d.app)
         yml = d.add_site("hospA", cases=4, seed=0, approval=True)
         approve(yml, fab)
         env = dict(d.env, PYTHONPATH=str(PROJECT_DIR))
