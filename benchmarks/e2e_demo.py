@@ -51,7 +51,7 @@ def _copy_sites(tmp: Path, cases: int | None) -> list[Path]:
     return out
 
 
-def measure(cases: int | None, rounds: int | None) -> dict:
+def measure(cases: int | None, rounds: int | None, cpus_per_site: int = 2) -> dict:
     """Seconds per phase of one demo run."""
     from client.timings import read_timings
     from common.config import load_site_config
@@ -72,6 +72,7 @@ def measure(cases: int | None, rounds: int | None) -> dict:
             out_dir=tmp / "runs",
             overrides=overrides,
             flwr_home=tmp / "flwr-home",
+            cpus_per_site=cpus_per_site,
             stream=False,
         )
         t_run = time.perf_counter() - t0
@@ -102,9 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", type=int, default=None, help="phantoms per site")
     ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--cpus-per-site", type=int, default=2)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    row = measure(args.cases, args.rounds)
+    row = measure(args.cases, args.rounds, args.cpus_per_site)
     total = row["total_s"]
     print(
         f"demo: {total / 60:.1f} min for {row['rounds']} rounds, "
