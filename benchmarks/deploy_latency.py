@@ -155,13 +155,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--modes", default="gate-warm")
+    ap.add_argument("--import-repeats", type=int, default=3)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
     unknown = set(modes) - set(MODES)
     if unknown or args.rounds < 2:
         ap.error(f"modes from {MODES} and at least 2 rounds")
-    imp = import_time()
+    imp = import_time(max(1, args.import_repeats))
     rows = [measure(m, args.rounds) for m in modes]
     base = next((r["per_round_s"] for r in rows if r["mode"] == "flower"), None)
     for r in rows:

@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             rows.append(
                 (
-                    f"4 simulation, {r['sites']} sites, 1 round",
+                    f"4 simulation, {r['sites']} sites, 1 round, "
+                    f"{r['cpus_per_site']} CPU/site",
                     f"{r['wall_s']:.0f} s, peak {r['peak_rss_gb']:.2f} GB "
                     f"({r['per_site_mb']:.0f} MB/site{marginal})",
                     "100 sites in 24 GB",
@@ -173,7 +174,14 @@ def main(argv: list[str] | None = None) -> int:
             )
         lat = _run(
             "deploy_latency.py",
-            ["--rounds", "2" if q else "3", "--modes", "gate-warm"],
+            [
+                "--rounds",
+                "2" if q else "3",
+                "--modes",
+                "gate-warm",
+                "--import-repeats",
+                "1",
+            ],
             tmp / "lat.json",
         )
         for r in lat or []:
@@ -210,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(
                 (
                     "7 README main job (demo)",
-                    f"{total / 60:.1f} min: {parts}; kidney Dice "
+                    f"{total / 60:.1f} min: {parts} "
+                    f"({e2e['sites_in_parallel']:.1f} sites busy at once); kidney Dice "
                     f"{e2e['final_kidney_dice']:.3f}, epsilon {e2e['max_epsilon']:.2f}",
                     "< 10 min",
                     "yes" if total < 600 else "no",

@@ -1,7 +1,8 @@
 """Simulation scale: one round with 3, 10, 30 and 100 phantom sites.
 
 Runs ``kidneyfl simulate`` (SuperLink, Flower's Ray simulation engine, one
-ClientApp actor per 2 CPUs) for one round of DP training on N tiny phantom
+ClientApp actor per ``--cpus-per-site`` CPUs; by default simulate's own share,
+one per site on 2 cores) for one round of DP training on N tiny phantom
 sites (evaluation off), and reports wall time and peak memory: the peak of the
 summed resident memory of every process the run starts (sampled every 0.5 s
 from /proc), and that peak divided by N; ``run_all`` adds the memory each
@@ -51,9 +52,9 @@ def _rss_tree(pid: int) -> int:
     return total
 
 
-def measure(n: int, tmp: Path, cpus_per_site: int = 2) -> dict:
+def measure(n: int, tmp: Path, cpus_per_site: int | None = None) -> dict:
     """Wall time and peak memory of a one-round simulation of ``n`` sites."""
-    from server.simulate import simulate
+    from server.simulate import default_cpus_per_site, simulate
     from tests.conftest import write_site_yaml
 
     sites = [
@@ -85,6 +86,8 @@ def measure(n: int, tmp: Path, cpus_per_site: int = 2) -> dict:
         wall = time.perf_counter() - t0
         stop.set()
         thread.join()
+    if cpus_per_site is None:
+        cpus_per_site = default_cpus_per_site(n, os.cpu_count() or 2)
     return {
         "sites": n,
         "cpus_per_site": cpus_per_site,
@@ -100,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--cpus-per-site",
         type=int,
-        default=2,
-        help="CPUs per virtual site (Ray actor); kidneyfl simulate's default is 2",
+        default=None,
+        help="CPUs per virtual site (Ray actor); default: kidneyfl simulate's",
     )
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)

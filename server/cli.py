@@ -115,7 +115,13 @@ def register(
         help="continue --run-name from its last checkpoint",
     )
     p.add_argument("--flwr-home", default=None)
-    p.add_argument("--cpus-per-site", type=int, default=2)
+    p.add_argument(
+        "--cpus-per-site",
+        type=int,
+        default=None,
+        help="cores per virtual site (default: the machine's cores shared among "
+        "the sites, at least 1 each)",
+    )
     p.add_argument(
         "--baselines",
         default="",

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
+import pytest
 from flwr.cli.build import build_fab_from_disk
 from flwr.cli.utils import collect_files, filter_paths_for_publish
 
-from server.simulate import PROJECT_DIR, stage_app
+from server.cli import register
+from server.simulate import PROJECT_DIR, default_cpus_per_site, stage_app
 
 
 def _tree(root: Path) -> set[str]:
@@ -50,3 +53,23 @@ def test_stage_keeps_what_flower_keeps_and_skips_ignored_folders(tmp_path):
 def test_bundle_from_the_stage_is_byte_identical_to_flowers(tmp_path):
     staged = stage_app(tmp_path / "app")
     assert build_fab_from_disk(staged) == build_fab_from_disk(PROJECT_DIR)
+
+
+@pytest.mark.parametrize(
+    ("sites", "cores", "expected"),
+    [(3, 2, 1), (1, 2, 2), (3, 16, 5), (100, 2, 1), (2, 2, 1), (2, 5, 2)],
+)
+def test_default_cpus_per_site_shares_the_cores_out(sites, cores, expected):
+    assert default_cpus_per_site(sites, cores) == expected
+
+
+def test_default_cpus_per_site_refuses_no_sites():
+    with pytest.raises(ValueError, match="at least one site"):
+        default_cpus_per_site(0, 2)
+
+
+def test_simulate_cli_leaves_cpus_to_the_default():
+    ap = argparse.ArgumentParser()
+    register(ap.add_subparsers(dest="cmd"))
+    assert ap.parse_args(["simulate"]).cpus_per_site is None
+    assert ap.parse_args(["simulate", "--cpus-per-site", "3"]).cpus_per_site == 3
