@@ -113,7 +113,7 @@ def measure(mode: str, rounds: int) -> dict:
                 dep.procs[f"site-{n}"].text().count("handed to the warm ClientApp")
                 for n in names
             )
-            work = site_work([dep.sites[n] for n in names], rounds)
+            work = site_work([dep.sites[n] for n in names], entries)
         finally:
             dep.stop_all()
     if len(entries) != rounds or not all(e.get("aggregated") for e in entries):
@@ -133,22 +133,44 @@ def measure(mode: str, rounds: int) -> dict:
     }
 
 
-def site_work(site_yamls: list[Path], rounds: int) -> dict:
-    """Mean seconds per round the slowest site spent loading and working, per
-    message kind, over rounds 2.. (the rounds whose gaps are measured), from
-    each site's own ``timings.jsonl``."""
-    by: dict[tuple[int, str], float] = {}
+def site_work(site_yamls: list[Path], entries: list[dict]) -> dict:
+    """Where a round goes, over rounds 2.. (the rounds whose gaps are measured).
+
+    From each site's own ``timings.jsonl`` (end time, loading and work seconds
+    per message) and the coordinator's round-end times in ``metrics.jsonl``:
+    the slowest site's loading plus work per message kind, and the wall-clock
+    gaps between them, averaged: previous round's end to the first site
+    starting to train (``to_train_s``), the last train end to the first
+    evaluation start (``train_to_evaluate_s``: replies, guard, aggregation,
+    the evaluate messages), and the last evaluation end to the round's
+    checkpoint (``evaluate_to_end_s``).
+    """
+    spans: dict[tuple[int, str], list[tuple[float, float]]] = {}
     for yml in site_yamls:
         state = Path(yaml.safe_load(yml.read_text())["state_dir"])
         for line in (state / "timings.jsonl").read_text().splitlines():
             t = json.loads(line)
-            key = (int(t["round"]), t["kind"])
-            by[key] = max(by.get(key, 0.0), t["load_s"] + t["work_s"])
-    steady = range(2, rounds + 1)
-    return {
-        f"{kind}_work_s": sum(by.get((r, kind), 0.0) for r in steady) / len(steady)
-        for kind in ("train", "evaluate")
-    }
+            start = t["time"] - t["load_s"] - t["work_s"]
+            spans.setdefault((int(t["round"]), t["kind"]), []).append(
+                (start, t["time"])
+            )
+    ends = {int(e["round"]): float(e["time"]) for e in entries}
+    steady = [r for r in sorted(ends) if r > 1 and r - 1 in ends]
+    out: dict[str, float] = {}
+    keys = ("train_work_s", "evaluate_work_s", "to_train_s")
+    keys += ("train_to_evaluate_s", "evaluate_to_end_s")
+    for key in keys:
+        out[key] = 0.0
+    for r in steady:
+        train, ev = spans.get((r, "train"), []), spans.get((r, "evaluate"), [])
+        if not train or not ev:
+            raise RuntimeError(f"round {r}: no site timings for train or evaluate")
+        out["train_work_s"] += max(b - a for a, b in train)
+        out["evaluate_work_s"] += max(b - a for a, b in ev)
+        out["to_train_s"] += min(a for a, _ in train) - ends[r - 1]
+        out["train_to_evaluate_s"] += min(a for a, _ in ev) - max(b for _, b in train)
+        out["evaluate_to_end_s"] += ends[r] - max(b for _, b in ev)
+    return {k: v / len(steady) for k, v in out.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,6 +197,12 @@ def main(argv: list[str] | None = None) -> int:
             f"submit to end {r['submit_to_end_s']:.1f} s for {r['rounds']} rounds; "
             f"per round: site work train {r['train_work_s']:.1f} s + evaluate "
             f"{r['evaluate_work_s']:.1f} s, the rest {r['other_s']:.1f} s"
+        )
+        print(
+            f"{'':>9}  timeline: round end -> training starts {r['to_train_s']:.1f} s"
+            f", train {r['train_work_s']:.1f} s, -> evaluation starts "
+            f"{r['train_to_evaluate_s']:.1f} s, evaluate {r['evaluate_work_s']:.1f} s"
+            f", -> round end {r['evaluate_to_end_s']:.1f} s"
         )
     print(f"a fresh interpreter imports the ClientApp in {imp:.1f} s")
     if args.json:

@@ -188,10 +188,11 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(
                 (
                     f"6 deployment round, 2 sites, {r['mode']}",
-                    f"{r['per_round_s']:.1f} s/round: site work train "
-                    f"{r['train_work_s']:.1f} s + evaluate "
-                    f"{r['evaluate_work_s']:.1f} s, messaging and the rest "
-                    f"{r['other_s']:.1f} s"
+                    f"{r['per_round_s']:.1f} s/round: round end -> train "
+                    f"{r['to_train_s']:.1f} s, train {r['train_work_s']:.1f} s, "
+                    f"-> evaluate {r['train_to_evaluate_s']:.1f} s, evaluate "
+                    f"{r['evaluate_work_s']:.1f} s, -> round end "
+                    f"{r['evaluate_to_end_s']:.1f} s"
                     + (f" ({r['vs_flower']:.2f}x flower)" if r["vs_flower"] else "")
                     + f"; fresh ClientApp import {r['clientapp_import_s']:.1f} s",
                     "< 5 s",
