@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             "dp_overhead.py",
             [
                 "--steps",
-                "2" if q else "5",
+                "2" if q else "15",
                 "--models",
                 "unet-tiny" if q else "unet-tiny,resnet-tiny",
                 "--modes",
