@@ -237,10 +237,37 @@ class Plan(BaseModel):
         return [Path(p) for p in self.sim_site_configs.split(",") if p.strip()]
 
     def fingerprint(self) -> dict[str, Any]:
-        """What must match for a checkpoint to resume under this plan."""
+        """What must match for a checkpoint to resume under this plan.
+
+        The model and its input, the strategy with every option it reads (a
+        server optimiser's moments belong to its learning rate and betas), and
+        FedBN (which layers stay at the sites). Rounds, timeouts, the sites'
+        local training and the privacy target may change on resume.
+        """
         keep = ("task", "model", "spacing_mm", "patch_size", "hu_window", "strategy")
         keep += ("class_names", "image_size")  # the classifier's outputs and input
+        keep += RESUME_STRATEGY_KEYS
         return {k: getattr(self, k) for k in keep}
+
+
+# Added to the resume fingerprint after checkpoints without them were written:
+# a checkpoint that lacks one was made under the key's default (see
+# server/checkpoint.load_checkpoint).
+RESUME_STRATEGY_KEYS: tuple[str, ...] = (
+    "fedbn",
+    "proximal_mu",
+    "server_learning_rate",
+    "server_momentum",
+    "server_beta_1",
+    "server_beta_2",
+    "server_tau",
+    "trimmed_beta",
+    "num_malicious_sites",
+    "krum_select",
+    "central_dp",
+    "central_dp_noise",
+    "central_dp_clip",
+)
 
 
 def load_plan(run_config: Mapping[str, Any], source: str = "run config") -> Plan:

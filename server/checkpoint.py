@@ -127,13 +127,37 @@ def load_checkpoint(
     if plan_fingerprint is not None:
         saved = meta.get("plan_fingerprint")
         now = json.loads(json.dumps(plan_fingerprint))
+        if isinstance(saved, dict):
+            saved = {**_legacy_defaults(now), **saved}
         if saved != now:
+            differ = (
+                sorted(k for k in now if saved.get(k) != now[k])
+                if isinstance(saved, dict)
+                else []
+            )
+            which = (
+                ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in differ)
+                if differ
+                else f"{saved} -> {now}"
+            )
             raise CheckpointError(
-                f"{latest}: checkpoint was made under plan {saved}, the run asks for "
-                f"{now}; resume with the same plan or start a new run name"
+                f"{latest}: checkpoint was made under a different plan ({which}); "
+                "resume with the same plan or start a new run name"
             )
     state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     return state, meta
+
+
+def _legacy_defaults(now: dict[str, Any]) -> dict[str, Any]:
+    """The plan defaults of fingerprint keys added after older checkpoints.
+
+    A checkpoint written before a key joined the fingerprint was made under
+    that key's default (the key did not exist to be set).
+    """
+    from common.config import RESUME_STRATEGY_KEYS, Plan
+
+    fields = Plan.model_fields
+    return {k: fields[k].default for k in RESUME_STRATEGY_KEYS if k in now}
 
 
 def load_server_state(ckpt_dir: Path, meta: dict[str, Any]) -> dict[str, np.ndarray]:

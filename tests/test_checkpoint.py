@@ -40,3 +40,47 @@ def test_metrics_lines_survive_a_torn_write(tmp_path):
     with open(tmp_path / "metrics.jsonl", "a") as fh:
         fh.write('{"round": 3, "trunc')  # a crash mid-write
     assert [e["round"] for e in read_metrics(tmp_path)] == [1, 2]
+
+
+def _plan(**overrides):
+    from common.config import load_plan
+    from server.simulate import default_plan
+
+    return load_plan({**default_plan(), **overrides})
+
+
+def test_strategy_options_and_fedbn_must_match_to_resume(tmp_path):
+    adam = _plan(strategy="fedadam", **{"server-learning-rate": 0.05})
+    save_checkpoint(tmp_path, 1, _state(1.0), {"plan_fingerprint": adam.fingerprint()})
+    load_checkpoint(tmp_path, adam.fingerprint())  # the same plan resumes
+    other = _plan(strategy="fedadam", **{"server-learning-rate": 0.1})
+    with pytest.raises(CheckpointError, match=r"server_learning_rate: 0\.05 -> 0\.1"):
+        load_checkpoint(tmp_path, other.fingerprint())
+    fedbn = _plan(strategy="fedadam", fedbn=True, model="unet-tiny-affine")
+    with pytest.raises(CheckpointError, match="fedbn: False -> True"):
+        load_checkpoint(tmp_path, fedbn.fingerprint())
+
+
+def test_rounds_timeouts_and_privacy_target_may_change_on_resume():
+    a = _plan()
+    b = _plan(
+        **{"num-server-rounds": 12, "round-timeout": 60.0, "dp-target-epsilon": 4.0}
+    )
+    assert a.fingerprint() == b.fingerprint()
+
+
+def test_checkpoint_from_before_the_strategy_keys_resumes_under_their_defaults(
+    tmp_path,
+):
+    from common.config import RESUME_STRATEGY_KEYS
+
+    plan = _plan()
+    old = {k: v for k, v in plan.fingerprint().items() if k not in RESUME_STRATEGY_KEYS}
+    save_checkpoint(tmp_path, 3, _state(3.0), {"plan_fingerprint": old})
+    _, meta = load_checkpoint(tmp_path, plan.fingerprint())
+    assert meta["round"] == 3
+    with pytest.raises(CheckpointError, match="proximal_mu: 0.0 -> 0.01"):
+        load_checkpoint(
+            tmp_path,
+            _plan(strategy="fedprox", **{"proximal-mu": 0.01}).fingerprint(),
+        )
