@@ -89,13 +89,18 @@ def check_approved(site: SiteConfig, fab_hash: str, content: bytes) -> None:
 def approve(site_yaml: str | Path, bundle: str | Path) -> tuple[str, bool]:
     """Add a bundle's hash to the site YAML's ``governance.approved_apps``.
 
-    Returns the hash and whether it was new. The YAML is rewritten without its
-    comments; the file is validated again before it is replaced.
+    Returns the hash and whether it was new. The hash is written into the
+    file's own text, so the operator's comments and layout stay; only if the
+    YAML is laid out in a way that edit cannot follow (e.g. an inline list of
+    hashes) is it rewritten without comments, with a warning. Either way the
+    result must parse to the old settings plus the hash and pass validation
+    before it replaces the file.
     """
     digest = bundle_hash(bundle)
     site = load_site_config(site_yaml)  # a broken YAML is never rewritten
     assert site.source is not None
-    doc = yaml.safe_load(site.source.read_text())
+    text = site.source.read_text()
+    doc = yaml.safe_load(text)
     gov = doc.setdefault("governance", {}) or {}
     doc["governance"] = gov
     apps = list(gov.get("approved_apps") or [])
@@ -103,8 +108,16 @@ def approve(site_yaml: str | Path, bundle: str | Path) -> tuple[str, bool]:
         return digest, False
     apps.append(digest)
     gov["approved_apps"] = apps
+    edited = _text_with_approval(text, digest)
+    if edited is None or _safe_load(edited) != doc:
+        log.warning(
+            "%s: could not add the hash in place; rewriting the YAML without its "
+            "comments",
+            site.source,
+        )
+        edited = yaml.safe_dump(doc, sort_keys=False)
     tmp = site.source.with_name(f".{site.source.name}.approve")
-    tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
+    tmp.write_text(edited)
     try:
         load_site_config(tmp)
     except ConfigError:
@@ -112,6 +125,63 @@ def approve(site_yaml: str | Path, bundle: str | Path) -> tuple[str, bool]:
         raise
     tmp.replace(site.source)
     return digest, True
+
+
+def _safe_load(text: str) -> object:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None
+
+
+_TOP_GOV = re.compile(r"^governance:[ \t]*(#.*)?$")
+_APPS = re.compile(
+    r"^(?P<ind>[ \t]+)approved_apps:[ \t]*(?P<val>[^#]*?)[ \t]*(?P<com>#.*)?$"
+)
+
+
+def _text_with_approval(text: str, digest: str) -> str | None:
+    """``text`` with ``digest`` appended to ``governance.approved_apps``, as a
+    line edit that keeps every comment; None where the layout is not the
+    block style this handles (the caller then verifies or falls back)."""
+    lines = text.splitlines()
+    item = f'"{digest}"'
+    gov = next((i for i, ln in enumerate(lines) if _TOP_GOV.match(ln)), None)
+    if gov is None:
+        if any(ln.startswith("governance:") for ln in lines):
+            return None  # an inline mapping
+        body = [*lines, "governance:", "  approved_apps:", f"    - {item}"]
+        return "\n".join(body) + "\n"
+    end = gov + 1  # the governance block: indented, blank or comment lines
+    while end < len(lines) and (not lines[end].strip() or lines[end][0] in " \t#"):
+        end += 1
+    key = next((i for i in range(gov + 1, end) if _APPS.match(lines[i])), None)
+    if key is None:
+        child = next(
+            (ln for ln in lines[gov + 1 : end] if ln.strip() and ln[0] in " \t"),
+            "  x",
+        )
+        ind = child[: len(child) - len(child.lstrip())]
+        new = [f"{ind}approved_apps:", f"{ind}  - {item}"]
+        return "\n".join([*lines[: gov + 1], *new, *lines[gov + 1 :]]) + "\n"
+    m = _APPS.match(lines[key])
+    assert m is not None
+    ind, val = m.group("ind"), m.group("val")
+    if val == "[]":
+        com = f" {m.group('com')}" if m.group("com") else ""
+        lines[key] = f"{ind}approved_apps:{com}"
+        val = ""
+    if val:
+        return None  # an inline list, a scalar, an anchor...
+    last, item_ind = key, f"{ind}  "
+    for i in range(key + 1, end):
+        stripped = lines[i].lstrip()
+        if stripped.startswith("- "):
+            last, item_ind = i, lines[i][: len(lines[i]) - len(stripped)]
+        elif stripped and not stripped.startswith("#"):
+            break
+    lines.insert(last + 1, f"{item_ind}- {item}")
+    return "\n".join(lines) + "\n"
 
 
 def approvals_report(site_yaml: str | Path) -> str:

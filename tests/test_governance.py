@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -118,6 +119,54 @@ def test_approve_adds_once_and_lists(site_yaml: Path, fab: Path, capsys) -> None
     assert f"sha256:{digest}" in approvals_report(site_yaml)
     assert cli(["site", "approvals", str(site_yaml)]) == 0
     assert "approval required" in capsys.readouterr().out
+
+
+OLD = "a" * 64
+
+
+@pytest.mark.parametrize(
+    ("governance", "before"),
+    [
+        ("", []),
+        (
+            "governance:  # the data office signs off\n"
+            "  approved_apps: []  # none yet\n",
+            [],
+        ),
+        (
+            "governance:\n  require_approval: true  # keep on\n"
+            f"  approved_apps:\n    # trial 1\n    - {OLD}\n  # end of list\n",
+            [OLD],
+        ),
+        ("governance:\n  require_approval: true\n", []),
+        (f"governance:\n  approved_apps:\n  - sha256:{OLD}\n", [f"sha256:{OLD}"]),
+    ],
+    ids=["no-block", "empty-inline", "block-list", "no-key", "same-indent-items"],
+)
+def test_approve_keeps_the_operators_comments(
+    site_yaml: Path, fab: Path, governance: str, before: list[str]
+) -> None:
+    text = "# hospital IT: call 555-0100 before changing this file\n"
+    text += site_yaml.read_text() + governance
+    site_yaml.write_text(text)
+    digest, new = approve(site_yaml, fab)
+    after = site_yaml.read_text()
+    assert new and after.splitlines()[0] == text.splitlines()[0]
+    for comment in re.findall(r"#.*", text):
+        assert comment in after  # every comment survives
+    apps = load_site_config(site_yaml).governance.approved_apps
+    assert apps == [*(b.removeprefix("sha256:") for b in before), digest]
+    assert yaml.safe_load(after)["governance"]["approved_apps"][-1] == digest
+
+
+def test_approve_into_an_inline_list_falls_back_to_a_valid_rewrite(
+    site_yaml: Path, fab: Path
+) -> None:
+    site_yaml.write_text(
+        site_yaml.read_text() + f'governance: {{approved_apps: ["{OLD}"]}}  # inline\n'
+    )
+    digest, _ = approve(site_yaml, fab)
+    assert load_site_config(site_yaml).governance.approved_apps == [OLD, digest]
 
 
 def test_bad_hash_in_yaml_names_key(site_yaml: Path) -> None:
