@@ -7,10 +7,13 @@ batch, measured side by side in this run. Segmentation models get 3D patches
 (``--patch``) and voxel-wise cross-entropy over the 4 KiTS labels;
 classification models get 2D slices (``--image-size``, the plan's default 64)
 and cross-entropy over 4 classes. Ratios matter; absolute times are context
-only. Uses CUDA when present.
+only. Uses CUDA when present. Each measurement is a fresh process; the modes
+alternate over ``--rounds`` rounds (plain, DP, plain, DP, ...) so that a change
+in the machine's load hits both, and the ratio printed is the median of the
+rounds' ratios, with their range.
 
     .venv/bin/python benchmarks/dp_overhead.py [--batch 8] [--patch 32,32,32]
-        [--models unet-tiny,resnet-tiny] [--modes plain,registered]
+        [--models unet-tiny,resnet-tiny] [--modes plain,registered] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -90,6 +93,56 @@ def _one(
     return {"time": statistics.median(times), "peak_mb": peak, "device": dev.type}
 
 
+def _child(name: str, mode: str, args: argparse.Namespace) -> dict | None:
+    """One measurement in a fresh process (None if it failed)."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            f"{name}:{mode}",
+            "--batch",
+            str(args.batch),
+            "--patch",
+            args.patch,
+            "--steps",
+            str(args.steps),
+            "--image-size",
+            str(args.image_size),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        sys.stderr.write(f"{name} {mode}: {out.stderr.strip()[-300:]}\n")
+        return None
+    return json.loads(lines[-1])
+
+
+def _summary(runs: list[dict], plain: list[dict]) -> dict | None:
+    """Median time and memory over the rounds, and the median of the rounds'
+    ratios to the plain step of the same round."""
+    n = min(len(runs), len(plain))
+    if n == 0:
+        return None
+    ratios = [runs[i]["time"] / plain[i]["time"] for i in range(n)]
+    mems = [
+        runs[i]["peak_mb"] / plain[i]["peak_mb"] if plain[i]["peak_mb"] > 0 else 0.0
+        for i in range(n)
+    ]
+    return {
+        "time": statistics.median(r["time"] for r in runs),
+        "peak_mb": statistics.median(r["peak_mb"] for r in runs),
+        "time_ratio": statistics.median(ratios),
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
+        "mem_ratio": statistics.median(mems),
+        "device": runs[0]["device"],
+    }
+
+
 def main() -> None:
     """Measure every registered model, plain vs DP, and print ratios."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -102,6 +155,13 @@ def main() -> None:
         "--modes",
         default="plain,functorch,hooks",
         help="plain and any of functorch, hooks, registered (the model's own)",
+    )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="fresh processes per mode, alternating plain and DP; the ratio is "
+        "the median of the rounds' ratios",
     )
     ap.add_argument("--json", default="", help="also write the rows here")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
@@ -120,7 +180,7 @@ def main() -> None:
     names = args.models.split(",") if args.models else sorted(MODELS)
     print(
         f"batch {args.batch}, patch {patch} (3D) / {args.image_size}^2 (2D), "
-        f"{args.steps} timed steps (median)"
+        f"{args.steps} timed steps (median), {args.rounds} alternating rounds"
     )
     print(
         f"{'model':<17}{'mode':<11}{'step s':>9}{'time x':>8}{'peak MB':>9}"
@@ -129,47 +189,35 @@ def main() -> None:
     rows = []
     for name in names:
         registered = MODELS[name].grad_sample_mode
-        res = {}
         modes = ["plain"] + [
             registered if m == "registered" else m
             for m in args.modes.split(",")
             if m and m != "plain"
         ]
-        for mode in dict.fromkeys(modes):
-            out = subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
-                    "--child",
-                    f"{name}:{mode}",
-                    "--batch",
-                    str(args.batch),
-                    "--patch",
-                    args.patch,
-                    "--steps",
-                    str(args.steps),
-                    "--image-size",
-                    str(args.image_size),
-                ],
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
-            res[mode] = json.loads(lines[-1]) if lines else None
-            if res[mode] is None:
-                print(f"{name:<17}{mode:<11} failed: {out.stderr.strip()[-200:]}")
+        modes = list(dict.fromkeys(modes))
+        # Rounds alternate the modes (plain, dp, plain, dp, ...) so that a
+        # change in the machine's load hits both; each round gives a ratio.
+        runs: dict[str, list[dict]] = {m: [] for m in modes}
+        for _ in range(max(1, args.rounds)):
+            for mode in modes:
+                r = _child(name, mode, args)
+                if r is not None:
+                    runs[mode].append(r)
+        res = {m: _summary(runs[m], runs["plain"]) for m in modes}
         base = res["plain"]
         for mode, r in res.items():
             if r is None or base is None:
+                print(f"{name:<17}{mode:<11} failed")
                 continue
             note = "registered" if mode == registered else ""
-            base_mb = base["peak_mb"]
-            mem_x = r["peak_mb"] / base_mb if base_mb > 0 else float("nan")
-            time_x = r["time"] / base["time"]
+            spread = (
+                f"  (rounds {r['ratio_min']:.2f}-{r['ratio_max']:.2f})"
+                if mode != "plain" and len(runs[mode]) > 1
+                else ""
+            )
             print(
-                f"{name:<17}{mode:<11}{r['time']:>9.3f}{time_x:>8.2f}"
-                f"{r['peak_mb']:>9.0f}{mem_x:>7.2f}  {note}"
+                f"{name:<17}{mode:<11}{r['time']:>9.3f}{r['time_ratio']:>8.2f}"
+                f"{r['peak_mb']:>9.0f}{r['mem_ratio']:>7.2f}  {note}{spread}"
             )
             rows.append(
                 {
@@ -178,8 +226,10 @@ def main() -> None:
                     "mode": mode,
                     "registered": mode == registered,
                     "step_s": r["time"],
-                    "time_ratio": time_x,
-                    "mem_ratio": mem_x,
+                    "time_ratio": r["time_ratio"],
+                    "time_ratio_range": [r["ratio_min"], r["ratio_max"]],
+                    "rounds": len(runs[mode]),
+                    "mem_ratio": r["mem_ratio"],
                     "device": r["device"],
                 }
             )
