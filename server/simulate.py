@@ -344,9 +344,10 @@ def _wait_for_final(run_dir: Path, link: SuperLink, timeout: float = 120) -> Non
 def default_cpus_per_site(n_sites: int, cores: int) -> int:
     """Cores per virtual site so that the sites share the machine.
 
-    Sites run side by side, each in a process with ``cores // n_sites``
-    threads (at least one). For the small default models, processes in
-    parallel beat threads inside one process: the 3-site demo on 2 cores runs
+    Each site's Ray actor reserves ``cores // n_sites`` CPUs (at least one),
+    so as many sites train at once as the cores allow. For the small default
+    models, sites in parallel beat one site at a time with more CPUs: the
+    3-site demo on 2 cores runs
     14 % faster with one core per site (two sites at a time) than with two
     (one at a time), with the same result (docs/benchmarks.md).
     """
