@@ -100,6 +100,10 @@ class Plan(BaseModel):
     num_malicious_sites: int = Field(0, alias="num-malicious-sites", ge=0)
     krum_select: int = Field(1, alias="krum-select", ge=1)
     guard_norm_factor: float = Field(10.0, alias="guard-norm-factor", ge=0)
+    # Privacy against the coordinator (issue 17): no one site may hold more than
+    # this share of the FedAvg weight, whatever ``num-examples`` it claims
+    # (raised to 1/K when K sites answer, which is equal weighting).
+    max_site_weight: float = Field(0.5, alias="max-site-weight", gt=0, le=1)
     fedbn: bool = False
     fine_tune_steps: int = Field(0, alias="fine-tune-steps", ge=0, le=100_000)
     out_dir: str = Field("runs", alias="out-dir")
@@ -292,6 +296,14 @@ class PrivacyConfig(BaseModel):
     enabled: bool = True
     max_epsilon: float | None = Field(None, gt=0)
     delta: float | None = Field(None, gt=0, lt=1)
+    # What the site chooses to release beyond DP-protected weights (docs/privacy.md):
+    # validation metrics (means over validation patients, not covered by DP),
+    # the dataset fingerprint for a federated preprocessing plan, and the
+    # smallest number of patients any released aggregate may describe. The
+    # coordinator may ask for a larger floor, never a smaller one.
+    share_validation_metrics: bool = True
+    share_fingerprint: bool = True
+    min_cases_for_aggregates: int = Field(5, ge=1, le=100_000)
 
     @model_validator(mode="after")
     def _budget_needed(self) -> PrivacyConfig:
