@@ -1,16 +1,19 @@
-"""The site's Flower ClientApp: ``train`` and ``evaluate``, and nothing else.
+"""The site's Flower ClientApp: ``train``, ``evaluate``, fine-tune, fingerprint.
 
-Only model arrays and aggregate metrics leave through the replies built here.
-A site that cannot or will not train (no usable data, damaged ledger, privacy
-budget exhausted) answers with a refusal the coordinator understands, not an
-exception.
+Only model arrays and aggregate metrics leave through the replies built here,
+each listed in docs/privacy.md with what protects it. A site that cannot or
+will not answer (no usable data, damaged ledger, privacy budget exhausted, a
+release below its own floor, any failure) answers with a refusal: a stable
+code and a fixed sentence. The full cause goes to the site's own log only.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 from flwr.app import (
@@ -24,14 +27,13 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 
 from client.data import SiteDataError, load_site_cases, raw_volumes
-from client.gate import governed
+from client.gate import governed, refusal
 from client.personal import keep_norm_local, overlay_local_norm, save_fine_tuned
 from client.privacy import (
     BudgetExceeded,
     LedgerEntry,
     LedgerError,
     PrivacyLedger,
-    check_budget,
     poisson_schedule,
 )
 from client.task import get_task
@@ -95,8 +97,43 @@ def _setup(msg: Message, context: Context) -> tuple[Plan, SiteConfig]:
     return plan, site
 
 
+Handler = Callable[[Message, Context], Message]
+
+
+def refusing(handler: Handler) -> Handler:
+    """Turn every failure of ``handler`` into a refusal with a code.
+
+    Known refusals (data, ledger, budget, configuration) keep their code; any
+    other exception is logged here in full and answered as ``internal-error``.
+    Nothing of an exception's text reaches the coordinator, except a budget
+    refusal's own epsilon numbers.
+    """
+
+    @functools.wraps(handler)
+    def wrapper(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except REFUSALS as exc:
+            log.warning("request %s refused: %s", msg.metadata.message_type, exc)
+            return refusal(msg, _site_name(context), refusal_code(exc), _public(exc))
+        except Exception:
+            log.exception("request %s failed", msg.metadata.message_type)
+            return refusal(msg, _site_name(context), "internal-error")
+
+    return wrapper
+
+
+def _site_name(context: Context) -> str:
+    try:
+        plan = load_plan(context.run_config)
+        return load_site_config(site_config_path(context, plan)).name
+    except Exception:  # noqa: BLE001 - the refusal must still go out
+        return "unknown"
+
+
 @app.train()
 @governed(site_config_path)
+@refusing
 def train(msg: Message, context: Context) -> Message:
     """Local epochs from the global weights; reply with weights and aggregates."""
     return _train_round(msg, context, fine_tune=False)
@@ -104,6 +141,7 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.train(wire.FINE_TUNE_ACTION)
 @governed(site_config_path)
+@refusing
 def fine_tune(msg: Message, context: Context) -> Message:
     """Fine-tune the final global model locally; it stays at the site.
 
@@ -114,98 +152,51 @@ def fine_tune(msg: Message, context: Context) -> Message:
 
 
 def _train_round(msg: Message, context: Context, fine_tune: bool) -> Message:
-    try:
-        plan, site = _setup(msg, context)
-    except ConfigError as exc:
-        log.error("%s", exc)
-        return _refusal(msg, "unknown", public_reason(exc))
+    plan, site = _setup(msg, context)
     cfg = msg.content[wire.CONFIG]
     run_id = str(cfg.get(wire.RUN_ID, context.run_id))
-    rnd = int(cfg.get(wire.GLOBAL_ROUND, cfg.get(wire.SERVER_ROUND, 1)))
+    rnd = _round(cfg, default=1)
     total_rounds = int(cfg.get(wire.TOTAL_ROUNDS, plan.num_server_rounds))
     ft_steps = int(cfg.get(wire.FINE_TUNE_STEPS, plan.fine_tune_steps))
-    try:
-        task = get_task(plan.task)
-        t_load = time.perf_counter()
-        data = task.load_data(site, plan)
-        t_load = time.perf_counter() - t_load
-        model = build_plan_model(plan)
-        received = wire.unpack_arrays(msg.content[wire.ARRAYS]).to_torch_state_dict()
-        norm = require_norm_params(model, plan.model) if plan.fedbn else []
-        start = overlay_local_norm(received, site, run_id) if norm else received
-        import_state(model, start)
-        dp, eps_after, ledger, cal = None, float("inf"), None, None
-        sample_rate = 0.0
-        if site.privacy.enabled:
-            ledger = PrivacyLedger(site.state_dir, site.name)
-            cal = ledger.calibrate(
-                run_id,
-                plan.dp_target_epsilon,
-                site.privacy.delta,
-                data.n_train,
-                plan.batch_size,
-                total_rounds * plan.local_epochs,
-                extra_steps=plan.fine_tune_steps,
-            )
-            # Account what this round really runs: the data may have changed
-            # since the run's noise was calibrated.
-            sample_rate, steps_per_epoch = poisson_schedule(
-                data.n_train, plan.batch_size
-            )
-            eps_after = check_budget(
-                ledger,
-                site.name,
-                site.privacy.max_epsilon,
-                site.privacy.delta,
-                plan.dp_target_epsilon,
-                cal.noise_multiplier,
-                sample_rate,
-                ft_steps if fine_tune else steps_per_epoch * plan.local_epochs,
-            )
-            dp = DPSpec(
-                cal.noise_multiplier,
-                plan.dp_max_grad_norm,
-                get_model_spec(plan.model).grad_sample_mode,
-            )
-    except REFUSALS as exc:
-        log.warning("round %d refused: %s", rnd, exc)
-        return _refusal(msg, site.name, public_reason(exc))
-
-    device = select_device(site.device)
-    seed = plan.seed * 1_000_003 + rnd * 7919 + zlib.crc32(site.name.encode())
-    data.train.set_seed(seed % 2**31)
+    task = get_task(plan.task)
+    t_load = time.perf_counter()
+    data = task.load_data(site, plan)
+    t_load = time.perf_counter() - t_load
+    model = build_plan_model(plan)
+    received = wire.unpack_arrays(msg.content[wire.ARRAYS]).to_torch_state_dict()
+    norm = require_norm_params(model, plan.model) if plan.fedbn else []
+    start = overlay_local_norm(received, site, run_id) if norm else received
+    import_state(model, start)
     _, steps_per_epoch = poisson_schedule(data.n_train, plan.batch_size)
+    steps = ft_steps if fine_tune else steps_per_epoch * plan.local_epochs
+    dp, eps_after = _spend(site, plan, run_id, rnd, data, total_rounds, steps)
+
+    # Augmentation and crops may stay reproducible (they are not the DP
+    # mechanism); the noise and the Poisson sampling draw from the site's own
+    # entropy inside client.privacy.make_private.
+    seed = (plan.seed * 1_000_003 + rnd * 7919 + zlib.crc32(site.name.encode())) % 2**31
+    data.train.set_seed(seed)
     t_work = time.perf_counter()
     stats = local_train(
         model,
         data.train,
         task.loss(plan),
-        epochs=-(-ft_steps // steps_per_epoch) if fine_tune else plan.local_epochs,
+        epochs=-(-steps // steps_per_epoch),
         batch_size=plan.batch_size,
         learning_rate=plan.learning_rate,
         optimizer=plan.optimizer,
-        device=device,
-        seed=seed % 2**31,
+        device=select_device(site.device),
+        seed=seed,
         dp=dp,
         # FedProx: Flower's strategy sends mu; never while fine-tuning
         proximal_mu=0.0 if fine_tune else float(cfg.get(wire.PROXIMAL_MU, 0.0)),
-        max_steps=ft_steps if fine_tune else None,
+        max_steps=steps,
     )
+    if dp is not None and stats.steps != steps:
+        log.warning("ran %d DP steps of the %d accounted", stats.steps, steps)
     state = export_state(model)  # refuses NaN/Inf before anything leaves
     kind = "fine-tune" if fine_tune else "train"
     record_timing(site, run_id, rnd, kind, t_load, time.perf_counter() - t_work)
-    if ledger is not None and cal is not None:
-        ledger.record(
-            LedgerEntry(
-                run_id,
-                rnd,
-                cal.noise_multiplier,
-                sample_rate,
-                stats.steps,
-                data.fingerprint,
-            )
-        )
-        eps_after = ledger.epsilon(site.privacy.delta)
     log.info(
         "site %s %s %d: loss %.4f, %d steps, epsilon %.3f",
         site.name,
@@ -224,76 +215,169 @@ def _train_round(msg: Message, context: Context, fine_tune: bool) -> Message:
     }
     if fine_tune:
         save_fine_tuned(state, site, run_id)
-        values = task.evaluate(model, data, plan, device)
+        values = _validation_metrics(task, model, data, plan, site, cfg)
         values.update(privacy)
         values[wire.FINE_TUNED] = 1
         values[wire.NUM_EXAMPLES] = data.n_train
-        values[wire.NUM_VAL_CASES] = data.n_val
         return _reply(msg, site.name, MetricRecord(values))
     if norm:
         state = keep_norm_local(state, received, norm, site, run_id)
-    metrics = MetricRecord(
-        {wire.NUM_EXAMPLES: data.n_train, wire.TRAIN_LOSS: stats.loss, **privacy}
+    metrics = {wire.NUM_EXAMPLES: data.n_train, **privacy}
+    if dp is None:  # the mean loss on training patients has no DP protection
+        metrics[wire.TRAIN_LOSS] = stats.loss
+    return _reply(msg, site.name, MetricRecord(metrics), ArrayRecord(state))
+
+
+def _spend(
+    site: SiteConfig,
+    plan: Plan,
+    run_id: str,
+    rnd: int,
+    data,
+    total_rounds: int,
+    steps: int,
+) -> tuple[DPSpec | None, float]:
+    """Calibrate the run's noise and spend this round's budget, before training.
+
+    The budget check and the ledger entry are one locked step: a second
+    training at this site (another run, a retried message) sees the spend and
+    cannot also pass the ceiling. Returns the DP settings (None without DP) and
+    the cumulative epsilon after the round.
+    """
+    if not site.privacy.enabled:
+        return None, float("inf")
+    ledger = PrivacyLedger(site.state_dir, site.name)
+    cal = ledger.calibrate(
+        run_id,
+        plan.dp_target_epsilon,
+        site.privacy.delta,
+        data.n_train,
+        plan.batch_size,
+        total_rounds * plan.local_epochs,
+        extra_steps=plan.fine_tune_steps,
     )
-    return _reply(msg, site.name, metrics, ArrayRecord(state))
+    # Account what this round really runs: the data may have changed since the
+    # run's noise was calibrated.
+    sample_rate, _ = poisson_schedule(data.n_train, plan.batch_size)
+    entry = LedgerEntry(
+        run_id, rnd, cal.noise_multiplier, sample_rate, steps, data.fingerprint
+    )
+    eps_after = ledger.spend(
+        entry, site.privacy.max_epsilon, site.privacy.delta, plan.dp_target_epsilon
+    )
+    spec = DPSpec(
+        cal.noise_multiplier,
+        plan.dp_max_grad_norm,
+        get_model_spec(plan.model).grad_sample_mode,
+    )
+    return spec, eps_after
+
+
+def _round(cfg, default: int) -> int:
+    return int(cfg.get(wire.GLOBAL_ROUND, cfg.get(wire.SERVER_ROUND, default)))
+
+
+def aggregate_floor(site: SiteConfig, requested: int = 0) -> int:
+    """The fewest patients a released aggregate may describe at this site.
+
+    The site's own ``privacy.min_cases_for_aggregates``; the coordinator may ask
+    for more, never for less.
+    """
+    return max(site.privacy.min_cases_for_aggregates, int(requested))
+
+
+def _validation_metrics(task, model, data, plan: Plan, site: SiteConfig, cfg) -> dict:
+    """The task's validation metrics, or only a withheld marker.
+
+    Validation metrics are means over validation patients, not covered by DP:
+    the site releases them only by its own choice and above its floor.
+    """
+    values: dict = {wire.NUM_VAL_CASES: data.n_val}
+    floor = aggregate_floor(site, int(cfg.get(wire.MIN_CASES_FOR_AGGREGATES, 0)))
+    if not site.privacy.share_validation_metrics or data.n_val < floor:
+        log.info(
+            "validation metrics withheld (share_validation_metrics=%s, %d "
+            "validation cases, floor %d)",
+            site.privacy.share_validation_metrics,
+            data.n_val,
+            floor,
+        )
+        values[wire.METRICS_WITHHELD] = 1
+        return values
+    values.update(task.evaluate(model, data, plan, select_device(site.device)))
+    return values
 
 
 @app.evaluate()
 @governed(site_config_path)
+@refusing
 def evaluate(msg: Message, context: Context) -> Message:
     """Dice per KiTS region on the site's validation split (means only)."""
     plan, site = _setup(msg, context)
     task = get_task(plan.task)
+    cfg = msg.content[wire.CONFIG]
+    run_id = str(cfg.get(wire.RUN_ID, context.run_id))
     t_load = time.perf_counter()
     data = task.load_data(site, plan)
     t_load = time.perf_counter() - t_load
     model = build_plan_model(plan)
     state = wire.unpack_arrays(msg.content[wire.ARRAYS]).to_torch_state_dict()
-    cfg = msg.content[wire.CONFIG]
-    run_id = str(cfg.get(wire.RUN_ID, context.run_id))
     if plan.fedbn:  # each site evaluates with its own normalisation layers
         state = overlay_local_norm(state, site, run_id)
     import_state(model, state)
     t_work = time.perf_counter()
-    values = task.evaluate(model, data, plan, select_device(site.device))
-    rnd = int(cfg.get(wire.GLOBAL_ROUND, cfg.get(wire.SERVER_ROUND, 0)))
+    values = _validation_metrics(task, model, data, plan, site, cfg)
+    rnd = _round(cfg, default=0)
     record_timing(site, run_id, rnd, "evaluate", t_load, time.perf_counter() - t_work)
     values[wire.NUM_EXAMPLES] = data.n_train
-    values[wire.NUM_VAL_CASES] = data.n_val
     return _reply(msg, site.name, MetricRecord(values))
 
 
 @app.query()
 @governed(site_config_path)
+@refusing
 def fingerprint(msg: Message, context: Context) -> Message:
     """Aggregate dataset statistics for the federated preprocessing plan.
 
-    A site with fewer usable cases than the coordinator's minimum sends only
-    its refusal: aggregates over very few patients are close to per-case values.
+    Sent only if the site shares its fingerprint (``privacy.share_fingerprint``)
+    and has at least its floor of usable patients (the coordinator's minimum
+    can raise the floor, never lower it); otherwise a refusal.
     """
-    try:
-        plan, site = _setup(msg, context)
-        cases = load_site_cases(site)
-    except REFUSALS as exc:
-        return _refusal(msg, "unknown", public_reason(exc))
+    plan, site = _setup(msg, context)
+    if not site.privacy.share_fingerprint:
+        return refusal(msg, site.name, "not-shared")
+    cases = load_site_cases(site)
     usable = cases.train + cases.validation
-    minimum = int(msg.content[wire.CONFIG].get(wire.FINGERPRINT_MIN_CASES, 5))
-    if len(usable) < minimum:
-        reason = f"site {site.name}: fewer than {minimum} usable cases; no fingerprint"
-        return _refusal(msg, site.name, reason)
+    requested = int(msg.content[wire.CONFIG].get(wire.FINGERPRINT_MIN_CASES, 5))
+    if len(usable) < aggregate_floor(site, requested):
+        return refusal(msg, site.name, "too-few-cases")
     stats = site_fingerprint(raw_volumes(usable, cases.label_map))
     return _reply(msg, site.name, MetricRecord(stats))
 
 
+def refusal_code(exc: Exception) -> str:
+    """The stable code the coordinator sees for a refusal."""
+    if isinstance(exc, BudgetExceeded):
+        return "budget-exceeded"
+    if isinstance(exc, LedgerError):
+        return "ledger-damaged"
+    if isinstance(exc, SiteDataError):
+        return "data-unusable"
+    if isinstance(exc, ConfigError):
+        return "config-invalid"
+    return "internal-error"
+
+
+def _public(exc: Exception) -> str:
+    """The sentence beside the code: fixed, except a budget refusal's numbers."""
+    if isinstance(exc, BudgetExceeded):
+        return str(exc)  # the site's name and its own epsilon numbers only
+    return wire.REFUSAL_CODES[refusal_code(exc)]
+
+
 def public_reason(exc: Exception) -> str:
     """What the coordinator may learn of a refusal: no paths, no case names."""
-    if isinstance(exc, BudgetExceeded):
-        return str(exc)  # numbers and the site name only
-    if isinstance(exc, LedgerError):
-        return "privacy ledger damaged or unreadable; the site refuses until repaired"
-    if isinstance(exc, SiteDataError):
-        return "site data unusable; hospital IT should run `kidneyfl site check`"
-    return "site configuration invalid; hospital IT should run `kidneyfl site check`"
+    return _public(exc)
 
 
 def _reply(
@@ -304,17 +388,4 @@ def _reply(
     )
     if arrays is not None:
         content[wire.ARRAYS] = wire.pack_arrays(arrays)  # one buffer on the wire
-    return Message(content=content, reply_to=msg)
-
-
-def _refusal(msg: Message, site: str, reason: str) -> Message:
-    metrics = MetricRecord({wire.REFUSED: 1, wire.NUM_EXAMPLES: 0})
-    content = RecordDict(
-        {
-            wire.METRICS: metrics,
-            wire.SITE: ConfigRecord(
-                {wire.SITE_NAME: site, wire.REFUSAL_REASON: reason[:2000]}
-            ),
-        }
-    )
     return Message(content=content, reply_to=msg)

@@ -104,8 +104,29 @@ def allowed_metric(key: str, message_type: str, task: str) -> bool:
     return False
 
 
+def max_metric_keys(message_type: str, task: str, n_classes: int) -> int:
+    """The most metric keys a reply of this type may carry.
+
+    The fixed keys of the message type plus the task's metrics: two per KiTS
+    region for segmentation (Dice and surface Dice), accuracy, balanced
+    accuracy, AUC, a recall per class and a confusion count per pair of classes
+    for classification.
+    """
+    mtype = message_type.split(".")[0]
+    fixed = len(wire.REPLY_METRICS.get(mtype, wire.REFUSAL_METRICS))
+    fixed += len(wire.REPLY_LIST_METRICS.get(mtype, {}))
+    if mtype not in (wire.MSG_EVALUATE, wire.MSG_TRAIN):
+        return fixed
+    per_task = 2 * 8 if task == "segmentation" else 3 + n_classes + n_classes**2
+    return fixed + per_task
+
+
 def check_reply(
-    view: ReplyView, site_name: str, task: str, expected: dict[str, ArraySpec]
+    view: ReplyView,
+    site_name: str,
+    task: str,
+    expected: dict[str, ArraySpec],
+    n_classes: int = 4,
 ) -> list[str]:
     """Every way ``view`` breaks the contract (empty: it may be sent).
 
@@ -120,8 +141,14 @@ def check_reply(
     for name, kind in view.records.items():
         if known.get(name) != kind:
             problems.append(f"record {name!r} ({kind}) is not in the contract")
-    if view.arrays and mtype != wire.MSG_TRAIN:
-        problems.append(f"arrays in a {mtype} reply")
+    if view.arrays and view.message_type != wire.MSG_TRAIN:
+        problems.append(f"arrays in a {view.message_type} reply")
+    limit = max_metric_keys(view.message_type, task, n_classes)
+    if len(view.metrics) > limit:
+        problems.append(f"{len(view.metrics)} metric keys, at most {limit} allowed")
+    if view.metrics.get(wire.DP_ENABLED) == 1:
+        for key in wire.DP_TRAIN_METRICS_OMITTED & set(view.metrics):
+            problems.append(f"metric {key!r} is not protected by DP; not sent")
     for name, spec in view.arrays.items():
         if name not in expected:
             problems.append(f"array {name!r} is not a parameter of the plan's model")
@@ -150,4 +177,6 @@ def check_reply(
             problems.append("site record names another site")
         elif key == wire.REFUSAL_REASON and (what := leaks(value)):
             problems.append(f"refusal reason contains {what}")
+        elif key == wire.REFUSAL_CODE and value not in wire.REFUSAL_CODES:
+            problems.append("refusal code is not one of the contract's codes")
     return problems

@@ -85,13 +85,22 @@ def reply_view(reply: Message) -> ReplyView:
     return ReplyView(mtype, records, arrays, metrics, site, nbytes=nbytes)
 
 
-def refusal(msg: Message, site: str, reason: str) -> Message:
-    """A kidneyfl refusal reply (what ``client/app.py`` sends when it refuses)."""
+def refusal(msg: Message, site: str, code: str, reason: str | None = None) -> Message:
+    """A kidneyfl refusal reply: a stable code and a sentence, nothing else.
+
+    ``reason`` defaults to the code's fixed sentence (``wire.REFUSAL_CODES``);
+    only text built from the site's own settings and numbers may replace it.
+    """
+    sentence = reason if reason is not None else wire.REFUSAL_CODES[code]
     content = RecordDict(
         {
             wire.METRICS: MetricRecord({wire.REFUSED: 1, wire.NUM_EXAMPLES: 0}),
             wire.SITE: ConfigRecord(
-                {wire.SITE_NAME: site, wire.REFUSAL_REASON: reason[:2000]}
+                {
+                    wire.SITE_NAME: site,
+                    wire.REFUSAL_CODE: code,
+                    wire.REFUSAL_REASON: sentence[:2000],
+                }
             ),
         }
     )
@@ -118,10 +127,12 @@ def enforce(
     else:
         if expected is None:
             expected = expected_arrays(plan) if view.arrays else {}
-        problems = check_reply(view, site.name, plan.task, expected)
+        problems = check_reply(
+            view, site.name, plan.task, expected, len(plan.class_names)
+        )
     if problems:
         log.error("site %s: reply withheld: %s", site.name, "; ".join(problems))
-        out = refusal(msg, site.name, BLOCKED_REASON)
+        out = refusal(msg, site.name, "withheld", BLOCKED_REASON)
         return out, "blocked", "; ".join(problems), reply_view(out).nbytes
     if view.metrics.get(wire.REFUSED) == 1:
         return (
@@ -197,9 +208,13 @@ def governed(
             try:
                 reply = handler(msg, context)
             except Exception as exc:
+                # the full cause stays here (site log and audit); the coordinator
+                # gets a code and a fixed sentence, never the exception's text,
+                # which may hold a path, a case id or a value from the data
+                log.exception("site %s: request failed", site.name)
                 record(site, msg, context, "app", "failed", type(exc).__name__, eps0, 0)
                 os.environ[AUDITED_ENV] = msg.metadata.message_id
-                raise
+                return refusal(msg, site.name, "internal-error")
             reply, decision, why, nbytes = enforce(site, plan, msg, reply)
             record(site, msg, context, "app", decision, why, eps0, nbytes)
             os.environ[AUDITED_ENV] = msg.metadata.message_id

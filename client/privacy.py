@@ -1,33 +1,55 @@
-"""Sample-level differential privacy at the site: DP-SGD and the privacy ledger.
+"""Patient-level differential privacy at the site: DP-SGD and the privacy ledger.
 
 The site, not the coordinator, owns the budget. Every round's (noise multiplier,
 sample rate, steps) is appended to a ledger in the site's state directory, written
-atomically with a checksum, and epsilon is always computed by Opacus' RDP
-accountant over the *whole* history: across rounds, restarts and runs on the same
-site. Before a round the site computes what it would spend and refuses if that
-passes its own ceiling.
+atomically with a checksum under an exclusive file lock, and epsilon is always
+computed by one tight accountant (Opacus' PRV accountant, an upper bound within
+``EPS_ERROR`` of the exact value) over the *whole* history: across rounds,
+restarts and runs on the same site. The budget check and the spend are one
+locked step (:meth:`PrivacyLedger.spend`), taken before training starts, so two
+trainings at one site can never both pass the ceiling.
+
+The noise and the Poisson sampling come from generators seeded from the
+operating system's entropy at the site, fresh for every training call
+(:func:`site_generator`); nothing the coordinator sends or knows seeds them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import math
 import os
+import secrets
 import tempfile
 import time
+import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
-from opacus.accountants import RDPAccountant
+from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
 log = logging.getLogger(__name__)
 
-LEDGER_FORMAT = "kidneyfl-privacy-ledger/1"
+LEDGER_FORMAT = "kidneyfl-privacy-ledger/2"
+LEDGER_FORMATS_READ = ("kidneyfl-privacy-ledger/1", LEDGER_FORMAT)
 LEDGER_NAME = "privacy-ledger.json"
+LOCK_NAME = "privacy-ledger.lock"
+# The accountant new ledgers use. Ledgers written before it (format 1) keep the
+# RDP accountant they were checked with: a site's record never changes method
+# behind its back.
+ACCOUNTANT = "prv"
+ACCOUNTANTS = ("prv", "rdp")
+# PRV's error bound on epsilon: get_epsilon returns the *upper* end, so the
+# reported value is never below the exact one.
+EPS_ERROR = 1e-3
 
 
 class LedgerError(RuntimeError):
@@ -63,33 +85,90 @@ class Calibration:
     noise_multiplier: float
 
 
-def epsilon_for(history: list[tuple[float, float, int]], delta: float) -> float:
-    """Epsilon of a DP-SGD history ``[(noise, sample_rate, steps), ...]`` (RDP)."""
-    if not history:
+def merged(history: list[tuple[float, float, int]]) -> list[tuple[float, float, int]]:
+    """``history`` with the steps of equal (noise, sample rate) pairs added up.
+
+    Composition does not depend on order, so this is the same mechanism; the PRV
+    accountant's cost grows with the number of entries, not with the steps.
+    """
+    steps: dict[tuple[float, float], int] = {}
+    for noise, q, n in history:
+        steps[(float(noise), float(q))] = steps.get((float(noise), float(q)), 0) + n
+    return [(noise, q, n) for (noise, q), n in sorted(steps.items()) if n > 0]
+
+
+def epsilon_for(
+    history: list[tuple[float, float, int]], delta: float, accountant: str = ACCOUNTANT
+) -> float:
+    """Epsilon of a DP-SGD history ``[(noise, sample_rate, steps), ...]``.
+
+    ``accountant`` is ``prv`` (tight; the upper end of its error bound) or
+    ``rdp``. Where PRV cannot evaluate a history (extreme parameters), the RDP
+    value is returned: RDP is never below the exact epsilon either.
+    """
+    hist = merged(history)
+    if not hist:
         return 0.0
-    accountant = RDPAccountant()
-    accountant.history = list(history)
-    return float(accountant.get_epsilon(delta=delta))
+    if accountant == "prv":
+        try:
+            prv = PRVAccountant()
+            prv.history = hist
+            with np.errstate(divide="ignore"):  # log(1 - q) at q = 1: handled
+                eps = float(prv.get_epsilon(delta=delta, eps_error=EPS_ERROR))
+            if math.isfinite(eps):
+                return eps
+        except (ValueError, RuntimeError, OverflowError, ZeroDivisionError) as exc:
+            log.warning("PRV accountant failed (%s); using RDP (larger)", exc)
+    rdp = RDPAccountant()
+    rdp.history = hist
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Optimal order", UserWarning)
+        return float(rdp.get_epsilon(delta=delta))
 
 
 def calibrate_noise(
-    target_epsilon: float, delta: float, sample_rate: float, steps: int
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str = ACCOUNTANT,
 ) -> float:
     """Noise multiplier so that ``steps`` steps at ``sample_rate`` reach the target.
 
     Calibrated for the steps actually run over the whole plan (rounds x local
-    epochs x steps per epoch), not per round.
+    epochs x steps per epoch), not per round, with the accountant the ledger
+    reports with. The result is checked with :func:`epsilon_for` and raised
+    until it meets the target: calibration never promises less than it spends.
     """
-    return float(
+    noise = float(
         get_noise_multiplier(
             target_epsilon=target_epsilon,
             target_delta=delta,
             sample_rate=sample_rate,
             steps=steps,
-            accountant="rdp",
+            accountant=accountant,
             epsilon_tolerance=0.005,
+            **({"eps_error": EPS_ERROR} if accountant == "prv" else {}),
         )
     )
+    while (
+        epsilon_for([(noise, sample_rate, steps)], delta, accountant) > target_epsilon
+    ):
+        noise *= 1.002
+    return noise
+
+
+def site_generator(device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded from the operating system's entropy, for one use.
+
+    DP noise and Poisson sampling draw from generators made here, a fresh one for
+    every training call: nothing the coordinator sends or can guess (plan seed,
+    round, site name) enters the seed. 64 bits of OS entropy seed PyTorch's
+    generator; see docs/privacy.md for what this does and does not protect.
+    """
+    gen = torch.Generator(device=torch.device(device))
+    gen.manual_seed(secrets.randbits(64))
+    return gen
 
 
 def poisson_schedule(n_cases: int, batch_size: int) -> tuple[float, int]:
@@ -107,11 +186,17 @@ class PrivacyLedger:
         The site's state directory (from the site YAML).
     site : str
         Site name, stored in the file to catch a ledger copied between sites.
+
+    Every change reloads the file under an exclusive lock (``privacy-ledger.lock``
+    beside it), so processes that share a state directory see each other's
+    spends: one ledger, one writer at a time.
     """
 
     def __init__(self, state_dir: Path, site: str) -> None:
         self.path = Path(state_dir) / LEDGER_NAME
+        self.lock_path = Path(state_dir) / LOCK_NAME
         self.site = site
+        self.accountant = ACCOUNTANT
         self.entries: list[LedgerEntry] = []
         self.calibrations: dict[str, Calibration] = {}
         self._load()
@@ -121,6 +206,7 @@ class PrivacyLedger:
         return {
             "format": LEDGER_FORMAT,
             "site": self.site,
+            "accountant": self.accountant,
             "calibrations": {
                 k: asdict(v) for k, v in sorted(self.calibrations.items())
             },
@@ -133,6 +219,7 @@ class PrivacyLedger:
         return hashlib.sha256(canon.encode()).hexdigest()
 
     def _load(self) -> None:
+        self.accountant, self.entries, self.calibrations = ACCOUNTANT, [], {}
         if not self.path.exists():
             return
         fix = (
@@ -142,7 +229,7 @@ class PrivacyLedger:
         try:
             doc = json.loads(self.path.read_text())
             digest = doc.pop("sha256")
-            if doc.get("format") != LEDGER_FORMAT:
+            if doc.get("format") not in LEDGER_FORMATS_READ:
                 raise LedgerError(f"{self.path}: unknown ledger format; {fix}")
             if self._digest(doc) != digest:
                 raise LedgerError(
@@ -154,6 +241,10 @@ class PrivacyLedger:
                     f"{self.path}: ledger belongs to site {doc['site']!r}, not "
                     f"{self.site!r}; point state_dir at this site's own directory"
                 )
+            accountant = doc.get("accountant", "rdp")  # format 1 was checked by RDP
+            if accountant not in ACCOUNTANTS:
+                raise LedgerError(f"{self.path}: unknown accountant; {fix}")
+            self.accountant = accountant
             self.entries = [LedgerEntry(**e) for e in doc["entries"]]
             self.calibrations = {
                 k: Calibration(**v) for k, v in doc["calibrations"].items()
@@ -180,6 +271,21 @@ class PrivacyLedger:
             Path(tmp).unlink(missing_ok=True)
             raise
 
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[PrivacyLedger]:
+        """Hold the ledger's exclusive lock, with the file freshly reloaded.
+
+        Changes made inside are saved before the lock is released.
+        """
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.lock_path, "a+") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            try:
+                self._load()
+                yield self
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
     # -- accounting ----------------------------------------------------------
     def history(self) -> list[tuple[float, float, int]]:
         """The accountant's history over every run and round recorded."""
@@ -187,13 +293,15 @@ class PrivacyLedger:
 
     def epsilon(self, delta: float) -> float:
         """Cumulative epsilon spent by this site, at ``delta``."""
-        return epsilon_for(self.history(), delta)
+        return epsilon_for(self.history(), delta, self.accountant)
 
     def epsilon_after(
         self, delta: float, noise: float, sample_rate: float, steps: int
     ) -> float:
         """Cumulative epsilon if one more round of ``steps`` steps were run."""
-        return epsilon_for(self.history() + [(noise, sample_rate, steps)], delta)
+        return epsilon_for(
+            self.history() + [(noise, sample_rate, steps)], delta, self.accountant
+        )
 
     def calibrate(
         self,
@@ -210,27 +318,64 @@ class PrivacyLedger:
         ``extra_steps`` are steps the run takes beyond its epochs (per-site
         fine-tuning of the final model), so they fit in the same target.
         """
-        if run_id in self.calibrations:
-            return self.calibrations[run_id]
-        q, steps_per_epoch = poisson_schedule(n_cases, batch_size)
-        planned = steps_per_epoch * total_epochs + extra_steps
-        noise = calibrate_noise(target_epsilon, delta, q, planned)
-        cal = Calibration(run_id, target_epsilon, delta, q, planned, noise)
-        self.calibrations[run_id] = cal
-        self._save()
+        with self.locked():
+            if run_id in self.calibrations:
+                return self.calibrations[run_id]
+            q, steps_per_epoch = poisson_schedule(n_cases, batch_size)
+            planned = steps_per_epoch * total_epochs + extra_steps
+            noise = calibrate_noise(target_epsilon, delta, q, planned, self.accountant)
+            cal = Calibration(run_id, target_epsilon, delta, q, planned, noise)
+            self.calibrations[run_id] = cal
+            self._save()
         log.info(
-            "calibrated noise %.4f for target epsilon %.3g at delta %.3g over %d steps",
+            "calibrated noise %.4f for target epsilon %.3g at delta %.3g over %d "
+            "steps (%s accountant)",
             noise,
             target_epsilon,
             delta,
             planned,
+            self.accountant,
         )
         return cal
 
     def record(self, entry: LedgerEntry) -> None:
-        """Append one round and persist atomically (before any reply is sent)."""
-        self.entries.append(entry)
-        self._save()
+        """Append one round and persist atomically, under the lock."""
+        with self.locked():
+            self.entries.append(entry)
+            self._save()
+
+    def spend(
+        self,
+        entry: LedgerEntry,
+        max_epsilon: float,
+        delta: float,
+        target_epsilon: float,
+    ) -> float:
+        """Check the budget and record ``entry`` as one locked step.
+
+        Called *before* training: the spend is on record whatever happens next,
+        and a second training started at the same time sees it. Returns the
+        cumulative epsilon after the entry.
+
+        Raises
+        ------
+        BudgetExceeded
+            If the plan's target or the entry would pass ``max_epsilon``.
+        """
+        with self.locked():
+            after = check_budget(
+                self,
+                self.site,
+                max_epsilon,
+                delta,
+                target_epsilon,
+                entry.noise_multiplier,
+                entry.sample_rate,
+                entry.steps,
+            )
+            self.entries.append(entry)
+            self._save()
+        return after
 
     def runs_summary(self, delta: float) -> list[dict]:
         """Per run: rounds, steps and the epsilon that run alone would have spent."""
@@ -245,7 +390,7 @@ class PrivacyLedger:
             r["noise_multiplier"] = e.noise_multiplier
             r["last_time"] = e.time
         for r in out.values():
-            r["epsilon_alone"] = epsilon_for(r.pop("hist"), delta)
+            r["epsilon_alone"] = epsilon_for(r.pop("hist"), delta, self.accountant)
         return list(out.values())
 
 
@@ -292,18 +437,32 @@ def make_private(
 ) -> tuple:
     """Wrap model, optimiser and loader for DP-SGD with Poisson sampling.
 
-    Returns ``(model, optimizer, loader)``. The engine's own accountant is not
-    used for claims: the ledger composes the whole history instead.
+    Returns ``(model, optimizer, loader)``. The Poisson sampler and the noise
+    each draw from their own :func:`site_generator`, never from ``loader``'s
+    generator or torch's global one, and the noise is sampled the way Opacus'
+    ``secure_mode`` samples it (resistant to floating-point attacks on the
+    Gaussian sampler). The engine's own accountant is not used for claims: the
+    ledger composes the whole history instead.
     """
     from opacus import PrivacyEngine
+    from opacus.data_loader import DPDataLoader
 
-    engine = PrivacyEngine(accountant="rdp")
-    return engine.make_private(
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    with warnings.catch_warnings():
+        # secure_mode=False only because Opacus would import torchcsprng for its
+        # own generator; ours comes from the OS and secure sampling is set below
+        warnings.filterwarnings("ignore", "Secure RNG turned off", UserWarning)
+        engine = PrivacyEngine(accountant=ACCOUNTANT)
+    private_loader = DPDataLoader.from_data_loader(loader, generator=site_generator())
+    net, opt, _ = engine.make_private(
         module=model,
         optimizer=optimizer,
-        data_loader=loader,
+        data_loader=private_loader,
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
         poisson_sampling=True,
         grad_sample_mode=grad_sample_mode,
+        noise_generator=site_generator(device),
     )
+    opt.secure_mode = True
+    return net, opt, private_loader

@@ -174,6 +174,9 @@ SERVER_ROUND: Final = "server-round"  # injected by Flower's strategies
 GLOBAL_ROUND: Final = "global-round"  # round counted across resumes
 RUN_ID: Final = "run-id"
 TOTAL_ROUNDS: Final = "total-rounds"
+# The fewest patients any released aggregate may describe, as the coordinator
+# asks; a site uses the larger of this and its own floor.
+MIN_CASES_FOR_AGGREGATES: Final = "min-cases-for-aggregates"
 
 # Federated preprocessing: the query's config and the plan it produces.
 FINGERPRINT_MIN_CASES: Final = "fingerprint-min-cases"
@@ -193,10 +196,34 @@ DELTA: Final = "delta"
 NOISE_MULTIPLIER: Final = "noise-multiplier"
 DP_ENABLED: Final = "dp-enabled"
 REFUSED: Final = "refused"
+# 1 in an evaluate or fine-tune reply whose site withholds its validation
+# metrics (privacy.share_validation_metrics off, or fewer validation patients
+# than the site's floor, privacy.min_cases_for_aggregates).
+METRICS_WITHHELD: Final = "metrics-withheld"
 
 # ConfigRecord keys in the SITE record of a reply.
 SITE_NAME: Final = "name"
 REFUSAL_REASON: Final = "refusal-reason"
+REFUSAL_CODE: Final = "refusal-code"  # one of REFUSAL_CODES
+
+# Why a site refused, as a stable code; the reason beside it is a fixed sentence
+# per code (budget refusals add the site's own epsilon numbers). The full cause
+# stays in the site's own log.
+REFUSAL_CODES: Final = {
+    "budget-exceeded": "the round would pass the site's privacy ceiling",
+    "ledger-damaged": "privacy ledger damaged or unreadable; the site refuses "
+    "until it is restored",
+    "data-unusable": "site data unusable; hospital IT should run `kidneyfl site check`",
+    "config-invalid": "site configuration invalid; hospital IT should run "
+    "`kidneyfl site check`",
+    "too-few-cases": "fewer usable patients than the site's floor for released "
+    "aggregates",
+    "not-shared": "the site does not share this (its own choice)",
+    "withheld": "reply withheld by the site's wire-contract check; see the site's "
+    "audit log",
+    "internal-error": "the site failed to process the request; details are in "
+    "the site's own log",
+}
 
 DICE_PREFIX: Final = "dice-"
 
@@ -258,9 +285,10 @@ REPLY_METRICS: Final = {
         {NUM_EXAMPLES, TRAIN_LOSS, DP_ENABLED, EPSILON, DELTA, NOISE_MULTIPLIER}
     )
     # a fine-tune reply ("train.finetune") carries validation metrics instead
-    | frozenset({FINE_TUNED, NUM_VAL_CASES, EVAL_LOSS})
+    | frozenset({FINE_TUNED, NUM_VAL_CASES, EVAL_LOSS, METRICS_WITHHELD})
     | REFUSAL_METRICS,
-    MSG_EVALUATE: frozenset({NUM_EXAMPLES, NUM_VAL_CASES, EVAL_LOSS}) | REFUSAL_METRICS,
+    MSG_EVALUATE: frozenset({NUM_EXAMPLES, NUM_VAL_CASES, EVAL_LOSS, METRICS_WITHHELD})
+    | REFUSAL_METRICS,
     MSG_QUERY: frozenset({FP_N_CASES}) | REFUSAL_METRICS,
 }
 # List-valued aggregates (fingerprint query only): key -> allowed length.
@@ -278,4 +306,7 @@ TASK_METRIC_PATTERNS: Final = {
         r"cm-[a-z0-9_]+-[a-z0-9_]+",  # confusion counts: cm-<true>-<predicted>
     ),
 }
-REPLY_SITE_KEYS: Final = frozenset({SITE_NAME, REFUSAL_REASON})
+REPLY_SITE_KEYS: Final = frozenset({SITE_NAME, REFUSAL_REASON, REFUSAL_CODE})
+# Under DP a train reply carries no loss: the mean training loss is computed
+# on the training patients without noise (docs/privacy.md).
+DP_TRAIN_METRICS_OMITTED: Final = frozenset({TRAIN_LOSS})

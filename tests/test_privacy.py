@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from dp_accounting import dp_event, rdp
+from dp_accounting import dp_event, pld, rdp
 
 from client.privacy import (
     BudgetExceeded,
@@ -16,36 +16,73 @@ from client.privacy import (
 )
 from client.train import DPSpec, local_train
 
-# Opacus' RDP orders, used for the independent accountant too.
+# Opacus' RDP orders, used for the independent RDP accountant too.
 ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
 
 
-def google_epsilon(noise: float, q: float, steps: int, delta: float) -> float:
+def _events(history):
+    for noise, q, steps in history:
+        yield dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(noise)), steps
+
+
+def google_rdp(history, delta: float) -> float:
     acc = rdp.RdpAccountant(orders=ORDERS)
-    event = dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(noise))
-    acc.compose(event, steps)
+    for event, steps in _events(history):
+        acc.compose(event, steps)
     return acc.get_epsilon(delta)
 
 
-@pytest.mark.parametrize(
-    "noise, q, steps, delta",
-    [
-        (1.0, 0.25, 40, 1e-3),
-        (0.8, 0.1, 300, 1e-5),
-        (2.0, 1.0, 15, 1e-3),
-        (1.3, 0.004, 6000, 1e-5),
-    ],
-)
-def test_epsilon_matches_independent_accountant(noise, q, steps, delta):
-    ours = epsilon_for([(noise, q, steps)], delta)
-    assert ours == pytest.approx(google_epsilon(noise, q, steps, delta), rel=0.01)
+def google_pld(history, delta: float) -> float:
+    """dp-accounting's PLD accountant: tight, and an upper bound (pessimistic)."""
+    acc = pld.PLDAccountant(value_discretization_interval=1e-4)
+    for event, steps in _events(history):
+        acc.compose(event, steps)
+    return acc.get_epsilon(delta)
+
+
+HISTORIES = [
+    # the demo's history: 5 rounds x 2 epochs x 4 steps at q 0.25
+    ([(0.9976, 0.25, 8)] * 5, 1e-3),
+    ([(0.8, 0.1, 300)], 1e-5),
+    ([(2.0, 1.0, 15)], 1e-3),
+    # two runs with different noise and sample rates, rounds interleaved
+    ([(1.1, 0.25, 8), (1.4, 0.2, 10)] * 3 + [(1.1, 0.25, 8)], 1e-3),
+    ([(1.3, 0.004, 6000)], 1e-5),
+]
+
+
+@pytest.mark.parametrize("history, delta", HISTORIES)
+def test_ledger_epsilon_is_tight_and_never_below_pld(tmp_path, history, delta):
+    ledger = PrivacyLedger(tmp_path, "h1")
+    for r, (noise, q, steps) in enumerate(history, 1):
+        ledger.record(LedgerEntry("run", r, noise, q, steps, "fp"))
+    ours = ledger.epsilon(delta)
+    tight = google_pld(history, delta)
+    assert ours >= tight * (1 - 1e-3)  # never more than 0.1% below
+    assert ours <= tight * 1.01  # and within 1%
+    # and tighter than RDP, which the ledger used before
+    assert ours < google_rdp(history, delta)
+
+
+def test_demo_history_spends_less_than_rdp_said():
+    """At the demo's noise (RDP-calibrated for epsilon 8), the tight accountant
+    reports about 6.9: the budget the old accountant wasted."""
+    history = [(1.0876, 0.25, 40)]
+    assert epsilon_for(history, 1e-3, accountant="rdp") == pytest.approx(8.0, abs=0.02)
+    assert epsilon_for(history, 1e-3) == pytest.approx(6.9, abs=0.05)
+
+
+def test_rdp_ledgers_still_match_an_independent_rdp_accountant():
+    for noise, q, steps, delta in [(1.0, 0.25, 40, 1e-3), (1.3, 0.004, 6000, 1e-5)]:
+        ours = epsilon_for([(noise, q, steps)], delta, accountant="rdp")
+        assert ours == pytest.approx(google_rdp([(noise, q, steps)], delta), rel=0.01)
 
 
 def test_history_composes_not_sums(tmp_path):
     ledger = PrivacyLedger(tmp_path, "h1")
     for r in range(1, 4):
         ledger.record(LedgerEntry("run-a", r, 1.0, 0.25, 8, "fp"))
-    whole = google_epsilon(1.0, 0.25, 24, 1e-3)
+    whole = google_pld([(1.0, 0.25, 24)], 1e-3)
     assert ledger.epsilon(1e-3) == pytest.approx(whole, rel=0.01)
     assert ledger.epsilon(1e-3) < 3 * epsilon_for([(1.0, 0.25, 8)], 1e-3)
 
@@ -54,7 +91,29 @@ def test_calibration_meets_target_over_the_whole_plan():
     q, spe = poisson_schedule(n_cases=30, batch_size=8)
     assert (q, spe) == (0.25, 4)
     noise = calibrate_noise(5.0, 1e-3, q, spe * 12)
-    assert epsilon_for([(noise, q, spe * 12)], 1e-3) == pytest.approx(5.0, rel=0.01)
+    spent = epsilon_for([(noise, q, spe * 12)], 1e-3)
+    assert 5.0 * 0.99 <= spent <= 5.0  # meets the target, never passes it
+    assert google_pld([(noise, q, spe * 12)], 1e-3) <= 5.0 * 1.001
+    # less noise than the RDP accountant needed for the same promise
+    assert noise < calibrate_noise(5.0, 1e-3, q, spe * 12, accountant="rdp")
+
+
+def test_format_1_ledgers_keep_the_rdp_accountant(tmp_path):
+    ledger = PrivacyLedger(tmp_path, "h1")
+    ledger.record(LedgerEntry("r", 1, 1.0, 0.25, 40, "fp"))
+    doc = json.loads(ledger.path.read_text())
+    doc.pop("sha256")
+    doc["format"] = "kidneyfl-privacy-ledger/1"
+    doc.pop("accountant")
+    doc["sha256"] = PrivacyLedger._digest(doc)
+    ledger.path.write_text(json.dumps(doc))
+    old = PrivacyLedger(tmp_path, "h1")
+    assert old.accountant == "rdp"
+    assert old.epsilon(1e-3) == pytest.approx(
+        google_rdp([(1.0, 0.25, 40)], 1e-3), rel=0.01
+    )
+    old.record(LedgerEntry("r", 2, 1.0, 0.25, 8, "fp"))
+    assert json.loads(old.path.read_text())["accountant"] == "rdp"
 
 
 def test_ledger_survives_restart_and_next_run_continues(tmp_path):
