@@ -8,9 +8,14 @@ own DP wrappers do) and adds, without copying Flower's round loop:
 - the update guard: a reply whose arrays have missing or extra keys, other
   shapes or dtypes, or NaN/Inf is rejected before aggregation, and so is one
   whose distance from the global model (L2 norm of update - global) is more
-  than ``norm_factor`` times the median of the round's other updates; the round
-  goes on with the rest, and is skipped (global model unchanged) if too few
-  remain;
+  than ``norm_factor`` times the median of the round's other updates (more for
+  a site whose DP noise predicts a larger update, ``server/influence.py``), and
+  so is one whose ``num-examples`` is not a positive number; the round goes on
+  with the rest, and is skipped (global model unchanged) if too few remain;
+- the weight cap: no site's share of a case-weighted aggregate is more than
+  ``max_site_weight``, whatever ``num-examples`` it claims; the inner strategy
+  sees the capped shares as ``num-examples`` (the round record keeps the
+  claims), and metric records cut to the keys every accepted reply carries;
 - rounds: the inner strategy sees the round counted across resumes (FedAdam's
   bias correction depends on it), its aggregate keeps the global model's dtypes,
   and its server state (moments, momentum) can be exported for checkpoints;
@@ -29,9 +34,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 import numpy as np
 from flwr.app import (
@@ -40,31 +45,43 @@ from flwr.app import (
     ConfigRecord,
     Message,
     MetricRecord,
-    RecordDict,
 )
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import InconsistentMessageReplies
-from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
+from flwr.serverapp.strategy import (
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    Krum,
+    Strategy,
+)
 from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consistency
 
 from common import wire
 from server.aggregators import (
+    base_strategy,
     build_strategy,
     export_strategy_state,
     import_strategy_state,
 )
+from server.influence import LocalTraining, norm_outliers
+from server.replies import cast_like, for_inner, metrics_of, part, records_of
 from server.updates import check_update, scan_updates, update_norm
 
 # Strategies whose aggregate_train is exactly aggregate_arrayrecords' weighted
 # mean plus train_metrics_aggr_fn (FedProx only adds a config value).
 _MEAN_STRATEGIES = (FedAvg, FedProx)
-_R = TypeVar("_R", ArrayRecord, MetricRecord, ConfigRecord)
+# Strategies that ignore num-examples (Krum keeps one whole update).
+_UNWEIGHTED = (FedMedian, FedTrimmedAvg, Krum)
 
 __all__ = [
+    "LocalTraining",
     "RoundRecord",
     "SiteAwareStrategy",
     "build_strategy",
     "check_update",
+    "norm_outliers",
     "update_norm",
 ]
 
@@ -84,44 +101,10 @@ class RoundRecord:
     aggregated: bool = False
     # L2 norm of (update - global model) of each valid update, for the norm rule
     update_norms: dict[str, float] = field(default_factory=dict)
-
-
-def norm_outliers(norms: dict[str, float], factor: float) -> dict[str, str]:
-    """Sites whose update norm is more than ``factor`` x the others' median.
-
-    Each update is compared with the median of the *other* updates, so one
-    scaled update among two is caught too. No rule without others, with
-    ``factor <= 0``, or when the others did not move (median 0).
-    """
-    out: dict[str, str] = {}
-    if factor <= 0 or len(norms) < 2:
-        return out
-    for site, norm in norms.items():
-        med = float(np.median([n for s, n in norms.items() if s != site]))
-        if med > 0 and norm > factor * med:
-            out[site] = (
-                f"update norm {norm:.4g} is more than {factor:g} x the median "
-                f"{med:.4g} of the round's other updates (guard-norm-factor)"
-            )
-    return out
-
-
-def _cast_like(reference: ArrayRecord, arrays: ArrayRecord) -> ArrayRecord:
-    # Some of Flower's server optimisers compute in float64; the global model
-    # keeps the sites' dtypes so that every round's guard compares like with like.
-    if all(arrays[k].dtype == reference[k].dtype for k in reference.keys()):
-        return arrays
-    return ArrayRecord(
-        {
-            k: Array(
-                np.asarray(
-                    wire.array_view(arrays[k]),
-                    dtype=wire.array_view(reference[k]).dtype,
-                )
-            )
-            for k in reference.keys()
-        }
-    )
+    # each aggregated site's share of a case-weighted aggregate (after the cap),
+    # and the sites whose share the cap lowered
+    weights: dict[str, float] = field(default_factory=dict)
+    capped: list[str] = field(default_factory=list)
 
 
 class SiteAwareStrategy(Strategy):
@@ -145,6 +128,12 @@ class SiteAwareStrategy(Strategy):
     norm_factor : float
         Reject an update whose norm (update - global) is more than this many
         times the median of the round's other updates; 0 turns the rule off.
+    max_site_weight : float
+        Largest share of a case-weighted aggregate any one site may hold
+        (``max-site-weight``); 1 (the default here) is no cap.
+    training : LocalTraining, optional
+        The plan's local training, to widen the norm rule for a site's expected
+        DP noise; without it every site gets the same bound.
     """
 
     def __init__(
@@ -156,9 +145,17 @@ class SiteAwareStrategy(Strategy):
         on_round_end: Callable[[RoundRecord, ArrayRecord], None],
         site_names: dict[int, str] | None = None,
         norm_factor: float = 0.0,
+        max_site_weight: float = 1.0,
+        training: LocalTraining | None = None,
     ) -> None:
+        if not 0 < max_site_weight <= 1:
+            raise ValueError(
+                f"max-site-weight must be in (0, 1], got {max_site_weight}"
+            )
         self.inner = inner
         self.norm_factor = norm_factor
+        self.max_site_weight = max_site_weight
+        self.training = training
         self.min_sites = min_sites
         self.round_offset = round_offset
         self.base_config = base_config
@@ -184,7 +181,7 @@ class SiteAwareStrategy(Strategy):
         node = self.node_of(msg)
         if node in self.site_names:
             return self.site_names[node]
-        site = None if msg.has_error() else _part(msg, wire.SITE, ConfigRecord)
+        site = None if msg.has_error() else part(msg, wire.SITE, ConfigRecord)
         if site is not None:
             name = str(site.get(wire.SITE_NAME, ""))
             if name and name != "unknown":
@@ -265,11 +262,19 @@ class SiteAwareStrategy(Strategy):
                     "site %s failed round %d: %s", site, rec.round, msg.error.reason
                 )
                 continue
-            metrics = _metrics(msg)
+            metrics = metrics_of(msg)
             if metrics.get(wire.REFUSED, 0):
-                reason = str(msg.content[wire.SITE].get(wire.REFUSAL_REASON, "refused"))
+                reason = refusal_text(msg)
                 rec.refused[site] = reason
                 log.warning("site %s refused round %d: %s", site, rec.round, reason)
+                continue
+            n = metrics.get(wire.NUM_EXAMPLES, math.nan)
+            if not (math.isfinite(n) and n > 0):
+                why = "num-examples is missing or not a positive number of cases"
+                rec.rejected[site] = why
+                log.warning(
+                    "update from %s rejected in round %d: %s", site, rec.round, why
+                )
                 continue
             candidates.append((site, msg, metrics))
         accepted, mean = self._guard(rec, candidates)
@@ -282,32 +287,37 @@ class SiteAwareStrategy(Strategy):
                 self.min_sites,
             )
             return None, None
-        arrays, metrics = self._aggregate(server_round, accepted, mean)
+        arrays, metrics = self._aggregate(server_round, rec, accepted, mean)
         if arrays is None:  # e.g. Bulyan with too few replies
             log.warning("round %d: %s did not aggregate", rec.round, _name(self))
             return None, metrics
         rec.aggregated = True
         if self._sent is not None:
-            arrays = _cast_like(self._sent, arrays)
+            arrays = cast_like(self._sent, arrays)
         return arrays, metrics
 
     def _guard(
         self, rec: RoundRecord, candidates: list[tuple[str, Message, dict[str, float]]]
-    ) -> tuple[list[Message], dict[str, Array] | None]:
-        """The update guard over the round's replies: the accepted ones and,
-        for FedAvg/FedProx when none was rejected, their mean."""
+    ) -> tuple[list[tuple[str, Message]], dict[str, Array] | None]:
+        """The update guard over the round's replies: the accepted ones (with
+        their sites) and, for FedAvg/FedProx when none was rejected, their mean."""
         if self._sent is None:  # nothing to compare with
             rec.train.update({site: metrics for site, _, metrics in candidates})
-            return [msg for _, msg, _ in candidates], None
+            return [(site, msg) for site, msg, _ in candidates], None
         msgs = [msg for _, msg, _ in candidates]
-        factors = self._mean_factors(msgs) if len(msgs) >= self.min_sites else None
+        factors = (
+            self._mean_factors(self._for_inner(msgs)[0])
+            if len(msgs) >= self.min_sites
+            else None
+        )
         scans, mean = scan_updates(
             self._sent,
-            [_part(m, wire.ARRAYS, ArrayRecord) for m in msgs],
+            [part(m, wire.ARRAYS, ArrayRecord) for m in msgs],
             factors,
         )
         passed: list[tuple[str, Message]] = []
         norms: dict[str, float] = {}
+        scales: dict[str, float] = {}
         for (site, msg, metrics), scan in zip(candidates, scans, strict=True):
             if scan.problem:
                 rec.rejected[site] = scan.problem
@@ -321,18 +331,26 @@ class SiteAwareStrategy(Strategy):
             rec.train[site] = metrics
             passed.append((site, msg))
             norms[site] = scan.norm
+            if self.training is not None:
+                scales[site] = self.training.noise_scale(metrics)
         rec.update_norms.update(norms)
-        outliers = norm_outliers(norms, self.norm_factor)
+        outliers = norm_outliers(norms, self.norm_factor, scales)
         for site, why in outliers.items():
             rec.rejected[site] = why
             rec.train.pop(site, None)
             log.warning("update from %s rejected in round %d: %s", site, rec.round, why)
-        accepted = [msg for site, msg in passed if site not in outliers]
+        accepted = [(site, msg) for site, msg in passed if site not in outliers]
         return accepted, mean if len(accepted) == len(msgs) else None
 
+    def _for_inner(self, msgs: list[Message]) -> tuple[list[Message], list[float]]:
+        """:func:`server.replies.for_inner` for the inner strategy."""
+        weighted = not isinstance(base_strategy(self.inner), _UNWEIGHTED)
+        return for_inner(msgs, self.max_site_weight, weighted)
+
     def _mean_factors(self, msgs: list[Message]) -> list[float] | None:
-        """Flower's FedAvg weights (num-examples / total) for these replies, or
-        None where Flower aggregates itself (other strategies, odd replies)."""
+        """Flower's FedAvg weights (num-examples / total) for these replies (as
+        :meth:`_for_inner` gives them), or None where Flower aggregates itself
+        (other strategies, odd replies)."""
         if type(self.inner) not in _MEAN_STRATEGIES or not msgs:
             return None
         key = cast(FedAvg, self.inner).weighted_by_key
@@ -343,7 +361,7 @@ class SiteAwareStrategy(Strategy):
             return None  # Flower's aggregate_train reports it
         # as aggregate_arrayrecords: the first (only) MetricRecord's weight
         weights = [
-            float(cast(float, next(_records(c, MetricRecord))[key])) for c in contents
+            float(cast(float, next(records_of(c, MetricRecord))[key])) for c in contents
         ]
         total = sum(weights)
         if total == 0 or not math.isfinite(total):
@@ -353,25 +371,44 @@ class SiteAwareStrategy(Strategy):
     def _aggregate(
         self,
         server_round: int,
-        accepted: list[Message],
+        rec: RoundRecord,
+        accepted: list[tuple[str, Message]],
         mean: dict[str, Array] | None,
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """FedAvg/FedProx: the guard's mean and Flower's metric aggregation;
-        every other strategy: Flower's own aggregate_train."""
+        every other strategy: Flower's own aggregate_train. Both see the capped
+        shares, which the round record keeps."""
+        msgs = [msg for _, msg in accepted]
+        inputs, shares = self._for_inner(msgs)
+        sites = [site for site, _ in accepted]
+        rec.weights = dict(zip(sites, shares, strict=False))
+        claims = [rec.train[site][wire.NUM_EXAMPLES] for site in sites]
+        rec.capped = [
+            site
+            for site, share, n in zip(sites, shares, claims, strict=False)
+            if share < n / sum(claims)
+        ]
+        if rec.capped:
+            log.info(
+                "round %d: max-site-weight %g caps %s",
+                rec.round,
+                self.max_site_weight,
+                ", ".join(rec.capped),
+            )
         if mean is None and self._sent is not None:
-            factors = self._mean_factors(accepted)
+            factors = self._mean_factors(inputs)
             if factors is not None:  # some update was rejected: average again
                 _, mean = scan_updates(
                     self._sent,
-                    [_part(m, wire.ARRAYS, ArrayRecord) for m in accepted],
+                    [part(m, wire.ARRAYS, ArrayRecord) for m in inputs],
                     factors,
                 )
         if mean is None:
-            return self.inner.aggregate_train(self.global_round(server_round), accepted)
+            return self.inner.aggregate_train(self.global_round(server_round), inputs)
         inner = cast(FedAvg, self.inner)
-        contents = [m.content for m in accepted]
+        contents = [m.content for m in inputs]
         # Flower's key order: the first reply's
-        keys = next(_records(contents[0], ArrayRecord)).keys()
+        keys = next(records_of(contents[0], ArrayRecord)).keys()
         arrays = ArrayRecord({k: mean[k] for k in keys})
         return arrays, inner.train_metrics_aggr_fn(contents, inner.weighted_by_key)
 
@@ -411,7 +448,12 @@ class SiteAwareStrategy(Strategy):
             if msg.has_error():
                 rec.failed.setdefault(site, str(msg.error.reason)[:500])
                 continue
-            rec.evaluate[site] = _metrics(msg)
+            metrics = metrics_of(msg)
+            if metrics.get(wire.REFUSED, 0):
+                rec.refused.setdefault(site, f"evaluation: {refusal_text(msg)}")
+                log.warning("site %s refused evaluation: %s", site, refusal_text(msg))
+                continue
+            rec.evaluate[site] = metrics
         means = weighted_eval_means(rec.evaluate)
         if self._sent is not None:
             self.on_round_end(rec, self._sent)
@@ -423,34 +465,31 @@ def _name(strategy: Strategy) -> str:
     return type(inner).__name__
 
 
-def _part(msg: Message, name: str, kind: type[_R]) -> _R | None:
-    """``msg.content.<kind>_records.get(name)`` without Flower building (and
-    writing back) a filtered copy of the whole RecordDict at every access."""
-    record = msg.content.get(name)
-    return record if isinstance(record, kind) else None
-
-
-def _records(content: RecordDict, kind: type[_R]) -> Iterator[_R]:
-    """The records of one kind, in order (``content.<kind>_records.values()``)."""
-    return (r for r in content.values() if isinstance(r, kind))
-
-
-def _metrics(msg: Message) -> dict[str, float]:
-    record = _part(msg, wire.METRICS, MetricRecord)
-    if record is None:
-        return {}
-    return {k: float(v) for k, v in record.items() if isinstance(v, (int, float))}
+def refusal_text(msg: Message) -> str:
+    """A refusal's sentence and its stable code, as the site sent them."""
+    site = msg.content.config_records.get(wire.SITE, {})
+    reason = str(site.get(wire.REFUSAL_REASON, "refused"))[:500]
+    code = site.get(wire.REFUSAL_CODE)
+    return f"{reason} [{code}]" if code else reason
 
 
 def weighted_eval_means(per_site: dict[str, dict[str, float]]) -> dict[str, float]:
-    """Validation-case-weighted mean of each evaluation metric over sites."""
-    weights = {s: m.get(wire.NUM_VAL_CASES, 0.0) for s, m in per_site.items()}
-    total = sum(weights.values())
-    if total <= 0:
-        return {}
-    keys = set.intersection(*(set(m) for m in per_site.values()))
-    keys -= {wire.NUM_VAL_CASES, wire.NUM_EXAMPLES}
-    return {
-        k: sum(per_site[s][k] * weights[s] for s in per_site) / total
-        for k in sorted(keys)
-    }
+    """Validation-case-weighted mean of each evaluation metric over sites.
+
+    Each metric is averaged over the sites that released it: a site that
+    withholds its validation metrics (its own choice, ``metrics-withheld``)
+    neither counts nor drags the others' means.
+    """
+    skip = {wire.NUM_VAL_CASES, wire.NUM_EXAMPLES, wire.METRICS_WITHHELD}
+    skip |= {wire.REFUSED}
+    keys = (
+        set().union(*(set(m) for m in per_site.values())) - skip if per_site else set()
+    )
+    out = {}
+    for k in sorted(keys):
+        have = {s: m for s, m in per_site.items() if k in m}
+        total = sum(m.get(wire.NUM_VAL_CASES, 0.0) for m in have.values())
+        if total > 0:
+            out[k] = sum(m[k] * m.get(wire.NUM_VAL_CASES, 0.0) for m in have.values())
+            out[k] /= total
+    return out

@@ -241,3 +241,41 @@ def test_central_dp_clips_and_adds_calibrated_noise():
     # = noise * clip / sites = 1.0
     assert abs(w.mean() - 0.02) < 0.05
     assert w.std() == pytest.approx(1.0, rel=0.1)
+
+
+def test_eval_means_leave_out_sites_that_withhold_or_refuse():
+    s, ended = _wrapper()
+    list(s.configure_evaluate(1, _arrays(0.0), ConfigRecord(), _Grid()))
+
+    def site(node: int, name: str, metrics: dict, **record) -> object:
+        return _reply(
+            node,
+            RecordDict(
+                {
+                    wire.METRICS: MetricRecord(metrics),
+                    wire.SITE: ConfigRecord({wire.SITE_NAME: name, **record}),
+                }
+            ),
+        )
+
+    kidney = wire.dice_key("kidney")
+    replies = [
+        site(1, "a", {kidney: 0.5, wire.NUM_VAL_CASES: 10, wire.NUM_EXAMPLES: 30}),
+        site(2, "b", {kidney: 0.8, wire.NUM_VAL_CASES: 30, wire.NUM_EXAMPLES: 90}),
+        # withheld by the site's choice: no Dice, and no weight in the mean
+        site(3, "c", {wire.METRICS_WITHHELD: 1, wire.NUM_VAL_CASES: 3}),
+        site(
+            4,
+            "d",
+            {wire.REFUSED: 1, wire.NUM_EXAMPLES: 0},
+            **{
+                wire.REFUSAL_CODE: "data-unusable",
+                wire.REFUSAL_REASON: wire.REFUSAL_CODES["data-unusable"],
+            },
+        ),
+    ]
+    means = s.aggregate_evaluate(1, replies)
+    assert means[kidney] == pytest.approx((0.5 * 10 + 0.8 * 30) / 40)
+    rec = ended[-1]
+    assert "d" not in rec.evaluate and "[data-unusable]" in rec.refused["d"]
+    assert rec.evaluate["c"][wire.METRICS_WITHHELD] == 1
