@@ -32,7 +32,8 @@ def privacy_report(site_yaml: str) -> str:
         )
     if not ledger.entries:
         lines.append("(no rounds recorded yet)")
-    lines.append("epsilon composes over all runs (Opacus RDP accountant).")
+    name = {"prv": "Opacus PRV accountant, tight", "rdp": "Opacus RDP accountant"}
+    lines.append(f"epsilon composes over all runs ({name[ledger.accountant]}).")
     return "\n".join(lines)
 
 
@@ -48,6 +49,7 @@ def _check(args: argparse.Namespace) -> int:
         root_certificates=Path(args.root_certificates)
         if args.root_certificates
         else None,
+        allow_skips=args.allow_skips,
     )
     if args.json:
         print(json.dumps(report.to_dict(), indent=2, default=str))
@@ -118,6 +120,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("site_yaml")
     c.add_argument("--json", action="store_true", help="machine-readable output")
     c.add_argument(
+        "--allow-skips",
+        action="store_true",
+        help="cases with errors do not fail the check (training leaves them out)",
+    )
+    c.add_argument(
         "--superlink",
         default=None,
         metavar="HOST:PORT",
@@ -147,6 +154,39 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--print", action="store_true", help="print the command only")
     s.set_defaults(func=_start)
     register_governance(ssub)
+    register_audit_privacy(ssub)
+
+
+# -- Privacy audit (issue 21): membership inference at the site -----------------
+def _audit_privacy(args: argparse.Namespace) -> int:
+    import json
+
+    from client.privacy_audit import audit_site, format_audit
+
+    report = audit_site(args.site_yaml, args.checkpoint, out=args.out)
+    print(json.dumps(report, indent=2) if args.json else format_audit(report))
+    return 0
+
+
+def register_audit_privacy(ssub: argparse._SubParsersAction) -> None:
+    """``kidneyfl site audit-privacy``: attack a checkpoint on the site's data."""
+    a = ssub.add_parser(
+        "audit-privacy",
+        help="membership-inference audit of a model on this site's patients "
+        "(local report; nothing is sent)",
+        allow_abbrev=False,
+    )
+    a.add_argument("site_yaml")
+    a.add_argument(
+        "--checkpoint", required=True, help="checkpoint folder, e.g. runs/<run>/final"
+    )
+    a.add_argument(
+        "--out",
+        default=None,
+        help="JSON report path (default: <state_dir>/privacy-audit/<run>-<time>.json)",
+    )
+    a.add_argument("--json", action="store_true", help="print the JSON report")
+    a.set_defaults(func=_audit_privacy)
 
 
 # -- Governance (issue 10): approve | approvals | audit | executor -------------
