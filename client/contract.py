@@ -117,7 +117,9 @@ def max_metric_keys(message_type: str, task: str, n_classes: int) -> int:
     fixed += len(wire.REPLY_LIST_METRICS.get(mtype, {}))
     if mtype not in (wire.MSG_EVALUATE, wire.MSG_TRAIN):
         return fixed
-    per_task = 2 * 8 if task == "segmentation" else 3 + n_classes + n_classes**2
+    # segmentation: six keys per region (Dice, surface Dice, two false-positive
+    # figures, two case counts), eight regions at most
+    per_task = 6 * 8 if task == "segmentation" else 3 + n_classes + n_classes**2
     return fixed + per_task
 
 

@@ -14,7 +14,13 @@ from client.data import IMAGE, LABEL, PatchDataset, load_site_cases, volume_data
 from client.task import TaskData
 from common import wire
 from common.config import Plan, SiteConfig
-from common.metrics import mean_by_region, region_dice, region_surface_dice
+from common.metrics import (
+    case_rows,
+    present_mean,
+    region_masks,
+    region_surface_dice,
+    summarise_cases,
+)
 
 
 class SegmentationTask:
@@ -46,15 +52,18 @@ class SegmentationTask:
     def evaluate(
         self, model: nn.Module, data: TaskData, plan: Plan, device: torch.device
     ) -> dict[str, float]:
-        """Mean Dice and surface Dice per KiTS region and mean loss over the
-        validation volumes (whole volumes, sliding-window inference).
+        """Dice and surface Dice per region, KiTS-style, and the mean loss over
+        the validation volumes (whole volumes, sliding-window inference).
 
+        A region's Dice and surface Dice are means over the cases whose
+        reference contains it; the other cases give its false-positive rate
+        and mean predicted volume (``common.metrics.summarise_cases``).
         Surface distances are measured on the evaluated grid, the plan's
         ``spacing-mm`` (after the federated preprocessing plan, if any).
         """
         model.to(device).eval()
         loss_fn = self.loss(plan)
-        rows, nsd_rows, losses = [], [], []
+        rows, nsd_rows, present, losses = [], [], [], []
         for i in range(len(data.validation)):
             item = data.validation[i]
             image = item[IMAGE].unsqueeze(0).to(device)
@@ -64,7 +73,7 @@ class SegmentationTask:
             )
             losses.append(float(loss_fn(logits, label)))
             pred = logits.argmax(1, keepdim=True)
-            rows.append(region_dice(pred, label).cpu())
+            rows += case_rows(pred, label, plan.spacing_mm)
             nsd_rows.append(
                 region_surface_dice(
                     pred.cpu(),
@@ -73,9 +82,12 @@ class SegmentationTask:
                     plan.surface_dice_tolerance_mm,
                 )
             )
-        out = {wire.dice_key(k): v for k, v in mean_by_region(rows).items()}
-        for k, v in mean_by_region(nsd_rows).items():
-            out[wire.surface_dice_key(k)] = v
+            present.append(region_masks(label.cpu()).flatten(2).sum(-1) > 0)
+        out = summarise_cases(rows)
+        if nsd_rows:
+            nsd = present_mean(torch.cat(nsd_rows), torch.cat(present))
+            for k, v in nsd.items():
+                out[wire.surface_dice_key(k)] = v
         out[wire.EVAL_LOSS] = sum(losses) / len(losses) if losses else float("nan")
         return out
 

@@ -237,6 +237,27 @@ def dice_key(region: str) -> str:
 SURFACE_DICE_PREFIX: Final = "surface-dice-"
 
 
+def cases_key(region: str, present: bool = True) -> str:
+    """Metric key for how many validation cases have (or lack) ``region``."""
+    return f"cases-{region}" if present else f"cases-no-{region}"
+
+
+def weight_key(metric: str) -> str:
+    """The count a site-level metric is a mean over, for averaging across sites.
+
+    Region Dice and surface Dice are means over the cases with the region,
+    false-positive rates and volumes over the cases without it; any other
+    metric over all validation cases.
+    """
+    for prefix in (SURFACE_DICE_PREFIX, DICE_PREFIX):
+        if metric.startswith(prefix):
+            return cases_key(metric.removeprefix(prefix))
+    for prefix in ("fp-rate-", "fp-ml-"):
+        if metric.startswith(prefix):
+            return cases_key(metric.removeprefix(prefix), present=False)
+    return NUM_VAL_CASES
+
+
 def surface_dice_key(region: str) -> str:
     """Metric key for the surface Dice of one KiTS region (``surface-dice-kidney``)."""
     return f"{SURFACE_DICE_PREFIX}{region}"
@@ -297,7 +318,17 @@ REPLY_LIST_METRICS: Final = {
 }
 # Task metrics in evaluate replies, by task, as full-match regular expressions.
 TASK_METRIC_PATTERNS: Final = {
-    "segmentation": (r"dice-[a-z]+", r"surface-dice-[a-z]+"),  # per KiTS region
+    # per region (common.metrics.summarise_cases): Dice and surface Dice over
+    # the cases with the region, false positives over the cases without it,
+    # and how many cases each describes
+    "segmentation": (
+        r"dice-[a-z]+",
+        r"surface-dice-[a-z]+",
+        r"fp-rate-[a-z]+",
+        r"fp-ml-[a-z]+",
+        r"cases-[a-z]+",
+        r"cases-no-[a-z]+",
+    ),
     "classification": (
         r"accuracy",
         r"balanced-accuracy",

@@ -474,22 +474,28 @@ def refusal_text(msg: Message) -> str:
 
 
 def weighted_eval_means(per_site: dict[str, dict[str, float]]) -> dict[str, float]:
-    """Validation-case-weighted mean of each evaluation metric over sites.
+    """Case-weighted mean of each evaluation metric over sites.
 
-    Each metric is averaged over the sites that released it: a site that
-    withholds its validation metrics (its own choice, ``metrics-withheld``)
-    neither counts nor drags the others' means.
+    Each metric is averaged over the sites that released it, weighted by the
+    cases it is a mean over (``wire.weight_key``: the cases with a region for
+    its Dice, the cases without it for its false positives, else all
+    validation cases). A site that withholds its validation metrics (its own
+    choice, ``metrics-withheld``) neither counts nor drags the others' means.
+    Case counts are summed.
     """
     skip = {wire.NUM_VAL_CASES, wire.NUM_EXAMPLES, wire.METRICS_WITHHELD}
     skip |= {wire.REFUSED}
-    keys = (
-        set().union(*(set(m) for m in per_site.values())) - skip if per_site else set()
-    )
+    keys = set().union(*(set(m) for m in per_site.values())) - skip
     out = {}
     for k in sorted(keys):
-        have = {s: m for s, m in per_site.items() if k in m}
-        total = sum(m.get(wire.NUM_VAL_CASES, 0.0) for m in have.values())
+        have = [m for m in per_site.values() if k in m]
+        if k.startswith("cases-"):
+            out[k] = float(sum(m[k] for m in have))
+            continue
+        weights = [
+            m.get(wire.weight_key(k), m.get(wire.NUM_VAL_CASES, 0.0)) for m in have
+        ]
+        total = sum(weights)
         if total > 0:
-            out[k] = sum(m[k] * m.get(wire.NUM_VAL_CASES, 0.0) for m in have.values())
-            out[k] /= total
+            out[k] = sum(m[k] * w for m, w in zip(have, weights, strict=True)) / total
     return out

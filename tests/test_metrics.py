@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from common.metrics import (
@@ -100,3 +101,77 @@ def test_plan_tolerances_default_and_validation():
     assert plan.surface_dice_tolerance_mm == (2.0, 2.0, 3.0)
     with pytest.raises(ConfigError, match="surface-dice-tolerance-mm"):
         load_plan({"surface-dice-tolerance-mm": "1,-1,1"})
+
+
+def _case(tumour: bool, pred_tumour_voxels: int = 0):
+    """A 1x1x8x8x8 case: kidney in a block, a tumour voxel block if asked."""
+    import torch
+
+    truth = torch.zeros(1, 1, 8, 8, 8, dtype=torch.long)
+    truth[..., 2:6, 2:6, 2:6] = 1
+    if tumour:
+        truth[..., 3:5, 3:5, 3:5] = 2
+    pred = truth.clone()
+    pred[pred == 2] = 1  # a model that never predicts tumour where there is one
+    if pred_tumour_voxels:
+        pred.view(-1)[:pred_tumour_voxels] = 2
+    return pred, truth
+
+
+def test_tumour_dice_is_a_mean_over_cases_with_a_tumour():
+    """A model that never predicts tumour scores tumour Dice 0, not the share of
+    tumour-free validation cases (the old empty-mask mean gave 0.4 here)."""
+    from common.metrics import case_rows, summarise_cases
+
+    rows = []
+    for tumour in (True, True, True, False, False):
+        rows += case_rows(*_case(tumour), spacing_mm=(2.0, 2.0, 2.5))
+    out = summarise_cases(rows)
+    assert out["dice-tumour"] == 0.0
+    assert out["cases-tumour"] == 3 and out["cases-no-tumour"] == 2
+    assert out["fp-rate-tumour"] == 0.0 and out["fp-ml-tumour"] == 0.0
+    assert out["dice-kidney"] > 0.9 and "fp-rate-kidney" not in out
+    assert "dice-cyst" not in out and out["cases-no-cyst"] == 5  # no case has one
+    # the old convention, for the record: empty-empty scored 1
+    assert (
+        mean_by_region(
+            [region_dice(*_case(t)) for t in (True, True, True, False, False)]
+        )["tumour"]
+        == pytest.approx(0.4)
+    )
+
+
+def test_false_positives_are_scored_on_cases_without_the_region():
+    from common.metrics import case_rows, summarise_cases
+
+    rows = case_rows(*_case(False, pred_tumour_voxels=10), spacing_mm=(2.0, 2.0, 2.5))
+    rows += case_rows(*_case(False), spacing_mm=(2.0, 2.0, 2.5))
+    out = summarise_cases(rows)
+    assert out["fp-rate-tumour"] == 0.5
+    assert out["fp-ml-tumour"] == pytest.approx(10 * 10.0 / 1000 / 2)  # 10 mm3/voxel
+    assert "dice-tumour" not in out
+
+
+def test_site_means_are_weighted_by_the_cases_they_describe():
+    from server.strategy import weighted_eval_means
+
+    sites = {
+        "a": {
+            "dice-tumour": 0.2,
+            "cases-tumour": 1,
+            "cases-no-tumour": 9,
+            "fp-rate-tumour": 0.0,
+            "num-val-cases": 10,
+        },
+        "b": {
+            "dice-tumour": 0.8,
+            "cases-tumour": 9,
+            "cases-no-tumour": 1,
+            "fp-rate-tumour": 1.0,
+            "num-val-cases": 10,
+        },
+    }
+    means = weighted_eval_means(sites)
+    assert means["dice-tumour"] == pytest.approx((0.2 * 1 + 0.8 * 9) / 10)
+    assert means["fp-rate-tumour"] == pytest.approx((0.0 * 9 + 1.0 * 1) / 10)
+    assert means["cases-tumour"] == 10
