@@ -191,6 +191,7 @@ def _train_round(msg: Message, context: Context, fine_tune: bool) -> Message:
         # FedProx: Flower's strategy sends mu; never while fine-tuning
         proximal_mu=0.0 if fine_tune else float(cfg.get(wire.PROXIMAL_MU, 0.0)),
         max_steps=steps,
+        multiplicity=plan.augmentation_multiplicity,
     )
     if dp is not None and stats.steps != steps:
         log.warning("ran %d DP steps of the %d accounted", stats.steps, steps)

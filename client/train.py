@@ -66,6 +66,32 @@ def _optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=lr)
 
 
+class Multiplicity(Dataset):
+    """``k`` independent draws of one patient's item, stacked: ``(k, ...)``.
+
+    Augmentation multiplicity (De et al. 2022): a drawn patient contributes
+    ``k`` random patches (or augmentations) to a step, and under DP their
+    per-sample gradients are averaged *before* clipping, so the clipped unit is
+    still the patient while each clipped gradient carries more signal. The
+    item's randomness comes from the wrapped dataset (its crops).
+    """
+
+    def __init__(self, dataset: Dataset, k: int) -> None:
+        if k < 1:
+            raise ValueError("augmentation multiplicity must be at least 1")
+        self.dataset, self.k = dataset, k
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        draws = [self.dataset[index] for _ in range(self.k)]
+        return (
+            torch.stack([torch.as_tensor(x) for x, _ in draws]),
+            torch.stack([torch.as_tensor(y) for _, y in draws]),
+        )
+
+
 def local_train(
     model: nn.Module,
     dataset: Dataset,
@@ -81,6 +107,7 @@ def local_train(
     proximal_mu: float = 0.0,
     anchor: dict[str, torch.Tensor] | None = None,
     max_steps: int | None = None,
+    multiplicity: int = 1,
 ) -> TrainStats:
     """Train ``model`` in place for ``epochs`` epochs; returns aggregate stats.
 
@@ -98,11 +125,18 @@ def local_train(
     max_steps : int, optional
         Stop after this many optimiser steps (fine-tuning); ``epochs`` is then
         an upper bound.
+    multiplicity : int
+        Augmentation multiplicity: patches per drawn patient and step, their
+        per-sample gradients averaged before clipping (:class:`Multiplicity`).
+        The accounting does not change: the patient is still the sampled and
+        clipped unit.
     """
     torch.manual_seed(seed)
     model.to(device).train()
     prox = _proximal_pairs(model, proximal_mu, anchor, device)
     gen = torch.Generator().manual_seed(seed)
+    if multiplicity > 1:
+        dataset = Multiplicity(dataset, multiplicity)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=gen)
     opt = _optimizer(optimizer, model.parameters(), learning_rate)
     net = model
@@ -117,7 +151,16 @@ def local_train(
         )
     try:
         total, batches, steps = _epochs(
-            net, opt, loader, loss_fn, epochs, device, prox, proximal_mu, max_steps
+            net,
+            opt,
+            loader,
+            loss_fn,
+            epochs,
+            device,
+            prox,
+            proximal_mu,
+            max_steps,
+            multiplicity,
         )
     finally:
         if net is not model:
@@ -136,6 +179,7 @@ def _epochs(
     prox: list[tuple[nn.Parameter, torch.Tensor]] | None = None,
     mu: float = 0.0,
     max_steps: int | None = None,
+    multiplicity: int = 1,
 ) -> tuple[float, int, int]:
     total, batches, steps = 0.0, 0, 0
     for _ in range(epochs):
@@ -146,8 +190,12 @@ def _epochs(
             if images.shape[0] == 0:
                 _empty_step(model)
             else:
+                if multiplicity > 1:  # (patients, k, ...) -> (patients x k, ...)
+                    images, labels = images.flatten(0, 1), labels.flatten(0, 1)
                 loss = loss_fn(model(images.to(device)), labels.to(device))
                 loss.backward()
+                if multiplicity > 1 and isinstance(opt, DPOptimizer):
+                    _average_per_patient(model, multiplicity)
                 total += float(loss.detach())
                 batches += 1
             _step(opt, prox or [], mu)
@@ -198,6 +246,16 @@ def _step(
     else:
         _add_proximal(prox, mu)
         opt.step()
+
+
+def _average_per_patient(model: nn.Module, k: int) -> None:
+    # Opacus' per-sample gradients are per patch here (patients x k rows, each
+    # the gradient of that patch's own loss); the mean over a patient's k rows
+    # is that patient's gradient, which the optimiser then clips and noises.
+    for p in model.parameters():
+        grad = getattr(p, "grad_sample", None)
+        if isinstance(grad, torch.Tensor):
+            p.grad_sample = grad.reshape(-1, k, *grad.shape[1:]).mean(1)
 
 
 def _empty_step(model: nn.Module) -> None:

@@ -79,6 +79,11 @@ class Plan(BaseModel):
     seed: int = 0
     dp_target_epsilon: float = Field(8.0, alias="dp-target-epsilon", gt=0)
     dp_max_grad_norm: float = Field(1.0, alias="dp-max-grad-norm", gt=0)
+    # Patches per drawn patient and step, gradients averaged before clipping
+    # (De et al. 2022); the patient stays the unit of privacy.
+    augmentation_multiplicity: int = Field(
+        1, alias="augmentation-multiplicity", ge=1, le=64
+    )
     # Set by the federated preprocessing plan (not run config): z-score
     # normalisation after clipping to the HU window, as nnU-Net does for CT.
     intensity_mean: float | None = Field(None, alias="intensity-mean")
@@ -339,6 +344,8 @@ class DataConfig(BaseModel):
     split_seed: int = 0
     train_cases: list[str] | None = None
     validation_cases: list[str] | None = None
+    # cases (or patient ids) the site leaves out of training and validation
+    exclude_cases: list[str] | None = None
 
 
 class PhantomConfig(BaseModel):

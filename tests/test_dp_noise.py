@@ -154,3 +154,72 @@ def test_two_trainings_at_once_cannot_both_pass_the_ceiling(tmp_path):
     ledger = PrivacyLedger(tmp_path, "h1")
     assert len(ledger.entries) == 1
     assert ledger.epsilon(1e-3) <= 10.0
+
+
+class _Patches(torch.utils.data.Dataset):
+    """Patient i's j-th draw is patch (i, j mod k): a stand-in for random crops."""
+
+    def __init__(self, n: int, k: int) -> None:
+        g = torch.Generator().manual_seed(1)
+        self.x = torch.randn(n, k, N_IN, generator=g) * 3
+        self.y = torch.randint(0, N_OUT, (n, k), generator=g)
+        self.k, self.calls = k, [0] * n
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        j = self.calls[i] % self.k
+        self.calls[i] += 1
+        return self.x[i, j], self.y[i, j]
+
+
+def test_augmentation_multiplicity_clips_the_patient_not_the_patch():
+    """K patches of a drawn patient: their gradients are averaged, then the
+    patient's gradient is clipped (noise 0, q = 1, so the step is exact)."""
+    n, k, clip = 6, 3, 0.05
+    data = _Patches(n, k)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(N_IN, N_OUT)
+    start = {name: p.detach().clone() for name, p in model.named_parameters()}
+    local_train(
+        model,
+        data,
+        torch.nn.CrossEntropyLoss(),
+        epochs=1,
+        batch_size=n,
+        learning_rate=1.0,
+        optimizer="sgd",
+        device=torch.device("cpu"),
+        seed=0,
+        dp=DPSpec(0.0, clip, "hooks"),
+        multiplicity=k,
+    )
+    # by hand: per patient, mean of its k patch gradients, clipped, averaged
+    ref = torch.nn.Linear(N_IN, N_OUT)
+    ref.load_state_dict(start)
+    total = {name: torch.zeros_like(p) for name, p in ref.named_parameters()}
+    for i in range(n):
+        ref.zero_grad()
+        torch.nn.CrossEntropyLoss()(ref(data.x[i]), data.y[i]).backward()
+        grads = {name: p.grad.clone() for name, p in ref.named_parameters()}
+        norm = torch.cat([g.flatten() for g in grads.values()]).norm()
+        scale = min(1.0, clip / (norm.item() + 1e-6))
+        for name in total:
+            total[name] += grads[name] * scale
+    for name, p in model.named_parameters():
+        expected = start[name] - total[name] / n
+        assert torch.allclose(p.detach(), expected, atol=1e-5), name
+    assert all(c >= k for c in data.calls)  # k patches per patient and step
+    # clipping each patch, then averaging, would give another step
+    alt = torch.zeros_like(total["weight"])
+    for i in range(n):
+        for j in range(k):
+            ref.zero_grad()
+            loss = torch.nn.CrossEntropyLoss()(
+                ref(data.x[i, j : j + 1]), data.y[i, j : j + 1]
+            )
+            loss.backward()
+            norm = torch.cat([p.grad.flatten() for p in ref.parameters()]).norm()
+            alt += ref.weight.grad * min(1.0, clip / (norm.item() + 1e-6)) / k
+    assert not torch.allclose(alt / n, total["weight"] / n, atol=1e-4)
