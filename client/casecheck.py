@@ -10,6 +10,7 @@ site: findings name local files and are shown on the site's own terminal only.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,9 @@ class CaseReport:
     label_voxels: dict[int, int] = field(default_factory=dict)
     spacing: tuple[float, ...] = ()
     axcodes: str = ""
+    # Digest of the image's voxels (shape, type, values): equal digests are the
+    # same scan whatever the file's name or compression, so the same patient.
+    image_digest: str = ""
 
     @property
     def usable(self) -> bool:
@@ -132,6 +136,7 @@ def inspect_case(
         data = img.kidneyfl_data
         zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
         report.spacing = zooms
+        report.image_digest = voxel_digest(data)
         try:
             report.axcodes = "".join(nib.aff2axcodes(img.affine))
         except Exception:  # a singular affine has no orientation
@@ -191,6 +196,13 @@ def inspect_case(
             )
         )
     return report
+
+
+def voxel_digest(data: np.ndarray) -> str:
+    """SHA-256 of an array's shape, type and values (local only, never sent)."""
+    h = hashlib.sha256(f"{data.shape}{data.dtype.str}".encode())
+    h.update(np.ascontiguousarray(data).tobytes())
+    return h.hexdigest()
 
 
 def _check_image(

@@ -1,64 +1,123 @@
 """The readiness check hospital IT runs before joining a federation.
 
-``kidneyfl site check sites/<site>.yaml [--json]`` validates the YAML, inspects
-every case (via :mod:`client.casecheck`), reports duplicates, unlabelled cases
-and class counts, and checks the environment: device, free disk and write access
-for the state directory, the privacy ledger, and optionally that the
-coordinator's address answers and its TLS certificate verifies. Its output is
-for the site's own terminal and never leaves the site.
+``kidneyfl site check sites/<site>.yaml [--json] [--allow-skips]`` validates the
+YAML, inspects every case (via :mod:`client.casecheck`), refuses what would
+break one-patient-one-unit (:mod:`client.patients`), lists unlabelled cases and
+class counts, warns when the site has too few patients for DP-SGD to learn or
+for its validation metrics to be released, and checks the environment: device,
+free disk and write access for the state directory, the privacy ledger, and
+optionally that the coordinator's address answers and its TLS certificate
+verifies. Its output is for the site's own terminal and never leaves the site.
+
+The verdict (``ok``, the last line): training refuses a site with a setup
+error, a patient problem or fewer than two usable cases, so those always fail;
+a case with an ERROR fails the check too unless the operator passes
+``--allow-skips`` (training then leaves such cases out) or lists it under
+``data.exclude_cases``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import shutil
-import socket
-import ssl
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from client.casecheck import FATAL, WARN, Finding
-from client.data import SiteDataError, inspect
+from client.cls_check import check_classification_cases, is_classification
+from client.data import SiteDataError
+from client.envcheck import check_environment, check_node_command, check_superlink
+from client.patients import FIX as PATIENT_FIX
+from client.patients import KINDS as PATIENT_KINDS
+from client.patients import PatientProblem
 from common.config import ConfigError, SiteConfig, load_site_config
-from common.metrics import LABELS
 
 MIN_CASES = 2
-MIN_FREE_BYTES = 1 * 2**30
+# Rule of thumb from measurement (docs/architecture.md, "Demo model and data
+# size"): at epsilon 8, DP-SGD did not learn on 15-45 training cases per site
+# and did on 150. The relative noise falls as 1/N, so fewer is worth a warning.
+DP_MIN_TRAIN_PATIENTS = 50
 
 
 @dataclass
 class SiteCheck:
-    """Everything the check found. ``ok`` is False when training would fail."""
+    """Everything the check found. ``ok`` is False when the site is not ready."""
 
     site: str
     config: str
+    task: str = "segmentation"
     layout: str = ""
     notes: list[str] = field(default_factory=list)
     cases_found: int = 0
-    cases_usable: int = 0
+    cases_usable: int = 0  # labelled, readable, not left out: what training uses
     cases_unlabelled: list[str] = field(default_factory=list)
+    cases_with_errors: list[str] = field(default_factory=list)
+    cases_excluded: list[str] = field(default_factory=list)  # data.exclude_cases
+    train_patients: int = 0
+    validation_patients: int = 0
     class_cases: dict[str, int] = field(default_factory=dict)
     class_voxels: dict[str, int] = field(default_factory=dict)
     duplicates: list[list[str]] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
     environment: dict[str, Any] = field(default_factory=dict)
+    allow_skips: bool = False
+
+    @property
+    def cases_left_out(self) -> int:
+        """Labelled cases training will not use: broken or excluded."""
+        broken = set(self.cases_with_errors) - set(self.cases_unlabelled)
+        return len(broken) + len(self.cases_excluded)
+
+    @property
+    def blocking(self) -> list[Finding]:
+        """Errors that make training refuse whatever is skipped."""
+        return [
+            f
+            for f in self.findings
+            if f.severity == FATAL
+            and (f.kind.startswith("setup-") or f.kind in PATIENT_KINDS)
+        ]
 
     @property
     def ok(self) -> bool:
-        """Training can start: enough usable cases and no fatal setup problem."""
-        setup_errors = [
-            f
-            for f in self.findings
-            if f.kind.startswith("setup-") and f.severity == FATAL
-        ]
-        return self.cases_usable >= MIN_CASES and not setup_errors
+        """Ready: training would start, and no case error is left unacknowledged."""
+        return (
+            not self.blocking
+            and self.cases_usable >= MIN_CASES
+            and (self.allow_skips or not self.cases_with_errors)
+        )
+
+    @property
+    def verdict(self) -> str:
+        """The last line: ready or not, cases that will train and left out."""
+        use, out = self.cases_usable, self.cases_left_out
+        extra = (
+            f"; {len(self.cases_unlabelled)} unlabelled (prediction only)"
+            if self.cases_unlabelled
+            else ""
+        )
+        if self.ok:
+            return f"READY: {use} cases will train, {out} left out{extra}"
+        if self.blocking or use < MIN_CASES:
+            kinds = sorted({f.kind for f in self.blocking}) or ["too few cases"]
+            return (
+                f"NOT READY: training would refuse ({', '.join(kinds)}); fix the "
+                f"errors above ({use} cases usable, {out} left out)"
+            )
+        n = len(self.cases_with_errors)
+        return (
+            f"NOT READY: {n} of {self.cases_found} cases have errors (training "
+            f"would use {use}, leave out {out}); fix them or pass --allow-skips"
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (for ``--json``)."""
+        """JSON-ready form (for ``--json``), with the verdict fields."""
         out = asdict(self)
-        out["ok"] = self.ok
+        out.update(
+            ok=self.ok,
+            verdict=self.verdict,
+            cases_left_out=self.cases_left_out,
+            blocking=[f.kind for f in self.blocking],
+        )
         return out
 
 
@@ -66,9 +125,16 @@ def check_site(
     yaml_path: str | Path,
     superlink: str | None = None,
     root_certificates: Path | None = None,
+    allow_skips: bool = False,
 ) -> SiteCheck:
-    """Run every check; never raises for bad data or config (it reports them)."""
-    report = SiteCheck(site="?", config=str(yaml_path))
+    """Run every check; never raises for bad data or config (it reports them).
+
+    Parameters
+    ----------
+    allow_skips : bool
+        Cases with errors do not fail the check (training leaves them out).
+    """
+    report = SiteCheck(site="?", config=str(yaml_path), allow_skips=allow_skips)
     try:
         site = load_site_config(yaml_path)
     except ConfigError as exc:
@@ -83,60 +149,84 @@ def check_site(
         )
         return report
     report.site = site.name
-    _check_environment(site, report)
+    check_environment(site, report)
     fed = site.federation
     if superlink is None and fed is not None:
         # The YAML's federation block: what `kidneyfl site start` will dial.
         superlink = fed.superlink
         root_certificates = None if fed.insecure else fed.root_certificates
-        _check_node_command(site, report)
+        check_node_command(site, report)
     if superlink:
-        _check_superlink(superlink, root_certificates, report)
-    from client.layouts import discover
-
-    d = site.data
+        check_superlink(superlink, root_certificates, report)
     try:
-        found = discover(d.root, d.layout, d.label_names, d.manifest)
+        if is_classification(site):
+            report.task = "classification"
+            check_classification_cases(site, report)
+        else:
+            _check_segmentation_cases(site, report)
     except SiteDataError as exc:
         report.findings.append(
-            Finding(
-                "setup-data-root",
-                FATAL,
-                str(site.data.root),
-                str(exc),
-                "set data.root in the site YAML",
-            )
+            Finding("setup-data", FATAL, str(site.data.root), str(exc), "fix the data")
         )
         return report
-    cases = found.cases
+    _check_patient_counts(site, report)
+    return report
+
+
+def _check_segmentation_cases(site: SiteConfig, report: SiteCheck) -> None:
+    from client.data import inspect, leave_out, patient_problems, split_site_cases
+    from client.layouts import discover
+    from common.metrics import LABELS
+
+    d = site.data
+    found = discover(d.root, d.layout, d.label_names, d.manifest)
     report.layout = found.layout
     report.notes = list(found.notes)
-    report.cases_found = len(cases)
-    digests: dict[str, list[str]] = {}
-    for case in cases:
+    report.cases_found = len(found.cases)
+    left_out: dict[str, str] = {}
+    kept = leave_out(found.cases, d.exclude_cases, left_out)
+    report.cases_excluded = sorted(left_out)
+    labels = frozenset(found.label_map)
+    usable = []
+    for case in kept:
         if case.label is None:
             report.cases_unlabelled.append(case.case_id)
-        result = inspect(case, frozenset(found.label_map))
+        result = inspect(case, labels)
         report.findings.extend(result.findings)
-        if result.usable and case.label is not None:
-            report.cases_usable += 1
+        if not result.usable:
+            report.cases_with_errors.append(case.case_id)
+        elif case.label is not None:
+            usable.append(case)
             for value, n in result.label_voxels.items():
                 name = LABELS.get(found.label_map.get(value, -1), str(value))
                 report.class_cases[name] = report.class_cases.get(name, 0) + 1
                 report.class_voxels[name] = report.class_voxels.get(name, 0) + n
-        if case.image.exists():
-            digests.setdefault(_digest(case.image), []).append(case.case_id)
-    report.duplicates = [ids for ids in digests.values() if len(ids) > 1]
-    for ids in report.duplicates:
+    report.cases_usable = len(usable)
+    if len(usable) < MIN_CASES:
+        return
+    train, val = split_site_cases(usable, site, found.splits)
+    report.train_patients = len({c.patient_id for c in train})
+    report.validation_patients = len({c.patient_id for c in val})
+    add_patient_problems(report, patient_problems(train, val, labels))
+
+
+def add_patient_problems(report: SiteCheck, problems: list[PatientProblem]) -> None:
+    """Each problem as an ERROR naming its files (training refuses them)."""
+    for p in problems:
         report.findings.append(
             Finding(
-                "duplicate",
-                WARN,
-                ", ".join(ids),
-                "these cases have identical images",
-                "remove duplicates: one patient must be one case for DP to hold",
+                p.kind,
+                FATAL,
+                ", ".join(p.files),
+                f"{p.message} (cases {', '.join(p.cases)})",
+                PATIENT_FIX,
             )
         )
+        if p.kind != "patient-in-train-and-validation":
+            report.duplicates.append(list(p.cases))
+
+
+def _check_patient_counts(site: SiteConfig, report: SiteCheck) -> None:
     if report.cases_usable < MIN_CASES:
         report.findings.append(
             Finding(
@@ -148,143 +238,50 @@ def check_site(
                 "fix the cases listed above or add data",
             )
         )
-    return report
-
-
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _check_environment(site: SiteConfig, report: SiteCheck) -> None:
-    import torch
-
-    env = report.environment
-    env["cuda_available"] = bool(torch.cuda.is_available())
-    env["device"] = site.device
-    if site.device == "cuda" and not env["cuda_available"]:
+        return
+    p = site.privacy
+    if p.enabled and report.train_patients < DP_MIN_TRAIN_PATIENTS:
         report.findings.append(
             Finding(
-                "setup-device",
-                FATAL,
-                str(site.source),
-                "device: cuda but no CUDA GPU is visible",
-                "set device: auto or cpu, or fix the GPU driver",
-            )
-        )
-    state = site.state_dir
-    probe_dir = next((p for p in (state, *state.parents) if p.exists()), Path("/"))
-    env["state_dir"] = str(state)
-    env["free_disk_gb"] = round(shutil.disk_usage(probe_dir).free / 2**30, 2)
-    if shutil.disk_usage(probe_dir).free < MIN_FREE_BYTES:
-        report.findings.append(
-            Finding(
-                "setup-disk",
+                "dp-few-patients",
                 WARN,
-                str(probe_dir),
-                f"only {env['free_disk_gb']} GB free "
-                "for the state directory (ledger, preprocessing cache)",
-                "free space or move state_dir",
-            )
-        )
-    try:
-        state.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=state):
-            pass
-        env["state_dir_writable"] = True
-    except OSError as exc:
-        env["state_dir_writable"] = False
-        report.findings.append(
-            Finding(
-                "setup-state-dir",
-                FATAL,
-                str(state),
-                f"cannot write ({exc.strerror})",
-                "give the service user write access or change state_dir",
-            )
-        )
-    if site.privacy.enabled:
-        from client.privacy import LedgerError, PrivacyLedger
-
-        try:
-            ledger = PrivacyLedger(state, site.name)
-            env["epsilon_spent"] = round(ledger.epsilon(site.privacy.delta), 4)
-            env["epsilon_ceiling"] = site.privacy.max_epsilon
-        except LedgerError as exc:
-            report.findings.append(
-                Finding(
-                    "setup-ledger", FATAL, str(state), str(exc), "restore the ledger"
-                )
-            )
-
-
-def _check_node_command(site: SiteConfig, report: SiteCheck) -> None:
-    from client.node import supernode_command
-
-    try:
-        supernode_command(site)
-        report.environment["supernode_command"] = "ok"
-    except ConfigError as exc:
-        report.findings.append(
-            Finding(
-                "setup-federation",
-                FATAL,
                 str(site.source),
-                str(exc),
-                "fix the federation block as the message says",
+                f"{report.train_patients} training patient(s), fewer than "
+                f"{DP_MIN_TRAIN_PATIENTS}: under DP (ceiling epsilon "
+                f"{p.max_epsilon:g}) the noise is likely to swamp what so few "
+                "patients teach (a rule of thumb: at epsilon 8 DP-SGD did not "
+                "learn on 15-45 cases per site and did on 150)",
+                "add patients, or expect this site to add noise more than signal",
             )
         )
-
-
-def _check_superlink(address: str, ca: Path | None, report: SiteCheck) -> None:
-    host, _, port = address.rpartition(":")
-    env = report.environment
-    try:
-        with socket.create_connection((host, int(port)), timeout=5) as sock:
-            env["superlink_reachable"] = True
-            if ca is None:
-                return
-            ctx = ssl.create_default_context(cafile=str(ca))
-            with ctx.wrap_socket(sock, server_hostname=host) as tls:
-                env["tls_verified"] = True
-                env["tls_peer"] = dict(x[0] for x in tls.getpeercert()["subject"])
-    except ssl.SSLError as exc:
-        env["tls_verified"] = False
+    if report.validation_patients < p.min_cases_for_aggregates:
         report.findings.append(
             Finding(
-                "setup-tls",
-                FATAL,
-                address,
-                f"TLS certificate does not verify ({exc})",
-                "use the consortium's CA file, and check the server certificate names "
-                "this address",
-            )
-        )
-    except (OSError, ValueError) as exc:
-        env["superlink_reachable"] = False
-        report.findings.append(
-            Finding(
-                "setup-superlink",
-                FATAL,
-                address,
-                f"coordinator does not answer ({exc})",
-                "check the address, the firewall and that the SuperLink runs",
+                "few-validation-patients",
+                WARN,
+                str(site.source),
+                f"{report.validation_patients} validation patients, fewer than "
+                f"privacy.min_cases_for_aggregates ({p.min_cases_for_aggregates}): "
+                "this site's validation metrics will be withheld",
+                "raise data.validation_fraction or add patients, or lower the floor "
+                "if the site accepts releasing aggregates over fewer patients",
             )
         )
 
 
 def format_check(report: SiteCheck) -> str:
-    """Text for the site's terminal: summary table, then problems by kind."""
+    """Text for the site's terminal: summary table, problems by kind, and the
+    verdict as the last line."""
     lines = [
         f"kidneyfl readiness check: site {report.site} ({report.config})",
         f"  layout {report.layout or '?'}",
         *(f"  note: {n}" for n in report.notes),
         f"  cases found {report.cases_found}, usable {report.cases_usable}, "
-        f"unlabelled {len(report.cases_unlabelled)}, duplicates "
-        f"{sum(len(d) for d in report.duplicates)}",
+        f"with errors {len(report.cases_with_errors)}, excluded "
+        f"{len(report.cases_excluded)}, unlabelled {len(report.cases_unlabelled)}, "
+        f"duplicates {sum(len(d) for d in report.duplicates)}",
+        f"  patients: training {report.train_patients}, validation "
+        f"{report.validation_patients}",
     ]
     if report.class_cases:
         lines.append(
@@ -302,9 +299,5 @@ def format_check(report: SiteCheck) -> str:
         )
         for f in items:
             lines.append(f"    {f.file}: {f.message}")
-    lines.append(
-        "READY: training can start"
-        if report.ok
-        else "NOT READY: training would fail; fix the errors above"
-    )
+    lines.append(report.verdict)
     return "\n".join(lines)

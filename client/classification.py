@@ -6,15 +6,20 @@ are the federation's, shared with segmentation.
 
 Class imbalance (plan key ``class-balance``):
 
-- ``loss`` (default): cross-entropy weighted per class, inverse to the site's
-  training counts (or the plan's ``class-weights``), averaged with a plain mean
-  over the batch. PyTorch's weighted ``mean`` divides by the batch's sum of
-  weights, which would make each patient's gradient depend on who else was
-  sampled; Opacus' per-sample clipping assumes it does not.
-- ``sampler``: a class-balanced redraw of the cases each round. Under DP it is
-  replaced by ``loss``: Opacus swaps any sampler for Poisson sampling (the
-  privacy analysis requires it), and a redraw would show a patient more than
-  once, so per-sample clipping would no longer bound one patient's influence.
+- ``loss`` (default): cross-entropy weighted per class by the plan's
+  ``class-weights`` or, without DP, inverse to the site's training counts,
+  averaged with a plain mean over the batch. Under DP, weights from the counts
+  would be a function of other patients' labels that DP-SGD does not account
+  for, so the site uses the plan's ``class-weights`` or, if it has none, equal
+  weights (with a warning naming the key). PyTorch's weighted ``mean`` divides
+  by the batch's sum of weights, which would make each patient's gradient
+  depend on who else was sampled; Opacus' per-sample clipping assumes it does
+  not.
+- ``sampler``: a class-balanced redraw of the slices each round. Under DP it is
+  replaced by ``loss`` (with the DP rule for weights above): Opacus swaps any
+  sampler for Poisson sampling (the privacy analysis requires it), and a redraw
+  would show a patient more than once, so per-sample clipping would no longer
+  bound one patient's influence.
 - ``none``: plain cross-entropy.
 """
 
@@ -82,8 +87,9 @@ class ClassificationTask:
             With the file, CSV row and fix.
         """
         train_cases, val_cases = split_cases(discover(site, plan), site)
-        sampler = plan.class_balance == "sampler" and not site.privacy.enabled
-        if plan.class_balance == "sampler" and site.privacy.enabled:
+        dp = site.privacy.enabled
+        sampler = plan.class_balance == "sampler" and not dp
+        if plan.class_balance == "sampler" and dp:
             log.warning(
                 "class-balance=sampler is replaced by class-weighted loss under DP: "
                 "Opacus' Poisson sampling replaces samplers"
@@ -96,7 +102,19 @@ class ClassificationTask:
             log.warning("site %s has no training case of %s", site.name, missing)
         self.class_weights = None
         if plan.class_balance in ("loss", "sampler") and not sampler:
-            self.class_weights = plan.class_weights or class_weights_from_counts(counts)
+            self.class_weights = plan.class_weights or None
+            if self.class_weights is None and dp:
+                log.warning(
+                    "site %s: under DP the loss is not weighted by the site's class "
+                    "counts (other patients' labels, not covered by DP-SGD); the "
+                    "plan's class-weights is empty, so all classes weigh the same. "
+                    "Set class-weights in the plan (e.g. from public prevalence) "
+                    "to weight them",
+                    site.name,
+                )
+            elif self.class_weights is None:
+                self.class_weights = class_weights_from_counts(counts)
+        # Items are patients: n_train and n_val count patients, not slices.
         return TaskData(train, val, len(train), len(val), fingerprint(train))
 
     def loss(self, plan: Plan) -> nn.Module:

@@ -1,11 +1,19 @@
 """Classification data at a site: a CSV manifest or one folder per class.
 
-Manifest: ``image,label[,split]`` with a header; ``image`` relative to the
-manifest's folder (or absolute); ``label`` a class name of the plan's
+Manifest: ``image,label[,split][,patient]`` with a header; ``image`` relative
+to the manifest's folder (or absolute); ``label`` a class name of the plan's
 ``class-names`` (empty: kept for prediction only); ``split`` ``train``,
-``validation`` or ``test`` (test rows are never trained or validated on).
-Folders: ``<root>/<class>/<image>``. Images are 2D or 3D NIfTI in HU (a 3D
-volume gives its middle axial slice) or 8-bit PNG slices already windowed.
+``validation`` or ``test`` (test rows are never trained or validated on);
+``patient`` the patient's id (a patient's rows are one unit; empty or no column:
+each image is its own patient). Folders: ``<root>/<class>/<image>``, each image
+its own patient. Images are 2D or 3D NIfTI in HU (a 3D volume gives its middle
+axial slice) or 8-bit PNG slices already windowed.
+
+The patient is the unit of privacy: the training set's items are patients, and
+each time Poisson sampling draws a patient one of its slices is taken, so
+DP-SGD's per-sample clipping bounds one patient's influence however many slices
+the patient has. A patient in both training and validation, or identical images
+under two patient ids, are refused (:mod:`client.patients`).
 
 Every error names the file (and the CSV row) and the fix. Nothing here leaves
 the site.
@@ -16,7 +24,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +52,13 @@ class ClsCase:
     image: Path
     label: int | None
     split: str | None  # from the manifest, or None: split by the site YAML
+    patient: str | None = None  # the manifest's patient column
+
+    @property
+    def patient_id(self) -> str:
+        """The patient's id or, when the layout names none, the image's path
+        (file names may repeat across class folders; paths do not)."""
+        return self.patient or str(self.image)
 
 
 def _is_image(p: Path) -> bool:
@@ -60,8 +74,13 @@ def _case_id(p: Path) -> str:
     return name
 
 
-def read_manifest(path: Path, class_names: tuple[str, ...]) -> list[ClsCase]:
+def read_manifest(
+    path: Path, class_names: tuple[str, ...] | None = None
+) -> list[ClsCase]:
     """Parse a classification manifest.
+
+    ``class_names`` None accepts any class name (the readiness check, which has
+    no plan), indexed in sorted order.
 
     Raises
     ------
@@ -87,9 +106,11 @@ def read_manifest(path: Path, class_names: tuple[str, ...]) -> list[ClsCase]:
     if "image" not in header or "label" not in header:
         raise SiteDataError(
             f"{path}: row 1: header is {rows[0]}; the first row must name the "
-            "columns image,label[,split]"
+            "columns image,label[,split][,patient]"
         )
     col = {h: i for i, h in enumerate(header)}
+    if class_names is None:
+        class_names = _labels_in(rows, col["label"])
     cases: list[ClsCase] = []
     for n, row in enumerate(rows[1:], start=2):
         if not any(cell.strip() for cell in row):
@@ -103,6 +124,7 @@ def read_manifest(path: Path, class_names: tuple[str, ...]) -> list[ClsCase]:
         image = image if image.is_absolute() else path.parent / image
         label = row[col["label"]].strip()
         split = row[col["split"]].strip().lower() if "split" in col else ""
+        patient = row[col["patient"]].strip() if "patient" in col else ""
         if not image.is_file():
             raise SiteDataError(
                 f"{path}: row {n}: image {image} not found; fix the path (relative "
@@ -125,6 +147,7 @@ def read_manifest(path: Path, class_names: tuple[str, ...]) -> list[ClsCase]:
                 image,
                 class_names.index(label) if label else None,
                 SPLITS.get(split, "test" if split == "test" else None),
+                patient or None,
             )
         )
     if not cases:
@@ -132,8 +155,29 @@ def read_manifest(path: Path, class_names: tuple[str, ...]) -> list[ClsCase]:
     return cases
 
 
-def read_class_folders(root: Path, class_names: tuple[str, ...]) -> list[ClsCase]:
-    """Cases from ``<root>/<class>/<image>``.
+def _labels_in(rows: list[list[str]], column: int) -> tuple[str, ...]:
+    return tuple(
+        sorted({r[column].strip() for r in rows[1:] if len(r) > column} - {""})
+    )
+
+
+def class_names_of(site: SiteConfig) -> tuple[str, ...]:
+    """The class names a site's data use (manifest labels or class folders),
+    sorted: the classes :func:`discover` with ``plan`` None indexes."""
+    d = site.data
+    manifest = d.manifest or d.root / MANIFEST
+    if d.layout == "manifest" or (d.layout == "auto" and manifest.is_file()):
+        rows = list(csv.reader(manifest.read_text(encoding="utf-8-sig").splitlines()))
+        header = [h.strip().lower() for h in rows[0]] if rows else []
+        return _labels_in(rows, header.index("label")) if "label" in header else ()
+    return tuple(sorted(p.name for p in d.root.iterdir() if p.is_dir()))
+
+
+def read_class_folders(
+    root: Path, class_names: tuple[str, ...] | None = None
+) -> list[ClsCase]:
+    """Cases from ``<root>/<class>/<image>`` (``class_names`` None: any folder
+    is a class).
 
     Raises
     ------
@@ -144,6 +188,8 @@ def read_class_folders(root: Path, class_names: tuple[str, ...]) -> list[ClsCase
     if not root.is_dir():
         raise SiteDataError(f"{root}: data.root is not a folder; fix data.root")
     folders = sorted(p for p in root.iterdir() if p.is_dir())
+    if class_names is None:
+        class_names = tuple(p.name for p in folders)
     unknown = [p.name for p in folders if p.name not in class_names]
     if unknown:
         raise SiteDataError(
@@ -169,17 +215,19 @@ def read_class_folders(root: Path, class_names: tuple[str, ...]) -> list[ClsCase
     return cases
 
 
-def discover(site: SiteConfig, plan: Plan) -> list[ClsCase]:
-    """The site's cases, by ``data.layout`` (``auto``: manifest, then folders)."""
+def discover(site: SiteConfig, plan: Plan | None) -> list[ClsCase]:
+    """The site's cases, by ``data.layout`` (``auto``: manifest, then folders);
+    ``plan`` None accepts any class name (the readiness check)."""
+    names = plan.class_names if plan is not None else None
     data = site.data
     manifest = data.manifest or data.root / MANIFEST
     layout = data.layout
     if layout == "auto":
         layout = "manifest" if manifest.is_file() else "class-folders"
     if layout == "manifest":
-        return read_manifest(manifest, plan.class_names)
+        return read_manifest(manifest, names)
     if layout == "class-folders":
-        return read_class_folders(data.root, plan.class_names)
+        return read_class_folders(data.root, names)
     raise SiteDataError(
         f"{site.source}: data.layout {layout} is a segmentation layout; for the "
         "classification task set data.layout to manifest or class-folders"
@@ -189,40 +237,21 @@ def discover(site: SiteConfig, plan: Plan) -> list[ClsCase]:
 def split_cases(
     cases: list[ClsCase], site: SiteConfig
 ) -> tuple[list[ClsCase], list[ClsCase]]:
-    """Train and validation cases, labelled only.
+    """Train and validation cases, labelled only, split by patient.
 
-    The manifest's split column wins; then ``data.train_cases`` /
-    ``data.validation_cases`` (image names without extension); the rest are
-    split per class by ``data.validation_fraction`` with ``data.split_seed``, so
-    every class with two or more cases has one in validation.
+    See :func:`client.cls_split.split_patients`.
+
+    Raises
+    ------
+    SiteDataError
+        No labelled training image; a patient in both training and validation,
+        an image listed twice, or identical images under two patient ids.
     """
-    d = site.data
-    train, val, rest = [], [], []
-    for c in cases:
-        if c.label is None or c.split == "test":
-            continue
-        if c.split == "train" or (d.train_cases and c.case_id in d.train_cases):
-            train.append(c)
-        elif c.split == "validation" or (
-            d.validation_cases and c.case_id in d.validation_cases
-        ):
-            val.append(c)
-        else:
-            rest.append(c)
-    rng = random.Random(d.split_seed)
-    for label in sorted({c.label for c in rest if c.label is not None}):
-        group = sorted((c for c in rest if c.label == label), key=lambda c: c.case_id)
-        rng.shuffle(group)
-        k = round(len(group) * d.validation_fraction)
-        if d.validation_fraction > 0 and len(group) >= 2:
-            k = min(max(k, 1), len(group) - 1)
-        val += group[:k]
-        train += group[k:]
-    if not train:
-        raise SiteDataError(
-            f"{site.source}: no labelled training images; label some cases or "
-            "lower data.validation_fraction"
-        )
+    from client.cls_split import split_patients
+    from client.patients import refuse
+
+    train, val, problems = split_patients(cases, site)
+    refuse(problems, site.name)
     return train, val
 
 
@@ -274,13 +303,20 @@ def load_slice(path: Path, plan: Plan) -> torch.Tensor:
 
 
 class SliceDataset(torch.utils.data.Dataset):
-    """Preloaded slices and labels; ``(image, label)`` tuples, as Opacus needs.
+    """Preloaded slices grouped by patient; items are patients.
+
+    ``len`` is the number of patients, and item ``i`` is one slice of patient
+    ``i`` with its label, drawn at random at each access: Opacus' Poisson
+    sampling over the items draws patients, so one patient is one sample for
+    DP-SGD's clipping whatever its number of slices. Items are ``(image,
+    label)`` tuples, as Opacus needs; ``images`` and ``labels`` keep every
+    slice (evaluation reads them all).
 
     ``augment`` flips slices at random (the class does not depend on side or
-    orientation). ``balanced`` redraws, at each :meth:`set_seed`, which cases
-    the epoch visits, with equal probability per class (a weighted sampler
-    that survives ``DataLoader(shuffle=True)``); only without DP, since it
-    shows a patient more than once.
+    orientation). ``balanced`` redraws, at each :meth:`set_seed`, which slices
+    an epoch visits, as many as there are patients, with equal probability per
+    class (a weighted sampler that survives ``DataLoader(shuffle=True)``); only
+    without DP, since it shows a patient more than once.
     """
 
     def __init__(
@@ -289,17 +325,27 @@ class SliceDataset(torch.utils.data.Dataset):
         labels: torch.Tensor,
         augment: bool = False,
         balanced: bool = False,
+        patients: list[list[int]] | None = None,
     ) -> None:
         self.images, self.labels = images, labels
         self.augment, self.balanced = augment, balanced
-        self.index = list(range(len(labels)))
+        self.patients = (
+            patients if patients is not None else [[j] for j in range(len(labels))]
+        )
+        self.drawn: list[int] | None = None  # balanced: slice per item
         self._gen = torch.Generator().manual_seed(0)
 
     def __len__(self) -> int:
-        return len(self.index)
+        return len(self.patients)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        j = self.index[i]
+        if self.drawn is not None:
+            j = self.drawn[i]
+        else:
+            group = self.patients[i]
+            j = group[0]
+            if len(group) > 1:
+                j = group[int(torch.randint(len(group), (1,), generator=self._gen))]
         x = self.images[j]
         if self.augment:
             flips = torch.rand(2, generator=self._gen) < 0.5
@@ -309,24 +355,25 @@ class SliceDataset(torch.utils.data.Dataset):
         return x, self.labels[j]
 
     def set_seed(self, seed: int) -> None:
-        """Seed augmentation and, when balanced, redraw the visited cases."""
+        """Seed augmentation and the slice drawn per patient and, when
+        balanced, redraw the visited slices."""
         self._gen.manual_seed(seed)
         if self.balanced and len(self.labels):
             counts = torch.bincount(self.labels).float()
             w = 1.0 / counts[self.labels]
             g = torch.Generator().manual_seed(seed)
-            drawn = torch.multinomial(w, len(self.labels), True, generator=g)
-            self.index = drawn.tolist()
+            drawn = torch.multinomial(w, len(self.patients), True, generator=g)
+            self.drawn = drawn.tolist()
 
     def class_counts(self, n_classes: int) -> list[int]:
-        """Cases per class (local only; never sent)."""
+        """Slices per class (local only; never sent)."""
         return torch.bincount(self.labels, minlength=n_classes).tolist()
 
 
 def build_dataset(
     cases: list[ClsCase], plan: Plan, augment: bool = False, balanced: bool = False
 ) -> SliceDataset:
-    """Load ``cases`` into a :class:`SliceDataset`."""
+    """Load ``cases`` into a :class:`SliceDataset`, one item per patient."""
     size = plan.image_size
     images = (
         torch.stack([load_slice(c.image, plan) for c in cases])
@@ -334,7 +381,10 @@ def build_dataset(
         else torch.zeros((0, 1, size, size))
     )
     labels = torch.tensor([int(c.label or 0) for c in cases], dtype=torch.long)
-    return SliceDataset(images, labels, augment=augment, balanced=balanced)
+    groups: dict[str, list[int]] = {}
+    for j, c in enumerate(cases):
+        groups.setdefault(c.patient_id, []).append(j)
+    return SliceDataset(images, labels, augment, balanced, list(groups.values()))
 
 
 def fingerprint(ds: SliceDataset) -> str:

@@ -13,6 +13,7 @@ import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import nibabel as nib
 import numpy as np
@@ -22,6 +23,9 @@ from monai.data import PersistentDataset
 
 from client.casecheck import CaseReport, inspect_case
 from common.config import Plan, SiteConfig
+
+if TYPE_CHECKING:
+    from client.patients import PatientProblem
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +38,21 @@ class SiteDataError(RuntimeError):
 
 @dataclass(frozen=True)
 class Case:
-    """One patient: an image and, for training and validation, its label."""
+    """One patient: an image and, for training and validation, its label.
+
+    ``patient`` comes from a manifest's ``patient`` column; without one the
+    case is its own patient.
+    """
 
     case_id: str
     image: Path
     label: Path | None
+    patient: str | None = None
+
+    @property
+    def patient_id(self) -> str:
+        """The patient's id, or the case id when the layout names none."""
+        return self.patient or self.case_id
 
 
 @dataclass(frozen=True)
@@ -80,21 +94,25 @@ def inspect(
 def load_site_cases(site: SiteConfig) -> SiteCases:
     """Discover (any supported layout), validate and split a site's cases.
 
-    Unreadable cases are logged by path and skipped; unlabelled cases are kept
-    for prediction only.
+    Cases listed in ``data.exclude_cases`` are left out; unreadable cases are
+    logged by path and skipped; unlabelled cases are kept for prediction only.
+    Each case must be a distinct patient (:mod:`client.patients`).
 
     Raises
     ------
     SiteDataError
-        If no labelled case is usable, or too few to split.
+        If no labelled case is usable, or too few to split; if a patient is
+        listed twice (repeated file, identical images, repeated patient id) or
+        is in both training and validation.
     """
     from client.layouts import discover
+    from client.patients import refuse
 
     d = site.data
     found = discover(d.root, d.layout, d.label_names, d.manifest)
     skipped: dict[str, str] = {}
     usable = []
-    for case in found.cases:
+    for case in leave_out(found.cases, d.exclude_cases, skipped):
         if case.label is None:
             skipped[case.case_id] = "no segmentation (prediction only)"
             continue
@@ -112,13 +130,77 @@ def load_site_cases(site: SiteConfig) -> SiteCases:
             f"{d.root} ({len(found.cases)} found, {len(skipped)} skipped); at least "
             "2 are needed. Run `kidneyfl site check` for the list of problems"
         )
-    train, val = _split(usable, site, found.splits)
+    train, val = split_site_cases(usable, site, found.splits)
+    refuse(patient_problems(train, val, frozenset(found.label_map)), site.name)
     return SiteCases(train, val, skipped, found.label_map)
 
 
-def _split(
+class _OfPatient(Protocol):
+    @property
+    def case_id(self) -> str: ...
+
+    @property
+    def patient_id(self) -> str: ...
+
+
+_C = TypeVar("_C", bound=_OfPatient)
+
+
+def leave_out(
+    cases: list[_C], exclude: list[str] | None, skipped: dict[str, str]
+) -> list[_C]:
+    """``cases`` less those whose case or patient id ``data.exclude_cases``
+    lists; the left out are added to ``skipped``.
+
+    Raises
+    ------
+    SiteDataError
+        If ``exclude`` names an id that is no case or patient of the site.
+    """
+    names = set(exclude or [])
+    known = {c.case_id for c in cases} | {c.patient_id for c in cases}
+    if unknown := sorted(names - known):
+        raise SiteDataError(
+            f"data.exclude_cases names {unknown}, which are neither cases nor "
+            "patients of this site; fix the spelling or remove them"
+        )
+    kept = []
+    for c in cases:
+        if c.case_id in names or c.patient_id in names:
+            skipped[c.case_id] = "left out by data.exclude_cases"
+        else:
+            kept.append(c)
+    return kept
+
+
+def patient_problems(
+    train: list[Case], validation: list[Case], label_values: frozenset[int]
+) -> list[PatientProblem]:
+    """What breaks one-case-per-patient in a split (:mod:`client.patients`);
+    the images' digests come from the (memoised) inspection."""
+    from client.patients import Unit
+    from client.patients import patient_problems as problems
+
+    units = [
+        Unit(c.case_id, c.patient_id, c.image, inspect(c, label_values).image_digest, s)
+        for s, group in (("train", train), ("validation", validation))
+        for c in group
+    ]
+    return problems(units, one_case_per_patient=True)
+
+
+def split_site_cases(
     cases: list[Case], site: SiteConfig, splits: dict[str, str] | None = None
 ) -> tuple[list[Case], list[Case]]:
+    """Training and validation cases: the manifest's split column, else
+    ``data.train_cases`` / ``data.validation_cases``, else a seeded random split
+    by ``data.validation_fraction``.
+
+    Raises
+    ------
+    SiteDataError
+        If the YAML names cases that are not usable.
+    """
     by_id = {c.case_id: c for c in cases}
     d = site.data
     if splits and d.train_cases is None and d.validation_cases is None:

@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 LAYOUTS = ("auto", "kits19", "kits21", "kits23", "msd", "nnunet", "manifest")
 KIDNEYFL_LABELS = {name: value for value, name in LABELS.items()}
 SPLITS = ("train", "validation", "test")
-MANIFEST_HEADER = "image,label[,split]"
+MANIFEST_HEADER = "image,label[,split][,patient]"
+_MANIFEST_OPTIONAL = {"split", "patient"}
 
 # Dataset label names (after _norm) that need no data.label_names entry.
 _ALIASES = {
@@ -402,7 +403,11 @@ def _manifest(path: Path) -> _Parsed:
     with path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.reader(fh)
         cols = [c.strip().lower() for c in next(reader, [])]
-        if sorted(cols) not in (["image", "label"], ["image", "label", "split"]):
+        if (
+            len(set(cols)) != len(cols)
+            or not {"image", "label"} <= set(cols)
+            or set(cols) - {"image", "label"} - _MANIFEST_OPTIONAL
+        ):
             raise SiteDataError(
                 f"{path}: header is {','.join(cols) or '(empty)'!r}; expected "
                 f"'{MANIFEST_HEADER}' (one row per case, label empty if none)"
@@ -425,10 +430,14 @@ def _manifest(path: Path) -> _Parsed:
                     f"{', '.join(SPLITS)} (or empty)"
                 )
             label = path.parent / rec["label"] if rec["label"] else None
-            rows.append((path.parent / rec["image"], label, split))
-    ids = _dedupe([_stem(image) for image, _, _ in rows])
-    cases = [Case(cid, img, lab) for cid, (img, lab, _) in zip(ids, rows, strict=True)]
-    splits = {cid: s for cid, (_, _, s) in zip(ids, rows, strict=True) if s}
+            patient = rec.get("patient") or None
+            rows.append((path.parent / rec["image"], label, split, patient))
+    ids = _dedupe([_stem(row[0]) for row in rows])
+    cases = [
+        Case(cid, img, lab, patient)
+        for cid, (img, lab, _, patient) in zip(ids, rows, strict=True)
+    ]
+    splits = {cid: row[2] for cid, row in zip(ids, rows, strict=True) if row[2]}
     source = f"{path} (its label values are read as kidneyfl's 0-3)"
     notes = [] if cases else [f"{path} lists no cases"]
     return _Parsed(cases, list(KIDNEYFL_LABELS.items()), source, notes, splits)

@@ -375,8 +375,8 @@ def test_task_trains_with_dp_evaluates_and_predicts(tmp_path):
     task = get_task("classification")
     data = task.load_data(site, plan)
     assert data.n_train + data.n_val == 24 and data.n_val >= 4
-    w = task.class_weights
-    assert w is not None and w[0] > w[3]  # stones are common here: lower weight
+    # under DP no weight is derived from the site's label counts
+    assert task.class_weights is None
     image, label = data.train[0]
     assert image.shape == (1, 32, 32) and label.dtype == torch.long
     model = build_plan_model(plan)
@@ -428,3 +428,84 @@ def test_weighted_loss_is_a_plain_mean_over_samples():
     per = torch.nn.functional.cross_entropy(logits, y, reduction="none")
     expected = (per * torch.tensor(w)).mean()  # not divided by the sum of weights
     assert torch.allclose(WeightedCrossEntropy(w)(logits, y), expected)
+
+
+def test_dp_class_weights_do_not_depend_on_label_counts(tmp_path, caplog):
+    mix = {"normal": 1, "cyst": 1, "tumour": 1, "stone": 5}
+    task = get_task("classification")
+    plain = torch.nn.functional.cross_entropy
+    logits, y = torch.randn(8, 4), torch.tensor([0, 1, 2, 3, 3, 3, 3, 3])
+    for i, m in enumerate((mix, {"normal": 5, "cyst": 1, "tumour": 1, "stone": 1})):
+        site = load_site_config(write_cls_yaml(tmp_path, f"dp{i}", cases=16, mix=m))
+        write_site_phantom(site)
+        task.load_data(site, cls_plan())  # class-balance=loss, no class-weights
+        assert task.class_weights is None  # uniform, whatever the mix
+        assert torch.allclose(task.loss(cls_plan())(logits, y), plain(logits, y))
+        assert "class-weights" in caplog.text
+        task.load_data(site, cls_plan(**{"class-weights": "1,2,3,4"}))
+        assert task.class_weights == (1, 2, 3, 4)  # the plan's choice, as given
+    off = write_cls_yaml(tmp_path, "off", 16, mix=mix, privacy={"enabled": False})
+    write_site_phantom(load_site_config(off))
+    task.load_data(load_site_config(off), cls_plan())
+    w = task.class_weights
+    assert w is not None and w[0] > w[3]  # without DP: inverse to the counts
+
+
+def _patient_manifest(tmp_path, groups, splits=None):
+    """12 phantom slices re-listed with a patient column: ``groups`` maps a
+    patient id to slice numbers; the other slices are their own patients."""
+    site = load_site_config(write_cls_yaml(tmp_path, "p", cases=12))
+    write_site_phantom(site)
+    manifest = site.data.root / "manifest.csv"
+    rows = manifest.read_text().splitlines()[1:]
+    owner = {i: p for p, members in groups.items() for i in members}
+    splits = splits or {}
+    manifest.write_text(
+        "image,label,split,patient\n"
+        + "".join(
+            f"{r},{splits.get(i, '')},{owner.get(i, '')}\n" for i, r in enumerate(rows)
+        )
+    )
+    return site
+
+
+def test_dataset_items_are_patients_and_give_one_of_their_slices(tmp_path):
+    from client.cls_data import build_dataset
+
+    site = _patient_manifest(tmp_path, {"anna": [0, 1, 2], "ben": [3, 4]})
+    cases = discover(site, cls_plan())
+    ds = build_dataset(cases, cls_plan())
+    assert len(ds) == 9 and len(ds.labels) == 12  # 7 own + anna + ben
+    anna = next(i for i, g in enumerate(ds.patients) if len(g) == 3)
+    seen = set()
+    for seed in range(40):
+        ds.set_seed(seed)
+        x, label = ds[anna]
+        hits = [j for j in ds.patients[anna] if torch.equal(x, ds.images[j])]
+        assert hits and int(label) == int(ds.labels[hits[0]])
+        seen.add(hits[0])
+    assert seen == set(ds.patients[anna])  # each of anna's slices gets drawn
+    task = get_task("classification")
+    data = task.load_data(site, cls_plan())
+    assert data.n_train + data.n_val == 9  # patients, not slices
+    assert len(data.train.labels) + len(data.validation.labels) == 12
+    groups = data.train.patients + data.validation.patients
+    assert sorted(map(len, groups)) == [1] * 7 + [2, 3]  # never split up
+
+
+def test_patient_split_across_training_and_validation_is_refused(tmp_path):
+    site = _patient_manifest(tmp_path, {"anna": [0, 1]}, {0: "train", 1: "val"})
+    with pytest.raises(SiteDataError, match="patient anna is in both training"):
+        get_task("classification").load_data(site, cls_plan())
+
+
+def test_identical_slices_under_two_patients_are_refused(tmp_path):
+    site = _patient_manifest(tmp_path, {})
+    images = site.data.root / "images"
+    (images / "case_00005.nii.gz").write_bytes(
+        (images / "case_00004.nii.gz").read_bytes()
+    )
+    with pytest.raises(SiteDataError, match="identical images") as err:
+        get_task("classification").load_data(site, cls_plan())
+    assert "case_00004.nii.gz" in str(err.value)
+    assert "case_00005.nii.gz" in str(err.value)

@@ -323,3 +323,17 @@ def test_remap_labels_names_unexpected_values() -> None:
         remap_labels(labels, {0: 0, 1: 1, 2: 2})
     with pytest.raises(ValueError, match=r"\[1.5\] are not whole numbers"):
         remap_labels(np.array([0.0, 1.5]), {0: 0, 1: 1, 2: 2})
+
+
+def test_manifest_patient_column_is_optional_and_read(tmp_path: Path) -> None:
+    (tmp_path / "manifest.csv").write_text(
+        "patient,image,label\nP-7,a.nii.gz,a_seg.nii.gz\n,b.nii.gz,\n"
+    )
+    found = discover(tmp_path)
+    assert [(c.case_id, c.patient, c.patient_id) for c in found.cases] == [
+        ("a", "P-7", "P-7"),
+        ("b", None, "b"),  # no id: the case is its own patient
+    ]
+    (tmp_path / "manifest.csv").write_text("image,label,mrn\na.nii.gz,,1\n")
+    with pytest.raises(SiteDataError, match=r"\[,patient\]"):
+        discover(tmp_path)
