@@ -48,6 +48,7 @@ def _predict(args: argparse.Namespace) -> int:
         output=Path(args.output) if args.output else None,
         json_path=Path(args.json) if args.json else None,
         device=args.device,
+        force=args.force,
     )
     for line in summary_lines(summary):
         print(line)
@@ -87,6 +88,13 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--json", default=None, help="write the summary (volumes) as JSON")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="predict even on a scan unlike the training data (not CT in HU, "
+        "spacing or field of view outside what the run saw); the output and "
+        "the JSON then carry a warning",
+    )
     p.set_defaults(func=_predict)
     e = sub.add_parser(
         "export",
@@ -133,6 +141,46 @@ def _phantom_classification(args: argparse.Namespace, profile) -> int:
     return 0
 
 
+DEFAULT_PROFILE = "standard-nephro"
+
+# One example per subcommand, shown at the end of its --help.
+EXAMPLES: dict[str, str] = {
+    "phantom": "kidneyfl phantom --out data/phantoms/x --cases 10",
+    "site": "kidneyfl site check sites/hospital-a.yaml",
+    "site privacy": "kidneyfl site privacy sites/hospital-a.yaml",
+    "site check": "kidneyfl site check sites/hospital-a.yaml --json",
+    "site keygen": "kidneyfl site keygen keys/hospital-a --comment hospital-a",
+    "site start": "kidneyfl site start sites/hospital-a.yaml  (--print: show it)",
+    "site approve": "kidneyfl site approve sites/hospital-a.yaml bundle.fab",
+    "site approvals": "kidneyfl site approvals sites/hospital-a.yaml",
+    "site audit": "kidneyfl site audit sites/hospital-a.yaml --verify",
+    "site executor": "kidneyfl site executor sites/hospital-a.yaml  (started by "
+    "`site start`)",
+    "site audit-privacy": "kidneyfl site audit-privacy sites/hospital-a.yaml "
+    "--checkpoint runs/<run>/final",
+    "coordinator": "kidneyfl coordinator status runs/<run> --connection consortium",
+    "coordinator superlink": "kidneyfl coordinator superlink --certs certs "
+    "--state /var/lib/kidneyfl/superlink",
+    "coordinator connect": "kidneyfl coordinator connect consortium --address "
+    "fl.consortium.example:9092 --root-certificates certs/ca.crt",
+    "predict": "kidneyfl predict --checkpoint runs/<run>/final scan.nii.gz -o "
+    "mask.nii.gz --json volumes.json",
+    "export": "kidneyfl export runs/<run>/final",
+}
+
+
+def add_examples(parser: argparse.ArgumentParser, path: str = "") -> None:
+    """Give every subcommand without an epilog its example from EXAMPLES."""
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        for name, sub in action.choices.items():
+            key = f"{path} {name}".strip()
+            if not sub.epilog and key in EXAMPLES:
+                sub.epilog = f"example: {EXAMPLES[key]}"
+            add_examples(sub, key)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """All subcommands, with long kebab-case flags."""
     parser = argparse.ArgumentParser(
@@ -150,8 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument(
         "--site-profile",
-        required=True,
-        help="built-in profile name or a YAML file of scanner settings",
+        default=DEFAULT_PROFILE,
+        help="built-in profile name (thin-slice-cm, standard-nephro, "
+        f"thick-slice-noisy) or a YAML file of scanner settings (default: "
+        f"{DEFAULT_PROFILE})",
     )
     p.add_argument("--cases", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
@@ -181,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     site_cli.register(sub)
     coordinator_cli.register(sub)
     _add_model_commands(sub)
+    add_examples(parser)
     return parser
 
 

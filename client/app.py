@@ -42,7 +42,7 @@ from client.train import DPSpec, local_train, select_device
 from common import wire
 from common.config import ConfigError, Plan, SiteConfig, load_plan, load_site_config
 from common.fingerprint import site_fingerprint
-from common.logs import setup_logging
+from common.logs import log_request, setup_logging
 from common.models import get_model_spec
 from common.personal import require_norm_params
 from common.tasks import build_plan_model
@@ -114,11 +114,15 @@ def refusing(handler: Handler) -> Handler:
         try:
             return handler(msg, context)
         except REFUSALS as exc:
-            log.warning("request %s refused: %s", msg.metadata.message_type, exc)
-            return refusal(msg, _site_name(context), refusal_code(exc), _public(exc))
-        except Exception:
-            log.exception("request %s failed", msg.metadata.message_type)
-            return refusal(msg, _site_name(context), "internal-error")
+            kind, name = msg.metadata.message_type, _site_name(context)
+            log.warning("request %s refused: %s", kind, exc)
+            log_request(name, kind, None, "refused", f"{refusal_code(exc)}: {exc}")
+            return refusal(msg, name, refusal_code(exc), _public(exc))
+        except Exception as exc:
+            kind, name = msg.metadata.message_type, _site_name(context)
+            log.exception("request %s failed", kind)
+            log_request(name, kind, None, "refused", f"internal-error: {exc!r}")
+            return refusal(msg, name, "internal-error")
 
     return wrapper
 
@@ -206,6 +210,14 @@ def _train_round(msg: Message, context: Context, fine_tune: bool) -> Message:
         stats.loss,
         stats.steps,
         eps_after,
+    )
+    log_request(
+        site.name,
+        kind,
+        rnd,
+        "trained",
+        f"{stats.steps} steps, epsilon {eps_after:.2f}"
+        + ("" if dp is not None else f", loss {stats.loss:.3f}"),
     )
     privacy = {
         wire.DP_ENABLED: int(dp is not None),
@@ -331,6 +343,14 @@ def evaluate(msg: Message, context: Context) -> Message:
     rnd = _round(cfg, default=0)
     record_timing(site, run_id, rnd, "evaluate", t_load, time.perf_counter() - t_work)
     values[wire.NUM_EXAMPLES] = data.n_train
+    shared = "metrics withheld" if wire.METRICS_WITHHELD in values else "means sent"
+    log_request(
+        site.name,
+        "evaluate",
+        rnd,
+        "evaluated",
+        f"{data.n_val} validation cases, {shared}",
+    )
     return _reply(msg, site.name, MetricRecord(values))
 
 
@@ -346,13 +366,18 @@ def fingerprint(msg: Message, context: Context) -> Message:
     """
     plan, site = _setup(msg, context)
     if not site.privacy.share_fingerprint:
+        log_request(site.name, "query", None, "refused", "not-shared (site choice)")
         return refusal(msg, site.name, "not-shared")
     cases = load_site_cases(site)
     usable = cases.train + cases.validation
     requested = int(msg.content[wire.CONFIG].get(wire.FINGERPRINT_MIN_CASES, 5))
     if len(usable) < aggregate_floor(site, requested):
+        log_request(site.name, "query", None, "refused", "too-few-cases")
         return refusal(msg, site.name, "too-few-cases")
     stats = site_fingerprint(raw_volumes(usable, cases.label_map))
+    log_request(
+        site.name, "query", None, "sent its fingerprint", f"{len(usable)} cases"
+    )
     return _reply(msg, site.name, MetricRecord(stats))
 
 

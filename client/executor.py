@@ -300,12 +300,15 @@ def run_governed(site_yaml: str | Path) -> int:
     import signal
     import time
 
+    from client.node import start_logged
+
     site = load_site_config(site_yaml)
     env = supernode_env_for(site)
     Path(env["FLWR_HOME"]).mkdir(parents=True, exist_ok=True)
-    node = subprocess.Popen(isolated_supernode_command(site), env=env)
+    # Output to the terminal and <state_dir>/logs/supernode.log (client/node.py).
+    node = start_logged(isolated_supernode_command(site), env, site)
     cmd = [*executor_command(site), "--parent-pid", str(os.getpid())]
-    execu = subprocess.Popen(cmd, env=env)
+    execu = start_logged(cmd, env, site)
     procs = (node, execu)
 
     def stop(*_: Any) -> None:

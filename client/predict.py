@@ -12,8 +12,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
+import numpy as np
 import torch
 
+from client.scan_check import SEEN_SCANS_KEY, ScanMismatch, scan_problems
 from client.task import get_task
 from client.train import select_device
 from common.artifacts import load_model_dir
@@ -71,6 +74,7 @@ def predict(
     output: Path | None = None,
     json_path: Path | None = None,
     device: str = "auto",
+    force: bool = False,
 ) -> dict[str, Any]:
     """Apply a checkpoint's model to one scan or a folder of scans.
 
@@ -87,11 +91,22 @@ def predict(
         Where to write the summary as JSON.
     device : str
         ``auto``, ``cpu`` or ``cuda``.
+    force : bool
+        Predict even on scans unlike the training data (see
+        ``client/scan_check.py``); each such case, its output file and the
+        summary then carry the reasons as warnings.
 
     Returns
     -------
     dict
-        ``{"checkpoint", "task", "model", "cases": {name: task summary}}``.
+        ``{"checkpoint", "task", "model", "cases": {name: task summary},
+        "warnings": {name: [reason, ...]}}``.
+
+    Raises
+    ------
+    ScanMismatch
+        If a scan is unlike the training data and ``force`` is false; nothing
+        is predicted or written then.
     """
     source, checkpoint = Path(source), Path(checkpoint)
     if not source.exists():
@@ -108,10 +123,14 @@ def predict(
     else:
         scans = {_stem(source): source}
         outputs = {_stem(source): Path(output) if output is not None else None}
+    warnings = check_scans(scans, plan, meta, force)
     cases = {}
     for name, path in scans.items():
         log.info("predicting %s", name)
         cases[name] = task.predict(model, path, plan, dev, outputs[name])
+        if name in warnings:
+            cases[name]["warnings"] = warnings[name]
+            mark_output(outputs[name], warnings[name])
     summary = {
         "checkpoint": str(checkpoint),
         "task": plan.task,
@@ -119,11 +138,50 @@ def predict(
         "round": meta.get("round"),
         "preprocessing": meta.get("preprocessing"),
         "cases": cases,
+        "warnings": warnings,
     }
     if json_path is not None:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def check_scans(
+    scans: dict[str, Path], plan: Plan, meta: dict[str, Any], force: bool
+) -> dict[str, list[str]]:
+    """Problems per scan (segmentation models: CT in HU, spacing, field of view).
+
+    Raises
+    ------
+    ScanMismatch
+        Naming the first scan with problems and each problem, unless ``force``.
+    """
+    if plan.task != "segmentation":
+        return {}
+    found = {}
+    for name, path in scans.items():
+        problems = scan_problems(path, plan, meta.get(SEEN_SCANS_KEY))
+        if problems and not force:
+            raise ScanMismatch(
+                f"{path}: refused, not like the scans this model was trained on: "
+                + "; ".join(problems)
+                + ". Nothing was written. If you are sure, pass --force (the "
+                "output and the JSON then carry this warning)."
+            )
+        if problems:
+            log.warning("%s: predicting anyway (--force): %s", name, problems)
+            found[name] = problems
+    return found
+
+
+def mark_output(output: Path | None, problems: list[str]) -> None:
+    """Say in a forced output's own header (NIfTI description) that it is one."""
+    if output is None or not Path(output).is_file():
+        return
+    img = nib.load(str(output))
+    img = nib.Nifti1Image(np.asarray(img.dataobj), img.affine, img.header)
+    img.header["descrip"] = b"kidneyfl WARNING: forced; input unlike training data"
+    nib.save(img, str(output))
 
 
 def summary_lines(summary: dict[str, Any]) -> list[str]:
@@ -142,4 +200,6 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
             )
         out = res.get("output")
         lines.append(f"{name}: {text}" + (f" -> {out}" if out else ""))
+        for why in res.get("warnings", []):
+            lines.append(f"  WARNING (forced): {why}")
     return lines

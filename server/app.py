@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from common.config import Plan, load_plan
 from common.fingerprint import combine
 from common.logs import setup_logging
 from common.personal import require_norm_params
+from common.scans import SEEN_SCANS_KEY, seen_scans
 from common.tasks import build_plan_model
 from server.aggregators import strategy_options
 from server.checkpoint import (
@@ -49,7 +51,14 @@ from server.report import (
     round_line,
     summary_table,
 )
-from server.strategy import RoundRecord, SiteAwareStrategy, build_strategy
+from server.report_html import write_report
+from server.status import ProgressGrid, RunStatus
+from server.strategy import (
+    LocalTraining,
+    RoundRecord,
+    SiteAwareStrategy,
+    build_strategy,
+)
 
 log = logging.getLogger("kidneyfl.server")
 app = ServerApp()
@@ -81,11 +90,47 @@ def _state_sha(state: dict) -> str:
     return h.hexdigest()
 
 
-def _write_status(run_dir: Path, state: str, done: int, message: str = "") -> None:
-    atomic_write_json(
-        run_dir / "status.json",
-        {"state": state, "rounds_done": done, "message": message, "time": time.time()},
-    )
+def live_report(run_dir: Path) -> None:
+    """Rewrite ``report.html`` from what the run holds now; never fails the run."""
+    try:
+        write_report(run_dir)
+    except Exception:  # noqa: BLE001 - the report is a view; the round is saved
+        log.warning("could not rewrite the live report", exc_info=True)
+
+
+class LiveReport:
+    """Rewrites the report beside the round loop, so plotting never delays a
+    round; a request while one is being written makes one more pass after it."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self._lock = threading.Lock()
+        self._busy = self._again = False
+        self._thread: threading.Thread | None = None
+
+    def request(self) -> None:
+        """Rewrite the report soon (in a thread)."""
+        with self._lock:
+            if self._busy:
+                self._again = True
+                return
+            self._busy = True
+            self._thread = threading.Thread(target=self._loop, daemon=True)
+            self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            live_report(self.run_dir)
+            with self._lock:
+                if not self._again:
+                    self._busy = False
+                    return
+                self._again = False
+
+    def wait(self) -> None:
+        """Block until no rewrite is in progress."""
+        if self._thread is not None:
+            self._thread.join()
 
 
 def federated_preprocessing(grid: Grid, plan: Plan, run_dir: Path) -> dict:
@@ -122,6 +167,7 @@ def federated_preprocessing(grid: Grid, plan: Plan, run_dir: Path) -> dict:
         )
     prep = combine(prints, max_patch=plan.patch_size)  # bounded compute
     prep["refused"] = refused
+    prep[SEEN_SCANS_KEY] = seen_scans(prints)  # for predict's input check
     atomic_write_json(path, prep)
     log.info("federated preprocessing plan: %s", prep)
     return prep
@@ -163,16 +209,25 @@ def main(grid: Grid, context: Context) -> None:
     if remaining <= 0:
         log.info("run %s already completed %d rounds", run_dir.name, done)
         return
+    status = RunStatus(run_dir, plan.num_server_rounds, done)
+    reports = LiveReport(run_dir)
     try:
-        _federate(grid, plan, run_dir, initial, done, server_state)
-    except SitesGone as exc:
+        _federate(grid, plan, run_dir, initial, done, server_state, status, reports)
+    except Exception as exc:
+        reports.wait()
         last = max((int(e["round"]) for e in read_metrics(run_dir)), default=done)
+        gone = isinstance(exc, SitesGone)
         msg = (
             f"stopped after round {last}: {exc}. Every completed round is "
-            f"checkpointed in {ckpt_dir}; when the sites are back, run again with "
-            "resume=true"
+            f"checkpointed in {ckpt_dir}; when "
+            + ("the sites are back" if gone else "the cause is fixed")
+            + ", run again with resume=true"
         )
-        _write_status(run_dir, "stopped", last, msg)
+        state = "stopped" if gone else "failed"
+        status.update(state=state, rounds_done=last, phase="", message=msg)
+        live_report(run_dir)  # the page stops refreshing and says why
+        if not gone:
+            raise
         log.error("%s", msg)
         raise RuntimeError(msg) from None
 
@@ -184,18 +239,26 @@ def _federate(
     initial: ArrayRecord,
     done: int,
     server_state: dict,
+    status: RunStatus,
+    reports: LiveReport,
 ) -> None:
     ckpt_dir = run_dir / "checkpoints"
     remaining = plan.num_server_rounds - done
-    _write_status(run_dir, "waiting-for-sites", done)
+    status.update(state="waiting-for-sites")
     wait_for_sites(
         grid,
         want=max(plan.expected_sites, plan.min_sites),
         need=plan.min_sites,
         grace=plan.site_wait_timeout,
     )
-    grid = LivenessGrid(grid, need=plan.min_sites, grace=plan.site_wait_timeout)
-    _write_status(run_dir, "running", done)
+    grid = LivenessGrid(
+        ProgressGrid(grid, status), need=plan.min_sites, grace=plan.site_wait_timeout
+    )
+    status.update(
+        state="running",
+        sites=len(list(grid.get_node_ids())),
+        nodes={str(k): v for k, v in _site_names(grid).items()},
+    )
 
     base_config: dict = {
         wire.RUN_ID: run_dir.name,
@@ -211,6 +274,7 @@ def _federate(
         base_config[wire.PREP_STD] = float(prep["foreground-std"])
     # Checkpoints carry the preprocessing the sites applied (self-describing).
     prep_meta = effective_preprocessing(plan, prep)
+    seen = (prep or {}).get(SEEN_SCANS_KEY)
 
     def on_round_end(rec: RoundRecord, arrays: ArrayRecord) -> None:
         entry = round_entry(rec)
@@ -223,6 +287,7 @@ def _federate(
             "plan_fingerprint": json.loads(json.dumps(plan.fingerprint())),
             "model": plan.model,
             PREPROCESSING_KEY: prep_meta,
+            SEEN_SCANS_KEY: seen,
             "metrics": entry["weighted"],
             "epsilon_per_site": entry["epsilon"],
             "max_epsilon": max(
@@ -238,8 +303,9 @@ def _federate(
             server_state=strategy.export_state(),
         )
         append_metrics(run_dir, entry)
-        _write_status(run_dir, "running", rec.round)
+        status.round_done(rec.round)
         log.info("%s", round_line(entry))
+        reports.request()
 
     strategy = SiteAwareStrategy(
         build_strategy(
@@ -258,6 +324,8 @@ def _federate(
         on_round_end=on_round_end,
         site_names=_site_names(grid),
         norm_factor=plan.guard_norm_factor,
+        max_site_weight=plan.max_site_weight,
+        training=LocalTraining.from_plan(plan),
     )
     strategy.import_state(server_state)
     result = strategy.start(
@@ -278,12 +346,16 @@ def _federate(
             "plan_fingerprint": json.loads(json.dumps(plan.fingerprint())),
             "model": plan.model,
             PREPROCESSING_KEY: prep_meta,
+            SEEN_SCANS_KEY: seen,
         },
     )
     if plan.fine_tune_steps > 0:
         run_fine_tune(grid, plan, run_dir, final, base_config, strategy.site_of)
     entries = read_metrics(run_dir)
-    _write_status(run_dir, "finished", plan.num_server_rounds)
+    reports.wait()  # the final report below is the last word
+    status.update(
+        state="finished", rounds_done=plan.num_server_rounds, phase="", message=""
+    )
     log.info("\n%s", summary_table(entries))
     log.info("final model: %s", run_dir / "final")
     deliver(run_dir)

@@ -52,16 +52,42 @@ def _simulate(args: argparse.Namespace) -> int:
         overrides=overrides,
         flwr_home=Path(args.flwr_home) if args.flwr_home else None,
         cpus_per_site=args.cpus_per_site,
+        verbose=args.verbose,
     )
     entries = read_metrics(run_dir)
     print()
     print(summary_table(entries))
+    print(f"\nreport: {run_dir / 'report.html'}")
     if kinds:
         path = args.baselines_fn(
             [Path(p) for p in args.sites.split(",") if p], run_dir, kinds
         )
         print(f"\nbaselines {','.join(kinds)}: {path}")
     print(f"\nrun directory: {run_dir}")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from server.report import read_metrics, round_line, summary_table
+    from server.status import progress_text, read_status, status_line
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(
+            f"{run_dir}: no such run folder; runs are under runs/<run-name>"
+        )
+    status, entries = read_status(run_dir), read_metrics(run_dir)
+    print(f"run {run_dir.name}: {status_line(status)}")
+    for e in entries:
+        print(round_line(e))
+    progress = progress_text(status)
+    if progress:
+        print(progress)
+    if entries and status.get("state") not in ("running", "waiting-for-sites"):
+        print()
+        print(summary_table(entries))
+    if (run_dir / "report.html").is_file():
+        print(f"\nreport: {run_dir / 'report.html'}")
     return 0
 
 
@@ -92,7 +118,15 @@ def register(
     top-level ``cli`` passes it in: the coordinator never imports ``client``).
     """
     p = sub.add_parser(
-        "simulate", help="run a local federation of site YAMLs", allow_abbrev=False
+        "simulate",
+        help="run a local federation of site YAMLs",
+        allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  kidneyfl simulate                          # the three example sites\n"
+        "  kidneyfl simulate --rounds 2 --set dp-target-epsilon=4\n"
+        "  kidneyfl simulate --run-name my-run --resume --rounds 10\n"
+        "results and logs: runs/<run>/ (report.html, status.json, logs/)",
     )
     p.add_argument(
         "--sites",
@@ -116,6 +150,11 @@ def register(
     )
     p.add_argument("--flwr-home", default=None)
     p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show Flower's and Ray's own logs (always in runs/<run>/logs/)",
+    )
+    p.add_argument(
         "--cpus-per-site",
         type=int,
         default=None,
@@ -135,6 +174,7 @@ def register(
         "report",
         help="print a run's metrics and write report.html, plots, TensorBoard events",
         allow_abbrev=False,
+        epilog="example: kidneyfl report runs/sim-20260101-120000",
     )
     r.add_argument("run_dir")
     r.add_argument(
@@ -143,3 +183,13 @@ def register(
         help="skip the sample slices (phantom sites only) in report.html",
     )
     r.set_defaults(func=_report)
+
+    st = sub.add_parser(
+        "status",
+        help="where a run is: state, round lines, the running round, the summary",
+        allow_abbrev=False,
+        epilog="example: kidneyfl status runs/sim-20260101-120000  (while it runs, "
+        "or after)",
+    )
+    st.add_argument("run_dir")
+    st.set_defaults(func=_status)

@@ -1,4 +1,4 @@
-"""Commands the consortium runs to deploy: ``coordinator superlink|connect``."""
+"""Commands the consortium runs to deploy: ``coordinator superlink|connect|status``."""
 
 from __future__ import annotations
 
@@ -39,6 +39,29 @@ def _connect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status(args: argparse.Namespace) -> int:
+    from server.site_status import coordinator_status
+
+    if args.run_dir is None and args.connection is None:
+        raise ValueError(
+            "give a run folder (runs/<run>), --connection NAME, or both; e.g. "
+            "kidneyfl coordinator status runs/<run> --connection consortium"
+        )
+    run_dir = Path(args.run_dir) if args.run_dir else None
+    if run_dir is not None and not run_dir.is_dir():
+        raise FileNotFoundError(
+            f"{run_dir}: no such run folder; the run writes runs/<run-name>/ "
+            "under the plan's out-dir"
+        )
+    text, _ = coordinator_status(
+        run_dir,
+        args.connection,
+        Path(args.flwr_home) if args.flwr_home else None,
+    )
+    print(text)
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``kidneyfl coordinator ...``."""
     co = sub.add_parser(
@@ -70,3 +93,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--insecure", action="store_true", help="plaintext (local tests)")
     c.add_argument("--flwr-home", default=None)
     c.set_defaults(func=_connect)
+    st = csub.add_parser(
+        "status",
+        help="registered sites, which are online, their last round, last refusal "
+        "and epsilon (SuperLink + the run's files)",
+        allow_abbrev=False,
+        epilog="example: kidneyfl coordinator status runs/kits-2027 --connection "
+        "consortium",
+    )
+    st.add_argument("run_dir", nargs="?", default=None, help="runs/<run> (optional)")
+    st.add_argument(
+        "--connection",
+        default=None,
+        metavar="NAME",
+        help="SuperLink connection (from `kidneyfl coordinator connect`)",
+    )
+    st.add_argument("--flwr-home", default=None)
+    st.set_defaults(func=_status)

@@ -1,10 +1,17 @@
 """The run report: ``runs/<run>/report.html`` and its PNGs in ``runs/<run>/report/``.
 
-The HTML is self-contained (every image embedded as base64, no scripts, no
-CDN), so it opens offline and can be mailed to the consortium. It is built from
-what the coordinator already holds: ``metrics.jsonl``, ``plan.json``,
-``comparison.json`` (local/pooled baselines, when present) and sample slices
-rendered from phantom data only (see ``client/samples.py``).
+The HTML is self-contained (every image embedded as base64, no external
+script, no CDN), so it opens offline and can be mailed to the consortium. It is
+built from what the coordinator already holds: ``metrics.jsonl``, ``plan.json``,
+``status.json``, ``comparison.json`` (local/pooled baselines, when present) and
+sample slices rendered from phantom data only (see ``client/samples.py``).
+
+The coordinator rewrites it after every round. While the run goes on the page
+says so ("round 3 of 10, updated 12:04") and reloads itself every
+:data:`REFRESH_S` seconds; once the run has finished, stopped or failed it
+stops reloading. One small inline script marks, on the page itself, any image
+that failed to load and any script error (``data-broken-images``,
+``data-errors`` on ``<body>``), which the browser test reads.
 """
 
 from __future__ import annotations
@@ -25,12 +32,31 @@ from common import wire
 from server import plots
 from server.checkpoint import atomic_write_bytes
 from server.report import read_metrics
+from server.status import LIVE_STATES, read_status, status_line
 
 log = logging.getLogger("kidneyfl.server")
 
 REPORT_NAME = "report.html"
 FIGURES_DIR = "report"
 COMPARISON_FILE = "comparison.json"
+REFRESH_S = 20
+# Records load failures and script errors on <body> for anyone (or any test)
+# that reads the rendered page; it fetches nothing.
+_CHECK_JS = """
+window.addEventListener("error", function (e) {
+  document.body.dataset.errors = (document.body.dataset.errors || "") +
+    (e.message || "error") + ";";
+});
+window.addEventListener("load", function () {
+  var broken = 0, loaded = 0;
+  for (var i = 0; i < document.images.length; i++) {
+    var im = document.images[i];
+    if (im.complete && im.naturalWidth > 0) { loaded++; } else { broken++; }
+  }
+  document.body.dataset.loadedImages = loaded;
+  document.body.dataset.brokenImages = broken;
+});
+"""
 _CM_KEY = re.compile(r"^cm-([a-z0-9_]+)-([a-z0-9_]+)$")
 _COUNTS = {wire.NUM_VAL_CASES, wire.NUM_EXAMPLES, wire.REFUSED}
 
@@ -40,6 +66,8 @@ table{border-collapse:collapse;margin:.5em 0 1.5em}
 td,th{border:1px solid #ccc;padding:3px 8px;text-align:right;font-size:13px}
 th{background:#f0f0f0} td:first-child,th:first-child{text-align:left}
 img{max-width:100%;margin:.3em 0} .note{color:#555;font-size:13px}
+.status{padding:.5em 1em;border-radius:4px;background:#eef5ff}
+.status.live{background:#fff6d6}
 figure{display:inline-block;margin:.5em}
 """
 
@@ -298,19 +326,58 @@ def write_report(
     """
     run_dir = Path(run_dir)
     entries = read_metrics(run_dir)
-    if not entries:
+    status = read_status(run_dir)
+    if not entries and not status:
         raise FileNotFoundError(f"{run_dir}: no metrics.jsonl with rounds")
     plan_path = run_dir / "plan.json"
     plan = json.loads(plan_path.read_text()) if plan_path.is_file() else {}
-    figs = _figures(run_dir, entries, plan, samples or [])
+    live = status.get("state") in LIVE_STATES
+    head = f'<meta http-equiv="refresh" content="{REFRESH_S}">' if live else ""
+    body = [
+        f"<h1>kidneyfl run {html.escape(run_dir.name)}</h1>",
+        _status_note(status, live),
+        f'<p class="note">{len(entries)} round(s); generated '
+        f"{time.strftime('%Y-%m-%d %H:%M:%S')} from metrics.jsonl.</p>",
+    ]
+    if entries:
+        body += _body(run_dir, entries, plan, samples or [], skipped_samples)
+    page = (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        + head
+        + f"<title>kidneyfl {html.escape(run_dir.name)}</title><style>{_CSS}</style>"
+        + f"<script>{_CHECK_JS}</script></head><body>\n"
+        + "\n".join(body)
+        + "\n</body></html>\n"
+    )
+    out = run_dir / REPORT_NAME
+    atomic_write_bytes(out, page.encode())
+    log.debug("report: %s", out)
+    return out
+
+
+def _status_note(status: dict[str, Any], live: bool) -> str:
+    if not status:
+        return ""
+    text = status_line(status)
+    if live:
+        text += f"; this page reloads every {REFRESH_S} s while the run goes on"
+    cls = "status live" if live else "status"
+    return f'<p class="{cls}" id="status">{html.escape(text)}</p>'
+
+
+def _body(
+    run_dir: Path,
+    entries: list[dict[str, Any]],
+    plan: dict[str, Any],
+    samples: list,
+    skipped_samples: list[str] | None,
+) -> list[str]:
+    figs = _figures(run_dir, entries, plan, samples)
     fig_dir = run_dir / FIGURES_DIR
     fig_dir.mkdir(parents=True, exist_ok=True)
     for old in fig_dir.glob("*.png"):
         old.unlink()
     body = [
-        f"<h1>kidneyfl run {html.escape(run_dir.name)}</h1>",
-        f'<p class="note">{len(entries)} round(s); generated '
-        f"{time.strftime('%Y-%m-%d %H:%M:%S')} from metrics.jsonl.</p>",
         '<h2 id="final">Final numbers (last round)</h2>',
         _final_table(entries, score_keys(entries)),
     ]
@@ -333,12 +400,4 @@ def write_report(
     body.append(_events_table(entries))
     body.append('<h2 id="plan">Plan</h2>')
     body.append(_table(["key", "value"], [[k, plan[k]] for k in sorted(plan)]))
-    page = (
-        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-        f"<title>kidneyfl {html.escape(run_dir.name)}</title><style>{_CSS}</style>"
-        "</head><body>\n" + "\n".join(body) + "\n</body></html>\n"
-    )
-    out = run_dir / REPORT_NAME
-    atomic_write_bytes(out, page.encode())
-    log.info("report: %s", out)
-    return out
+    return body

@@ -22,12 +22,13 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import tomli_w
 
 from common.config import SiteConfig, load_plan, load_site_config
 from common.runtime import flower_process_env
+from server.console import RunConsole, banner
 
 log = logging.getLogger("kidneyfl.simulate")
 
@@ -132,10 +133,13 @@ def _bin(name: str) -> str:
     return str(local) if local.exists() else (shutil.which(name) or name)
 
 
-def start_superlink(flwr_home: Path, env: Mapping[str, str]) -> SuperLink:
-    """Start ``flower-superlink --simulation`` on free 127.0.0.1 ports."""
+def start_superlink(
+    flwr_home: Path, env: Mapping[str, str], logdir: Path | None = None
+) -> SuperLink:
+    """Start ``flower-superlink --simulation`` on free 127.0.0.1 ports; its log
+    goes to ``logdir/superlink.log`` (default: under ``flwr_home``)."""
     http = free_port()
-    logdir = flwr_home / "sim-superlink"
+    logdir = logdir or flwr_home / "sim-superlink"
     logdir.mkdir(parents=True, exist_ok=True)
     cmd = [
         _bin("flower-superlink"),
@@ -228,12 +232,20 @@ def simulate(
     flwr_home: Path | None = None,
     cpus_per_site: int | None = None,
     stream: bool = True,
+    verbose: bool = False,
+    out: TextIO | None = None,
 ) -> Path:
     """Run a local federation of the given sites; returns the run directory.
 
     ``cpus_per_site`` is each virtual site's share of the machine (Flower's
     ``client-resources-num-cpus``); None shares the cores out among the sites
     (:func:`default_cpus_per_site`).
+
+    With ``stream`` the terminal (``out``, default stdout) shows a banner, one
+    line per round and, on a terminal, the running round's progress;
+    ``verbose`` adds Flower's and Ray's own logs. Everything goes to
+    ``<run>/logs/`` either way (``flwr.log``: the whole ``flwr run`` stream;
+    ``superlink.log``).
 
     Raises
     ------
@@ -256,8 +268,9 @@ def simulate(
             "run-name": run_name,
         }
     )
-    load_plan(run_config, "simulation plan")  # fail here, not inside Flower
+    plan = load_plan(run_config, "simulation plan")  # fail here, not inside Flower
     run_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = run_dir / "logs"
     overrides_file = run_dir / "run-config.toml"
     overrides_file.write_text(tomli_w.dumps(run_config))
 
@@ -282,7 +295,7 @@ def simulate(
         f"client-resources-num-gpus={gpus} init-args-num-cpus={os.cpu_count() or 2} "
         f'init-args-logging-level="ERROR"'
     )
-    link = start_superlink(flwr_home, env)
+    link = start_superlink(flwr_home, env, log_dir)
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_exit) if in_main else None
     try:
@@ -298,31 +311,47 @@ def simulate(
             str(overrides_file),
         ]
         # Always `--stream`: it is what makes `flwr run` wait for the run to
-        # end. Without `stream` the log goes to a file instead of the terminal.
+        # end; the stream goes to the run's log and, filtered, to the terminal.
         cmd.append("--stream")
-        log.info("starting %d sites: %s", len(sites), ", ".join(names))
-        if stream:
-            proc = subprocess.run(cmd, env=env, cwd=PROJECT_DIR, check=False)
-        else:
-            run_log = flwr_home / "flwr-run.log"
-            log.info("run log: %s", run_log)
-            with run_log.open("ab") as fh:
-                proc = subprocess.run(
-                    cmd, env=env, cwd=PROJECT_DIR, check=False, stdout=fh, stderr=fh
+        term = (out or sys.stdout) if stream else None
+        with RunConsole(run_dir, log_dir / "flwr.log", term, verbose) as console:
+            console.say(banner(run_dir, plan, sites, log_dir, bool(plan.resume)))
+            code = _run_streamed(cmd, env, console)
+            if code != 0:
+                raise SimulationError(
+                    f"`flwr run` exited with code {code}; the whole log is "
+                    f"{log_dir / 'flwr.log'}"
                 )
-        if proc.returncode != 0:
-            raise SimulationError(f"`flwr run` exited with code {proc.returncode}")
-        _wait_for_final(run_dir, link)
+            _wait_for_final(run_dir, link)
     finally:
         link.stop()
         if in_main:
             signal.signal(signal.SIGTERM, previous)
     if not (run_dir / "metrics.jsonl").exists():
         raise SimulationError(
-            f"run {run_name} wrote no metrics; see "
-            f"{flwr_home}/sim-superlink/superlink.log"
+            f"run {run_name} wrote no metrics; see {log_dir}/flwr.log and "
+            f"{log_dir}/superlink.log"
         )
     return run_dir
+
+
+def _run_streamed(cmd: list[str], env: Mapping[str, str], console: RunConsole) -> int:
+    """Run ``cmd``, handing each line of its output to ``console``."""
+    with subprocess.Popen(
+        cmd,
+        env=dict(env),
+        cwd=PROJECT_DIR,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        errors="replace",
+        bufsize=1,
+    ) as proc:
+        assert proc.stdout is not None  # PIPE above
+        for line in proc.stdout:
+            console.stream_line(line)
+        return proc.wait()
 
 
 def _raise_exit(signum: int, frame: object) -> None:

@@ -139,3 +139,75 @@ def test_superlink_command_and_connection(tmp_path):
     assert conf["consortium"]["root-certificates"] == str(tmp_path / "ca.crt")
     with pytest.raises(ValueError, match="root-certificates"):
         write_connection(home, "x", "a:1")
+
+
+# -- what hospital IT sees (issue 20) --------------------------------------------
+# Lines flower-supernode 1.41 prints when it connects and when a request comes.
+SUPERNODE_OUTPUT = [
+    "\x1b[92mINFO \x1b[0m:      Starting Flower SuperNode",
+    "\x1b[92mINFO \x1b[0m:      SuperNode ID: 4711",
+    "\x1b[92mINFO \x1b[0m:      ",
+    "\x1b[92mINFO \x1b[0m:      [RUN 77, ROUND 3]",
+    "\x1b[92mINFO \x1b[0m:      Receiving: train message (ID: abc)",
+    "WARNING kidneyfl.site: hospital-a: train request (round 3): refused; budget",
+    "\x1b[92mINFO \x1b[0m:      [RUN 77]",
+    "\x1b[92mINFO \x1b[0m:      Receiving: query message (ID: def)",
+]
+
+
+def test_site_start_adds_connected_and_request_lines_and_keeps_a_log(tmp_path):
+    import io
+    import sys
+    import time
+
+    from client.node import start_logged
+
+    site = load_site_config(write_site_yaml(tmp_path, "hospital-a", generate=False))
+    script = "\n".join(f"print({line!r})" for line in SUPERNODE_OUTPUT)
+    term = io.BytesIO()
+    term.close = lambda: None  # type: ignore[method-assign]
+    proc = start_logged([sys.executable, "-c", script], dict(os.environ), site, term)
+    assert proc.wait(30) == 0
+    log = site.state_dir / "logs" / "supernode.log"
+    for _ in range(50):  # the copier finishes just after the process
+        if "query request" in log.read_text():
+            break
+        time.sleep(0.1)
+    shown = term.getvalue().decode()
+    for line in SUPERNODE_OUTPUT:  # Flower's own lines pass unchanged
+        assert line in shown
+    added = [x.split(" ", 1)[1] for x in shown.splitlines() if "hospital-a: " in x]
+    assert added == [
+        "hospital-a: connected to the SuperLink as node 4711",
+        "hospital-a: train request arrived (round 3)",
+        "kidneyfl.site: hospital-a: train request (round 3): refused; budget",
+        "hospital-a: query request arrived",
+    ]
+    logged = log.read_text()
+    assert "connected to the SuperLink as node 4711" in logged
+    assert "INFO :      SuperNode ID: 4711" in logged and "\x1b" not in logged
+
+
+def test_site_processes_log_to_the_site_state_dir(tmp_path):
+    import logging
+
+    from common.logs import LOG_DIR_ENV, add_log_file, log_request, remove_log_file
+
+    site = load_site_config(write_site_yaml(tmp_path, "hospital-a", generate=False))
+    env = supernode_env(site)
+    assert env[LOG_DIR_ENV] == str(site.state_dir / "logs")
+    handler = add_log_file(site.state_dir / "logs" / "kidneyfl.log")
+    try:
+        logging.getLogger("kidneyfl").setLevel(logging.INFO)
+        log_request("hospital-a", "train", 2, "trained", "4 steps, epsilon 3.10")
+        log_request("hospital-a", "train", 3, "refused", "budget 10 would be passed")
+        log_request("hospital-a", "evaluate", 3, "evaluated", "5 validation cases")
+    finally:
+        remove_log_file(handler)
+    text = (site.state_dir / "logs" / "kidneyfl.log").read_text().splitlines()
+    assert [line.split(" kidneyfl.site: ")[1] for line in text] == [
+        "hospital-a: train request (round 2): trained; 4 steps, epsilon 3.10",
+        "hospital-a: train request (round 3): refused; budget 10 would be passed",
+        "hospital-a: evaluate request (round 3): evaluated; 5 validation cases",
+    ]
+    assert "WARNING" in text[1] and "INFO" in text[0]

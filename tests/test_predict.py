@@ -202,3 +202,90 @@ def test_predict_names_a_missing_checkpoint(tmp_path, capsys):
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), str(scan))
     assert kidneyfl(["predict", str(scan), "--checkpoint", str(tmp_path)]) == 2
     assert "latest.json" in capsys.readouterr().err
+
+
+# -- refusing the wrong input (issue 20) ---------------------------------------
+def _mri_like(path: Path, seed: int = 3) -> Path:
+    """An abdominal MRI-like volume: the phantom's anatomy with MR-like signal
+    (0 outside the body, tissue 200-1500, no air at -1000). Synthesised: no
+    kidney MRI ships with the installed packages."""
+    case = generate_case(load_profile("standard-nephro"), seed=seed, scale=5.0)
+    rng = np.random.default_rng(seed)
+    signal = np.interp(
+        case.image, [-1000, -100, 0, 300, 1000], [0, 1400, 500, 900, 200]
+    )
+    signal += rng.normal(0, 20, signal.shape)
+    nib.save(
+        nib.Nifti1Image(np.clip(signal, 0, None).astype(np.float32), case.affine),
+        str(path),
+    )
+    return path
+
+
+def test_predict_refuses_an_mri_for_a_ct_model_unless_forced(
+    untrained, tmp_path, capsys
+):
+    scan, out, js = (
+        _mri_like(tmp_path / "mri.nii.gz"),
+        tmp_path / "m.nii.gz",
+        tmp_path / "s.json",
+    )
+    argv = ["predict", str(scan), "--checkpoint", str(untrained), "-o", str(out)]
+    assert kidneyfl([*argv, "--json", str(js), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "mri.nii.gz: refused" in err and "not CT in Hounsfield units" in err
+    assert "--force" in err and not out.exists() and not js.exists()
+    assert kidneyfl([*argv, "--json", str(js), "--device", "cpu", "--force"]) == 0
+    assert "WARNING (forced): its intensities run from" in capsys.readouterr().out
+    summary = json.loads(js.read_text())
+    assert "not CT" in summary["warnings"]["mri"][0]
+    assert summary["cases"]["mri"]["warnings"] == summary["warnings"]["mri"]
+    descrip = bytes(nib.load(str(out)).header["descrip"]).decode()
+    assert descrip.startswith("kidneyfl WARNING: forced")
+
+
+def test_a_real_mri_from_nibabel_is_refused(untrained, tmp_path, capsys):
+    # A brain MRI that ships with nibabel's own test data: not CT, and far
+    # smaller than an abdomen.
+    mri = Path(nib.__file__).parent / "tests" / "data" / "anatomical.nii"
+    if not mri.is_file():
+        pytest.skip(f"{mri} is not in this nibabel installation")
+    argv = ["predict", str(mri), "--checkpoint", str(untrained), "--device", "cpu"]
+    assert kidneyfl(argv) == 2
+    err = capsys.readouterr().err
+    assert "not CT in Hounsfield units" in err and "field of view 66x82x50 mm" in err
+
+
+@pytest.mark.parametrize(
+    "profile", ["thin-slice-cm", "standard-nephro", "thick-slice-noisy"]
+)
+def test_phantom_ct_passes_the_input_check(tmp_path, profile):
+    from client.scan_check import scan_problems
+
+    case = generate_case(load_profile(profile), seed=5, scale=4.0)
+    path = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(case.image, case.affine), str(path))
+    assert scan_problems(path, Plan.model_validate(PLAN), None) == []
+
+
+def test_header_modality_spacing_and_field_of_view_are_checked(tmp_path):
+    from client.scan_check import scan_problems
+
+    plan = Plan.model_validate(PLAN)
+    case = generate_case(load_profile("standard-nephro"), seed=5, scale=4.0)
+    ct = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(case.image, case.affine), str(ct))
+    (tmp_path / "ct.json").write_text(json.dumps({"Modality": "MR"}))  # dcm2niix/BIDS
+    assert scan_problems(ct, plan, None) == [
+        "its header says modality MR; the model was trained on CT"
+    ]
+    # The run's sites never had slices thicker than 2.5 mm (sidecar seen-scans).
+    seen = {"spacing-mm-max": [1.0, 1.0, 2.5], "extent-mm-min": [300, 220, 150]}
+    (tmp_path / "ct.json").unlink()
+    (why,) = scan_problems(ct, plan, seen)
+    assert "spacing 3.2x3.2x10 mm is more than 2x the coarsest spacing" in why
+    # A 64 mm crop around one organ is not an abdominal CT.
+    crop = tmp_path / "crop.nii.gz"
+    nib.save(nib.Nifti1Image(case.image[40:60, 30:50, :], case.affine), str(crop))
+    problems = scan_problems(crop, plan, None)
+    assert any("field of view 64x64x170 mm is smaller" in p for p in problems)

@@ -99,7 +99,8 @@ def test_report_sections_and_embedded_images(tmp_path):
     for section in ("final", "curves", "loss", "privacy", "spread", "comparison"):
         assert section in ids
     assert "confusion" in ids and "samples" not in ids  # no phantom slices given
-    assert "http://" not in page and "https://" not in page and "<script" not in page
+    assert "http://" not in page and "https://" not in page
+    assert "<script src" not in page and page.count("<script>") == 1  # inline check
     assert "hospital-c" in page and "ceiling" in page  # the refusal is listed
     assert html.escape('["benign", "malignant"]') in page  # plan table: JSON
     pngs = _pngs(page)

@@ -1,5 +1,6 @@
 """End to end: a real Flower simulation of two phantom hospitals (slow)."""
 
+import io
 import json
 
 import pytest
@@ -43,11 +44,29 @@ def test_federation_with_dp_refusal_checkpoints_and_resume(tmp_path):
         )
     )
     kw = dict(out_dir=tmp_path / "runs", flwr_home=tmp_path / "flwr-home", stream=True)
-    run = simulate(sites, "e2e", overrides={**PLAN, "num-server-rounds": 2}, **kw)
+    term = io.StringIO()
+    run = simulate(
+        sites, "e2e", overrides={**PLAN, "num-server-rounds": 2}, out=term, **kw
+    )
+
+    # The terminal (issue 20): banner, one line per round, no repeats, no
+    # dependency warnings; Flower's own log is in the run's logs/ in full.
+    shown = term.getvalue().splitlines()
+    assert shown[0] == "kidneyfl run e2e" and "target epsilon 20" in shown[3]
+    assert [x[:9] for x in shown[6:]] == ["round   1", "round   2"]
+    assert "site-c REFUSED" in shown[6]
+    assert len(shown) == len(set(shown)) and "Warning" not in term.getvalue()
+    flower_log = (run / "logs" / "flwr.log").read_text()
+    assert "[ROUND 2/2]" in flower_log and "Orientationd" not in flower_log
+    assert (run / "logs" / "superlink.log").is_file()
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "finished" and status["rounds_done"] == 2
+    page = (run / "report.html").read_text()
+    assert "finished: round 2 of 2" in page and 'http-equiv="refresh"' not in page
 
     prep = json.loads((run / "preprocessing.json").read_text())
     assert prep["sites"] == ["site-a", "site-b"] and prep["cases"] == 12
-    assert "fewer than 5" in prep["refused"]["site-c"]  # 4 cases: no fingerprint
+    assert "fewer usable patients" in prep["refused"]["site-c"]  # 4 cases < 5
     assert -100 < prep["hu-window"][0] < prep["hu-window"][1] < 600  # kidney HU
     assert all(p % 16 == 0 for p in prep["patch-size"])
     assert all(p <= c for p, c in zip(prep["patch-size"], [32, 32, 16], strict=True))
@@ -61,8 +80,9 @@ def test_federation_with_dp_refusal_checkpoints_and_resume(tmp_path):
         assert "epsilon 20" in e["refused"]["site-c"]
         assert "at most 5" in e["refused"]["site-c"]
         assert not e["rejected"] and not e["failed"] and e["aggregated"]
-    loss = [sum(m["train-loss"] for m in e["train"].values()) for e in lines]
-    assert loss[1] < loss[0]
+    # DP sites keep their training loss; validation loss falls.
+    assert not any("train-loss" in m for e in lines for m in e["train"].values())
+    assert lines[1]["weighted"]["eval-loss"] < lines[0]["weighted"]["eval-loss"]
     eps = [e["epsilon"]["site-a"] for e in lines]
     assert 0 < eps[0] < eps[1] <= 20.0 * 1.01  # cumulative, within the plan target
     side = json.loads((run / "checkpoints" / "latest.json").read_text())

@@ -1,0 +1,154 @@
+"""Does a scan look like what the model was trained on? (``kidneyfl predict``)
+
+A model trained on CT in Hounsfield units segments whatever it is given: an MRI,
+a CT stored without its rescale slope and intercept, or a crop of one organ
+comes back as a confident "kidney" of hundreds of millilitres. Before
+prediction each scan is checked against the checkpoint:
+
+- **intensities are CT in HU**: air (about -1000 HU) surrounds every abdominal
+  CT, so some voxels must lie at or below :data:`AIR_HU`, and the scan must hold
+  more than air; MRI and raw scanner values start at 0;
+- **modality**, where the file says it: a BIDS/dcm2niix JSON beside the NIfTI
+  (``"Modality": "MR"``) or the NIfTI description (dcm2niix writes ``TE=`` for
+  MR);
+- **spacing and field of view** within what the run saw: the spacing and
+  extent ranges of the sites' fingerprints (sidecar ``seen-scans``, written
+  when the run had a fingerprint round), else generous bounds around the plan's
+  spacing.
+
+Each problem is a sentence saying what is wrong; ``predict`` refuses unless
+forced.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from common.config import Plan
+from common.scans import SEEN_SCANS_KEY
+
+__all__ = ["SEEN_SCANS_KEY", "ScanMismatch", "scan_problems"]
+
+AIR_HU = -500.0  # below any soft tissue or fat; air and lung only
+MIN_AIR_FRACTION = 0.005  # of voxels; an abdominal CT field of view has far more
+COARSER_THAN_PLAN = 4.0  # without seen ranges: spacing up to 4x the plan's
+COARSER_THAN_SEEN = 2.0
+MIN_EXTENT_MM = 40.0  # thinner than this on any axis: a slab, not a volume
+MIN_INPLANE_MM = 100.0  # an abdomen is 250-450 mm across
+SMALLER_THAN_SEEN = 0.5
+_MR_DESCRIP = re.compile(r"(^|[;\s])TE=|\bMRI?\b|\bT[12]w?\b", re.IGNORECASE)
+
+
+class ScanMismatch(ValueError):
+    """A scan is not like the model's training data (the message says how)."""
+
+
+def _sidecar_modality(path: Path) -> str | None:
+    name = path.name
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    side = path.with_name(name + ".json")
+    if not side.is_file():
+        return None
+    try:
+        value = json.loads(side.read_text()).get("Modality")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(value).upper() if value else None
+
+
+def header_modality(path: Path, img: nib.Nifti1Image) -> str | None:
+    """``"MR"``, ``"CT"`` or another DICOM modality when the file says, else None."""
+    side = _sidecar_modality(path)
+    if side:
+        return side
+    descrip = bytes(np.asarray(img.header.get("descrip", b""))).decode(
+        "latin-1", "replace"
+    )
+    return "MR" if _MR_DESCRIP.search(descrip) else None
+
+
+def intensity_problems(data: np.ndarray) -> list[str]:
+    """Why ``data`` is not CT in HU (empty when it looks like it is)."""
+    finite = data[np.isfinite(data)]
+    if finite.size == 0:
+        return ["the scan has no finite voxel values"]
+    lo, hi = (float(v) for v in np.percentile(finite, (1, 99)))
+    air = float((finite <= AIR_HU).mean())
+    if air < MIN_AIR_FRACTION:
+        return [
+            f"its intensities run from {lo:.0f} to {hi:.0f} (1st-99th percentile) "
+            f"with {air:.1%} of voxels at air (at or below {AIR_HU:.0f} HU; an "
+            "abdominal CT has several percent): this is not CT in Hounsfield "
+            "units (an MRI, a CT saved without its rescale slope/intercept, or a "
+            "crop inside the body?)"
+        ]
+    if hi <= AIR_HU:
+        return ["almost every voxel is air (below -500 HU): no body in the scan"]
+    return []
+
+
+def geometry_problems(
+    spacing: np.ndarray, shape: tuple[int, ...], plan: Plan, seen: dict[str, Any]
+) -> list[str]:
+    """Spacing or field of view outside what the run saw (or the plan allows)."""
+    out = []
+    extent = spacing * np.asarray(shape[:3], dtype=float)
+    sp_txt = "x".join(f"{v:.2g}" for v in spacing)
+    ext_txt = "x".join(f"{v:.0f}" for v in extent)
+    if seen.get("spacing-mm-max"):
+        factor, ref = COARSER_THAN_SEEN, seen["spacing-mm-max"]
+        what = "the coarsest spacing the sites trained on"
+    else:
+        factor, ref = COARSER_THAN_PLAN, plan.spacing_mm
+        what = "the model's spacing"
+    if np.any(spacing > factor * np.asarray(ref, dtype=float)):
+        ref_txt = "x".join(f"{v:.2g}" for v in ref)
+        out.append(
+            f"its voxel spacing {sp_txt} mm is more than {factor:g}x {what} "
+            f"({ref_txt} mm): too coarse for what the model learned"
+        )
+    if seen.get("extent-mm-min"):
+        floor = SMALLER_THAN_SEEN * np.asarray(seen["extent-mm-min"], dtype=float)
+    else:
+        floor = np.asarray([MIN_INPLANE_MM, MIN_INPLANE_MM, MIN_EXTENT_MM])
+    if np.any(extent < floor):
+        out.append(
+            f"its field of view {ext_txt} mm is smaller than the scans the model "
+            f"was trained on (at least {'x'.join(f'{v:.0f}' for v in floor)} mm): "
+            "a crop or a single slab, not an abdominal CT"
+        )
+    return out
+
+
+def scan_problems(path: Path, plan: Plan, seen: dict[str, Any] | None) -> list[str]:
+    """Every way ``path`` differs from the model's training data, as sentences.
+
+    Parameters
+    ----------
+    path : Path
+        A NIfTI scan.
+    plan : Plan
+        The checkpoint's effective plan (spacing).
+    seen : dict, optional
+        The sidecar's ``seen-scans`` (``spacing-mm-max``, ``extent-mm-min``).
+    """
+    img = nib.load(str(path))
+    modality = header_modality(path, img)
+    problems = []
+    if modality and modality != "CT":
+        problems.append(
+            f"its header says modality {modality}; the model was trained on CT"
+        )
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    problems += intensity_problems(data)
+    spacing = np.asarray(img.header.get_zooms()[:3], dtype=float)
+    problems += geometry_problems(spacing, img.shape, plan, seen or {})
+    return problems

@@ -1,0 +1,156 @@
+"""``kidneyfl coordinator status``: the consortium's view of its sites.
+
+Two sources, joined by site:
+
+- the SuperLink's node listing (``flwr supernode list <connection> --format
+  json``): every registered node and whether it is online now;
+- the run's files: ``status.json`` (which node is which site, when Flower knows
+  registered names) and ``metrics.jsonl`` (per site: the last round it trained,
+  its last refusal and why, its cumulative epsilon).
+
+Either source may be missing (no run yet, SuperLink unreachable); the table
+says so rather than failing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from server.report import read_metrics
+from server.status import read_status
+
+
+class ListingError(RuntimeError):
+    """The SuperLink's node listing could not be read."""
+
+
+def list_supernodes(
+    connection: str, flwr_home: Path | None = None, flwr_bin: str | None = None
+) -> list[dict[str, Any]]:
+    """The SuperLink's nodes (``node-id``, ``status``, ...) via Flower's CLI.
+
+    Raises
+    ------
+    ListingError
+        If ``flwr`` fails or prints no JSON listing (the message says why).
+    """
+    flwr = flwr_bin or str(Path(sys.executable).parent / "flwr")
+    env = dict(os.environ)
+    if flwr_home is not None:
+        env["FLWR_HOME"] = str(flwr_home)
+    cmd = [flwr, "supernode", "list", connection, "--format", "json"]
+    try:
+        res = subprocess.run(
+            cmd, env=env, capture_output=True, text=True, timeout=60, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ListingError(f"`{' '.join(cmd)}` did not run: {exc}") from None
+    try:
+        doc = json.loads(res.stdout)
+    except ValueError:
+        doc = {}
+    if res.returncode != 0 or not doc.get("success", False):
+        why = (doc.get("error-message") or res.stderr or res.stdout).strip()
+        raise ListingError(
+            f"`flwr supernode list {connection}` failed: {why[-300:]}; check the "
+            f"connection with `kidneyfl coordinator connect {connection} ...`"
+        )
+    return list(doc.get("nodes", []))
+
+
+def site_rows(
+    nodes: list[dict[str, Any]] | None,
+    entries: list[dict[str, Any]],
+    node_names: dict[str, str],
+) -> list[dict[str, Any]]:
+    """One row per site (or unnamed node): node, online, last round, refusal,
+    epsilon. ``nodes`` None means the SuperLink was not asked or not reached."""
+    rows: dict[str, dict[str, Any]] = {}
+
+    def row(site: str) -> dict[str, Any]:
+        return rows.setdefault(
+            site,
+            {
+                "site": site,
+                "node": "-",
+                "superlink": "?" if nodes is None else "not registered",
+                "last_round": None,
+                "epsilon": None,
+                "last_refusal": None,
+            },
+        )
+
+    for node in nodes or []:
+        node_id = str(node.get("node-id"))
+        r = row(node_names.get(node_id, f"node {node_id}"))
+        r["node"], r["superlink"] = node_id, str(node.get("status", "?"))
+    for e in entries:
+        rnd = int(e["round"])
+        for site in e.get("train", {}):
+            row(site)["last_round"] = rnd
+        for site, eps in e.get("epsilon", {}).items():
+            row(site)["epsilon"] = eps
+        for kind in ("refused", "rejected", "failed"):
+            for site, why in e.get(kind, {}).items():
+                row(site)["last_refusal"] = f"round {rnd} {kind}: {why}"
+    return sorted(rows.values(), key=lambda r: r["site"])
+
+
+def format_rows(rows: list[dict[str, Any]]) -> str:
+    """The rows as a fixed-width table for the terminal."""
+    head = ("site", "node", "SuperLink", "last round", "epsilon", "last refusal")
+    body = [
+        (
+            r["site"],
+            r["node"],
+            r["superlink"],
+            "-" if r["last_round"] is None else str(r["last_round"]),
+            "-" if r["epsilon"] is None else f"{r['epsilon']:.2f}",
+            r["last_refusal"] or "-",
+        )
+        for r in rows
+    ]
+    widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head) - 1)]
+    lines = []
+    for cells in [head, *body]:
+        lines.append(
+            "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=False))
+            + "  "
+            + cells[-1]
+        )
+    return "\n".join(lines)
+
+
+def coordinator_status(
+    run_dir: Path | None,
+    connection: str | None,
+    flwr_home: Path | None = None,
+    flwr_bin: str | None = None,
+) -> tuple[str, list[dict[str, Any]]]:
+    """The status text for the terminal, and the rows it shows."""
+    lines, nodes = [], None
+    if connection:
+        try:
+            nodes = list_supernodes(connection, flwr_home, flwr_bin)
+            online = sum(n.get("status") == "online" for n in nodes)
+            lines.append(
+                f"SuperLink {connection}: {len(nodes)} node(s), {online} online"
+            )
+        except ListingError as exc:
+            lines.append(f"SuperLink {connection}: not reachable ({exc})")
+    entries, names = [], {}
+    if run_dir is not None:
+        from server.status import status_line
+
+        status = read_status(run_dir)
+        entries = read_metrics(run_dir)
+        names = {str(k): str(v) for k, v in status.get("nodes", {}).items()}
+        lines.append(f"run {Path(run_dir).name}: {status_line(status)}")
+    rows = site_rows(nodes, entries, names)
+    lines.append(format_rows(rows) if rows else "no sites registered or seen yet")
+    return "\n".join(lines), rows
