@@ -118,13 +118,20 @@ def round_line(entry: dict[str, Any]) -> str:
     w = entry.get("weighted", {})
     title, cols, site_key, label = headline(entry)
     parts.append(title + " " + "/".join(_fmt(w.get(c), 5).strip() for c in cols))
+    if "fp-rate-tumour" in w:  # tumour Dice covers cases with a tumour only
+        parts.append(f"tumour FP {w['fp-rate-tumour']:.2f}")
     sp = entry.get("spread", {})
     if any(c in sp for c in cols):
         parts.append("best-worst " + "/".join(_fmt(sp.get(c), 5).strip() for c in cols))
     for site, m in sorted(entry.get("evaluate", {}).items()):
         eps = entry.get("epsilon", {}).get(site)
         eps_txt = f" eps={eps:.2f}" if eps is not None else " eps=off"
-        parts.append(f"{site}: {label} {m.get(site_key, 0):.3f}{eps_txt}")
+        if m.get(wire.METRICS_WITHHELD):
+            parts.append(f"{site}: metrics withheld (site choice){eps_txt}")
+        elif site_key in m:
+            parts.append(f"{site}: {label} {m[site_key]:.3f}{eps_txt}")
+        else:
+            parts.append(f"{site}: {label} n/a{eps_txt}")
     for kind in ("refused", "rejected", "failed"):
         for site, why in entry.get(kind, {}).items():
             parts.append(f"{site} {kind.upper()} ({why[:80]})")

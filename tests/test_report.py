@@ -216,3 +216,27 @@ def test_confusion_matrix_from_class_named_keys():
     cms = confusion_matrices(round_entry(rec), ["normal", "cyst", "tumour", "stone"])
     mat = cms["a"]
     assert mat[1, 1] == 3 and mat[1, 3] == 1 and mat[3, 3] == 2 and mat.sum() == 6
+
+
+def test_round_line_says_when_a_site_withholds_and_shows_tumour_false_positives():
+    from server.report import round_line
+
+    entry = {
+        "round": 3,
+        "weighted": {
+            "dice-kidney": 0.8,
+            "dice-masses": 0.4,
+            "dice-tumour": 0.3,
+            "fp-rate-tumour": 0.25,
+        },
+        "evaluate": {
+            "a": {"dice-kidney": 0.81, "num-val-cases": 40},
+            "b": {"metrics-withheld": 1, "num-val-cases": 3},
+        },
+        "epsilon": {"a": 4.0, "b": 4.1},
+    }
+    line = round_line(entry)
+    assert "tumour FP 0.25" in line
+    assert "a: kidney 0.810 eps=4.00" in line
+    assert "b: metrics withheld (site choice) eps=4.10" in line
+    assert "b: kidney 0.000" not in line
