@@ -11,6 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
+from cli import pretrain as pretrain_cli
 from cli.baselines import simulate_baselines
 from client import cli as site_cli
 from common.logs import setup_logging
@@ -230,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     server_cli.register(sub, baselines=simulate_baselines)
     site_cli.register(sub)
     coordinator_cli.register(sub)
+    pretrain_cli.register(sub)
     _add_model_commands(sub)
     add_examples(parser)
     return parser

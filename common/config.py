@@ -111,6 +111,10 @@ class Plan(BaseModel):
     max_site_weight: float = Field(0.5, alias="max-site-weight", gt=0, le=1)
     fedbn: bool = False
     fine_tune_steps: int = Field(0, alias="fine-tune-steps", ge=0, le=100_000)
+    # Start from a pretrained model (``kidneyfl pretrain``; a checkpoint folder)
+    # instead of the seeded initialisation; its provenance goes into every
+    # checkpoint's sidecar.
+    initial_checkpoint: str = Field("", alias="initial-checkpoint")
     out_dir: str = Field("runs", alias="out-dir")
     run_name: str = Field("", alias="run-name")
     resume: bool = False

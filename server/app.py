@@ -32,11 +32,14 @@ from common.logs import setup_logging
 from common.personal import require_norm_params
 from common.scans import SEEN_SCANS_KEY, seen_scans
 from common.tasks import build_plan_model
+from common.weights import import_state
 from server.aggregators import strategy_options
 from server.checkpoint import (
+    INITIAL_KEY,
     CheckpointError,
     atomic_write_json,
     load_checkpoint,
+    load_initial,
     load_server_state,
     save_checkpoint,
 )
@@ -185,7 +188,20 @@ def main(grid: Grid, context: Context) -> None:
     initial = ArrayRecord(model.state_dict())
     if plan.fedbn:
         require_norm_params(model, plan.model)
-    done, server_state = 0, {}
+    done, server_state, origin = 0, {}, None
+    if plan.initial_checkpoint:
+        state, origin = load_initial(
+            Path(plan.initial_checkpoint), plan.task, plan.model
+        )
+        import_state(model, state)  # every key and shape, or an error
+        initial = ArrayRecord(model.state_dict())
+        log.info(
+            "starting from %s (pretrained on %s, licence %s, sha256 %s)",
+            origin["path"],
+            origin["dataset"],
+            origin["licence"],
+            origin["sha256"][:16],
+        )
     if plan.resume and (ckpt_dir / "latest.json").exists():
         state, meta = load_checkpoint(ckpt_dir, plan.fingerprint())
         initial, done = ArrayRecord(state), int(meta["round"])
@@ -212,7 +228,9 @@ def main(grid: Grid, context: Context) -> None:
     status = RunStatus(run_dir, plan.num_server_rounds, done)
     reports = LiveReport(run_dir)
     try:
-        _federate(grid, plan, run_dir, initial, done, server_state, status, reports)
+        _federate(
+            grid, plan, run_dir, initial, done, server_state, status, reports, origin
+        )
     except Exception as exc:
         reports.wait()
         last = max((int(e["round"]) for e in read_metrics(run_dir)), default=done)
@@ -241,6 +259,7 @@ def _federate(
     server_state: dict,
     status: RunStatus,
     reports: LiveReport,
+    origin: dict | None = None,
 ) -> None:
     ckpt_dir = run_dir / "checkpoints"
     remaining = plan.num_server_rounds - done
@@ -294,6 +313,7 @@ def _federate(
                 (e for e in entry["epsilon"].values() if e is not None), default=None
             ),
             "sites": sorted(set(rec.train) | set(rec.evaluate)),
+            INITIAL_KEY: origin,
         }
         save_checkpoint(
             ckpt_dir,

@@ -180,3 +180,41 @@ def load_server_state(ckpt_dir: Path, meta: dict[str, Any]) -> dict[str, np.ndar
         raise CheckpointError(f"{path}: checksum mismatch; the file is damaged")
     loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     return {k: v.numpy() for k, v in loaded.items()}
+
+
+INITIAL_KEY = "initial_checkpoint"
+
+
+def load_initial(
+    path: Path, task: str, model: str
+) -> tuple[OrderedDict[str, torch.Tensor], dict[str, Any]]:
+    """The weights of an ``initial-checkpoint`` and the provenance to record.
+
+    ``path`` is a checkpoint folder (``kidneyfl pretrain``'s output, or any
+    run's ``final/``). Its checksum is verified, and it must be of the plan's
+    task and model. The provenance (``initial_checkpoint`` in every later
+    sidecar) is the weights' SHA-256, the dataset and its licence when the
+    checkpoint was pretrained, and the path.
+
+    Raises
+    ------
+    CheckpointError
+        If it is missing, damaged, or of another task or model.
+    """
+    state, meta = load_checkpoint(Path(path))
+    plan = meta.get("plan", {})
+    theirs = (plan.get("task", "segmentation"), meta.get("model", plan.get("model")))
+    if theirs != (task, model):
+        raise CheckpointError(
+            f"{path}: initial checkpoint is {theirs[0]} with model {theirs[1]}, the "
+            f"plan is {task} with model {model}; pretrain with the plan's model or "
+            "set initial-checkpoint to a matching one"
+        )
+    pre = meta.get("pretrained", {})
+    info = {
+        "path": str(Path(path).resolve()),
+        "sha256": meta["sha256"],
+        "dataset": pre.get("dataset", "a federated run"),
+        "licence": pre.get("licence", "-"),
+    }
+    return state, info

@@ -261,6 +261,9 @@ def simulate(
     run_dir = out_dir / run_name
     run_config = default_plan()
     run_config.update(overrides or {})
+    if run_config.get("initial-checkpoint"):  # the ServerApp runs elsewhere
+        initial = Path(str(run_config["initial-checkpoint"])).expanduser().resolve()
+        run_config["initial-checkpoint"] = str(initial)
     run_config.update(
         {
             "sim-site-configs": ",".join(str(s.source) for s in sites),

@@ -5,9 +5,11 @@ import json
 
 import pytest
 
+from cli.pretrain import pretrain
 from client.cli import privacy_report
 from client.timings import read_timings
 from common.config import load_site_config
+from server.checkpoint import load_checkpoint
 from server.simulate import simulate
 from tests.conftest import write_site_yaml
 
@@ -43,10 +45,23 @@ def test_federation_with_dp_refusal_checkpoints_and_resume(tmp_path):
             privacy={"enabled": True, "max_epsilon": 5.0, "delta": 1e-3},
         )
     )
+    # The federation starts from a model pretrained on "public" data (issue 19).
+    public = write_site_yaml(
+        tmp_path, "public", cases=4, seed=9, privacy={"enabled": False}
+    )
+    pre = pretrain(
+        public,
+        tmp_path / "pre",
+        dataset="public phantoms",
+        licence="CC0",
+        steps=2,
+        overrides={k: PLAN[k] for k in ("spacing-mm", "patch-size", "batch-size")},
+    )
+    plan = {**PLAN, "initial-checkpoint": str(pre)}
     kw = dict(out_dir=tmp_path / "runs", flwr_home=tmp_path / "flwr-home", stream=True)
     term = io.StringIO()
     run = simulate(
-        sites, "e2e", overrides={**PLAN, "num-server-rounds": 2}, out=term, **kw
+        sites, "e2e", overrides={**plan, "num-server-rounds": 2}, out=term, **kw
     )
 
     # The terminal (issue 20): banner, one line per round, no repeats, no
@@ -80,7 +95,7 @@ def test_federation_with_dp_refusal_checkpoints_and_resume(tmp_path):
         assert "epsilon 20" in e["refused"]["site-c"]
         assert "at most 5" in e["refused"]["site-c"]
         assert not e["rejected"] and not e["failed"] and e["aggregated"]
-    # DP sites keep their training loss; validation loss falls.
+    # DP sites send no training loss (docs/privacy.md); validation loss falls.
     assert not any("train-loss" in m for e in lines for m in e["train"].values())
     assert lines[1]["weighted"]["eval-loss"] < lines[0]["weighted"]["eval-loss"]
     eps = [e["epsilon"]["site-a"] for e in lines]
@@ -97,6 +112,8 @@ def test_federation_with_dp_refusal_checkpoints_and_resume(tmp_path):
     assert any((run / "tensorboard").iterdir())
     side = json.loads((run / "final" / "latest.json").read_text())
     assert side["preprocessing"]["spacing-mm"] == prep["spacing-mm"]
+    assert side["initial_checkpoint"]["dataset"] == "public phantoms"
+    assert side["initial_checkpoint"]["sha256"] == load_checkpoint(pre)[1]["sha256"]
     assert "epsilon spent" in privacy_report(str(sites[0]))
     # Each site keeps its own timings (load and work per message), locally.
     state = load_site_config(sites[0]).state_dir
@@ -106,7 +123,7 @@ def test_federation_with_dp_refusal_checkpoints_and_resume(tmp_path):
 
     # Resume: one more round continues from the checkpoint, nothing is lost.
     simulate(
-        sites, "e2e", overrides={**PLAN, "num-server-rounds": 3, "resume": True}, **kw
+        sites, "e2e", overrides={**plan, "num-server-rounds": 3, "resume": True}, **kw
     )
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [e["round"] for e in lines] == [1, 2, 3]
