@@ -367,6 +367,7 @@ def _federate(
             "model": plan.model,
             PREPROCESSING_KEY: prep_meta,
             SEEN_SCANS_KEY: seen,
+            INITIAL_KEY: origin,
         },
     )
     if plan.fine_tune_steps > 0:
