@@ -24,15 +24,17 @@ PLAN = {
     "batch-size": 32,
     "local-epochs": 15,
     "learning-rate": 0.005,
-    "dp-target-epsilon": 50.0,
+    "dp-target-epsilon": 100.0,
     "min-sites": 2,
-    "num-server-rounds": 2,
+    "num-server-rounds": 3,
 }
-# Measured on 2 shared CPU cores (docs/classification.md): held-out balanced
-# accuracy 0.40 after these 2 rounds (stone recall 0.95; site validation mean
-# 0.36), in 52 s. Chance is 0.25; the margin leaves ~1.5 standard errors of an
-# 80-case estimate below the measurement.
-MARGIN = 0.07
+# DP noise and sampling come from each site's own entropy (issue 17), so a run
+# cannot be repeated draw for draw: the margin comes from repeated runs. Three
+# runs of exactly this test on 2 shared CPU cores gave held-out balanced
+# accuracy 0.344, 0.375 and 0.394 on 160 cases (chance 0.25; the standard error
+# of one 160-case estimate is about 0.035). At epsilon 50 and 2 rounds the same
+# test gave 0.275-0.40: too close to chance for a test that must not flake.
+MARGIN = 0.06
 
 
 @pytest.mark.slow
@@ -57,7 +59,7 @@ def test_classification_federation_with_dp_beats_chance(tmp_path):
         stream=True,
     )
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [e["round"] for e in lines] == [1, 2]
+    assert [e["round"] for e in lines] == [1, 2, 3]
     for e in lines:
         assert set(e["train"]) == {"site-a", "site-b"} and e["aggregated"]
         assert not e["refused"] and not e["failed"] and not e["rejected"]
@@ -68,21 +70,21 @@ def test_classification_federation_with_dp_beats_chance(tmp_path):
                 == m[wire.NUM_VAL_CASES]
             )
     eps = [e["epsilon"]["site-a"] for e in lines]
-    assert 0 < eps[0] < eps[1] <= 50.0 * 1.01  # DP on, cumulative, within target
+    assert 0 < eps[0] < eps[1] <= 100.0 * 1.01  # DP on, cumulative, within target
 
-    # The final global model on 80 new phantoms (balanced classes, new seeds).
+    # The final global model on 160 new phantoms (balanced classes, new seeds).
     held = load_site_config(
         write_cls_yaml(
-            tmp_path, "held-out", cases=80, profile="standard-nephro", seed=9
+            tmp_path, "held-out", cases=160, profile="standard-nephro", seed=9
         )
     )
     write_site_phantom(held)
     plan = load_plan(PLAN)
     task = get_task("classification")
-    every = build_dataset(discover(held, plan), plan)  # all 80 slices held out
+    every = build_dataset(discover(held, plan), plan)  # all 160 slices held out
     data = TaskData(every, every, len(every), len(every), "held-out")
     state, meta = load_checkpoint(run / "final")
-    assert meta["round"] == 2
+    assert meta["round"] == 3
     model = build_plan_model(plan)
     import_state(model, state)
     m = task.evaluate(model, data, plan, torch.device("cpu"))
