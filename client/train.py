@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from client.privacy import make_private
+from common.config import SGD_MOMENTUM
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def select_device(preference: str = "auto") -> torch.device:
 
 def _optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+        return torch.optim.SGD(params, lr=lr, momentum=SGD_MOMENTUM)
     return torch.optim.Adam(params, lr=lr)
 
 

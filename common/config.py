@@ -53,6 +53,11 @@ StrategyName = Literal[
 ]
 
 
+# The momentum of the plan's ``optimizer = "sgd"`` at every site; the
+# coordinator's update guard predicts DP noise with it (server/influence.py).
+SGD_MOMENTUM = 0.9
+
+
 class Plan(BaseModel):
     """The federation plan, shared by the coordinator and every site.
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from common import wire
-from common.config import Plan
+from common.config import SGD_MOMENTUM, Plan
 
 __all__ = [
     "MAX_NOISE_ALLOWANCE",
@@ -39,8 +39,6 @@ __all__ = [
 # noise a site reports is its own claim, so a claim buys at most this much.
 MAX_NOISE_ALLOWANCE = 10.0
 
-# client/train.py's SGD momentum (the coordinator does not import client code).
-SGD_MOMENTUM = 0.9
 
 
 def capped_shares(weights: Sequence[float], cap: float) -> list[float]:
