@@ -13,6 +13,7 @@ from pathlib import Path
 
 from cli import pretrain as pretrain_cli
 from cli.baselines import simulate_baselines
+from cli.privacy_audit import audit_finish, audit_prepare
 from client import cli as site_cli
 from common.logs import setup_logging
 from server import cli as server_cli
@@ -228,7 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: equal)",
     )
     p.set_defaults(func=_phantom)
-    server_cli.register(sub, baselines=simulate_baselines)
+    server_cli.register(
+        sub, baselines=simulate_baselines, audit=(audit_prepare, audit_finish)
+    )
     site_cli.register(sub)
     coordinator_cli.register(sub)
     pretrain_cli.register(sub)

@@ -45,8 +45,14 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.resume:
         overrides["resume"] = True
     name = args.run_name or time.strftime("sim-%Y%m%d-%H%M%S")
+    sim_sites = [Path(p) for p in args.sites.split(",") if p]
+    if args.audit_canaries:  # canary patients at the first site (issue 21)
+        if args.audit_fns is None:
+            raise ValueError("--audit-canaries needs the kidneyfl command (cli.main)")
+        prepare, _ = args.audit_fns
+        sim_sites = prepare(sim_sites, args.audit_canaries, Path(args.out_dir) / name)
     run_dir = simulate(
-        [Path(p) for p in args.sites.split(",") if p],
+        sim_sites,
         run_name=name,
         out_dir=Path(args.out_dir),
         overrides=overrides,
@@ -63,6 +69,8 @@ def _simulate(args: argparse.Namespace) -> int:
             [Path(p) for p in args.sites.split(",") if p], run_dir, kinds
         )
         print(f"\nbaselines {','.join(kinds)}: {path}")
+    if args.audit_canaries:
+        print(f"\n{args.audit_fns[1](run_dir)}")
     print(f"\nrun directory: {run_dir}")
     return 0
 
@@ -110,7 +118,9 @@ BaselinesFn = Callable[[list[Path], Path, list[str]], Path]
 
 
 def register(
-    sub: argparse._SubParsersAction, baselines: BaselinesFn | None = None
+    sub: argparse._SubParsersAction,
+    baselines: BaselinesFn | None = None,
+    audit: tuple[Callable[..., list[Path]], Callable[[Path], str]] | None = None,
 ) -> None:
     """Add the coordinator's subcommands.
 
@@ -168,7 +178,16 @@ def register(
         help="also train each site alone and/or all data pooled, with the same "
         "optimiser steps, and write comparison.json (docs/strategies.md)",
     )
-    p.set_defaults(func=_simulate, baselines_fn=baselines)
+    p.add_argument(
+        "--audit-canaries",
+        type=int,
+        default=0,
+        metavar="N",
+        help="audit the run's DP in one run: N canary patients at the first site, "
+        "each trained on with probability 1/2; writes privacy-audit.json "
+        "(docs/privacy-audit.md)",
+    )
+    p.set_defaults(func=_simulate, baselines_fn=baselines, audit_fns=audit)
 
     r = sub.add_parser(
         "report",

@@ -396,7 +396,19 @@ def _body(
             + html.escape(", ".join(skipped_samples))
             + ": not phantom data.</p>"
         )
-    body.append('<h2 id="events">Refusals, rejected updates, failures</h2>')
+    audit_path = run_dir / "privacy-audit.json"  # kidneyfl simulate --audit-canaries
+    if audit_path.is_file():
+        audit = json.loads(audit_path.read_text())
+        keys = ["mode", "site", "canaries", "included", "correct", "guesses", "auc"]
+        keys += ["epsilon_lb", "confidence", "delta", "accountant_epsilon"]
+        body.append('<h2 id="privacy-audit">Privacy audit</h2>')
+        body.append(
+            '<p class="note">One-run canary audit (docs/privacy-audit.md): a lower '
+            "bound on epsilon next to the accountant's epsilon. A bound of 0 is not "
+            "a proof of privacy; a bound above the accountant's epsilon means the "
+            "DP implementation is broken.</p>"
+        )
+        body.append(_table(keys, [[audit.get(k) for k in keys]]))
     body.append(_events_table(entries))
     body.append('<h2 id="plan">Plan</h2>')
     body.append(_table(["key", "value"], [[k, plan[k]] for k in sorted(plan)]))
