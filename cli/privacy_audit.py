@@ -25,8 +25,12 @@ def audit_finish(run_dir: Path) -> str:
     from server.deliver import report
 
     path = finish_canary_audit(run_dir)
+    result = json.loads(path.read_text())
+    # the run's record holds it too: one line after the rounds, with no "round"
+    with (run_dir / "metrics.jsonl").open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"privacy_audit": result}, default=str) + "\n")
     try:
         report(run_dir)
     except Exception:  # noqa: BLE001 - the audit is written; `kidneyfl report` retries
         log.exception("redrawing the report failed; `kidneyfl report` retries")
-    return f"{format_canary_audit(json.loads(path.read_text()))}\n({path})"
+    return f"{format_canary_audit(result)}\n({path})"

@@ -76,16 +76,22 @@ def append_metrics(run_dir: Path, entry: dict[str, Any]) -> None:
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """All complete lines of a run's ``metrics.jsonl`` (a torn last line is ignored)."""
+    """The round lines of a run's ``metrics.jsonl``, in order.
+
+    A torn last line is ignored, and so are lines that are not rounds (the
+    privacy audit of ``simulate --audit-canaries`` is appended after them).
+    """
     path = run_dir / METRICS_FILE
     if not path.exists():
         return []
     out = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            out.append(json.loads(line))
+            entry = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if isinstance(entry, dict) and "round" in entry:
+            out.append(entry)
     return out
 
 

@@ -177,8 +177,10 @@ def test_site_audit_privacy_writes_a_local_report(tmp_path, capsys):
 
 # -- black-box canary patients for `kidneyfl simulate --audit-canaries N` ------------
 def test_canary_patients_join_training_only_when_their_coin_says_so(tmp_path):
-    from client.canary_cases import finish_canary_audit, prepare_canary_sites
+    from cli.privacy_audit import audit_finish
+    from client.canary_cases import prepare_canary_sites
     from client.data import load_site_cases
+    from server.report import read_metrics
 
     original = write_site_yaml(tmp_path, "canary-site", cases=6)
     before = load_site_cases(load_site_config(original))
@@ -205,9 +207,16 @@ def test_canary_patients_join_training_only_when_their_coin_says_so(tmp_path):
         "preprocessing": effective_preprocessing(plan, None),
     }
     save_checkpoint(run_dir / "final", 1, export_state(build_plan_model(plan)), sidecar)
-    result = json.loads(finish_canary_audit(run_dir).read_text())
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"round": 1}) + "\n")
+    line = audit_finish(run_dir)  # what `kidneyfl simulate --audit-canaries` runs
+    result = json.loads((run_dir / "privacy-audit.json").read_text())
     assert result["canaries"] == 8 and result["included"] == len(chosen)
     assert 0 <= result["correct"] <= result["guesses"] and result["epsilon_lb"] >= 0
+    assert "privacy-audit.json" in line
+    # the run's record has it after the rounds; readers of rounds skip it
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["privacy_audit"]["canaries"] == 8
+    assert read_metrics(run_dir) == [{"round": 1}]
 
 
 def test_site_audit_privacy_names_a_missing_checkpoint(tmp_path, capsys):
