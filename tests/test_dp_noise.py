@@ -91,8 +91,9 @@ def test_noise_has_the_scale_the_accountant_assumes():
     clean = _one_step(data, noise=0.0, clip=clip)
     draws = torch.cat([_one_step(data, sigma, clip) - clean for _ in range(20)])
     expected = sigma * clip / n
-    # 2720 draws: the std's standard error is 1.4 %; 5 % is 3.5 of them
-    assert draws.std().item() == pytest.approx(expected, rel=0.05)
+    # 2720 draws: the std's standard error is 1.4 %; 6 % is 4.4 of them (a
+    # wrong scale, e.g. noise / batch^2 or a lost factor 2, is off by far more)
+    assert draws.std().item() == pytest.approx(expected, rel=0.06)
     assert abs(draws.mean().item()) < 4 * expected / draws.numel() ** 0.5
     # Gaussian tails, not a bounded or lattice distribution: about 4.6 % of
     # draws beyond 2 std (the secure sampler averages four Gaussians)
