@@ -135,13 +135,17 @@ class RunConsole:
             if self._out is None:
                 return
             self.shown.extend(text.splitlines())
-            if self._console is not None:
-                self._console.print(
-                    text, markup=False, highlight=False, emoji=False, soft_wrap=True
-                )
-            else:
-                self._out.write(text + "\n")
-                self._out.flush()
+            self._print(text)
+
+    def _print(self, text: str) -> None:
+        # the caller holds the lock
+        if self._console is not None:
+            self._console.print(
+                text, markup=False, highlight=False, emoji=False, soft_wrap=True
+            )
+        else:
+            self._out.write(text + "\n")
+            self._out.flush()
 
     def stream_line(self, raw: str) -> None:
         """One line of ``flwr run``'s output: logged; shown if it should be."""
@@ -159,13 +163,7 @@ class RunConsole:
             if self._out is None:
                 return
             self.shown.append(text)
-            if self._console is not None:
-                self._console.print(
-                    text, markup=False, highlight=False, emoji=False, soft_wrap=True
-                )
-            else:
-                self._out.write(text + "\n")
-                self._out.flush()
+            self._print(text)
 
     def poll(self) -> None:
         """Print round lines not yet shown; refresh the progress line."""
