@@ -387,19 +387,38 @@ class PatchDataset(torch.utils.data.Dataset):
 
     def __init__(self, volumes: torch.utils.data.Dataset, plan: Plan) -> None:
         self.volumes = volumes
-        self.crop = mt.Compose(
-            [
-                mt.SpatialPadd(keys=[IMAGE, LABEL], spatial_size=plan.patch_size),
-                mt.RandCropByPosNegLabeld(
-                    keys=[IMAGE, LABEL],
-                    label_key=LABEL,
-                    spatial_size=plan.patch_size,
-                    pos=2.0,
-                    neg=1.0,
-                    num_samples=1,
-                ),
-                mt.RandFlipd(keys=[IMAGE, LABEL], prob=0.0, spatial_axis=0),
+        keys = [IMAGE, LABEL]
+        if plan.patch_sampling == "label-classes":
+            # centred on background, kidney, tumour and cyst by the plan's
+            # ratios: small tumours and cysts are seen far more often than a
+            # foreground/background crop would show them (issue 19)
+            crop = mt.RandCropByLabelClassesd(
+                keys=keys,
+                label_key=LABEL,
+                spatial_size=plan.patch_size,
+                ratios=list(plan.patch_class_ratios),
+                num_classes=len(plan.patch_class_ratios),
+                num_samples=1,
+                warn=False,  # a case without a cyst is normal
+            )
+        else:
+            crop = mt.RandCropByPosNegLabeld(
+                keys=keys,
+                label_key=LABEL,
+                spatial_size=plan.patch_size,
+                pos=2.0,
+                neg=1.0,
+                num_samples=1,
+            )
+        augment = []
+        if plan.augmentation:
+            augment = [
+                *(mt.RandFlipd(keys=keys, prob=0.5, spatial_axis=a) for a in range(3)),
+                mt.RandScaleIntensityd(keys=IMAGE, factors=0.1, prob=0.5),
+                mt.RandShiftIntensityd(keys=IMAGE, offsets=0.1, prob=0.5),
             ]
+        self.crop = mt.Compose(
+            [mt.SpatialPadd(keys=keys, spatial_size=plan.patch_size), crop, *augment]
         )
 
     def __len__(self) -> int:

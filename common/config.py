@@ -89,6 +89,17 @@ class Plan(BaseModel):
     augmentation_multiplicity: int = Field(
         1, alias="augmentation-multiplicity", ge=1, le=64
     )
+    # Training patches: "foreground" (2 of 3 centred on any foreground voxel) or
+    # "label-classes" (centred on background, kidney, tumour, cyst by
+    # patch-class-ratios); augmentation: random flips on every axis and
+    # intensity scale and shift.
+    patch_sampling: Literal["foreground", "label-classes"] = Field(
+        "foreground", alias="patch-sampling"
+    )
+    patch_class_ratios: tuple[float, float, float, float] = Field(
+        (1.0, 1.0, 2.0, 1.0), alias="patch-class-ratios"
+    )
+    augmentation: bool = False
     # Set by the federated preprocessing plan (not run config): z-score
     # normalisation after clipping to the HU window, as nnU-Net does for CT.
     intensity_mean: float | None = Field(None, alias="intensity-mean")
@@ -215,6 +226,23 @@ class Plan(BaseModel):
         if not all(s >= 16 and s % 16 == 0 for s in t):
             raise ValueError("patch-size values must be multiples of 16 (>= 16)")
         return t
+
+    @field_validator("patch_class_ratios", mode="before")
+    @classmethod
+    def _ratios(cls, v: Any) -> tuple:
+        parts = (
+            [p for p in v.replace(" ", ",").split(",") if p]
+            if isinstance(v, str)
+            else list(v)
+        )
+        if len(parts) != 4 or not all(float(p) >= 0 for p in parts):
+            raise ValueError(
+                "patch-class-ratios needs four non-negative numbers (background, "
+                "kidney, tumour, cyst), e.g. 1,1,2,1"
+            )
+        if sum(float(p) for p in parts) <= 0:
+            raise ValueError("patch-class-ratios needs at least one positive ratio")
+        return tuple(float(p) for p in parts)
 
     @field_validator("hu_window", mode="before")
     @classmethod

@@ -58,7 +58,7 @@ window.addEventListener("load", function () {
 });
 """
 _CM_KEY = re.compile(r"^cm-([a-z0-9_]+)-([a-z0-9_]+)$")
-_COUNTS = {wire.NUM_VAL_CASES, wire.NUM_EXAMPLES, wire.REFUSED}
+_COUNTS = {wire.NUM_VAL_CASES, wire.NUM_EXAMPLES, wire.REFUSED, wire.METRICS_WITHHELD}
 
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
@@ -80,7 +80,11 @@ def score_keys(entries: list[dict[str, Any]]) -> list[str]:
         for e in entries
         for m in e.get("evaluate", {}).values()
         for k in m
-        if k not in _COUNTS and k != wire.EVAL_LOSS and not _CM_KEY.match(k)
+        if k not in _COUNTS
+        and k != wire.EVAL_LOSS
+        and not _CM_KEY.match(k)
+        and not k.startswith("cases-")  # how many cases a figure describes
+        and not k.startswith("fp-ml-")  # a volume in mL, not a score
     }
 
     def order(k: str) -> tuple[int, str]:
