@@ -40,7 +40,6 @@ __all__ = [
 MAX_NOISE_ALLOWANCE = 10.0
 
 
-
 def capped_shares(weights: Sequence[float], cap: float) -> list[float]:
     """Shares ``w_k / sum(w)``, none above ``cap``; the excess goes to the others.
 

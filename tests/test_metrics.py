@@ -133,12 +133,9 @@ def test_tumour_dice_is_a_mean_over_cases_with_a_tumour():
     assert out["dice-kidney"] > 0.9 and "fp-rate-kidney" not in out
     assert "dice-cyst" not in out and out["cases-no-cyst"] == 5  # no case has one
     # the old convention, for the record: empty-empty scored 1
-    assert (
-        mean_by_region(
-            [region_dice(*_case(t)) for t in (True, True, True, False, False)]
-        )["tumour"]
-        == pytest.approx(0.4)
-    )
+    assert mean_by_region(
+        [region_dice(*_case(t)) for t in (True, True, True, False, False)]
+    )["tumour"] == pytest.approx(0.4)
 
 
 def test_false_positives_are_scored_on_cases_without_the_region():
