@@ -17,7 +17,8 @@ from pathlib import Path
 
 import yaml
 
-from common.config import SHA256_HEX, ConfigError, SiteConfig, load_site_config
+from common.config import ConfigError, SiteConfig, load_site_config
+from common.site_config import SHA256_HEX
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any, cast
 
 import numpy as np
@@ -67,6 +66,7 @@ from server.aggregators import (
 )
 from server.influence import LocalTraining, norm_outliers
 from server.replies import cast_like, for_inner, metrics_of, part, records_of
+from server.rounds import RoundRecord, refusal_text, weighted_eval_means
 from server.updates import check_update, scan_updates, update_norm
 
 # Strategies whose aggregate_train is exactly aggregate_arrayrecords' weighted
@@ -83,28 +83,10 @@ __all__ = [
     "check_update",
     "norm_outliers",
     "update_norm",
+    "weighted_eval_means",
 ]
 
 log = logging.getLogger("kidneyfl.server")
-
-
-@dataclass
-class RoundRecord:
-    """What one round produced, per site. Aggregates only."""
-
-    round: int
-    train: dict[str, dict[str, float]] = field(default_factory=dict)
-    evaluate: dict[str, dict[str, float]] = field(default_factory=dict)
-    refused: dict[str, str] = field(default_factory=dict)
-    rejected: dict[str, str] = field(default_factory=dict)
-    failed: dict[str, str] = field(default_factory=dict)
-    aggregated: bool = False
-    # L2 norm of (update - global model) of each valid update, for the norm rule
-    update_norms: dict[str, float] = field(default_factory=dict)
-    # each aggregated site's share of a case-weighted aggregate (after the cap),
-    # and the sites whose share the cap lowered
-    weights: dict[str, float] = field(default_factory=dict)
-    capped: list[str] = field(default_factory=list)
 
 
 class SiteAwareStrategy(Strategy):
@@ -463,39 +445,3 @@ class SiteAwareStrategy(Strategy):
 def _name(strategy: Strategy) -> str:
     inner = getattr(strategy, "inner", strategy)
     return type(inner).__name__
-
-
-def refusal_text(msg: Message) -> str:
-    """A refusal's sentence and its stable code, as the site sent them."""
-    site = msg.content.config_records.get(wire.SITE, {})
-    reason = str(site.get(wire.REFUSAL_REASON, "refused"))[:500]
-    code = site.get(wire.REFUSAL_CODE)
-    return f"{reason} [{code}]" if code else reason
-
-
-def weighted_eval_means(per_site: dict[str, dict[str, float]]) -> dict[str, float]:
-    """Case-weighted mean of each evaluation metric over sites.
-
-    Each metric is averaged over the sites that released it, weighted by the
-    cases it is a mean over (``wire.weight_key``: the cases with a region for
-    its Dice, the cases without it for its false positives, else all
-    validation cases). A site that withholds its validation metrics (its own
-    choice, ``metrics-withheld``) neither counts nor drags the others' means.
-    Case counts are summed.
-    """
-    skip = {wire.NUM_VAL_CASES, wire.NUM_EXAMPLES, wire.METRICS_WITHHELD}
-    skip |= {wire.REFUSED}
-    keys = set().union(*(set(m) for m in per_site.values())) - skip
-    out = {}
-    for k in sorted(keys):
-        have = [m for m in per_site.values() if k in m]
-        if k.startswith("cases-"):
-            out[k] = float(sum(m[k] for m in have))
-            continue
-        weights = [
-            m.get(wire.weight_key(k), m.get(wire.NUM_VAL_CASES, 0.0)) for m in have
-        ]
-        total = sum(weights)
-        if total > 0:
-            out[k] = sum(m[k] * w for m, w in zip(have, weights, strict=True)) / total
-    return out
