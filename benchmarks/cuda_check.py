@@ -35,11 +35,11 @@ sys.path.insert(0, str(ROOT))
 
 
 def _train_eval(task_name: str, site_yaml: Path, plan, failures: list[str]) -> None:
-    from client.task import get_task
+    from client.tasks.base import get_task
     from client.train import DPSpec, local_train, select_device
     from common.config import load_site_config
     from common.models import get_model_spec
-    from common.tasks import build_plan_model
+    from common.task_models import build_plan_model
 
     site = load_site_config(site_yaml)
     task = get_task(plan.task)
@@ -82,7 +82,7 @@ def _train_eval(task_name: str, site_yaml: Path, plan, failures: list[str]) -> N
     if not ok:
         failures.append(f"{task_name} evaluation")
     if task_name == "segmentation":
-        from client.seg_predict import segment
+        from client.tasks.segmentation.predict import segment
 
         scan = sorted(Path(site.data.root).glob("case_*/imaging.nii.gz"))[0]
         lab_dev = segment(model, scan, plan, dev)
@@ -109,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         print("FAIL: no CUDA device")
         return 1
     from common.config import Plan
+    from tests.client.test_classification import cls_plan, write_cls_yaml
     from tests.conftest import write_site_yaml
-    from tests.test_classification import cls_plan, write_cls_yaml
 
     failures: list[str] = []
     with tempfile.TemporaryDirectory() as d:
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         _train_eval("segmentation", seg_yaml, seg_plan, failures)
         from common.config import load_site_config
-        from common.tasks import write_site_phantom
+        from sim.phantoms.sites import write_site_phantom
 
         cls_yaml = write_cls_yaml(tmp, "gpu-cls", cases=48, seed=3)
         write_site_phantom(load_site_config(cls_yaml))

@@ -1,7 +1,7 @@
 """Deployment round latency on 127.0.0.1: SuperLink + 2 SuperNodes, small model.
 
 Starts a real ``flower-superlink`` and two hospital SuperNodes (the runbook's
-commands via tests/deployment.py; TLS and node authentication on), runs R
+commands via tests/deployment/harness.py; TLS and node authentication on), runs R
 rounds of the smallest plan (unet-tiny, 5 phantom cases per site, DP on), and
 reports seconds per round (time between consecutive round checkpoints) for
 one or more ways a site can run its ClientApps, side by side in one run:
@@ -75,9 +75,9 @@ def import_time(repeats: int = 3) -> float:
 def measure(mode: str, rounds: int) -> dict:
     """Seconds per round of a 2-site deployment with the sites run as ``mode``."""
     from client.governance import approve
-    from server.simulate import PROJECT_DIR
-    from tests.deployment import Deployment, metrics, wait_for
-    from tests.test_governance_deploy import build_fab
+    from sim.runner import PROJECT_DIR
+    from tests.deployment.harness import Deployment, metrics, wait_for
+    from tests.deployment.test_governance_deploy import build_fab
 
     governed = mode != "flower"
     with tempfile.TemporaryDirectory() as d:

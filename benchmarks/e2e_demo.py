@@ -68,7 +68,7 @@ def measure(
     """Seconds per phase of one demo run."""
     from client.timings import read_timings
     from common.config import load_site_config
-    from server.simulate import prepare_phantoms, simulate
+    from sim.runner import prepare_phantoms, simulate
 
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)

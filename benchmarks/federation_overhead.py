@@ -51,11 +51,11 @@ def plain(site_yaml: Path, rounds: int, epochs: int) -> float:
     """Seconds for rounds x epochs of local training in one process."""
     import torch
 
-    from client.task import get_task
+    from client.tasks.base import get_task
     from client.train import local_train
     from common.config import load_plan, load_site_config
-    from common.tasks import build_plan_model
-    from server.simulate import default_plan
+    from common.task_models import build_plan_model
+    from sim.runner import default_plan
 
     plan = load_plan({**default_plan(), **PLAN, "local-epochs": epochs})
     site = load_site_config(site_yaml)
@@ -80,7 +80,7 @@ def plain(site_yaml: Path, rounds: int, epochs: int) -> float:
 
 def federated(site_yaml: Path, rounds: int, epochs: int, tmp: Path) -> dict:
     """Wall time of the simulation and the time between round checkpoints."""
-    from server.simulate import simulate
+    from sim.runner import simulate
 
     t0 = time.perf_counter()
     run = simulate(

@@ -1,6 +1,6 @@
 """Local, pooled, FedAvg, FedProx and FedBN on hospitals with different scanners.
 
-Three phantom hospitals, one per scanner profile of ``common/phantom.py``
+Three phantom hospitals, one per scanner profile of ``sim/phantoms/ct.py``
 (thin-slice corticomedullary, standard nephrographic +20 HU, thick-slice noisy
 -25 HU with another case mix), each trained and validated on its own cases.
 For every seed it runs three real Flower simulations (``kidneyfl simulate``),
@@ -34,11 +34,12 @@ import yaml
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
 
-from cli.baselines import simulate_baselines  # noqa: E402
+from sim.cli import simulate_baselines  # noqa: E402
+
 from common.metrics import KITS_REGIONS  # noqa: E402
-from common.phantom import load_profile  # noqa: E402
-from common.phantom_io import write_site  # noqa: E402
-from server.simulate import simulate  # noqa: E402
+from sim.phantoms.ct import load_profile  # noqa: E402
+from sim.phantoms.io import write_site  # noqa: E402
+from sim.runner import simulate  # noqa: E402
 
 log = logging.getLogger("noniid")
 

@@ -8,7 +8,7 @@ Two parts:
 accountant's epsilon, and the same run with the noise removed behind the
 accountant's back (the "broken DP" row).
 
-``federation``: real simulated federations (``server.simulate.simulate``) with
+``federation``: real simulated federations (``sim.runner.simulate``) with
 black-box canary patients at the first site (what ``kidneyfl simulate
 --audit-canaries N`` does), then the membership-inference audit of the final
 model at every site (what ``kidneyfl site audit-privacy`` does). Settings:
@@ -144,9 +144,9 @@ def _site_yamls(setting: str, row_dir: Path, dp: bool) -> list[Path]:
 
 def federation(args: argparse.Namespace) -> list[dict]:
     """Simulated runs with canaries, then the site audits, per epsilon."""
-    from client.canary_cases import finish_canary_audit, prepare_canary_sites
     from client.privacy_audit import audit_site
-    from server.simulate import simulate
+    from sim.canary_cases import finish_canary_audit, prepare_canary_sites
+    from sim.runner import simulate
 
     base = Path(args.out) / args.setting
     rows = []

@@ -39,7 +39,7 @@ PLAN = {
 
 
 def _rss_tree(pid: int) -> int:
-    from server.simulate import descendants
+    from sim.runner import descendants
 
     total = 0
     for p in [pid, *descendants(pid)]:
@@ -54,7 +54,7 @@ def _rss_tree(pid: int) -> int:
 
 def measure(n: int, tmp: Path, cpus_per_site: int | None = None) -> dict:
     """Wall time and peak memory of a one-round simulation of ``n`` sites."""
-    from server.simulate import default_cpus_per_site, simulate
+    from sim.runner import default_cpus_per_site, simulate
     from tests.conftest import write_site_yaml
 
     sites = [

@@ -12,31 +12,22 @@ import sys
 from pathlib import Path
 
 from cli import pretrain as pretrain_cli
-from cli.baselines import simulate_baselines
-from cli.privacy_audit import audit_finish, audit_prepare
 from client import cli as site_cli
 from common.logs import setup_logging
 from server import cli as server_cli
 from server import coordinator_cli
 
+try:  # simulation and research commands; not in a hospital's site image
+    from sim import cli as sim_cli
+except ImportError:  # pragma: no cover - the images copy client/common/server only
+    sim_cli = None
 
-def _phantom(args: argparse.Namespace) -> int:
-    from common.phantom import DEFAULT_SCALE, load_profile
-    from common.phantom_io import write_site
 
-    profile = load_profile(args.site_profile)
-    if args.task == "classification":
-        return _phantom_classification(args, profile)
-    dirs = write_site(
-        Path(args.out),
-        profile,
-        args.cases,
-        seed=args.seed,
-        scale=args.scale or DEFAULT_SCALE,
-        overwrite=args.overwrite,
-    )
-    print(f"{len(dirs)} cases of profile {profile.name} in {args.out} (KiTS layout)")
-    return 0
+def _sample_slices(run_dir: Path) -> tuple[list, list[str]]:
+    """A simulated run's sample slices, for ``kidneyfl report`` (``sim.samples``)."""
+    from sim.samples import sample_slices  # torch: not needed for `kidneyfl --help`
+
+    return sample_slices(run_dir)
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -112,39 +103,6 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     e.set_defaults(func=_export)
 
 
-def _parse_mix(text: str | None) -> dict[str, float] | None:
-    """``stone=4,normal=1`` -> {"stone": 4.0, "normal": 1.0}."""
-    if not text:
-        return None
-    mix = {}
-    for part in text.split(","):
-        name, sep, weight = part.partition("=")
-        if not sep:
-            raise ValueError(f"--class-mix expects class=weight pairs, got {part!r}")
-        mix[name.strip()] = float(weight)
-    return mix
-
-
-def _phantom_classification(args: argparse.Namespace, profile) -> int:
-    from common.phantom_cls import DEFAULT_CLS_SCALE, class_counts, write_cls_site
-
-    mix = _parse_mix(args.class_mix)
-    manifest = write_cls_site(
-        Path(args.out),
-        profile,
-        args.cases,
-        class_mix=mix,
-        seed=args.seed,
-        scale=args.scale or DEFAULT_CLS_SCALE,
-        overwrite=args.overwrite,
-    )
-    counts = ", ".join(f"{c} {k}" for c, k in class_counts(args.cases, mix).items())
-    print(f"{args.cases} slices of profile {profile.name} ({counts}); {manifest}")
-    return 0
-
-
-DEFAULT_PROFILE = "standard-nephro"
-
 # One example per subcommand, shown at the end of its --help.
 EXAMPLES: dict[str, str] = {
     "phantom": "kidneyfl phantom --out data/phantoms/x --cases 10",
@@ -191,47 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser(
-        "phantom",
-        help="write synthetic kidney CT cases (KiTS layout, or slices for "
-        "--task classification)",
-        allow_abbrev=False,
-    )
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument(
-        "--site-profile",
-        default=DEFAULT_PROFILE,
-        help="built-in profile name (thin-slice-cm, standard-nephro, "
-        f"thick-slice-noisy) or a YAML file of scanner settings (default: "
-        f"{DEFAULT_PROFILE})",
-    )
-    p.add_argument("--cases", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--scale",
-        type=float,
-        default=None,
-        help="voxel size multiplier (1.0 = native scanner spacing)",
-    )
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument(
-        "--task",
-        choices=("segmentation", "classification"),
-        default="segmentation",
-        help="segmentation: KiTS volumes; classification: labelled slices + "
-        "manifest.csv (normal, cyst, tumour, stone)",
-    )
-    p.add_argument(
-        "--class-mix",
-        default=None,
-        metavar="CLASS=WEIGHT,...",
-        help="classification: relative class frequencies, e.g. stone=4,normal=1 "
-        "(default: equal)",
-    )
-    p.set_defaults(func=_phantom)
-    server_cli.register(
-        sub, baselines=simulate_baselines, audit=(audit_prepare, audit_finish)
-    )
+    if sim_cli is not None:
+        sim_cli.register(sub)
+    server_cli.register(sub, samples=_sample_slices)
     site_cli.register(sub)
     coordinator_cli.register(sub)
     pretrain_cli.register(sub)

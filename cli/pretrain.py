@@ -54,12 +54,12 @@ def pretrain(
         If ``out_dir`` already holds a checkpoint (nothing is overwritten).
     """
     from client.privacy import poisson_schedule
-    from client.task import get_task
+    from client.tasks.base import get_task
     from client.train import local_train, select_device
     from common.config import load_plan, load_site_config
-    from common.tasks import build_plan_model
+    from common.task_models import build_plan_model
     from server.checkpoint import LATEST, save_checkpoint
-    from server.simulate import default_plan
+    from sim.runner import default_plan
 
     if steps < 1:
         raise ValueError("--steps must be at least 1")
@@ -122,7 +122,7 @@ def pretrain(
 
 
 def _run(args: argparse.Namespace) -> int:
-    from server.cli import _parse_set
+    from sim.cli import _parse_set
 
     out = pretrain(
         Path(args.data),

@@ -26,9 +26,8 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
-from client.data import SiteDataError, load_site_cases, raw_volumes
 from client.gate import governed, refusal
-from client.personal import keep_norm_local, overlay_local_norm, save_fine_tuned
+from client.local_state import keep_norm_local, overlay_local_norm, save_fine_tuned
 from client.privacy import (
     BudgetExceeded,
     LedgerEntry,
@@ -36,7 +35,8 @@ from client.privacy import (
     PrivacyLedger,
     poisson_schedule,
 )
-from client.task import get_task
+from client.tasks.base import get_task
+from client.tasks.segmentation.data import SiteDataError, load_site_cases, raw_volumes
 from client.timings import record_timing
 from client.train import DPSpec, local_train, select_device
 from common import wire
@@ -44,8 +44,8 @@ from common.config import ConfigError, Plan, SiteConfig, load_plan, load_site_co
 from common.fingerprint import site_fingerprint
 from common.logs import log_request, setup_logging
 from common.models import get_model_spec
-from common.personal import require_norm_params
-from common.tasks import build_plan_model
+from common.norm_layers import require_norm_params
+from common.task_models import build_plan_model
 from common.weights import export_state, import_state
 
 log = logging.getLogger("kidneyfl.client")

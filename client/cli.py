@@ -41,7 +41,7 @@ def _check(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from client.check import check_site, format_check
+    from client.readiness import check_site, format_check
 
     report = check_site(
         args.site_yaml,
@@ -207,7 +207,7 @@ def _approvals(args: argparse.Namespace) -> int:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from client.audit import AuditLog, format_table
+    from client.audit_log import AuditLog, format_table
 
     site = load_site_config(args.site_yaml)
     audit = AuditLog(site.state_dir)

@@ -3,7 +3,7 @@
 A reply may hold only
 
 - the model's arrays, each with a name, shape and dtype of the network the plan
-  names (``common.tasks.build_plan_model``); a subset is allowed (FedBN keeps
+  names (``common.task_models.build_plan_model``); a subset is allowed (FedBN keeps
   normalisation layers at home), an extra or reshaped array is not;
 - metrics whose keys are listed for the message type in ``common.wire``
   (``REPLY_METRICS``, ``REPLY_LIST_METRICS``, ``TASK_METRIC_PATTERNS``), as
@@ -55,7 +55,7 @@ class ReplyView:
     nbytes: int = 0
 
 
-_BUILD: list = []  # common.tasks.build_plan_model, imported on first use
+_BUILD: list = []  # common.task_models.build_plan_model, imported on first use
 
 
 @lru_cache(maxsize=8)
@@ -63,7 +63,7 @@ def _expected(
     task: str, model: str, seed: int, class_names: tuple[str, ...]
 ) -> tuple[tuple[str, ArraySpec], ...]:
     if not _BUILD:  # torch and MONAI load late; bound once (see client/gate.py)
-        from common.tasks import build_plan_model
+        from common.task_models import build_plan_model
 
         _BUILD.append(build_plan_model)
     build_plan_model = _BUILD[0]

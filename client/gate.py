@@ -34,7 +34,7 @@ from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from client.audit import AuditLog
+from client.audit_log import AuditLog
 from client.contract import ReplyView, check_reply, expected_arrays
 from client.governance import (
     SIMULATION_HASH,

@@ -1,7 +1,7 @@
 """Apply a federated model to new scans: ``kidneyfl predict``.
 
 Task-agnostic: the checkpoint's sidecar names the task, the model and the
-preprocessing; the task plug-in (``client.task.Task.predict``) does the rest.
+preprocessing; the task plug-in (``client.tasks.base.Task.predict``) does the rest.
 Runs where the scans are (at a hospital); nothing is sent anywhere.
 """
 
@@ -17,11 +17,11 @@ import numpy as np
 import torch
 
 from client.scan_check import SEEN_SCANS_KEY, ScanMismatch, scan_problems
-from client.task import get_task
+from client.tasks.base import get_task
 from client.train import select_device
 from common.artifacts import load_model_dir
 from common.config import Plan
-from common.tasks import build_plan_model
+from common.task_models import build_plan_model
 from common.weights import import_state
 
 log = logging.getLogger(__name__)

@@ -38,11 +38,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from client.predict import load_model
-from client.task import get_task
+from client.tasks.base import get_task
 from client.train import select_device
 from common.audit_bounds import attack_auc, operating_point
 from common.config import Plan, SiteConfig, load_site_config
-from common.tasks import build_plan_model
+from common.task_models import build_plan_model
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def _segmentation_losses(
 ) -> np.ndarray:
     from monai.inferers import sliding_window_inference
 
-    from client.data import IMAGE, LABEL
+    from client.tasks.segmentation.data import IMAGE, LABEL
 
     loss_fn = get_task("segmentation").loss(plan)
     out = []
@@ -90,7 +90,7 @@ def _classification_losses(
 
 
 def _segmentation_data(site: SiteConfig, plan: Plan) -> tuple[Any, Any]:
-    from client.data import load_site_cases, volume_dataset
+    from client.tasks.segmentation.data import load_site_cases, volume_dataset
 
     cases = load_site_cases(site)  # the same split training used
     lm = cases.label_map
@@ -101,7 +101,7 @@ def _segmentation_data(site: SiteConfig, plan: Plan) -> tuple[Any, Any]:
 
 
 def _classification_data(site: SiteConfig, plan: Plan) -> tuple[Any, Any]:
-    from client.cls_data import build_dataset, discover, split_cases
+    from client.tasks.classification.data import build_dataset, discover, split_cases
 
     train, val = split_cases(discover(site, plan), site)
     return build_dataset(train, plan), build_dataset(val, plan)  # no augmentation

@@ -26,18 +26,18 @@ from flwr.serverapp import Grid, ServerApp
 
 from common import wire
 from common.artifacts import PREPROCESSING_KEY, effective_preprocessing
+from common.atomic import atomic_write_json
 from common.config import Plan, load_plan
 from common.fingerprint import combine
 from common.logs import setup_logging
-from common.personal import require_norm_params
+from common.norm_layers import require_norm_params
 from common.scans import SEEN_SCANS_KEY, seen_scans
-from common.tasks import build_plan_model
+from common.task_models import build_plan_model
 from common.weights import import_state
 from server.aggregators import strategy_options
 from server.checkpoint import (
     INITIAL_KEY,
     CheckpointError,
-    atomic_write_json,
     load_checkpoint,
     load_initial,
     load_server_state,

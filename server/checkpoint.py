@@ -15,8 +15,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import tempfile
 from collections import OrderedDict
 from importlib import metadata
 from pathlib import Path
@@ -24,6 +22,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from common.atomic import atomic_write_bytes, atomic_write_json
 
 LATEST = "latest.json"
 
@@ -38,26 +38,6 @@ def package_version() -> str:
         return metadata.version("kidneyfl")
     except metadata.PackageNotFoundError:
         return "unknown"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old or the new file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    """JSON flavour of :func:`atomic_write_bytes`."""
-    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True).encode())
 
 
 def save_checkpoint(

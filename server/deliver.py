@@ -8,14 +8,10 @@ never loses the run.
 
 from __future__ import annotations
 
-import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
-from common.artifacts import load_model_dir
-from common.config import load_plan
-from common.tasks import build_plan_model
-from common.weights import import_state
 from server.export import export_model
 from server.report import read_metrics
 from server.report_html import write_report
@@ -24,35 +20,22 @@ from server.tensorboard_log import write_events
 log = logging.getLogger("kidneyfl.server")
 
 
-def sample_slices(run_dir: Path) -> tuple[list, list[str]]:
-    """Phantom-only sample slices of the final model, in local simulation.
+# What a simulation passes in to draw sample slices: run folder -> (slices,
+# names of the sites it skipped). The coordinator never makes them itself.
+SamplesFn = Callable[[Path], tuple[list, list[str]]]
 
-    The only place the coordinator side touches site code, and only for the
-    simulated sites of ``sim-site-configs``: ``client.samples`` renders a site
-    solely when its YAML and data folder both say phantom. A deployment has no
-    site YAMLs here, so nothing is imported or read.
+
+def report(run_dir: Path, samples: SamplesFn | None = None) -> Path:
+    """HTML report, PNGs and TensorBoard events of a run; returns the HTML.
+
+    ``samples`` draws the sample slices of a simulated run (``sim.samples``);
+    without it, as in every deployment, the report has none.
     """
-    plan_path = run_dir / "plan.json"
-    if not plan_path.is_file() or not (run_dir / "final" / "latest.json").is_file():
-        return [], []
-    plan = load_plan(json.loads(plan_path.read_text()))
-    if not plan.site_config_paths or plan.task != "segmentation":
-        return [], []
-    from client.samples import phantom_samples  # simulation only; see docstring
-
-    state, _, eff_plan = load_model_dir(run_dir / "final")
-    model = build_plan_model(eff_plan)
-    import_state(model, state)
-    return phantom_samples(plan.site_config_paths, model, eff_plan)
-
-
-def report(run_dir: Path, samples: bool = True) -> Path:
-    """HTML report, PNGs and TensorBoard events of a run; returns the HTML."""
     run_dir = Path(run_dir)
     slices, skipped = [], []
-    if samples:
+    if samples is not None:
         try:
-            slices, skipped = sample_slices(run_dir)
+            slices, skipped = samples(run_dir)
         except Exception:  # noqa: BLE001 - a missing phantom must not stop the report
             log.warning("no sample slices", exc_info=True)
     write_events(run_dir, read_metrics(run_dir))

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 
 from common.artifacts import load_model_dir
+from common.atomic import atomic_write_bytes
 from common.metrics import LABELS
-from common.tasks import build_plan_model
+from common.task_models import build_plan_model
 from common.weights import import_state
-from server.checkpoint import atomic_write_bytes
 
 log = logging.getLogger("kidneyfl.server")
 

@@ -21,8 +21,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from common import wire
+from common.atomic import atomic_write_json
 from common.config import Plan
-from server.checkpoint import atomic_write_json
 
 log = logging.getLogger("kidneyfl.server")
 

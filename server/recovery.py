@@ -13,7 +13,7 @@ import json
 import logging
 from pathlib import Path
 
-from server.checkpoint import atomic_write_bytes
+from common.atomic import atomic_write_bytes
 from server.report import METRICS_FILE, read_metrics
 
 log = logging.getLogger("kidneyfl.server")

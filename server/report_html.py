@@ -4,7 +4,7 @@ The HTML is self-contained (every image embedded as base64, no external
 script, no CDN), so it opens offline and can be mailed to the consortium. It is
 built from what the coordinator already holds: ``metrics.jsonl``, ``plan.json``,
 ``status.json``, ``comparison.json`` (local/pooled baselines, when present) and
-sample slices rendered from phantom data only (see ``client/samples.py``).
+sample slices rendered from phantom data only (see ``sim/samples.py``).
 
 The coordinator rewrites it after every round. While the run goes on the page
 says so ("round 3 of 10, updated 12:04") and reloads itself every
@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 
 from common import wire
+from common.atomic import atomic_write_bytes
 from server import plots
-from server.checkpoint import atomic_write_bytes
 from server.report import read_metrics
 from server.status import LIVE_STATES, read_status, status_line
 

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from server.checkpoint import atomic_write_json
+from common.atomic import atomic_write_json
 
 STATUS_FILE = "status.json"
 LIVE_STATES = ("starting", "waiting-for-sites", "running")

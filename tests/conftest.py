@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from common.config import Plan, SiteConfig, load_site_config
-from common.phantom import load_profile
-from common.phantom_io import write_site
+from sim.phantoms.ct import load_profile
+from sim.phantoms.io import write_site
 
 TINY_SCALE = 5.0  # coarse voxels: a case is a few thousand voxels
 

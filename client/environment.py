@@ -1,0 +1,137 @@
+"""The readiness check's environment part: device, disk, state directory,
+privacy ledger, the federation block and the coordinator's address and TLS.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import ssl
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from client.data.case_check import FATAL, WARN, Finding
+from common.config import ConfigError, SiteConfig
+
+if TYPE_CHECKING:
+    from client.readiness import SiteCheck
+
+MIN_FREE_BYTES = 1 * 2**30
+
+
+def check_environment(site: SiteConfig, report: SiteCheck) -> None:
+    import torch
+
+    env = report.environment
+    env["cuda_available"] = bool(torch.cuda.is_available())
+    env["device"] = site.device
+    if site.device == "cuda" and not env["cuda_available"]:
+        report.findings.append(
+            Finding(
+                "setup-device",
+                FATAL,
+                str(site.source),
+                "device: cuda but no CUDA GPU is visible",
+                "set device: auto or cpu, or fix the GPU driver",
+            )
+        )
+    state = site.state_dir
+    probe_dir = next((p for p in (state, *state.parents) if p.exists()), Path("/"))
+    env["state_dir"] = str(state)
+    env["free_disk_gb"] = round(shutil.disk_usage(probe_dir).free / 2**30, 2)
+    if shutil.disk_usage(probe_dir).free < MIN_FREE_BYTES:
+        report.findings.append(
+            Finding(
+                "setup-disk",
+                WARN,
+                str(probe_dir),
+                f"only {env['free_disk_gb']} GB free "
+                "for the state directory (ledger, preprocessing cache)",
+                "free space or move state_dir",
+            )
+        )
+    try:
+        state.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=state):
+            pass
+        env["state_dir_writable"] = True
+    except OSError as exc:
+        env["state_dir_writable"] = False
+        report.findings.append(
+            Finding(
+                "setup-state-dir",
+                FATAL,
+                str(state),
+                f"cannot write ({exc.strerror})",
+                "give the service user write access or change state_dir",
+            )
+        )
+    if site.privacy.enabled:
+        from client.privacy import LedgerError, PrivacyLedger
+
+        try:
+            ledger = PrivacyLedger(state, site.name)
+            env["epsilon_spent"] = round(ledger.epsilon(site.privacy.delta), 4)
+            env["epsilon_ceiling"] = site.privacy.max_epsilon
+        except LedgerError as exc:
+            report.findings.append(
+                Finding(
+                    "setup-ledger", FATAL, str(state), str(exc), "restore the ledger"
+                )
+            )
+
+
+def check_node_command(site: SiteConfig, report: SiteCheck) -> None:
+    from client.node import supernode_command
+
+    try:
+        supernode_command(site)
+        report.environment["supernode_command"] = "ok"
+    except ConfigError as exc:
+        report.findings.append(
+            Finding(
+                "setup-federation",
+                FATAL,
+                str(site.source),
+                str(exc),
+                "fix the federation block as the message says",
+            )
+        )
+
+
+def check_superlink(address: str, ca: Path | None, report: SiteCheck) -> None:
+    host, _, port = address.rpartition(":")
+    env = report.environment
+    try:
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            env["superlink_reachable"] = True
+            if ca is None:
+                return
+            ctx = ssl.create_default_context(cafile=str(ca))
+            with ctx.wrap_socket(sock, server_hostname=host) as tls:
+                env["tls_verified"] = True
+                env["tls_peer"] = dict(x[0] for x in tls.getpeercert()["subject"])
+    except ssl.SSLError as exc:
+        env["tls_verified"] = False
+        report.findings.append(
+            Finding(
+                "setup-tls",
+                FATAL,
+                address,
+                f"TLS certificate does not verify ({exc})",
+                "use the consortium's CA file, and check the server certificate names "
+                "this address",
+            )
+        )
+    except (OSError, ValueError) as exc:
+        env["superlink_reachable"] = False
+        report.findings.append(
+            Finding(
+                "setup-superlink",
+                FATAL,
+                address,
+                f"coordinator does not answer ({exc})",
+                "check the address, the firewall and that the SuperLink runs",
+            )
+        )

@@ -1,0 +1,174 @@
+"""The classification task: one kidney CT slice -> normal, cyst, tumour, stone.
+
+A plug-in of the task seam (``client/tasks/base.py``): data, loss, evaluation and
+prediction. Training, DP-SGD, the privacy ledger, aggregation and checkpoints
+are the federation's, shared with segmentation.
+
+Class imbalance (plan key ``class-balance``):
+
+- ``loss`` (default): cross-entropy weighted per class by the plan's
+  ``class-weights`` or, without DP, inverse to the site's training counts,
+  averaged with a plain mean over the batch. Under DP, weights from the counts
+  would be a function of other patients' labels that DP-SGD does not account
+  for, so the site uses the plan's ``class-weights`` or, if it has none, equal
+  weights (with a warning naming the key). PyTorch's weighted ``mean`` divides
+  by the batch's sum of weights, which would make each patient's gradient
+  depend on who else was sampled; Opacus' per-sample clipping assumes it does
+  not.
+- ``sampler``: a class-balanced redraw of the slices each round. Under DP it is
+  replaced by ``loss`` (with the DP rule for weights above): Opacus swaps any
+  sampler for Poisson sampling (the privacy analysis requires it), and a redraw
+  would show a patient more than once, so per-sample clipping would no longer
+  bound one patient's influence.
+- ``none``: plain cross-entropy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from client.tasks.base import TaskData
+from client.tasks.classification.data import (
+    SliceDataset,
+    build_dataset,
+    discover,
+    fingerprint,
+    load_slice,
+    split_cases,
+)
+from common import wire
+from common.cls_metrics import class_weights_from_counts, classification_metrics
+from common.config import Plan, SiteConfig
+
+log = logging.getLogger(__name__)
+
+
+class WeightedCrossEntropy(nn.Module):
+    """Cross-entropy with fixed class weights and a plain mean over the batch.
+
+    ``mean_i(w[y_i] * CE_i)``: each sample's term depends on that sample only,
+    so per-sample gradients stay per patient under DP-SGD.
+    """
+
+    def __init__(self, weights: tuple[float, ...] | None = None) -> None:
+        super().__init__()
+        self.weights = tuple(weights) if weights else None
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        ce = F.cross_entropy(logits, target.long().view(-1), reduction="none")
+        if self.weights is not None:
+            w = torch.tensor(self.weights, dtype=ce.dtype, device=ce.device)
+            ce = ce * w[target.long().view(-1)]
+        return ce.mean()
+
+
+class ClassificationTask:
+    """Whole preloaded slices to train and to validate; a 2D classifier."""
+
+    name = "classification"
+
+    def __init__(self) -> None:
+        # Set by load_data from the site's training counts; read by loss().
+        self.class_weights: tuple[float, ...] | None = None
+
+    def load_data(self, site: SiteConfig, plan: Plan) -> TaskData:
+        """Read the manifest or class folders, split, preload, choose balancing.
+
+        Raises
+        ------
+        SiteDataError
+            With the file, CSV row and fix.
+        """
+        train_cases, val_cases = split_cases(discover(site, plan), site)
+        dp = site.privacy.enabled
+        sampler = plan.class_balance == "sampler" and not dp
+        if plan.class_balance == "sampler" and dp:
+            log.warning(
+                "class-balance=sampler is replaced by class-weighted loss under DP: "
+                "Opacus' Poisson sampling replaces samplers"
+            )
+        train = build_dataset(train_cases, plan, augment=True, balanced=sampler)
+        val = build_dataset(val_cases, plan)
+        counts = train.class_counts(len(plan.class_names))
+        missing = [n for n, k in zip(plan.class_names, counts, strict=True) if not k]
+        if missing:
+            log.warning("site %s has no training case of %s", site.name, missing)
+        self.class_weights = None
+        if plan.class_balance in ("loss", "sampler") and not sampler:
+            self.class_weights = plan.class_weights or None
+            if self.class_weights is None and dp:
+                log.warning(
+                    "site %s: under DP the loss is not weighted by the site's class "
+                    "counts (other patients' labels, not covered by DP-SGD); the "
+                    "plan's class-weights is empty, so all classes weigh the same. "
+                    "Set class-weights in the plan (e.g. from public prevalence) "
+                    "to weight them",
+                    site.name,
+                )
+            elif self.class_weights is None:
+                self.class_weights = class_weights_from_counts(counts)
+        # Items are patients: n_train and n_val count patients, not slices.
+        return TaskData(train, val, len(train), len(val), fingerprint(train))
+
+    def loss(self, plan: Plan) -> nn.Module:
+        """Cross-entropy, class-weighted as :meth:`load_data` chose."""
+        return WeightedCrossEntropy(self.class_weights)
+
+    @torch.no_grad()
+    def evaluate(
+        self, model: nn.Module, data: TaskData, plan: Plan, device: torch.device
+    ) -> dict[str, float]:
+        """Accuracy, balanced accuracy, recall per class, macro AUC, confusion
+        counts and the unweighted loss over the validation slices."""
+        model.to(device).eval()
+        val: SliceDataset = data.validation
+        probs, losses = [], []
+        for start in range(0, len(val.labels), 64):
+            x = val.images[start : start + 64].to(device)
+            y = val.labels[start : start + 64].to(device)
+            logits = model(x)
+            losses.append(F.cross_entropy(logits, y, reduction="sum").item())
+            probs.append(torch.softmax(logits, 1).cpu())
+        n = len(plan.class_names)
+        p = torch.cat(probs).numpy() if probs else torch.zeros((0, n)).numpy()
+        out = classification_metrics(val.labels.numpy(), p, plan.class_names)
+        if len(val.labels):
+            out[wire.EVAL_LOSS] = sum(losses) / len(val.labels)
+        return out
+
+    @torch.no_grad()
+    def predict(
+        self,
+        model: nn.Module,
+        image: Path,
+        plan: Plan,
+        device: torch.device,
+        output: Path | None = None,
+    ) -> dict[str, Any]:
+        """Class and probabilities of one image; written as JSON to ``output``
+        (a ``.json`` file, or a folder that gets ``<image name>.json``)."""
+        model.to(device).eval()
+        x = load_slice(Path(image), plan)[None].to(device)
+        prob = torch.softmax(model(x), 1)[0].cpu().tolist()
+        best = max(range(len(prob)), key=prob.__getitem__)
+        summary: dict[str, Any] = {
+            "task": self.name,
+            "image": str(image),
+            "class": plan.class_names[best],
+            "probabilities": dict(zip(plan.class_names, prob, strict=True)),
+        }
+        if output is not None:
+            output = Path(output)
+            if output.suffix.lower() != ".json":
+                output = output / f"{Path(image).name.split('.')[0]}.json"
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_text(json.dumps(summary, indent=2) + "\n")
+            summary["output"] = str(output)
+        return summary

@@ -1,0 +1,112 @@
+"""The segmentation task: kidney, tumour and cyst in 3D CT (KiTS labels)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.inferers import sliding_window_inference
+from monai.losses import DiceCELoss
+from torch import nn
+
+from client.tasks.base import TaskData
+from client.tasks.segmentation.data import (
+    IMAGE,
+    LABEL,
+    PatchDataset,
+    load_site_cases,
+    volume_dataset,
+)
+from common import wire
+from common.config import Plan, SiteConfig
+from common.metrics import (
+    case_rows,
+    present_mean,
+    region_masks,
+    region_surface_dice,
+    summarise_cases,
+)
+
+
+class SegmentationTask:
+    """Random foreground-weighted patches to train; whole volumes to validate."""
+
+    name = "segmentation"
+
+    def load_data(self, site: SiteConfig, plan: Plan) -> TaskData:
+        """Discover, split and cache the site's cases."""
+        cases = load_site_cases(site)
+        lm = cases.label_map
+        train = PatchDataset(volume_dataset(cases.train, site, plan, lm), plan)
+        val = volume_dataset(cases.validation, site, plan, lm)
+        return TaskData(
+            train, val, len(cases.train), len(cases.validation), cases.fingerprint()
+        )
+
+    def loss(self, plan: Plan) -> nn.Module:
+        """Dice + cross-entropy, computed per sample then averaged over the batch.
+
+        ``batch=False`` matters for DP: a batch-pooled Dice would couple samples,
+        and per-sample gradients would no longer be per patient.
+        """
+        return DiceCELoss(
+            to_onehot_y=True, softmax=True, include_background=False, batch=False
+        )
+
+    @torch.no_grad()
+    def evaluate(
+        self, model: nn.Module, data: TaskData, plan: Plan, device: torch.device
+    ) -> dict[str, float]:
+        """Dice and surface Dice per region, KiTS-style, and the mean loss over
+        the validation volumes (whole volumes, sliding-window inference).
+
+        A region's Dice and surface Dice are means over the cases whose
+        reference contains it; the other cases give its false-positive rate
+        and mean predicted volume (``common.metrics.summarise_cases``).
+        Surface distances are measured on the evaluated grid, the plan's
+        ``spacing-mm`` (after the federated preprocessing plan, if any).
+        """
+        model.to(device).eval()
+        loss_fn = self.loss(plan)
+        rows, nsd_rows, present, losses = [], [], [], []
+        for i in range(len(data.validation)):
+            item = data.validation[i]
+            image = item[IMAGE].unsqueeze(0).to(device)
+            label = item[LABEL].unsqueeze(0).long().to(device)
+            logits = sliding_window_inference(
+                image, plan.patch_size, sw_batch_size=16, predictor=model, overlap=0.25
+            )
+            losses.append(float(loss_fn(logits, label)))
+            pred = logits.argmax(1, keepdim=True)
+            rows += case_rows(pred, label, plan.spacing_mm)
+            nsd_rows.append(
+                region_surface_dice(
+                    pred.cpu(),
+                    label.cpu(),
+                    plan.spacing_mm,
+                    plan.surface_dice_tolerance_mm,
+                )
+            )
+            present.append(region_masks(label.cpu()).flatten(2).sum(-1) > 0)
+        out = summarise_cases(rows)
+        if nsd_rows:
+            nsd = present_mean(torch.cat(nsd_rows), torch.cat(present))
+            for k, v in nsd.items():
+                out[wire.surface_dice_key(k)] = v
+        out[wire.EVAL_LOSS] = sum(losses) / len(losses) if losses else float("nan")
+        return out
+
+    def predict(
+        self,
+        model: nn.Module,
+        image: Path,
+        plan: Plan,
+        device: torch.device,
+        output: Path | None,
+    ) -> dict[str, Any]:
+        """Label map in the scan's own grid (written to ``output``) and the
+        volume of kidney, tumour and cyst in mL."""
+        from client.tasks.segmentation.predict import predict_scan
+
+        return predict_scan(model, image, plan, device, output)

@@ -1,0 +1,415 @@
+"""Local simulation: the whole federation on one machine through `flwr run`.
+
+Flower 1.41's managed local SuperLink outlives `flwr run` and listens on fixed
+ports, so kidneyfl starts its own simulation SuperLink on free loopback ports,
+with runtime dependency installation disabled (otherwise Flower would `uv sync`
+a CUDA build of torch), points a private ``FLWR_HOME`` at it, runs the app, and
+stops the SuperLink by PID afterwards, whatever happened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import tomli_w
+
+from common.config import SiteConfig, load_plan, load_site_config
+from common.runtime import flower_process_env
+from server.console import RunConsole, banner
+
+log = logging.getLogger("kidneyfl.simulate")
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+CONNECTION = "kidneyfl-sim"
+
+
+class SimulationError(RuntimeError):
+    """The simulation could not start or did not finish."""
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def default_plan() -> dict[str, Any]:
+    """The plan in the project's ``[tool.flwr.app.config]``."""
+    import tomllib
+
+    with open(PROJECT_DIR / "pyproject.toml", "rb") as fh:
+        return dict(tomllib.load(fh)["tool"]["flwr"]["app"]["config"])
+
+
+def prepare_phantoms(sites: list[SiteConfig]) -> None:
+    """Write synthetic cases for sites whose YAML has a ``phantom`` section."""
+    from sim.phantoms.sites import write_site_phantom
+
+    for site in sites:
+        write_site_phantom(site)  # the writer of the section's task
+
+
+@dataclass
+class SuperLink:
+    """A simulation SuperLink this process started and must stop."""
+
+    process: subprocess.Popen
+    http_port: int  # Fleet, Control and Runtime APIs share this port in 1.41
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """Stop the SuperLink and every process it started, by PID.
+
+        Flower detaches the superexec, the simulation process and Ray into new
+        sessions, and the simulation process outlives a killed SuperLink, so
+        the whole tree is collected first and each member is signalled.
+        """
+        tree = descendants(self.process.pid)
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        _terminate(tree + [p for p in descendants(self.process.pid) if p not in tree])
+
+
+def descendants(pid: int) -> list[int]:
+    """PIDs of all live descendants of ``pid`` (Linux /proc), parents first."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _terminate(pids: list[int], grace: float = 10.0) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    alive = list(pids)
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in alive if _alive(p)]
+        time.sleep(0.2)
+    for pid in alive:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # zombies are gone already
+
+
+def _bin(name: str) -> str:
+    # Prefer the entry points next to this interpreter (the project's venv).
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else (shutil.which(name) or name)
+
+
+def start_superlink(
+    flwr_home: Path, env: Mapping[str, str], logdir: Path | None = None
+) -> SuperLink:
+    """Start ``flower-superlink --simulation`` on free 127.0.0.1 ports; its log
+    goes to ``logdir/superlink.log`` (default: under ``flwr_home``)."""
+    http = free_port()
+    logdir = logdir or flwr_home / "sim-superlink"
+    logdir.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        _bin("flower-superlink"),
+        "--insecure",
+        "--simulation",
+        "--isolation",
+        "subprocess",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(http),
+        "--disable-runtime-dependency-installation",
+        "--log-file",
+        str(logdir / "superlink.log"),
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        env=dict(env),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    link = SuperLink(proc, http)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SimulationError(
+                f"flower-superlink exited with code {proc.returncode}; see "
+                f"{logdir / 'superlink.log'}"
+            )
+        try:
+            with socket.create_connection(("127.0.0.1", http), timeout=0.5):
+                return link
+        except OSError:
+            time.sleep(0.3)
+    link.stop()
+    raise SimulationError("flower-superlink did not start within 60 s")
+
+
+def _write_flwr_config(flwr_home: Path, http_port: int) -> None:
+    config = {
+        "superlink": {
+            "default": CONNECTION,
+            CONNECTION: {"address": f"127.0.0.1:{http_port}", "insecure": True},
+        }
+    }
+    (flwr_home / "config.toml").write_text(tomli_w.dumps(config))
+
+
+def stage_app(dest: Path, root: Path = PROJECT_DIR) -> Path:
+    """``dest`` holding exactly the files Flower packs into the app bundle (FAB).
+
+    ``flwr run DIR`` walks every file under DIR before it filters them; with a
+    virtual environment inside the project that is ~45,000 files and ~5 s per
+    run. This walk skips the folders ``.gitignore`` excludes, then applies
+    Flower's own filter, so the bundle built from ``dest`` is byte-identical.
+    """
+    from flwr.cli.utils import (
+        build_pathspec,
+        filter_paths_for_publish,
+        load_gitignore_patterns,
+    )
+
+    patterns = load_gitignore_patterns(root / ".gitignore")
+    spec = build_pathspec(patterns)
+    prune = not any(p.lstrip().startswith("!") for p in patterns)  # no re-includes
+    files: dict[str, Path | bytes] = {}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        rel = Path(dirpath).relative_to(root).as_posix()
+        prefix = "" if rel == "." else f"{rel}/"
+        if prune:
+            dirnames[:] = [d for d in dirnames if not spec.match_file(f"{prefix}{d}/")]
+        for name in filenames:
+            path = Path(dirpath) / name
+            if not path.is_symlink():
+                files[prefix + name] = path
+    shutil.rmtree(dest, ignore_errors=True)
+    for rel_path, src in filter_paths_for_publish(files).items():
+        target = dest / rel_path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, target)  # type: ignore[arg-type]
+    return dest
+
+
+def simulate(
+    site_paths: list[Path],
+    run_name: str,
+    out_dir: Path,
+    overrides: Mapping[str, Any] | None = None,
+    flwr_home: Path | None = None,
+    cpus_per_site: int | None = None,
+    stream: bool = True,
+    verbose: bool = False,
+    out: TextIO | None = None,
+) -> Path:
+    """Run a local federation of the given sites; returns the run directory.
+
+    ``cpus_per_site`` is each virtual site's share of the machine (Flower's
+    ``client-resources-num-cpus``); None shares the cores out among the sites
+    (:func:`default_cpus_per_site`).
+
+    With ``stream`` the terminal (``out``, default stdout) shows a banner, one
+    line per round and, on a terminal, the running round's progress;
+    ``verbose`` adds Flower's and Ray's own logs. Everything goes to
+    ``<run>/logs/`` either way (``flwr.log``: the whole ``flwr run`` stream;
+    ``superlink.log``).
+
+    Raises
+    ------
+    SimulationError
+        If Flower fails or the run leaves no metrics.
+    """
+    sites = [load_site_config(p) for p in site_paths]
+    names = [s.name for s in sites]
+    if len(set(names)) != len(names):
+        raise SimulationError(f"site names must be unique, got {names}")
+    prepare_phantoms(sites)
+    out_dir = out_dir.resolve()
+    run_dir = out_dir / run_name
+    run_config = default_plan()
+    run_config.update(overrides or {})
+    if run_config.get("initial-checkpoint"):  # the ServerApp runs elsewhere
+        initial = Path(str(run_config["initial-checkpoint"])).expanduser().resolve()
+        run_config["initial-checkpoint"] = str(initial)
+    run_config.update(
+        {
+            "sim-site-configs": ",".join(str(s.source) for s in sites),
+            "out-dir": str(out_dir),
+            "run-name": run_name,
+        }
+    )
+    plan = load_plan(run_config, "simulation plan")  # fail here, not inside Flower
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = run_dir / "logs"
+    overrides_file = run_dir / "run-config.toml"
+    overrides_file.write_text(tomli_w.dumps(run_config))
+
+    flwr_home = (flwr_home or PROJECT_DIR / ".flwr-home").resolve()
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env.update(
+        FLWR_HOME=str(flwr_home),
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        RAY_DEDUP_LOGS="0",
+        PYTHONUNBUFFERED="1",
+        # flower-superlink spawns flower-superexec and flwr-simulation by name.
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
+    flower_process_env(env)
+    gpus = _gpus_per_site()
+    if cpus_per_site is None:
+        cpus_per_site = default_cpus_per_site(len(sites), os.cpu_count() or 2)
+    fed = (
+        f"num-supernodes={len(sites)} client-resources-num-cpus={int(cpus_per_site)} "
+        f"client-resources-num-gpus={gpus} init-args-num-cpus={os.cpu_count() or 2} "
+        f'init-args-logging-level="ERROR"'
+    )
+    link = start_superlink(flwr_home, env, log_dir)
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_exit) if in_main else None
+    try:
+        _write_flwr_config(flwr_home, link.http_port)
+        cmd = [
+            _bin("flwr"),
+            "run",
+            str(stage_app(flwr_home / "app")),
+            CONNECTION,
+            "--federation-config",
+            fed,
+            "--run-config",
+            str(overrides_file),
+        ]
+        # Always `--stream`: it is what makes `flwr run` wait for the run to
+        # end; the stream goes to the run's log and, filtered, to the terminal.
+        cmd.append("--stream")
+        term = (out or sys.stdout) if stream else None
+        with RunConsole(run_dir, log_dir / "flwr.log", term, verbose) as console:
+            console.say(banner(run_dir, plan, sites, log_dir, bool(plan.resume)))
+            code = _run_streamed(cmd, env, console)
+            if code != 0:
+                raise SimulationError(
+                    f"`flwr run` exited with code {code}; the whole log is "
+                    f"{log_dir / 'flwr.log'}"
+                )
+            _wait_for_final(run_dir, link)
+    finally:
+        link.stop()
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
+    if not (run_dir / "metrics.jsonl").exists():
+        raise SimulationError(
+            f"run {run_name} wrote no metrics; see {log_dir}/flwr.log and "
+            f"{log_dir}/superlink.log"
+        )
+    redraw_report(run_dir)
+    return run_dir
+
+
+def redraw_report(run_dir: Path) -> None:
+    """Redraw the run's report with sample slices of the phantom sites.
+
+    The coordinator wrote the report without them (it never reads a site's
+    data); a simulation knows its sites are phantoms and adds them here.
+    """
+    from server.deliver import report
+    from sim.samples import sample_slices
+
+    if not (run_dir / "final" / "latest.json").is_file():
+        return
+    try:
+        report(run_dir, samples=sample_slices)
+    except Exception:  # noqa: BLE001 - the run is saved; `kidneyfl report` retries
+        log.warning("redrawing the report with sample slices failed", exc_info=True)
+
+
+def _run_streamed(cmd: list[str], env: Mapping[str, str], console: RunConsole) -> int:
+    """Run ``cmd``, handing each line of its output to ``console``."""
+    with subprocess.Popen(
+        cmd,
+        env=dict(env),
+        cwd=PROJECT_DIR,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        errors="replace",
+        bufsize=1,
+    ) as proc:
+        assert proc.stdout is not None  # PIPE above
+        for line in proc.stdout:
+            console.stream_line(line)
+        return proc.wait()
+
+
+def _raise_exit(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _wait_for_final(run_dir: Path, link: SuperLink, timeout: float = 120) -> None:
+    # `--stream` returns once the run finishes; the final model is written just
+    # before, so allow a moment for the file system.
+    deadline = time.monotonic() + timeout
+    while (
+        time.monotonic() < deadline and not (run_dir / "final" / "latest.json").exists()
+    ):
+        if link.process.poll() is not None:
+            return
+        time.sleep(0.5)
+
+
+def default_cpus_per_site(n_sites: int, cores: int) -> int:
+    """Cores per virtual site so that the sites share the machine.
+
+    Each site's Ray actor reserves ``cores // n_sites`` CPUs (at least one),
+    so as many sites train at once as the cores allow. For the small default
+    models, sites in parallel beat one site at a time with more CPUs: the
+    3-site demo on 2 cores runs
+    14 % faster with one core per site (two sites at a time) than with two
+    (one at a time), with the same result (docs/benchmarks.md).
+    """
+    if n_sites < 1 or cores < 1:
+        raise ValueError(f"need at least one site and one core, got {n_sites}, {cores}")
+    return max(1, cores // n_sites)
+
+
+def _gpus_per_site() -> float:
+    try:
+        import torch
+
+        return 1.0 if torch.cuda.is_available() else 0.0
+    except ImportError:
+        return 0.0

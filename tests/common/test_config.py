@@ -1,0 +1,105 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from common.config import ConfigError, load_plan, load_site_config
+from sim.runner import default_plan
+
+
+def _write(tmp: Path, doc: dict | str) -> Path:
+    p = tmp / "site.yaml"
+    p.write_text(doc if isinstance(doc, str) else yaml.safe_dump(doc))
+    return p
+
+
+GOOD = {
+    "name": "h1",
+    "data": {"root": "data/h1"},
+    "state_dir": "state",
+    "privacy": {"max_epsilon": 5.0, "delta": 1e-4},
+}
+
+
+def test_site_yaml_relative_paths_resolve_against_file(tmp_path):
+    site = load_site_config(_write(tmp_path, GOOD))
+    assert site.data.root == (tmp_path / "data/h1").resolve()
+    assert site.state_dir == (tmp_path / "state").resolve()
+    assert site.privacy.enabled and site.privacy.max_epsilon == 5.0
+
+
+def test_unknown_key_names_file_key_and_fix(tmp_path):
+    doc = dict(GOOD, devcie="cpu")
+    with pytest.raises(ConfigError) as err:
+        load_site_config(_write(tmp_path, doc))
+    msg = str(err.value)
+    assert "site.yaml" in msg and "devcie" in msg and "unknown key" in msg
+
+
+def test_bad_value_is_named(tmp_path):
+    doc = dict(GOOD, device="tpu")
+    with pytest.raises(ConfigError, match="device"):
+        load_site_config(_write(tmp_path, doc))
+
+
+def test_cpu_threads_are_validated_and_limit_torch(tmp_path):
+    import torch
+
+    from client.app import apply_cpu_threads
+
+    with pytest.raises(ConfigError, match="cpu_threads"):
+        load_site_config(_write(tmp_path, dict(GOOD, cpu_threads=0)))
+    assert load_site_config(_write(tmp_path, GOOD)).cpu_threads is None
+    site = load_site_config(_write(tmp_path, dict(GOOD, cpu_threads=1)))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        apply_cpu_threads(site)
+        assert torch.get_num_threads() == 1
+        apply_cpu_threads(load_site_config(_write(tmp_path, GOOD)))  # unset: as is
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_privacy_needs_budget_unless_explicitly_disabled(tmp_path):
+    doc = dict(GOOD, privacy={"enabled": True})
+    with pytest.raises(ConfigError, match="max_epsilon"):
+        load_site_config(_write(tmp_path, doc))
+    site = load_site_config(_write(tmp_path, dict(GOOD, privacy={"enabled": False})))
+    assert not site.privacy.enabled
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_site_config(_write(tmp_path, "name: [unclosed"))
+    with pytest.raises(ConfigError, match="not found"):
+        load_site_config(tmp_path / "nope.yaml")
+
+
+def test_example_sites_are_valid():
+    root = Path(__file__).resolve().parents[2] / "sites"
+    sites = [load_site_config(p) for p in sorted(root.glob("hospital-*.yaml"))]
+    assert len(sites) == 3
+    assert len({s.phantom.profile for s in sites}) == 3  # three different scanners
+
+
+def test_project_plan_is_valid_and_parses_triples():
+    plan = load_plan(default_plan())
+    assert len(plan.patch_size) == 3 and len(plan.spacing_mm) == 3
+    assert plan.hu_window[0] < plan.hu_window[1]
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ({"patch-size": "60,64,32"}, "patch-size"),
+        ({"num-server-rounds": 0}, "num-server-rounds"),
+        ({"hu-window": "300,-100"}, "hu-window"),
+        ({"learning-rat": 0.1}, "learning-rat"),
+    ],
+)
+def test_plan_errors_name_the_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_plan({**default_plan(), **override})
+    assert key in str(err.value)

@@ -1,0 +1,235 @@
+"""Deployment on 127.0.0.1: real SuperLink and SuperNodes, TLS, node auth, faults.
+
+One coordinator and three hospitals are started once for the module, exactly
+as the runbook (docs/deployment.md) starts them; each test submits runs with
+`flwr run` and all processes are stopped by PID at the end, even on failure.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from client.node import make_node_key
+from sim.runner import free_port
+from tests.deployment.harness import (
+    BIN,
+    Deployment,
+    metrics,
+    run_cli,
+    runbook,
+    wait_for,
+)
+
+pytestmark = pytest.mark.slow
+
+SITES = ["hospital-a", "hospital-b", "hospital-c"]
+PLAN = {
+    "spacing-mm": "6,6,8",
+    "patch-size": "32,32,16",
+    "batch-size": 2,
+    "local-epochs": 1,
+    "dp-target-epsilon": 30.0,
+    "min-sites": 2,
+    "expected-sites": 3,
+    "site-wait-timeout": 120.0,
+}
+
+
+@pytest.fixture(scope="module")
+def dep(tmp_path_factory):
+    d = Deployment(tmp_path_factory.mktemp("deploy"))
+    try:
+        d.start_superlink()
+        for i, name in enumerate(SITES):
+            d.add_site(name, cases=5, seed=i)
+            res = d.register(name)
+            assert res.returncode == 0, res.stdout + res.stderr
+        for name in SITES:
+            d.start_site(name)
+        d.wait_online(SITES)
+        yield d
+    finally:
+        d.stop_all()
+
+
+def test_tls_only_plaintext_refused(dep):
+    url = f"{dep.address}/health"
+    with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
+        urllib.request.urlopen(f"http://{url}", timeout=5)  # plaintext HTTP
+    ctx = ssl.create_default_context(cafile=str(dep.certs / "ca.crt"))
+    with urllib.request.urlopen(f"https://{url}", timeout=5, context=ctx) as resp:
+        assert resp.status == 200  # the consortium CA verifies the SuperLink
+    bad = ssl.create_default_context()  # system CAs only: must not verify
+    with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+        urllib.request.urlopen(f"https://{url}", timeout=5, context=bad)
+
+
+def test_unregistered_node_is_refused(dep, tmp_path):
+    key = tmp_path / "intruder"
+    make_node_key(key)
+    log = tmp_path / "intruder.log"
+    cmd = [
+        str(BIN / "flower-supernode"),
+        "--superlink",
+        dep.address,
+        "--root-certificates",
+        str(dep.certs / "ca.crt"),
+        "--auth-supernode-private-key",
+        str(key),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(free_port()),
+    ]
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=dep.env,
+            start_new_session=True,
+        )
+    try:
+        code = proc.wait(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert code != 0
+    assert "Failed to activate SuperNode" in log.read_text()
+    # ... and the coordinator's own log records the refused activation.
+    assert 'activate-node HTTP/1.1" 412' in dep.procs["superlink"].text()
+    assert set(dep.online()) == set(SITES)  # nothing new joined
+
+
+def test_two_rounds_tls_auth_sites_known_by_registered_names(dep):
+    out = dep.root / "runs"
+    run = dep.submit("deploy-e2e", out, {**PLAN, "num-server-rounds": 2})
+    wait_for(lambda: run.popen.poll() is not None, 900, "flwr run to finish", 1)
+    assert run.popen.returncode == 0, run.text()[-3000:]
+    run_dir = out / "deploy-e2e"
+    rounds = metrics(run_dir)
+    assert [e["round"] for e in rounds] == [1, 2]
+    for e in rounds:
+        assert set(e["train"]) == set(SITES)  # registered names, not node ids
+        assert set(e["evaluate"]) == set(SITES)
+        assert not e["failed"] and e["aggregated"]
+    assert (
+        json.loads((run_dir / "checkpoints" / "latest.json").read_text())["round"] == 2
+    )
+    assert (run_dir / "final" / "latest.json").exists()
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
+    res = dep.step("report", RUN_DIR=str(run_dir))
+    assert res.returncode == 0 and "hospital-c" in res.stdout, res.stderr
+
+
+def test_runbook_status_and_site_check(dep):
+    res = dep.step("status")
+    assert res.returncode == 0, res.stderr
+    for node_id in dep.node_ids.values():
+        assert node_id in res.stdout
+    res = dep.step("check", SITE_YAML=str(dep.sites["hospital-a"]))
+    assert res.returncode == 0, res.stdout + res.stderr
+    res = subprocess.run(
+        [
+            str(BIN / "kidneyfl"),
+            "site",
+            "check",
+            str(dep.sites["hospital-a"]),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=dep.env,
+        check=False,
+    )
+    env = json.loads(res.stdout)["environment"]
+    assert env["superlink_reachable"] and env["tls_verified"]
+    assert env["supernode_command"] == "ok"
+
+
+def test_every_runbook_block_is_exercised():
+    used = {"certs", "superlink", "connect", "register", "status", "run", "resume"}
+    used |= {"report", "keygen", "check", "supernode"}
+    assert set(runbook()) == used
+
+
+def _clientapp_started(dep, site: str, after: int) -> bool:
+    text = dep.procs[f"site-{site}"].text()[after:]
+    return "Receiving: train message" in text and "flwr-clientapp" in text
+
+
+def test_site_killed_mid_round_then_coordinator_crash_and_resume(dep):
+    out = dep.root / "runs"
+    run_dir = out / "faults"
+    plan = {**PLAN, "num-server-rounds": 3, "round-timeout": 120.0}
+    mark = len(dep.procs["site-hospital-c"].text())
+    run = dep.submit("faults", out, plan)
+
+    # Hospital C crashes while it trains in round 1.
+    wait_for(lambda: _clientapp_started(dep, "hospital-c", mark), 300, "C training")
+    dep.procs["site-hospital-c"].kill_tree()
+    wait_for(lambda: len(metrics(run_dir)) >= 1, 400, "round 1 to complete")
+    first = metrics(run_dir)[0]
+    assert set(first["train"]) == {"hospital-a", "hospital-b"}
+    assert "hospital-c" in first["failed"] and first["aggregated"]
+
+    # C comes back (same key, so the same registered node).
+    dep.start_site("hospital-c")
+
+    # The coordinator crashes (SIGKILL of the SuperLink and all it started)
+    # once round 2 is checkpointed.
+    wait_for(lambda: len(metrics(run_dir)) >= 2, 400, "round 2 to complete")
+    dep.procs["superlink"].kill_tree()
+    run.stop()
+    ckpt = run_dir / "checkpoints"
+    latest = json.loads((ckpt / "latest.json").read_text())
+    assert latest["round"] == 2
+    assert not list(ckpt.glob(".*"))  # no half-written temp file left
+    saved_sha = latest["entry"]["global_sha256"]
+    before = (run_dir / "metrics.jsonl").read_text()
+
+    # Restart the coordinator on the same database; the hospitals reconnect
+    # with their registered identities, and the run resumes at round 3.
+    dep.start_superlink()
+    dep.wait_online(SITES, timeout=180)
+    again = dep.submit("faults", out, plan, resume=True)
+    wait_for(lambda: again.popen.poll() is not None, 600, "resumed run to finish", 1)
+    assert again.popen.returncode == 0, again.text()[-3000:]
+    log = again.text()
+    assert f"resumed faults from round 2 (global weights sha256 {saved_sha})" in log
+    rounds = metrics(run_dir)
+    assert [e["round"] for e in rounds] == [1, 2, 3]
+    assert (run_dir / "metrics.jsonl").read_text().startswith(before)
+    assert "hospital-c" in rounds[2]["train"]  # rejoined after its restart
+    assert json.loads((ckpt / "latest.json").read_text())["round"] == 3
+
+
+def test_run_stops_cleanly_when_sites_are_gone(dep):
+    out = dep.root / "runs"
+    for name in ("hospital-b", "hospital-c"):
+        dep.procs[f"site-{name}"].stop()  # graceful: the node goes offline now
+    wait_for(
+        lambda: sum(s == "online" for s in dep.online().values()) == 1,
+        120,
+        "two sites offline",
+    )
+    start = time.monotonic()
+    run = dep.submit(
+        "gone", out, {**PLAN, "num-server-rounds": 2, "site-wait-timeout": 10.0}
+    )
+    wait_for(lambda: run.popen.poll() is not None, 300, "flwr run to end", 1)
+    assert time.monotonic() - start < 240  # did not wait forever
+    status = json.loads((out / "gone" / "status.json").read_text())
+    assert status["state"] == "stopped" and status["rounds_done"] == 0
+    assert "1 site(s) connected within 10 s, 2 needed" in status["message"]
+    assert "1 site(s) connected within 10 s" in run.text()
+    res = run_cli([str(BIN / "flwr"), "list", "consortium"], dep.env)
+    assert res.returncode == 0

@@ -1,0 +1,118 @@
+"""Local and pooled baselines (comparison.json) and the fine-tune round's record."""
+
+import json
+import math
+
+import pytest
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+from cli.main import build_parser
+from common import wire
+from common.config import Plan
+from common.task_models import build_plan_model
+from server.finetune import collect_fine_tune, fine_tune_messages
+from sim.baselines import run_baselines
+from tests.conftest import write_site_yaml
+from tests.server.test_strategy import _arrays, _reply, _task_identity  # noqa: F401
+
+
+@pytest.mark.slow
+def test_comparison_json_has_every_model_on_every_site(tmp_path):
+    sites = [
+        write_site_yaml(tmp_path, "a", cases=5, seed=1),
+        write_site_yaml(
+            tmp_path,
+            "b",
+            cases=4,
+            seed=2,
+            profile="thick-slice-noisy",
+            privacy={"enabled": False},
+        ),
+    ]
+    plan = Plan.model_validate(
+        {
+            "spacing-mm": "6,6,8",
+            "patch-size": "32,32,16",
+            "batch-size": 2,
+            "num-server-rounds": 1,
+            "local-epochs": 1,
+            "model": "unet-tiny",
+        }
+    )
+    run_dir = tmp_path / "runs" / "r1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "plan.json").write_text(
+        json.dumps(plan.model_dump(by_alias=True, mode="json"))
+    )
+    final = build_plan_model(plan).state_dict()
+    path = run_baselines(sites, run_dir, final, ["local", "pooled"])
+
+    comp = json.loads(path.read_text())
+    assert set(comp) == {"metric", "models", "sites", "values"}
+    assert comp["metric"] == "dice-kidney"
+    assert comp["models"] == ["federated", "local-a", "local-b", "pooled"]
+    assert comp["sites"] == ["a", "b"]
+    for model in comp["models"]:
+        for site in comp["sites"]:
+            v = comp["values"][model][site]
+            assert 0.0 <= v["dice-kidney"] <= 1.0 and "dice-tumour" in v
+    budget = json.loads((run_dir / "baselines.json").read_text())["budget"]
+    # validation_fraction 0.34: 3 and 2 training cases, batch 2, one epoch
+    assert budget["local-a"]["steps"] == math.ceil(budget["local-a"]["cases"] / 2)
+    assert budget["pooled"]["steps"] == (
+        budget["local-a"]["steps"] + budget["local-b"]["steps"]
+    )
+    # baselines never spend a site's recorded budget
+    assert not list(tmp_path.glob("state/*/privacy-ledger.json"))
+
+
+def test_unknown_baseline_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="local,pooled"):
+        run_baselines([], tmp_path, {}, ["central"])
+    args = build_parser().parse_args(["simulate", "--baselines", "local,central"])
+    with pytest.raises(ValueError, match="central"):
+        args.func(args)
+
+
+def _ft_reply(node, site, dice):
+    return _reply(
+        node,
+        RecordDict(
+            {
+                wire.METRICS: MetricRecord(
+                    {wire.dice_key("kidney"): dice, wire.FINE_TUNED: 1, wire.REFUSED: 0}
+                ),
+                wire.SITE: ConfigRecord({wire.SITE_NAME: site}),
+            }
+        ),
+    )
+
+
+def test_fine_tune_round_records_per_site_results():
+    msgs = fine_tune_messages([1, 2], _arrays(0.5), {wire.FINE_TUNE_STEPS: 3})
+    assert {m.metadata.message_type for m in msgs} == {"train.finetune"}
+    assert msgs[0].content[wire.CONFIG][wire.FINE_TUNE_STEPS] == 3
+    refusal = _reply(
+        3,
+        RecordDict(
+            {
+                wire.METRICS: MetricRecord({wire.REFUSED: 1}),
+                wire.SITE: ConfigRecord(
+                    {wire.SITE_NAME: "c", wire.REFUSAL_REASON: "over budget"}
+                ),
+            }
+        ),
+    )
+    replies = [_ft_reply(1, "a", 0.7), _ft_reply(2, "b", 0.6), refusal]
+    replies.append(_reply(4, error="node died"))
+
+    def site_of(m):
+        if m.has_error():
+            return f"node-{m.metadata.src_node_id}"
+        return str(m.content[wire.SITE][wire.SITE_NAME])
+
+    out = collect_fine_tune(replies, site_of)
+    assert out["sites"]["a"][wire.dice_key("kidney")] == pytest.approx(0.7)
+    assert set(out["sites"]) == {"a", "b"}
+    assert out["refused"] == {"c": "over budget"}
+    assert "node died" in out["failed"]["node-4"]

@@ -1,0 +1,130 @@
+"""End to end: a real Flower simulation of two phantom hospitals (slow)."""
+
+import io
+import json
+
+import pytest
+
+from cli.pretrain import pretrain
+from client.cli import privacy_report
+from client.timings import read_timings
+from common.config import load_site_config
+from server.checkpoint import load_checkpoint
+from sim.runner import simulate
+from tests.conftest import write_site_yaml
+
+PLAN = {
+    "spacing-mm": "6,6,8",
+    "patch-size": "32,32,16",
+    "batch-size": 2,
+    "local-epochs": 2,
+    "learning-rate": 0.01,
+    "dp-target-epsilon": 20.0,
+    "min-sites": 2,
+    "fingerprint-round": True,  # spacing and HU window derived from all sites
+    "fingerprint-min-cases": 5,
+}
+
+
+@pytest.mark.slow
+def test_federation_with_dp_refusal_checkpoints_and_resume(tmp_path):
+    sites = [
+        write_site_yaml(tmp_path, n, cases=6, seed=i, profile=p)
+        for i, (n, p) in enumerate(
+            [("site-a", "thin-slice-cm"), ("site-b", "thick-slice-noisy")]
+        )
+    ]
+    # A third hospital allows less than the plan asks: it refuses every round,
+    # and the federation goes on without it.
+    sites.append(
+        write_site_yaml(
+            tmp_path,
+            "site-c",
+            cases=4,
+            seed=7,
+            privacy={"enabled": True, "max_epsilon": 5.0, "delta": 1e-3},
+        )
+    )
+    # The federation starts from a model pretrained on "public" data (issue 19).
+    public = write_site_yaml(
+        tmp_path, "public", cases=4, seed=9, privacy={"enabled": False}
+    )
+    pre = pretrain(
+        public,
+        tmp_path / "pre",
+        dataset="public phantoms",
+        licence="CC0",
+        steps=2,
+        overrides={k: PLAN[k] for k in ("spacing-mm", "patch-size", "batch-size")},
+    )
+    plan = {**PLAN, "initial-checkpoint": str(pre)}
+    kw = dict(out_dir=tmp_path / "runs", flwr_home=tmp_path / "flwr-home", stream=True)
+    term = io.StringIO()
+    run = simulate(
+        sites, "e2e", overrides={**plan, "num-server-rounds": 2}, out=term, **kw
+    )
+
+    # The terminal (issue 20): banner, one line per round, no repeats, no
+    # dependency warnings; Flower's own log is in the run's logs/ in full.
+    shown = term.getvalue().splitlines()
+    assert shown[0] == "kidneyfl run e2e" and "target epsilon 20" in shown[3]
+    assert [x[:9] for x in shown[6:]] == ["round   1", "round   2"]
+    assert "site-c REFUSED" in shown[6]
+    assert len(shown) == len(set(shown)) and "Warning" not in term.getvalue()
+    flower_log = (run / "logs" / "flwr.log").read_text()
+    assert "[ROUND 2/2]" in flower_log and "Orientationd" not in flower_log
+    assert (run / "logs" / "superlink.log").is_file()
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "finished" and status["rounds_done"] == 2
+    page = (run / "report.html").read_text()
+    assert "finished: round 2 of 2" in page and 'http-equiv="refresh"' not in page
+
+    prep = json.loads((run / "preprocessing.json").read_text())
+    assert prep["sites"] == ["site-a", "site-b"] and prep["cases"] == 12
+    assert "fewer usable patients" in prep["refused"]["site-c"]  # 4 cases < 5
+    assert -100 < prep["hu-window"][0] < prep["hu-window"][1] < 600  # kidney HU
+    assert all(p % 16 == 0 for p in prep["patch-size"])
+    assert all(p <= c for p, c in zip(prep["patch-size"], [32, 32, 16], strict=True))
+    assert prep["foreground-std"] > 0
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [e["round"] for e in lines] == [1, 2]
+    for e in lines:
+        assert set(e["train"]) == {"site-a", "site-b"}
+        assert set(e["evaluate"]) == {"site-a", "site-b", "site-c"}
+        assert set(e["refused"]) == {"site-c"}
+        assert "epsilon 20" in e["refused"]["site-c"]
+        assert "at most 5" in e["refused"]["site-c"]
+        assert not e["rejected"] and not e["failed"] and e["aggregated"]
+    # DP sites send no training loss (docs/privacy.md); validation loss falls.
+    assert not any("train-loss" in m for e in lines for m in e["train"].values())
+    assert lines[1]["weighted"]["eval-loss"] < lines[0]["weighted"]["eval-loss"]
+    eps = [e["epsilon"]["site-a"] for e in lines]
+    assert 0 < eps[0] < eps[1] <= 20.0 * 1.01  # cumulative, within the plan target
+    side = json.loads((run / "checkpoints" / "latest.json").read_text())
+    assert side["round"] == 2 and side["max_epsilon"] == pytest.approx(
+        max(e for e in lines[-1]["epsilon"].values())
+    )
+    assert (run / "checkpoints" / "round-0001.pt").exists()
+    assert (run / "final" / "latest.json").exists()
+    # What the consortium gets back (issue 6): report, exported model, events.
+    assert 'id="curves"' in (run / "report.html").read_text()
+    assert (run / "final" / "model.torchscript.pt").exists()
+    assert any((run / "tensorboard").iterdir())
+    side = json.loads((run / "final" / "latest.json").read_text())
+    assert side["preprocessing"]["spacing-mm"] == prep["spacing-mm"]
+    assert side["initial_checkpoint"]["dataset"] == "public phantoms"
+    assert side["initial_checkpoint"]["sha256"] == load_checkpoint(pre)[1]["sha256"]
+    assert "epsilon spent" in privacy_report(str(sites[0]))
+    # Each site keeps its own timings (load and work per message), locally.
+    state = load_site_config(sites[0]).state_dir
+    kinds = [(t["round"], t["kind"]) for t in read_timings(state)]
+    assert kinds == [(1, "train"), (1, "evaluate"), (2, "train"), (2, "evaluate")]
+    assert all(t["work_s"] > 0 and t["load_s"] >= 0 for t in read_timings(state))
+
+    # Resume: one more round continues from the checkpoint, nothing is lost.
+    simulate(
+        sites, "e2e", overrides={**plan, "num-server-rounds": 3, "resume": True}, **kw
+    )
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [e["round"] for e in lines] == [1, 2, 3]
+    assert json.loads((run / "checkpoints" / "latest.json").read_text())["round"] == 3
