@@ -128,8 +128,8 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _phantom(args: argparse.Namespace) -> int:
-    from sim.phantoms.ct import DEFAULT_SCALE, load_profile
     from sim.phantoms.io import write_site
+    from sim.phantoms.profiles import DEFAULT_SCALE, load_profile
 
     profile = load_profile(args.site_profile)
     if args.task == "classification":

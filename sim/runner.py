@@ -9,18 +9,15 @@ stops the SuperLink by PID afterwards, whatever happened.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -29,22 +26,18 @@ import tomli_w
 from common.config import SiteConfig, load_plan, load_site_config
 from common.runtime import flower_process_env
 from server.console import RunConsole, banner
+from sim.superlink import (
+    CONNECTION,
+    SimulationError,
+    SuperLink,
+    bin_path,
+    start_superlink,
+    write_flwr_config,
+)
 
 log = logging.getLogger("kidneyfl.simulate")
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
-CONNECTION = "kidneyfl-sim"
-
-
-class SimulationError(RuntimeError):
-    """The simulation could not start or did not finish."""
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def default_plan() -> dict[str, Any]:
@@ -61,132 +54,6 @@ def prepare_phantoms(sites: list[SiteConfig]) -> None:
 
     for site in sites:
         write_site_phantom(site)  # the writer of the section's task
-
-
-@dataclass
-class SuperLink:
-    """A simulation SuperLink this process started and must stop."""
-
-    process: subprocess.Popen
-    http_port: int  # Fleet, Control and Runtime APIs share this port in 1.41
-
-    def stop(self, timeout: float = 20.0) -> None:
-        """Stop the SuperLink and every process it started, by PID.
-
-        Flower detaches the superexec, the simulation process and Ray into new
-        sessions, and the simulation process outlives a killed SuperLink, so
-        the whole tree is collected first and each member is signalled.
-        """
-        tree = descendants(self.process.pid)
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        _terminate(tree + [p for p in descendants(self.process.pid) if p not in tree])
-
-
-def descendants(pid: int) -> list[int]:
-    """PIDs of all live descendants of ``pid`` (Linux /proc), parents first."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-        except (OSError, IndexError, ValueError):
-            continue
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def _terminate(pids: list[int], grace: float = 10.0) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    alive = list(pids)
-    while alive and time.monotonic() < deadline:
-        alive = [p for p in alive if _alive(p)]
-        time.sleep(0.2)
-    for pid in alive:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # zombies are gone already
-
-
-def _bin(name: str) -> str:
-    # Prefer the entry points next to this interpreter (the project's venv).
-    local = Path(sys.executable).parent / name
-    return str(local) if local.exists() else (shutil.which(name) or name)
-
-
-def start_superlink(
-    flwr_home: Path, env: Mapping[str, str], logdir: Path | None = None
-) -> SuperLink:
-    """Start ``flower-superlink --simulation`` on free 127.0.0.1 ports; its log
-    goes to ``logdir/superlink.log`` (default: under ``flwr_home``)."""
-    http = free_port()
-    logdir = logdir or flwr_home / "sim-superlink"
-    logdir.mkdir(parents=True, exist_ok=True)
-    cmd = [
-        _bin("flower-superlink"),
-        "--insecure",
-        "--simulation",
-        "--isolation",
-        "subprocess",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(http),
-        "--disable-runtime-dependency-installation",
-        "--log-file",
-        str(logdir / "superlink.log"),
-    ]
-    proc = subprocess.Popen(
-        cmd,
-        env=dict(env),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    link = SuperLink(proc, http)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SimulationError(
-                f"flower-superlink exited with code {proc.returncode}; see "
-                f"{logdir / 'superlink.log'}"
-            )
-        try:
-            with socket.create_connection(("127.0.0.1", http), timeout=0.5):
-                return link
-        except OSError:
-            time.sleep(0.3)
-    link.stop()
-    raise SimulationError("flower-superlink did not start within 60 s")
-
-
-def _write_flwr_config(flwr_home: Path, http_port: int) -> None:
-    config = {
-        "superlink": {
-            "default": CONNECTION,
-            CONNECTION: {"address": f"127.0.0.1:{http_port}", "insecure": True},
-        }
-    }
-    (flwr_home / "config.toml").write_text(tomli_w.dumps(config))
 
 
 def stage_app(dest: Path, root: Path = PROJECT_DIR) -> Path:
@@ -302,9 +169,9 @@ def simulate(
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_exit) if in_main else None
     try:
-        _write_flwr_config(flwr_home, link.http_port)
+        write_flwr_config(flwr_home, link.http_port)
         cmd = [
-            _bin("flwr"),
+            bin_path("flwr"),
             "run",
             str(stage_app(flwr_home / "app")),
             CONNECTION,

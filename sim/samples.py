@@ -24,7 +24,7 @@ from common.artifacts import load_model_dir
 from common.config import ConfigError, Plan, load_plan, load_site_config
 from common.task_models import build_plan_model
 from common.weights import import_state
-from sim.phantoms.ct import METADATA_NAME
+from sim.phantoms.profiles import METADATA_NAME
 
 log = logging.getLogger(__name__)
 

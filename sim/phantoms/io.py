@@ -13,7 +13,8 @@ import nibabel as nib
 import numpy as np
 
 from common.atomic import atomic_write_bytes
-from sim.phantoms.ct import (
+from sim.phantoms.ct import generate_case
+from sim.phantoms.profiles import (
     DEFAULT_SCALE,
     IMAGE_NAME,
     LABELS,
@@ -21,7 +22,6 @@ from sim.phantoms.ct import (
     PHANTOM_VERSION,
     SEGMENTATION_NAME,
     SiteProfile,
-    generate_case,
     voxel_spacing,
 )
 

@@ -1,0 +1,136 @@
+"""Simulated hospitals: scanner and case-mix profiles, and the phantom's grid.
+
+A :class:`SiteProfile` describes one hospital's scanner (slice thickness,
+in-plane spacing, noise, contrast phase, intensity offset) and case mix
+(tumour and cyst prevalence); :data:`PROFILES` holds the three built-ins and
+:func:`load_profile` reads a custom one from YAML/JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from common.metrics import LABELS as KIDNEYFL_LABELS
+
+DEFAULT_SCALE = 2.5
+PHANTOM_VERSION = 1  # bump when the anatomy changes, so old site dirs read as stale
+LABELS = KIDNEYFL_LABELS  # re-exported: phantom.json records the label names
+FOV_MM = (340.0, 260.0, 170.0)
+IMAGE_NAME, SEGMENTATION_NAME = "imaging.nii.gz", "segmentation.nii.gz"
+METADATA_NAME = "phantom.json"
+
+
+class SiteProfile(BaseModel):
+    """Scanner and case-mix description of one (simulated) hospital site."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1)
+    slice_thickness_mm: float = Field(ge=0.5, le=5.0)
+    inplane_spacing_mm: float = Field(ge=0.6, le=1.0)
+    noise_hu: float = Field(ge=0.0, le=50.0)
+    phase: Literal["corticomedullary", "nephrographic"]
+    intensity_offset_hu: float = Field(default=0.0, ge=-50.0, le=50.0)
+    tumour_prevalence: float = Field(default=0.9, ge=0.0, le=1.0)
+    cyst_prevalence: float = Field(default=0.3, ge=0.0, le=1.0)
+
+
+# thin-slice-cm is 1.25 mm / 0.78 mm rather than 1.0 / 0.7 so that a case at the
+# default scale stays under ~1.5 M voxels (1.0 / 0.7 would give ~2 M).
+PROFILES: dict[str, SiteProfile] = {
+    p.name: p
+    for p in (
+        SiteProfile(
+            name="thin-slice-cm",
+            slice_thickness_mm=1.25,
+            inplane_spacing_mm=0.78,
+            noise_hu=12.0,
+            phase="corticomedullary",
+        ),
+        SiteProfile(
+            name="standard-nephro",
+            slice_thickness_mm=2.5,
+            inplane_spacing_mm=0.8,
+            noise_hu=15.0,
+            phase="nephrographic",
+            intensity_offset_hu=20.0,
+        ),
+        SiteProfile(
+            name="thick-slice-noisy",
+            slice_thickness_mm=5.0,
+            inplane_spacing_mm=0.95,
+            noise_hu=20.0,
+            phase="nephrographic",
+            intensity_offset_hu=-25.0,
+            tumour_prevalence=0.7,
+            cyst_prevalence=0.5,
+        ),
+    )
+}
+
+
+def voxel_spacing(
+    profile: SiteProfile, scale: float = DEFAULT_SCALE
+) -> tuple[float, float, float]:
+    """Return the voxel size (mm along x, y, z) written for ``profile``.
+
+    Parameters
+    ----------
+    profile : SiteProfile
+        Site whose native scanner spacing is scaled.
+    scale : float
+        Multiplier on the native spacing; 1.0 is the scanner's own grid.
+
+    Returns
+    -------
+    tuple of float
+        Rounded to 1e-6 mm so that header round-trips compare cleanly.
+    """
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+    inplane = round(profile.inplane_spacing_mm * scale, 6)
+    return (inplane, inplane, round(profile.slice_thickness_mm * scale, 6))
+
+
+def load_profile(name_or_path: str) -> SiteProfile:
+    """Return a built-in profile by name, or load one from a YAML/JSON file.
+
+    Parameters
+    ----------
+    name_or_path : str
+        A key of :data:`PROFILES`, or a ``.yaml``/``.yml``/``.json`` file with the
+        :class:`SiteProfile` fields (``name`` defaults to the file stem).
+
+    Raises
+    ------
+    ValueError
+        Unknown name (the message lists the built-ins), or invalid file contents
+        (the message names the offending field).
+    """
+    if name_or_path in PROFILES:
+        return PROFILES[name_or_path]
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise ValueError(
+            f"{name_or_path!r} is neither a built-in site profile "
+            f"({', '.join(sorted(PROFILES))}) nor an existing YAML/JSON file"
+        )
+    try:
+        text = path.read_text()
+        is_yaml = path.suffix.lower() in (".yaml", ".yml")
+        data = yaml.safe_load(text) if is_yaml else json.loads(text)
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise ValueError(f"cannot parse site profile {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"site profile {path} must be a mapping of fields")
+    data.setdefault("name", path.stem)
+    try:
+        return SiteProfile.model_validate(data)
+    except ValidationError as exc:
+        raise ValueError(f"invalid site profile {path}: {exc}") from exc
