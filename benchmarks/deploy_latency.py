@@ -34,23 +34,21 @@ per message).
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
+from harness import ROOT, TINY_PLAN, median_time, names, parser, stopwatch, write_json
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+if TYPE_CHECKING:
+    from tests.deployment.harness import Deployment
 
 PLAN = {
-    "spacing-mm": "6,6,8",
-    "patch-size": "32,32,16",
-    "batch-size": 2,
+    **TINY_PLAN,
     "local-epochs": 1,
     "min-sites": 2,
     "expected-sites": 2,
@@ -62,60 +60,73 @@ MODES = ("flower", "gate", "gate-warm")
 
 def import_time(repeats: int = 3) -> float:
     """Median seconds for a new interpreter to import the ClientApp."""
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        subprocess.run(
+    return median_time(
+        lambda: subprocess.run(
             [sys.executable, "-c", "import client.app"], cwd=ROOT, check=True
-        )
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+        ),
+        repeats,
+    )
+
+
+def start_sites(dep: Deployment, mode: str, tmp: Path) -> list[str]:
+    """Two hospitals registered and online, their ClientApps run as ``mode``."""
+    from client.governance import approve
+    from sim.runner import PROJECT_DIR
+    from tests.deployment.test_governance_deploy import build_fab
+
+    governed = mode != "flower"
+    fab = build_fab(tmp, dep.env, dep.app) if governed else None
+    sites = ["hospital-a", "hospital-b"]
+    for i, name in enumerate(sites):
+        yml = dep.add_site(name, cases=5, seed=i, approval=governed)
+        doc = yaml.safe_load(yml.read_text())
+        doc["federation"]["warm_clientapp"] = mode == "gate-warm"
+        yml.write_text(yaml.safe_dump(doc))
+        if fab is not None:
+            approve(yml, fab)
+        dep.register(name)
+    for name in sites:
+        if governed:  # what `kidneyfl site start` runs with approval on
+            cmd = [sys.executable, "-m", "client.executor", "site"]
+            env = dict(dep.env, PYTHONPATH=str(PROJECT_DIR))
+            dep._start(f"site-{name}", [*cmd, str(dep.sites[name])], env)
+        else:
+            dep.start_site(name)
+    dep.wait_online(sites)
+    return sites
+
+
+def run_rounds(dep: Deployment, sites: list[str], rounds: int, tmp: Path) -> dict:
+    """Submit a run of ``rounds`` rounds, wait for its end, and collect it."""
+    from tests.deployment.harness import metrics, wait_for
+
+    out = tmp / "runs"
+    with stopwatch() as wall:
+        run = dep.submit("latency", out, {**PLAN, "num-server-rounds": rounds})
+        wait_for(lambda: run.popen.poll() is not None, 1800, "run end", 1)
+    entries = metrics(out / "latency")
+    warm = sum(
+        dep.procs[f"site-{n}"].text().count("handed to the warm ClientApp")
+        for n in sites
+    )
+    work = site_work([dep.sites[n] for n in sites], entries)
+    return {"wall": wall.s, "entries": entries, "warm": warm, "work": work}
 
 
 def measure(mode: str, rounds: int) -> dict:
     """Seconds per round of a 2-site deployment with the sites run as ``mode``."""
-    from client.governance import approve
-    from sim.runner import PROJECT_DIR
-    from tests.deployment.harness import Deployment, metrics, wait_for
-    from tests.deployment.test_governance_deploy import build_fab
+    from tests.deployment.harness import Deployment
 
-    governed = mode != "flower"
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         dep = Deployment(tmp / "deploy")
         try:
             dep.start_superlink()
-            fab = build_fab(tmp, dep.env, dep.app) if governed else None
-            names = ["hospital-a", "hospital-b"]
-            for i, name in enumerate(names):
-                yml = dep.add_site(name, cases=5, seed=i, approval=governed)
-                doc = yaml.safe_load(yml.read_text())
-                doc["federation"]["warm_clientapp"] = mode == "gate-warm"
-                yml.write_text(yaml.safe_dump(doc))
-                if fab is not None:
-                    approve(yml, fab)
-                dep.register(name)
-            for name in names:
-                if governed:  # what `kidneyfl site start` runs with approval on
-                    cmd = [sys.executable, "-m", "client.executor", "site"]
-                    env = dict(dep.env, PYTHONPATH=str(PROJECT_DIR))
-                    dep._start(f"site-{name}", [*cmd, str(dep.sites[name])], env)
-                else:
-                    dep.start_site(name)
-            dep.wait_online(names)
-            out = tmp / "runs"
-            t0 = time.perf_counter()
-            run = dep.submit("latency", out, {**PLAN, "num-server-rounds": rounds})
-            wait_for(lambda: run.popen.poll() is not None, 1800, "run end", 1)
-            wall = time.perf_counter() - t0
-            entries = metrics(out / "latency")
-            warm = sum(
-                dep.procs[f"site-{n}"].text().count("handed to the warm ClientApp")
-                for n in names
-            )
-            work = site_work([dep.sites[n] for n in names], entries)
+            sites = start_sites(dep, mode, tmp)
+            got = run_rounds(dep, sites, rounds, tmp)
         finally:
             dep.stop_all()
+    entries, work = got["entries"], got["work"]
     if len(entries) != rounds or not all(e.get("aggregated") for e in entries):
         raise RuntimeError(f"{mode}: expected {rounds} aggregated rounds: {entries}")
     times = [e["time"] for e in entries]
@@ -124,10 +135,10 @@ def measure(mode: str, rounds: int) -> dict:
     return {
         "mode": mode,
         "rounds": len(entries),
-        "submit_to_end_s": wall,
+        "submit_to_end_s": got["wall"],
         "round_gaps_s": gaps,
         "per_round_s": per_round,
-        "warm_tasks": warm,
+        "warm_tasks": got["warm"],
         **work,
         "other_s": per_round - work["train_work_s"] - work["evaluate_work_s"],
     }
@@ -173,40 +184,41 @@ def site_work(site_yamls: list[Path], entries: list[dict]) -> dict:
     return {k: v / len(steady) for k, v in out.items()}
 
 
+def print_row(r: dict, base: float | None) -> None:
+    """One mode's figures: seconds per round and where a round goes."""
+    ratio = f", {r['vs_flower']:.2f}x flower" if base else ""
+    print(
+        f"{r['mode']:>9}: {r['per_round_s']:.1f} s per round{ratio} "
+        f"(target 5); {r['warm_tasks']} of {4 * r['rounds']} messages warm; "
+        f"submit to end {r['submit_to_end_s']:.1f} s for {r['rounds']} rounds; "
+        f"per round: site work train {r['train_work_s']:.1f} s + evaluate "
+        f"{r['evaluate_work_s']:.1f} s, the rest {r['other_s']:.1f} s"
+    )
+    print(
+        f"{'':>9}  timeline: round end -> training starts {r['to_train_s']:.1f} s"
+        f", train {r['train_work_s']:.1f} s, -> evaluation starts "
+        f"{r['train_to_evaluate_s']:.1f} s, evaluate {r['evaluate_work_s']:.1f} s"
+        f", -> round end {r['evaluate_to_end_s']:.1f} s"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--modes", default="gate-warm")
+    ap.add_argument("--modes", type=names, default="gate-warm")
     ap.add_argument("--import-repeats", type=int, default=3)
-    ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    modes = [m for m in args.modes.split(",") if m]
-    unknown = set(modes) - set(MODES)
-    if unknown or args.rounds < 2:
+    if set(args.modes) - set(MODES) or args.rounds < 2:
         ap.error(f"modes from {MODES} and at least 2 rounds")
     imp = import_time(max(1, args.import_repeats))
-    rows = [measure(m, args.rounds) for m in modes]
+    rows = [measure(m, args.rounds) for m in args.modes]
     base = next((r["per_round_s"] for r in rows if r["mode"] == "flower"), None)
     for r in rows:
         r["clientapp_import_s"] = imp
         r["vs_flower"] = r["per_round_s"] / base if base else None
-        ratio = f", {r['vs_flower']:.2f}x flower" if base else ""
-        print(
-            f"{r['mode']:>9}: {r['per_round_s']:.1f} s per round{ratio} "
-            f"(target 5); {r['warm_tasks']} of {4 * r['rounds']} messages warm; "
-            f"submit to end {r['submit_to_end_s']:.1f} s for {r['rounds']} rounds; "
-            f"per round: site work train {r['train_work_s']:.1f} s + evaluate "
-            f"{r['evaluate_work_s']:.1f} s, the rest {r['other_s']:.1f} s"
-        )
-        print(
-            f"{'':>9}  timeline: round end -> training starts {r['to_train_s']:.1f} s"
-            f", train {r['train_work_s']:.1f} s, -> evaluation starts "
-            f"{r['train_to_evaluate_s']:.1f} s, evaluate {r['evaluate_work_s']:.1f} s"
-            f", -> round end {r['evaluate_to_end_s']:.1f} s"
-        )
+        print_row(r, base)
     print(f"a fresh interpreter imports the ClientApp in {imp:.1f} s")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+    write_json(args.json, rows)
     return 0
 
 

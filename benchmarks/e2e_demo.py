@@ -23,17 +23,13 @@ so nothing of a real ``make demo`` is touched. Phases:
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from harness import ROOT, parser, stopwatch, write_json
 
 DEMO_SITES = ("hospital-a", "hospital-b", "hospital-c")
 
@@ -74,26 +70,42 @@ def measure(
         tmp = Path(d)
         paths = _copy_sites(tmp, cases)
         sites = [load_site_config(p) for p in paths]
-        t0 = time.perf_counter()
-        prepare_phantoms(sites)
-        t_phantoms = time.perf_counter() - t0
+        with stopwatch() as phantoms:
+            prepare_phantoms(sites)
+        t_phantoms = phantoms.s
         overrides = {"num-server-rounds": rounds} if rounds else {}
-        t0 = time.perf_counter()
-        run = simulate(
-            paths,
-            "demo",
-            out_dir=tmp / "runs",
-            overrides=overrides,
-            flwr_home=tmp / "flwr-home",
-            cpus_per_site=cpus_per_site,
-            stream=False,
-        )
-        t_run = time.perf_counter() - t0
+        with stopwatch() as sim:
+            run = simulate(
+                paths,
+                "demo",
+                out_dir=tmp / "runs",
+                overrides=overrides,
+                flwr_home=tmp / "flwr-home",
+                cpus_per_site=cpus_per_site,
+                stream=False,
+            )
+        t_run = sim.s
         lines = [
             json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()
         ]
         timings = [t for s in sites for t in read_timings(s.state_dir)]
+    row = {
+        "cases_per_site": sites[0].phantom.cases if sites[0].phantom else None,
+        "rounds": len(lines),
+        "total_s": t_phantoms + t_run,
+        "phantoms_s": t_phantoms,
+    }
+    row |= phases(timings, t_run)
     last = lines[-1]
+    row["cpus_per_site"] = cpus_per_site
+    row["final_kidney_dice"] = last.get("weighted", {}).get("dice-kidney")
+    row["max_epsilon"] = max(last.get("epsilon", {0: 0}).values())
+    return row
+
+
+def phases(timings: list[dict], t_run: float) -> dict:
+    """The run's wall time split into loading, training, evaluation (the wall
+    time any site was busy, shared in proportion to site-seconds) and the rest."""
     load = sum(t["load_s"] for t in timings)
     train = sum(t["work_s"] for t in timings if t["kind"] == "train")
     evaluate = sum(t["work_s"] for t in timings if t["kind"] == "evaluate")
@@ -102,32 +114,23 @@ def measure(
         [(t["time"] - t["load_s"] - t["work_s"], t["time"]) for t in timings]
     )
     share = busy / site_seconds if site_seconds else 0.0
-    kidney = last.get("weighted", {}).get("dice-kidney")
     return {
-        "cases_per_site": sites[0].phantom.cases if sites[0].phantom else None,
-        "rounds": len(lines),
-        "total_s": t_phantoms + t_run,
-        "phantoms_s": t_phantoms,
         "data_loading_s": load * share,
         "training_s": train * share,
         "evaluation_s": evaluate * share,
         "coordinator_and_flower_s": t_run - busy,
         "site_seconds": {"loading": load, "training": train, "evaluation": evaluate},
         "sites_in_parallel": site_seconds / busy if busy else 0.0,
-        "cpus_per_site": cpus_per_site,
-        "final_kidney_dice": kidney,
-        "max_epsilon": max(last.get("epsilon", {0: 0}).values()),
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--cases", type=int, default=None, help="phantoms per site")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument(
         "--cpus-per-site", type=int, default=None, help="default: as make demo"
     )
-    ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     row = measure(args.cases, args.rounds, args.cpus_per_site)
     total = row["total_s"]
@@ -153,8 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         f"  final kidney Dice {row['final_kidney_dice']}, "
         f"max epsilon {row['max_epsilon']:.2f}"
     )
-    if args.json:
-        Path(args.json).write_text(json.dumps(row, indent=2))
+    write_json(args.json, row)
     return 0
 
 

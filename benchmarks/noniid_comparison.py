@@ -29,17 +29,11 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
+from harness import ROOT, dp_privacy, int_list, parser, phantom_site
 
-PROJECT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(PROJECT))
-
-from sim.cli import simulate_baselines  # noqa: E402
-
-from common.metrics import KITS_REGIONS  # noqa: E402
-from sim.phantoms.ct import load_profile  # noqa: E402
-from sim.phantoms.io import write_site  # noqa: E402
-from sim.runner import simulate  # noqa: E402
+from common.metrics import KITS_REGIONS
+from sim.cli import simulate_baselines
+from sim.runner import simulate
 
 log = logging.getLogger("noniid")
 
@@ -56,38 +50,33 @@ METHODS = {
 
 
 def write_sites(work: Path, cases: int, scale: float, dp: bool) -> list[Path]:
-    """One phantom hospital per scanner profile; returns the site YAMLs."""
-    paths = []
-    for i, (name, profile) in enumerate(SITES.items()):
-        root = work / "data" / name
-        # keeps complete cases of an earlier call, writes only missing ones
-        write_site(root, load_profile(profile), cases, seed=10 + i, scale=scale)
-        doc = {
-            "name": name,
-            "data": {"root": str(root), "validation_fraction": 0.3},
-            "device": "auto",
-            "state_dir": str(work / "state" / name),
+    """One phantom hospital per scanner profile; returns the site YAMLs.
+
+    The cases are written now (complete cases of an earlier call are kept,
+    missing ones written); the YAMLs do not declare them as phantoms.
+    """
+    return [
+        phantom_site(
+            work,
+            name,
+            cases=cases,
+            seed=10 + i,
+            profile=profile,
+            scale=scale,
             # synthetic sites with a handful of validation patients release
             # their means anyway (a site's choice, docs/privacy.md)
-            "privacy": (
-                {"enabled": True, "max_epsilon": 1000.0, "delta": 1e-3}
-                if dp
-                else {"enabled": False}
-            )
-            | {"min_cases_for_aggregates": 1},
-        }
-        path = work / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(doc))
-        paths.append(path)
-    return paths
+            privacy=dp_privacy(dp, max_epsilon=1000.0),
+            validation_fraction=0.3,
+            device="auto",
+            declared=False,
+        )
+        for i, (name, profile) in enumerate(SITES.items())
+    ]
 
 
-def run(args: argparse.Namespace) -> dict:
-    """All simulations; returns {method: {seed: comparison values}}."""
-    work = Path(args.work_dir).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    sites = write_sites(work, args.cases, args.scale, args.dp)
-    plan = {
+def _plan(args: argparse.Namespace) -> dict:
+    """The plan keys every method shares."""
+    return {
         "model": "unet-tiny-affine",
         "spacing-mm": args.spacing,
         "patch-size": args.patch,
@@ -96,36 +85,51 @@ def run(args: argparse.Namespace) -> dict:
         "learning-rate": args.learning_rate,
         "min-sites": 3,
     }
+
+
+def run_method(
+    method: str, seed: int, sites: list[Path], args: argparse.Namespace
+) -> tuple[str, dict]:
+    """One simulation of ``method``; returns its name and ``comparison.json``
+    (with the local and pooled baselines for FedAvg)."""
+    work = Path(args.work_dir).resolve()
+    name = f"{method.lower()}-seed{seed}-{int(time.time())}"
+    run_dir = simulate(
+        sites,
+        run_name=name,
+        out_dir=work / "runs",
+        overrides={
+            **_plan(args),
+            **METHODS[method],
+            "seed": seed,
+            "num-server-rounds": args.rounds,
+        },
+        flwr_home=work / "flwr-home",
+        cpus_per_site=1,
+        stream=True,
+    )
+    # FedAvg brings the baselines; the others evaluate the federated model at
+    # every site the same way
+    simulate_baselines(
+        sites, run_dir, ["local", "pooled"] if method == "FedAvg" else []
+    )
+    return name, json.loads((run_dir / "comparison.json").read_text())
+
+
+def run(args: argparse.Namespace) -> dict:
+    """All simulations; returns {method: {seed: comparison values}}."""
+    work = Path(args.work_dir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    sites = write_sites(work, args.cases, args.scale, args.dp)
     results: dict[str, dict[int, dict]] = {}
     timings: dict[str, float] = {}
     for seed in args.seeds:
-        for method, keys in METHODS.items():
-            name = f"{method.lower()}-seed{seed}-{int(time.time())}"
+        for method in METHODS:
             t0 = time.monotonic()
-            run_dir = simulate(
-                sites,
-                run_name=name,
-                out_dir=work / "runs",
-                overrides={
-                    **plan,
-                    **keys,
-                    "seed": seed,
-                    "num-server-rounds": args.rounds,
-                },
-                flwr_home=work / "flwr-home",
-                cpus_per_site=1,
-                stream=True,
-            )
-            if method == "FedAvg":
-                simulate_baselines(sites, run_dir, ["local", "pooled"])
-                comp = json.loads((run_dir / "comparison.json").read_text())
-                for model, per_site in comp["values"].items():
-                    if model != "federated":
-                        results.setdefault(model, {})[seed] = per_site
-            else:
-                # evaluate the federated model at every site the same way
-                simulate_baselines(sites, run_dir, [])
-                comp = json.loads((run_dir / "comparison.json").read_text())
+            name, comp = run_method(method, seed, sites, args)
+            for model, per_site in comp["values"].items():
+                if method == "FedAvg" and model != "federated":
+                    results.setdefault(model, {})[seed] = per_site
             results.setdefault(method, {})[seed] = comp["values"]["federated"]
             timings[name] = time.monotonic() - t0
             log.info("%s done in %.0f s", name, timings[name])
@@ -169,13 +173,10 @@ def table(out: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the comparison and write the markdown table."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--work-dir", default=str(PROJECT / "runs" / "noniid"))
-    p.add_argument(
-        "--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1]
-    )
+def _parser() -> argparse.ArgumentParser:
+    p = parser(__doc__, json_out=False)
+    p.add_argument("--work-dir", default=str(ROOT / "runs" / "noniid"))
+    p.add_argument("--seeds", type=int_list, default=[0, 1])
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--local-epochs", type=int, default=3)
     p.add_argument("--cases", type=int, default=10)
@@ -185,12 +186,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--learning-rate", type=float, default=0.01)
     p.add_argument("--dp", action="store_true")
-    p.add_argument("--out", default=str(PROJECT / "docs" / "noniid-comparison.md"))
+    p.add_argument("--out", default=str(ROOT / "docs" / "noniid-comparison.md"))
     p.add_argument(
         "--results", default=None, help="raw JSON (default: <work-dir>/results.json)"
     )
     p.add_argument("--from-results", default=None, help="only render this JSON")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the comparison and write the markdown table."""
+    args = _parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )

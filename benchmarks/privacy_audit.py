@@ -35,14 +35,11 @@ import argparse
 import json
 import math
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import yaml
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from harness import ROOT, dp_privacy, float_list, parser, phantom_site, stopwatch
 
 OVERFIT_PLAN = {
     "model": "unet-tiny",
@@ -68,14 +65,13 @@ def _save(args: argparse.Namespace, row: dict) -> None:
 
 def white_box(args: argparse.Namespace) -> list[dict]:
     """One-run white-box audits of DP-SGD on the linear model."""
-    from client.canary_audit import calibrated_linear_audit
+    from client.privacy.canaries import calibrated_linear_audit
 
     rows = []
     for eps in args.epsilons:
         for broken in (False, True) if not math.isinf(eps) else (False,):
             for rep in range(args.repeats):
-                t0 = time.perf_counter()
-                with warnings.catch_warnings():
+                with stopwatch() as took, warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     r = calibrated_linear_audit(
                         eps, canaries=args.canaries, break_noise=broken
@@ -85,7 +81,7 @@ def white_box(args: argparse.Namespace) -> list[dict]:
                     "target_epsilon": _eps_label(eps),
                     "noise_removed": broken,
                     "repeat": rep,
-                    "seconds": round(time.perf_counter() - t0, 1),
+                    "seconds": round(took.s, 1),
                     **r.to_dict(),
                 }
                 rows.append(row)
@@ -103,122 +99,141 @@ def white_box(args: argparse.Namespace) -> list[dict]:
 
 def _site_yamls(setting: str, row_dir: Path, dp: bool) -> list[Path]:
     """Site YAMLs for one row, each with its own state directory (ledger)."""
+    if setting == "overfit":
+        return [
+            phantom_site(
+                row_dir,
+                name,
+                cases=16,
+                seed=seed,
+                profile=profile,
+                scale=5,
+                privacy=dp_privacy(dp),
+                validation_fraction=0.5,
+                generate=False,  # simulate writes the declared phantoms
+                data_root=row_dir.parent / "data" / name,
+            )
+            for name, profile, seed in OVERFIT_SITES
+        ]
+    return [_demo_site(s, row_dir, dp) for s in ("a", "b", "c")]
+
+
+def _demo_site(letter: str, row_dir: Path, dp: bool) -> Path:
+    """The example hospital's YAML with this row's state and privacy."""
     from common.config import load_site_config
 
-    out = []
-    if setting == "overfit":
-        for name, profile, seed in OVERFIT_SITES:
-            doc = {
-                "name": name,
-                "data": {
-                    "root": str(row_dir.parent / "data" / name),
-                    "validation_fraction": 0.5,
-                },
-                "device": "cpu",
-                "state_dir": str(row_dir / "state" / name),
-                "privacy": {"min_cases_for_aggregates": 1}
-                | (
-                    {"enabled": True, "max_epsilon": 100.0, "delta": 1e-3}
-                    if dp
-                    else {"enabled": False}
-                ),
-                "phantom": {"profile": profile, "cases": 16, "seed": seed, "scale": 5},
-            }
-            path = row_dir / f"{name}.yaml"
-            path.write_text(yaml.safe_dump(doc))
-            out.append(path)
-        return out
-    for s in ("a", "b", "c"):
-        site = load_site_config(ROOT / "sites" / f"hospital-{s}.yaml")
-        doc = site.model_dump(mode="json", by_alias=True, exclude_none=True)
-        doc["state_dir"] = str(row_dir / "state" / site.name)
-        if not dp:
-            doc["privacy"] = {"enabled": False}
-        else:
-            doc["privacy"]["max_epsilon"] = 100.0
-        path = row_dir / f"{site.name}.yaml"
-        path.write_text(yaml.safe_dump(doc))
-        out.append(path)
-    return out
+    site = load_site_config(ROOT / "sites" / f"hospital-{letter}.yaml")
+    doc = site.model_dump(mode="json", by_alias=True, exclude_none=True)
+    doc["state_dir"] = str(row_dir / "state" / site.name)
+    if not dp:
+        doc["privacy"] = {"enabled": False}
+    else:
+        doc["privacy"]["max_epsilon"] = 100.0
+    path = row_dir / f"{site.name}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def _simulate_row(
+    args: argparse.Namespace, eps: float, row_dir: Path, sites: list[Path]
+) -> tuple[dict, float]:
+    """One simulated run (with canaries when asked); returns the canary audit
+    (``{"site": None}`` without one) and the seconds it took."""
+    from sim.canary_cases import finish_canary_audit, prepare_canary_sites
+    from sim.runner import simulate
+
+    base = row_dir.parent
+    overrides = dict(OVERFIT_PLAN) if args.setting == "overfit" else {}
+    if not math.isinf(eps):
+        overrides["dp-target-epsilon"] = eps
+    run_dir = base / "runs" / row_dir.name
+    with stopwatch() as took:
+        sim_sites = sites
+        if args.canaries:
+            sim_sites = prepare_canary_sites(sites, args.canaries, run_dir)
+        simulate(sim_sites, row_dir.name, base / "runs", overrides, stream=False)
+        canary = {"site": None}
+        if args.canaries:
+            canary = json.loads(finish_canary_audit(run_dir).read_text())
+    return canary, took.s
+
+
+def _audit_row(
+    args: argparse.Namespace, eps: float, rep: dict, canary: dict, t_sim: float
+) -> dict:
+    """The row of one site's membership-inference audit."""
+    a, c = rep["attacks"]["loss-threshold"], rep["attacks"]["calibrated"]
+    return {
+        "part": "federation",
+        "setting": args.setting,
+        "target_epsilon": _eps_label(eps),
+        "site": rep["site"],
+        "members": rep["members"],
+        "non_members": rep["non_members"],
+        "accountant_epsilon": rep["accountant_epsilon"],
+        "loss_auc": a["auc"],
+        "loss_tpr_1pct": a["operating_points"][0]["tpr"],
+        "loss_tpr_01pct": a["operating_points"][1]["tpr"],
+        "calibrated_auc": c["auc"],
+        "calibrated_tpr_1pct": c["operating_points"][0]["tpr"],
+        "mia_epsilon_lb": max(a["epsilon_lb"], c["epsilon_lb"]),
+        "mean_loss_members": rep["mean_loss"]["members"],
+        "mean_loss_non_members": rep["mean_loss"]["non_members"],
+        "canary": canary if rep["site"] == canary["site"] else None,
+        "simulate_seconds": round(t_sim, 1),
+    }
+
+
+def _print_audit(row: dict) -> None:
+    canary = row["canary"]
+    print(
+        f"{row['setting']} eps={row['target_epsilon']:>6} {row['site']}: accountant "
+        f"{row['accountant_epsilon']} loss AUC {row['loss_auc']:.3f} calibrated AUC "
+        f"{row['calibrated_auc']:.3f} MIA eps_lb {row['mia_epsilon_lb']:.3f}"
+        + (
+            f" | canaries {canary['correct']}/{canary['guesses']} "
+            f"eps_lb {canary['epsilon_lb']:.3f}"
+            if canary
+            else ""
+        ),
+        flush=True,
+    )
 
 
 def federation(args: argparse.Namespace) -> list[dict]:
     """Simulated runs with canaries, then the site audits, per epsilon."""
-    from client.privacy_audit import audit_site
-    from sim.canary_cases import finish_canary_audit, prepare_canary_sites
-    from sim.runner import simulate
+    from client.privacy.membership import audit_site
 
     base = Path(args.out) / args.setting
     rows = []
     for eps in args.epsilons:
-        dp = not math.isinf(eps)
         name = f"audit-{args.setting}-{_eps_label(eps).replace(' ', '')}"
         row_dir = base / name
         row_dir.mkdir(parents=True, exist_ok=True)
-        sites = _site_yamls(args.setting, row_dir, dp)
-        overrides = dict(OVERFIT_PLAN) if args.setting == "overfit" else {}
-        if dp:
-            overrides["dp-target-epsilon"] = eps
-        t0 = time.perf_counter()
-        run_dir = base / "runs" / name
-        sim_sites = sites
-        if args.canaries:
-            sim_sites = prepare_canary_sites(sites, args.canaries, run_dir)
-        simulate(sim_sites, name, base / "runs", overrides, stream=False)
-        canary = {"site": None}
-        if args.canaries:
-            canary = json.loads(finish_canary_audit(run_dir).read_text())
-        t_sim = time.perf_counter() - t0
+        sites = _site_yamls(args.setting, row_dir, not math.isinf(eps))
+        canary, t_sim = _simulate_row(args, eps, row_dir, sites)
         for site_yaml in sites:
             rep = audit_site(
-                site_yaml, run_dir / "final", out=row_dir / f"mia-{site_yaml.stem}.json"
+                site_yaml,
+                base / "runs" / name / "final",
+                out=row_dir / f"mia-{site_yaml.stem}.json",
             )
-            a, c = rep["attacks"]["loss-threshold"], rep["attacks"]["calibrated"]
-            row = {
-                "part": "federation",
-                "setting": args.setting,
-                "target_epsilon": _eps_label(eps),
-                "site": rep["site"],
-                "members": rep["members"],
-                "non_members": rep["non_members"],
-                "accountant_epsilon": rep["accountant_epsilon"],
-                "loss_auc": a["auc"],
-                "loss_tpr_1pct": a["operating_points"][0]["tpr"],
-                "loss_tpr_01pct": a["operating_points"][1]["tpr"],
-                "calibrated_auc": c["auc"],
-                "calibrated_tpr_1pct": c["operating_points"][0]["tpr"],
-                "mia_epsilon_lb": max(a["epsilon_lb"], c["epsilon_lb"]),
-                "mean_loss_members": rep["mean_loss"]["members"],
-                "mean_loss_non_members": rep["mean_loss"]["non_members"],
-                "canary": canary if rep["site"] == canary["site"] else None,
-                "simulate_seconds": round(t_sim, 1),
-            }
+            row = _audit_row(args, eps, rep, canary, t_sim)
             rows.append(row)
             _save(args, row)
-            print(
-                f"{args.setting} eps={_eps_label(eps):>6} {rep['site']}: accountant "
-                f"{rep['accountant_epsilon']} loss AUC {a['auc']:.3f} calibrated AUC "
-                f"{c['auc']:.3f} MIA eps_lb {row['mia_epsilon_lb']:.3f}"
-                + (
-                    f" | canaries {canary['correct']}/{canary['guesses']} "
-                    f"eps_lb {canary['epsilon_lb']:.3f}"
-                    if row["canary"]
-                    else ""
-                ),
-                flush=True,
-            )
+            _print_audit(row)
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one part and append its rows to ``--out/rows.jsonl``."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__, json_out=False)
     p.add_argument("part", choices=("white-box", "federation"))
     p.add_argument("--setting", choices=("overfit", "demo"), default="overfit")
     p.add_argument(
         "--epsilons",
         default="inf,1,3,8",
-        type=lambda s: [float(x) for x in s.split(",")],
+        type=float_list,
         help="target epsilons; inf = no DP",
     )
     p.add_argument("--canaries", type=int, default=None)

@@ -13,8 +13,6 @@ site beyond the first size costs.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import tempfile
@@ -22,13 +20,10 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from harness import TINY_PLAN, int_list, parser, phantom_site, stopwatch, write_json
 
 PLAN = {
-    "spacing-mm": "6,6,8",
-    "patch-size": "32,32,16",
-    "batch-size": 2,
+    **TINY_PLAN,
     "local-epochs": 1,
     "min-sites": 2,
     "dp-target-epsilon": 30.0,
@@ -39,7 +34,7 @@ PLAN = {
 
 
 def _rss_tree(pid: int) -> int:
-    from sim.runner import descendants
+    from sim.superlink import descendants
 
     total = 0
     for p in [pid, *descendants(pid)]:
@@ -55,11 +50,8 @@ def _rss_tree(pid: int) -> int:
 def measure(n: int, tmp: Path, cpus_per_site: int | None = None) -> dict:
     """Wall time and peak memory of a one-round simulation of ``n`` sites."""
     from sim.runner import default_cpus_per_site, simulate
-    from tests.conftest import write_site_yaml
 
-    sites = [
-        write_site_yaml(tmp, f"site-{i:03d}", cases=3, seed=i % 5) for i in range(n)
-    ]
+    sites = [phantom_site(tmp, f"site-{i:03d}", cases=3, seed=i % 5) for i in range(n)]
     peak = 0
     stop = threading.Event()
 
@@ -71,19 +63,18 @@ def measure(n: int, tmp: Path, cpus_per_site: int | None = None) -> dict:
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
-    t0 = time.perf_counter()
     try:
-        simulate(
-            sites,
-            f"scale-{n}",
-            out_dir=tmp / "runs",
-            overrides={**PLAN, "num-server-rounds": 1},
-            flwr_home=tmp / "flwr-home",
-            cpus_per_site=cpus_per_site,
-            stream=False,
-        )
+        with stopwatch() as wall:
+            simulate(
+                sites,
+                f"scale-{n}",
+                out_dir=tmp / "runs",
+                overrides={**PLAN, "num-server-rounds": 1},
+                flwr_home=tmp / "flwr-home",
+                cpus_per_site=cpus_per_site,
+                stream=False,
+            )
     finally:
-        wall = time.perf_counter() - t0
         stop.set()
         thread.join()
     if cpus_per_site is None:
@@ -91,26 +82,25 @@ def measure(n: int, tmp: Path, cpus_per_site: int | None = None) -> dict:
     return {
         "sites": n,
         "cpus_per_site": cpus_per_site,
-        "wall_s": wall,
+        "wall_s": wall.s,
         "peak_rss_gb": peak / 1e9,
         "per_site_mb": peak / n / 1e6,
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sites", default="3,10,30,100")
+    ap = parser(__doc__)
+    ap.add_argument("--sites", type=int_list, default="3,10,30,100")
     ap.add_argument(
         "--cpus-per-site",
         type=int,
         default=None,
         help="CPUs per virtual site (Ray actor); default: kidneyfl simulate's",
     )
-    ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as d:
-        for n in (int(x) for x in args.sites.split(",")):
+        for n in args.sites:
             rows.append(measure(n, Path(d) / f"n{n}", args.cpus_per_site))
             r = rows[-1]
             print(
@@ -118,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"({r['per_site_mb']:.0f} MB per site)",
                 flush=True,
             )
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+    write_json(args.json, rows)
     return 0
 
 

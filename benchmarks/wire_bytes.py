@@ -17,16 +17,28 @@ compression, so there is no compressed column (and no Dice cost to report).
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-from pathlib import Path
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from harness import Column, names, parser, set_task_identity, table, write_json
+
+if TYPE_CHECKING:
+    from flwr.app import ArrayRecord, Message
+
+COLUMNS = [
+    Column("model", "model", width=16, align="<"),
+    Column("params", "params", ",", 10),
+    Column("float32 MB", "float32_bytes", ".3f", 12, scale=1e6),
+    Column("update MB", "train_up", ".3f", 11, scale=1e6),
+    Column("update/raw", "update_over_raw", ".4f", 12),
+    Column("round MB", "round_total_bytes", ".3f", 10, scale=1e6),
+    Column("round/(3x raw)", "round_over_3x_raw", ".4f", 16),
+    Column("unpacked/raw", "named_update_over_raw", ".4f", 14),
+]
 
 
-def wire_bytes(msg) -> int:  # noqa: ANN001
+def wire_bytes(msg: Message) -> int:
     """Serialised size of every distinct object of a Flower message."""
     from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
@@ -44,29 +56,14 @@ def measure(model_name: str) -> dict:
     return row
 
 
-def measure_as(model_name: str, encode) -> dict:  # noqa: ANN001
-    """Per-site bytes of one round with the model's arrays ``encode``d."""
-    from flwr.app import (
-        ArrayRecord,
-        ConfigRecord,
-        Message,
-        MessageType,
-        MetricRecord,
-        RecordDict,
-    )
-    from flwr.supercore.task_identity import TaskIdentity
+def round_messages(sent: object) -> dict[str, Message]:
+    """One round's four messages of a site, each carrying the model ``sent``
+    where kidneyfl's apps put it (train down and up, evaluate down)."""
+    from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
     from common import wire
-    from common.models import build_model
-    from common.weights import export_state
 
-    for attr in ("_run_id", "_task_id", "_node_id"):
-        setattr(TaskIdentity, attr, 1)
-    model = build_model(model_name)
-    state = export_state(model)
-    raw = sum(t.numel() * 4 for t in state.values())  # float32 size
     config = ConfigRecord({wire.RUN_ID: "bench", wire.GLOBAL_ROUND: 1})
-    sent = encode(ArrayRecord(state))
     down = Message(
         content=RecordDict({wire.ARRAYS: sent, wire.CONFIG: config}),
         message_type=MessageType.TRAIN,
@@ -93,23 +90,31 @@ def measure_as(model_name: str, encode) -> dict:  # noqa: ANN001
         message_type=MessageType.EVALUATE,
         dst_node_id=2,
     )
+    eval_metrics = {wire.NUM_VAL_CASES: 40, "dice-kidney": 0.6, wire.EVAL_LOSS: 0.4}
     eval_up = Message(
-        content=RecordDict(
-            {
-                wire.METRICS: MetricRecord(
-                    {wire.NUM_VAL_CASES: 40, "dice-kidney": 0.6, wire.EVAL_LOSS: 0.4}
-                ),
-                wire.SITE: site,
-            }
-        ),
+        content=RecordDict({wire.METRICS: MetricRecord(eval_metrics), wire.SITE: site}),
         reply_to=eval_down,
     )
-    sizes = {
-        "train_down": wire_bytes(down),
-        "train_up": wire_bytes(up),
-        "evaluate_down": wire_bytes(eval_down),
-        "evaluate_up": wire_bytes(eval_up),
+    return {
+        "train_down": down,
+        "train_up": up,
+        "evaluate_down": eval_down,
+        "evaluate_up": eval_up,
     }
+
+
+def measure_as(model_name: str, encode: Callable[[ArrayRecord], object]) -> dict:
+    """Per-site bytes of one round with the model's arrays ``encode``d."""
+    from flwr.app import ArrayRecord
+
+    from common.models import build_model
+    from common.weights import export_state
+
+    set_task_identity()
+    state = export_state(build_model(model_name))
+    raw = sum(t.numel() * 4 for t in state.values())  # float32 size
+    messages = round_messages(encode(ArrayRecord(state)))
+    sizes = {kind: wire_bytes(msg) for kind, msg in messages.items()}
     return {
         "model": model_name,
         "params": sum(t.numel() for t in state.values()),
@@ -122,26 +127,13 @@ def measure_as(model_name: str, encode) -> dict:  # noqa: ANN001
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", default="unet-tiny,unet-small,unet")
-    ap.add_argument("--json", default=None)
+    ap = parser(__doc__)
+    ap.add_argument("--models", type=names, default="unet-tiny,unet-small,unet")
     args = ap.parse_args(argv)
-    rows = [measure(m) for m in args.models.split(",") if m]
-    print(
-        f"{'model':<16}{'params':>10}{'float32 MB':>12}{'update MB':>11}"
-        f"{'update/raw':>12}{'round MB':>10}{'round/(3x raw)':>16}"
-        f"{'unpacked/raw':>14}"
-    )
-    for r in rows:
-        print(
-            f"{r['model']:<16}{r['params']:>10,}{r['float32_bytes'] / 1e6:>12.3f}"
-            f"{r['train_up'] / 1e6:>11.3f}{r['update_over_raw']:>12.4f}"
-            f"{r['round_total_bytes'] / 1e6:>10.3f}{r['round_over_3x_raw']:>16.4f}"
-            f"{r['named_update_over_raw']:>14.4f}"
-        )
+    rows = [measure(m) for m in args.models]
+    print(table(rows, COLUMNS))
     print("compression: none offered (updates travel as raw float32, packed)")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+    write_json(args.json, rows)
     return 0
 
 

@@ -53,8 +53,8 @@ def pretrain(
     FileExistsError
         If ``out_dir`` already holds a checkpoint (nothing is overwritten).
     """
-    from client.privacy import poisson_schedule
-    from client.tasks.base import get_task
+    from client.privacy.accounting import poisson_schedule
+    from client.tasks.registry import get_task
     from client.train import local_train, select_device
     from common.config import load_plan, load_site_config
     from common.task_models import build_plan_model

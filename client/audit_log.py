@@ -21,11 +21,12 @@ import fcntl
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from common.atomic import atomic_write_json
 
 AUDIT_NAME = "audit-log.jsonl"
 HEAD_NAME = "audit-log.head.json"
@@ -131,17 +132,7 @@ class AuditLog:
         return entry
 
     def _write_head(self, head: dict[str, Any]) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".audit-head-")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(head, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.head_path)
-        dfd = os.open(self.dir, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        atomic_write_json(self.head_path, head, indent=None, sort_keys=False)
 
     def entries(self) -> list[dict[str, Any]]:
         """All entries that parse (use :meth:`verify` to trust them)."""
@@ -168,19 +159,14 @@ class AuditLog:
                 entry = json.loads(line)
             except ValueError:
                 return AuditCheck(False, i - 1, i, "not a complete JSON entry", prev)
-            if entry.get("seq") != i:
-                return AuditCheck(
-                    False, i - 1, i, f"sequence {entry.get('seq')}, expected {i}", prev
-                )
-            if entry.get("prev") != prev:
-                return AuditCheck(
-                    False, i - 1, i, "previous-hash link broken (entry removed)", prev
-                )
-            if entry.get("hash") != entry_hash(entry):
-                return AuditCheck(
-                    False, i - 1, i, "content edited (hash mismatch)", prev
-                )
+            problem = _link_problem(entry, i, prev)
+            if problem:
+                return AuditCheck(False, i - 1, i, problem, prev)
             prev = entry["hash"]
+        return self._against_head(lines, prev)
+
+    def _against_head(self, lines: list[str], prev: str) -> AuditCheck:
+        """The walked chain compared with the head file's count and hash."""
         try:
             head = self._head()
         except ValueError:
@@ -205,6 +191,17 @@ class AuditLog:
                 False, len(lines), count, "entry differs from the recorded head", prev
             )
         return AuditCheck(True, len(lines), head=prev)
+
+
+def _link_problem(entry: dict[str, Any], seq: int, prev: str) -> str:
+    """Why ``entry`` does not continue the chain at ``seq`` after ``prev`` ("")."""
+    if entry.get("seq") != seq:
+        return f"sequence {entry.get('seq')}, expected {seq}"
+    if entry.get("prev") != prev:
+        return "previous-hash link broken (entry removed)"
+    if entry.get("hash") != entry_hash(entry):
+        return "content edited (hash mismatch)"
+    return ""
 
 
 def _eps(v: Any) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 
-from client.privacy import PrivacyLedger
+from client.privacy.ledger import PrivacyLedger
 from common.config import load_site_config
 
 
@@ -161,7 +161,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _audit_privacy(args: argparse.Namespace) -> int:
     import json
 
-    from client.privacy_audit import audit_site, format_audit
+    from client.privacy.membership import audit_site, format_audit
 
     report = audit_site(args.site_yaml, args.checkpoint, out=args.out)
     print(json.dumps(report, indent=2) if args.json else format_audit(report))

@@ -138,6 +138,16 @@ def check_reply(
     if view.is_error:
         return []  # a Flower error carries only a code and our own reason
     mtype = view.message_type.split(".")[0]
+    return [
+        *_shape_problems(view, task, n_classes),
+        *_array_problems(view, expected),
+        *_metric_problems(view, mtype, task),
+        *_site_problems(view, site_name),
+    ]
+
+
+def _shape_problems(view: ReplyView, task: str, n_classes: int) -> list[str]:
+    """Records, arrays and metric counts the message type does not allow."""
     problems: list[str] = []
     known = {wire.ARRAYS: "arrays", wire.METRICS: "metrics", wire.SITE: "config"}
     for name, kind in view.records.items():
@@ -151,6 +161,12 @@ def check_reply(
     if view.metrics.get(wire.DP_ENABLED) == 1:
         for key in wire.DP_TRAIN_METRICS_OMITTED & set(view.metrics):
             problems.append(f"metric {key!r} is not protected by DP; not sent")
+    return problems
+
+
+def _array_problems(view: ReplyView, expected: dict[str, ArraySpec]) -> list[str]:
+    """Arrays that are not the plan model's parameters, in name, shape or dtype."""
+    problems: list[str] = []
     for name, spec in view.arrays.items():
         if name not in expected:
             problems.append(f"array {name!r} is not a parameter of the plan's model")
@@ -159,6 +175,12 @@ def check_reply(
                 f"array {name!r} is {spec[0]} {spec[1]}, the model's is "
                 f"{expected[name][0]} {expected[name][1]}"
             )
+    return problems
+
+
+def _metric_problems(view: ReplyView, mtype: str, task: str) -> list[str]:
+    """Metrics not allowed for the message type, or not finite numbers."""
+    problems: list[str] = []
     lists = wire.REPLY_LIST_METRICS.get(mtype, {})
     for key, value in view.metrics.items():
         if not allowed_metric(key, mtype, task):
@@ -170,6 +192,12 @@ def check_reply(
                 problems.append(f"metric {key!r} has non-finite values")
         elif not isinstance(value, int | float) or isinstance(value, bool):
             problems.append(f"metric {key!r} is not a number")
+    return problems
+
+
+def _site_problems(view: ReplyView, site_name: str) -> list[str]:
+    """Site record keys outside the contract, another site's name, a leak."""
+    problems: list[str] = []
     for key, value in view.site.items():
         if key not in wire.REPLY_SITE_KEYS:
             problems.append(f"site record key {key!r} is not in the contract")

@@ -9,13 +9,19 @@ import socket
 import ssl
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from client.data.case_check import FATAL, WARN, Finding
 from common.config import ConfigError, SiteConfig
 
-if TYPE_CHECKING:
-    from client.readiness import SiteCheck
+
+class SiteCheck(Protocol):
+    """What these checks write to: the readiness report
+    (:class:`client.readiness.SiteCheck`)."""
+
+    environment: dict[str, Any]
+    findings: list[Finding]
+
 
 MIN_FREE_BYTES = 1 * 2**30
 
@@ -68,7 +74,7 @@ def check_environment(site: SiteConfig, report: SiteCheck) -> None:
             )
         )
     if site.privacy.enabled:
-        from client.privacy import LedgerError, PrivacyLedger
+        from client.privacy.ledger import LedgerError, PrivacyLedger
 
         try:
             ledger = PrivacyLedger(state, site.name)

@@ -191,7 +191,7 @@ def governed(
     """Decorate a ClientApp handler: contract check and audit entry per reply.
 
     ``site_path(context, plan)`` finds the site YAML (``client.app``'s
-    ``site_config_path``). If the site cannot be resolved the handler answers
+    ``site_yaml``). If the site cannot be resolved the handler answers
     alone (it refuses with its own reason) and nothing is recorded, since the
     state directory is unknown.
     """
@@ -253,7 +253,7 @@ def _hooks(task: _Task, rc: Any) -> None:
         if not callable(getattr(rc, name, None)):
             raise RuntimeError(
                 f"flwr {rc.__name__}.{name} not found: this Flower version is not the "
-                "one the site's gate supports (1.41); the site runs nothing"
+                "one the site's gate supports (1.42); the site runs nothing"
             )
     pull, install, push = rc.pull_task_input, rc.install_from_fab, rc.push_message
 

@@ -207,7 +207,7 @@ def spent_epsilon(site: SiteConfig) -> float | None:
     if not _LEDGER:
         # Imported late (torch, Opacus): the gate must start its task heartbeat
         # within seconds; bound once, so later calls keep the site's own copy.
-        from client.privacy import LedgerError, PrivacyLedger
+        from client.privacy.ledger import LedgerError, PrivacyLedger
 
         _LEDGER = (PrivacyLedger, LedgerError)
     ledger_cls, error = _LEDGER

@@ -1,22 +1,21 @@
 """What stays at the site: FedBN's normalisation layers and fine-tuned models.
 
 Both live in the site's ``state_dir`` under ``personal/<run>/`` and never leave
-the site. Writes are atomic, like the privacy ledger's.
+the site. Writes are atomic (:mod:`common.atomic`).
 """
 
 from __future__ import annotations
 
 import io
 import logging
-import os
 import re
-import tempfile
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
+from common.atomic import atomic_write_bytes
 from common.config import SiteConfig
 
 log = logging.getLogger(__name__)
@@ -34,17 +33,7 @@ def personal_dir(site: SiteConfig, run_id: str) -> Path:
 def _save(path: Path, state: Mapping[str, torch.Tensor]) -> None:
     buf = io.BytesIO()
     torch.save(OrderedDict(state), buf)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(buf.getvalue())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _load(path: Path) -> OrderedDict[str, torch.Tensor] | None:

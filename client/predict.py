@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from client.scan_check import SEEN_SCANS_KEY, ScanMismatch, scan_problems
-from client.tasks.base import get_task
+from client.tasks.registry import get_task
 from client.train import select_device
 from common.artifacts import load_model_dir
 from common.config import Plan

@@ -1,13 +1,14 @@
 """The readiness check hospital IT runs before joining a federation.
 
 ``kidneyfl site check sites/<site>.yaml [--json] [--allow-skips]`` validates the
-YAML, inspects every case (via :mod:`client.data.case_check`), refuses what would
-break one-patient-one-unit (:mod:`client.data.patients`), lists unlabelled cases and
-class counts, warns when the site has too few patients for DP-SGD to learn or
-for its validation metrics to be released, and checks the environment: device,
-free disk and write access for the state directory, the privacy ledger, and
-optionally that the coordinator's address answers and its TLS certificate
-verifies. Its output is for the site's own terminal and never leaves the site.
+YAML, asks the site's task to check its data (``Task.check``: every case
+inspected, what would break one-patient-one-unit, unlabelled cases, class counts
+overall and per split), warns when the site has too few patients for DP-SGD
+to learn or for its validation metrics to be released, and checks the
+environment: device, free disk and write access for the state directory, the
+privacy ledger, and optionally that the coordinator's address answers and its
+TLS certificate verifies. Its output is for the site's own terminal and never
+leaves the site.
 
 The verdict (``ok``, the last line): training refuses a site with a setup
 error, a patient problem or fewer than two usable cases, so those always fail;
@@ -23,18 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from client.data.case_check import FATAL, WARN, Finding
-from client.data.patients import FIX as PATIENT_FIX
+from client.data.check_report import MIN_CASES, DataCheck
+from client.data.errors import SiteDataError
 from client.data.patients import KINDS as PATIENT_KINDS
-from client.data.patients import PatientProblem
 from client.environment import check_environment, check_node_command, check_superlink
-from client.tasks.classification.check import (
-    check_classification_cases,
-    is_classification,
-)
-from client.tasks.segmentation.data import SiteDataError
+from client.tasks.registry import site_task
 from common.config import ConfigError, SiteConfig, load_site_config
 
-MIN_CASES = 2
 # Rule of thumb from measurement (docs/architecture.md, "Demo model and data
 # size"): at epsilon 8, DP-SGD did not learn on 15-45 training cases per site
 # and did on 150. The relative noise falls as 1/N, so fewer is worth a warning.
@@ -42,25 +38,13 @@ DP_MIN_TRAIN_PATIENTS = 50
 
 
 @dataclass
-class SiteCheck:
-    """Everything the check found. ``ok`` is False when the site is not ready."""
+class SiteCheck(DataCheck):
+    """Everything the check found: the data part (filled by the site's task)
+    plus the environment. ``ok`` is False when the site is not ready."""
 
-    site: str
-    config: str
+    site: str = "?"
+    config: str = ""
     task: str = "segmentation"
-    layout: str = ""
-    notes: list[str] = field(default_factory=list)
-    cases_found: int = 0
-    cases_usable: int = 0  # labelled, readable, not left out: what training uses
-    cases_unlabelled: list[str] = field(default_factory=list)
-    cases_with_errors: list[str] = field(default_factory=list)
-    cases_excluded: list[str] = field(default_factory=list)  # data.exclude_cases
-    train_patients: int = 0
-    validation_patients: int = 0
-    class_cases: dict[str, int] = field(default_factory=dict)
-    class_voxels: dict[str, int] = field(default_factory=dict)
-    duplicates: list[list[str]] = field(default_factory=list)
-    findings: list[Finding] = field(default_factory=list)
     environment: dict[str, Any] = field(default_factory=dict)
     allow_skips: bool = False
 
@@ -162,11 +146,9 @@ def check_site(
     if superlink:
         check_superlink(superlink, root_certificates, report)
     try:
-        if is_classification(site):
-            report.task = "classification"
-            check_classification_cases(site, report)
-        else:
-            _check_segmentation_cases(site, report)
+        task = site_task(site)
+        report.task = task.name
+        task.check(site, report)
     except SiteDataError as exc:
         report.findings.append(
             Finding("setup-data", FATAL, str(site.data.root), str(exc), "fix the data")
@@ -174,64 +156,6 @@ def check_site(
         return report
     _check_patient_counts(site, report)
     return report
-
-
-def _check_segmentation_cases(site: SiteConfig, report: SiteCheck) -> None:
-    from client.data.layouts import discover
-    from client.tasks.segmentation.data import (
-        inspect,
-        leave_out,
-        patient_problems,
-        split_site_cases,
-    )
-    from common.metrics import LABELS
-
-    d = site.data
-    found = discover(d.root, d.layout, d.label_names, d.manifest)
-    report.layout = found.layout
-    report.notes = list(found.notes)
-    report.cases_found = len(found.cases)
-    left_out: dict[str, str] = {}
-    kept = leave_out(found.cases, d.exclude_cases, left_out)
-    report.cases_excluded = sorted(left_out)
-    labels = frozenset(found.label_map)
-    usable = []
-    for case in kept:
-        if case.label is None:
-            report.cases_unlabelled.append(case.case_id)
-        result = inspect(case, labels)
-        report.findings.extend(result.findings)
-        if not result.usable:
-            report.cases_with_errors.append(case.case_id)
-        elif case.label is not None:
-            usable.append(case)
-            for value, n in result.label_voxels.items():
-                name = LABELS.get(found.label_map.get(value, -1), str(value))
-                report.class_cases[name] = report.class_cases.get(name, 0) + 1
-                report.class_voxels[name] = report.class_voxels.get(name, 0) + n
-    report.cases_usable = len(usable)
-    if len(usable) < MIN_CASES:
-        return
-    train, val = split_site_cases(usable, site, found.splits)
-    report.train_patients = len({c.patient_id for c in train})
-    report.validation_patients = len({c.patient_id for c in val})
-    add_patient_problems(report, patient_problems(train, val, labels))
-
-
-def add_patient_problems(report: SiteCheck, problems: list[PatientProblem]) -> None:
-    """Each problem as an ERROR naming its files (training refuses them)."""
-    for p in problems:
-        report.findings.append(
-            Finding(
-                p.kind,
-                FATAL,
-                ", ".join(p.files),
-                f"{p.message} (cases {', '.join(p.cases)})",
-                PATIENT_FIX,
-            )
-        )
-        if p.kind != "patient-in-train-and-validation":
-            report.duplicates.append(list(p.cases))
 
 
 def _check_patient_counts(site: SiteConfig, report: SiteCheck) -> None:
@@ -292,10 +216,9 @@ def format_check(report: SiteCheck) -> str:
         f"{report.validation_patients}",
     ]
     if report.class_cases:
-        lines.append(
-            "  cases per class: "
-            + ", ".join(f"{k} {v}" for k, v in sorted(report.class_cases.items()))
-        )
+        lines.append(f"  cases per class: {_counts(report.class_cases)}")
+    for side, counts in sorted(report.class_cases_by_split.items()):
+        lines.append(f"  {side} cases per class: {_counts(counts)}")
     for k, v in sorted(report.environment.items()):
         lines.append(f"  {k}: {v}")
     by_kind: dict[str, list[Finding]] = {}
@@ -309,3 +232,7 @@ def format_check(report: SiteCheck) -> str:
             lines.append(f"    {f.file}: {f.message}")
     lines.append(report.verdict)
     return "\n".join(lines)
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))

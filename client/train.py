@@ -25,19 +25,10 @@ from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from client.privacy import make_private
+from client.privacy.dpsgd import DPSpec, make_private
 from common.config import SGD_MOMENTUM
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class DPSpec:
-    """DP-SGD settings for one round."""
-
-    noise_multiplier: float
-    max_grad_norm: float
-    grad_sample_mode: str
 
 
 @dataclass(frozen=True)

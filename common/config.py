@@ -53,16 +53,19 @@ class Plan(BaseModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
 
+    # Every default equals [tool.flwr.app.config], the demo's plan, so a plan
+    # built in code and one from ``flwr run .`` agree (tests/common/test_config.py
+    # checks each key).
     task: Literal["segmentation", "classification"] = "segmentation"
-    model: str = "unet-small"
+    model: str = "unet-tiny"
     strategy: StrategyName = "fedavg"
-    num_server_rounds: int = Field(4, alias="num-server-rounds", ge=1, le=10_000)
-    local_epochs: int = Field(1, alias="local-epochs", ge=1, le=1000)
-    batch_size: int = Field(4, alias="batch-size", ge=1, le=512)
+    num_server_rounds: int = Field(5, alias="num-server-rounds", ge=1, le=10_000)
+    local_epochs: int = Field(2, alias="local-epochs", ge=1, le=1000)
+    batch_size: int = Field(48, alias="batch-size", ge=1, le=512)
     optimizer: Literal["adam", "sgd"] = "adam"
-    learning_rate: float = Field(0.003, alias="learning-rate", gt=0, le=10)
-    spacing_mm: tuple[float, float, float] = Field((3.0, 3.0, 4.0), alias="spacing-mm")
-    patch_size: tuple[int, int, int] = Field((64, 64, 32), alias="patch-size")
+    learning_rate: float = Field(0.01, alias="learning-rate", gt=0, le=10)
+    spacing_mm: tuple[float, float, float] = Field((4.0, 4.0, 5.0), alias="spacing-mm")
+    patch_size: tuple[int, int, int] = Field((32, 32, 32), alias="patch-size")
     hu_window: tuple[float, float] = Field((-150.0, 350.0), alias="hu-window")
     min_sites: int = Field(2, alias="min-sites", ge=1)
     fraction_evaluate: float = Field(1.0, alias="fraction-evaluate", ge=0, le=1)

@@ -7,14 +7,17 @@ image, a label, a file name, a case identifier or a per-case value.
 
 import functools
 import io
+import logging
 import math
-from typing import TYPE_CHECKING, Final
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 
 if TYPE_CHECKING:  # common/ stays importable without Flower
     from flwr.app import Array, ArrayRecord
 
+log = logging.getLogger("kidneyfl.wire")
 # Record names inside a Message's RecordDict.
 ARRAYS: Final = "arrays"
 CONFIG: Final = "config"
@@ -167,6 +170,44 @@ def unpack_arrays(record: "ArrayRecord") -> "ArrayRecord":
             f"packed model: {blob.size - offset} bytes after the last array"
         )
     return ArrayRecord(out)
+
+
+def _array_records(msg: Any) -> dict[str, Any]:
+    """A message's array records (none for errors and stand-in messages)."""
+    if not hasattr(msg, "has_content") or not msg.has_content():
+        return {}
+    return dict(msg.content.array_records)
+
+
+def pack_models(messages: Iterable[Any]) -> list[Any]:
+    """The messages with every model packed (:func:`pack_arrays`), in place.
+
+    A model sent to many sites is packed once.
+    """
+    out, packed = list(messages), {}
+    for msg in out:
+        for name, rec in _array_records(msg).items():
+            if id(rec) not in packed:
+                packed[id(rec)] = (rec, pack_arrays(rec))  # keeps rec alive
+            msg.content[name] = packed[id(rec)][1]
+    return out
+
+
+def unpack_models(replies: Iterable[Any]) -> list[Any]:
+    """The replies with every packed model unpacked, in place.
+
+    A model that does not unpack is left as it came and logged; the update
+    guard then rejects it (its arrays are not the model's), so one bad site
+    never stops the round.
+    """
+    out = list(replies)
+    for msg in out:
+        for name, rec in _array_records(msg).items():
+            try:
+                msg.content[name] = unpack_arrays(rec)
+            except PackError as exc:
+                log.warning("node %s: %s", msg.metadata.src_node_id, exc)
+    return out
 
 
 # ConfigRecord keys sent by the coordinator.

@@ -26,6 +26,11 @@ import torch
 from common.atomic import atomic_write_bytes, atomic_write_json
 
 LATEST = "latest.json"
+# The largest epsilon any site had spent by a round (the site YAML's
+# ``max_epsilon`` is a site's ceiling); sidecars before issue 18 called it
+# ``max_epsilon``, and still read.
+MAX_EPSILON_SPENT_KEY = "max_epsilon_spent"
+_OLD_MAX_EPSILON_SPENT_KEY = "max_epsilon"
 
 
 class CheckpointError(RuntimeError):
@@ -38,6 +43,14 @@ def package_version() -> str:
         return metadata.version("kidneyfl")
     except metadata.PackageNotFoundError:
         return "unknown"
+
+
+def max_epsilon_spent(meta: dict[str, Any]) -> float | None:
+    """The largest epsilon spent by any site, from a round's sidecar (old or
+    new key); None where no site reported one (DP off)."""
+    if MAX_EPSILON_SPENT_KEY in meta:
+        return meta[MAX_EPSILON_SPENT_KEY]
+    return meta.get(_OLD_MAX_EPSILON_SPENT_KEY)
 
 
 def save_checkpoint(

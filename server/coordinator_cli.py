@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import sys
 from pathlib import Path
 
 from common.runtime import flower_process_env
-from server.deploy import superlink_command, write_connection
+from server.deploy import STATE_DB, superlink_command, write_connection
+from server.superlink_db import check_state_database
 
 
 def _superlink(args: argparse.Namespace) -> int:
@@ -19,8 +21,15 @@ def _superlink(args: argparse.Namespace) -> int:
         print(shlex.join(cmd))
         return 0
     Path(args.state).mkdir(parents=True, exist_ok=True)
+    # An older Flower's database is backed up before Flower migrates it; one
+    # from a newer Flower stops here (StateDatabaseError).
+    note = check_state_database(Path(args.state) / STATE_DB)
+    if note:
+        print(note, flush=True)
     env = dict(os.environ)
     env["FLWR_HOME"] = str(Path(args.state).resolve() / "flwr")  # its own apps
+    # flower-superlink starts flower-superexec by name: this interpreter's first.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     flower_process_env(env)
     os.execvpe(cmd[0], cmd, env)
     return 0  # not reached

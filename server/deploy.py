@@ -23,6 +23,8 @@ from pathlib import Path
 
 import tomli_w
 
+STATE_DB = "superlink.db"  # the SuperLink's database, in the --state folder
+
 
 def _bin(name: str) -> str:
     local = Path(sys.executable).parent / name
@@ -59,7 +61,7 @@ def superlink_command(
         "--ssl-keyfile",
         str(files["server.key"]),
         "--database",
-        str(Path(state) / "superlink.db"),
+        str(Path(state) / STATE_DB),
         "--disable-runtime-dependency-installation",
         "--host",
         host,

@@ -1,6 +1,7 @@
 """How far one site may move the global model: its share, and its update's size.
 
-Two bounds, both applied by ``server.strategy.SiteAwareStrategy``:
+Two bounds, applied by ``server/capped_mean.py`` (the cap) and
+``server/guard.py`` (the norm rule):
 
 - **the weight cap** (:func:`capped_shares`): the case-weighted shares of the
   round's updates (``num-examples`` / total) are capped at ``max-site-weight``,
@@ -103,9 +104,10 @@ class LocalTraining:
 
         With ``n`` training cases the site runs ``T = local-epochs x
         ceil(n / batch-size)`` Poisson steps of expected batch
-        ``B = n / ceil(n / batch-size)`` (``client.privacy.poisson_schedule``);
-        each step's averaged gradient carries Gaussian noise of std
-        ``noise-multiplier x dp-max-grad-norm / B`` per parameter.
+        ``B = n / ceil(n / batch-size)``
+        (``client.privacy.accounting.poisson_schedule``); each step's averaged
+        gradient carries Gaussian noise of std ``noise-multiplier x
+        dp-max-grad-norm / B`` per parameter.
 
         - ``sgd`` (momentum ``mu``): the update is ``-lr`` times the sum of the
           momentum buffers, so the noise has std

@@ -25,6 +25,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from common.wire import pack_models, unpack_models
+
 log = logging.getLogger("kidneyfl.server")
 
 
@@ -141,45 +143,3 @@ class LivenessGrid:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
-
-
-def _array_records(msg: Any) -> dict[str, Any]:
-    """A message's array records (none for errors and stand-in messages)."""
-    if not hasattr(msg, "has_content") or not msg.has_content():
-        return {}
-    return dict(msg.content.array_records)
-
-
-def pack_models(messages: Iterable[Any]) -> list[Any]:
-    """The messages with every model packed (``common.wire.pack_arrays``).
-
-    A model sent to many sites is packed once.
-    """
-    from common.wire import pack_arrays
-
-    out, packed = list(messages), {}
-    for msg in out:
-        for name, rec in _array_records(msg).items():
-            if id(rec) not in packed:
-                packed[id(rec)] = (rec, pack_arrays(rec))  # keeps rec alive
-            msg.content[name] = packed[id(rec)][1]
-    return out
-
-
-def unpack_models(replies: Iterable[Any]) -> list[Any]:
-    """The replies with every packed model unpacked, in place.
-
-    A model that does not unpack is left as it came and logged; the update
-    guard then rejects it (its arrays are not the model's), so one bad site
-    never stops the round.
-    """
-    from common.wire import PackError, unpack_arrays
-
-    out = list(replies)
-    for msg in out:
-        for name, rec in _array_records(msg).items():
-            try:
-                msg.content[name] = unpack_arrays(rec)
-            except PackError as exc:
-                log.warning("node %s: %s", msg.metadata.src_node_id, exc)
-    return out

@@ -21,24 +21,20 @@ import html
 import json
 import logging
 import math
-import re
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from common import wire
 from common.atomic import atomic_write_bytes
-from server import plots
 from server.report import read_metrics
+from server.report_figures import report_figures, score_keys
 from server.status import LIVE_STATES, read_status, status_line
 
 log = logging.getLogger("kidneyfl.server")
 
 REPORT_NAME = "report.html"
 FIGURES_DIR = "report"
-COMPARISON_FILE = "comparison.json"
 REFRESH_S = 20
 # Records load failures and script errors on <body> for anyone (or any test)
 # that reads the rendered page; it fetches nothing.
@@ -57,8 +53,6 @@ window.addEventListener("load", function () {
   document.body.dataset.brokenImages = broken;
 });
 """
-_CM_KEY = re.compile(r"^cm-([a-z0-9_]+)-([a-z0-9_]+)$")
-_COUNTS = {wire.NUM_VAL_CASES, wire.NUM_EXAMPLES, wire.REFUSED, wire.METRICS_WITHHELD}
 
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
@@ -70,67 +64,6 @@ img{max-width:100%;margin:.3em 0} .note{color:#555;font-size:13px}
 .status.live{background:#fff6d6}
 figure{display:inline-block;margin:.5em}
 """
-
-
-def score_keys(entries: list[dict[str, Any]]) -> list[str]:
-    """Evaluation metrics that are scores (not counts, losses or matrices), in a
-    stable order: Dice, surface Dice, then the rest alphabetically."""
-    keys = {
-        k
-        for e in entries
-        for m in e.get("evaluate", {}).values()
-        for k in m
-        if k not in _COUNTS
-        and k != wire.EVAL_LOSS
-        and not _CM_KEY.match(k)
-        and not k.startswith("cases-")  # how many cases a figure describes
-        and not k.startswith("fp-ml-")  # a volume in mL, not a score
-    }
-
-    def order(k: str) -> tuple[int, str]:
-        if k.startswith(wire.SURFACE_DICE_PREFIX):
-            return (1, k)
-        return (0 if k.startswith(wire.DICE_PREFIX) else 2, k)
-
-    return sorted(keys, key=order)
-
-
-def confusion_matrices(
-    entry: dict[str, Any], class_names: list[str] | None = None
-) -> dict[str, np.ndarray]:
-    """``{site: counts}`` from ``cm-<true>-<pred>`` metrics, plus ``all sites``.
-
-    Classes are named (``cm-cyst-stone``, in ``class_names`` order) or numbered.
-    """
-    index = {str(n): i for i, n in enumerate(class_names or [])}
-
-    def idx(token: str) -> int | None:
-        return int(token) if token.isdigit() else index.get(token)
-
-    out: dict[str, np.ndarray] = {}
-    for site, m in sorted(entry.get("evaluate", {}).items()):
-        cells = {
-            (i, j): float(v)
-            for k, v in m.items()
-            if (g := _CM_KEY.match(k))
-            and v is not None
-            and (i := idx(g[1])) is not None
-            and (j := idx(g[2])) is not None
-        }
-        if not cells:
-            continue
-        n = max(max(i, j) for i, j in cells) + 1
-        mat = np.zeros((n, n))
-        for (i, j), v in cells.items():
-            mat[i, j] = v
-        out[site] = mat
-    if len(out) > 1:
-        n = max(m.shape[0] for m in out.values())
-        total = np.zeros((n, n))
-        for m in out.values():
-            total[: m.shape[0], : m.shape[1]] += m
-        out["all sites"] = total
-    return out
 
 
 def _img(name: str, png: bytes, alt: str) -> str:
@@ -184,100 +117,6 @@ def _events_table(entries: list[dict[str, Any]]) -> str:
     if not rows:
         return '<p class="note">No refusals, rejected updates or failures.</p>'
     return _table(["round", "site", "event", "reason"], rows)
-
-
-def _figures(
-    run_dir: Path, entries: list[dict[str, Any]], plan: dict[str, Any], samples: list
-) -> dict[str, list[tuple[str, bytes]]]:
-    """Section -> [(file name, PNG)]."""
-    keys = score_keys(entries)
-    figs: dict[str, list[tuple[str, bytes]]] = {}
-    groups = [
-        ("dice.png", "Dice", [k for k in keys if k.startswith(wire.DICE_PREFIX)]),
-        (
-            "surface-dice.png",
-            "Surface Dice",
-            [k for k in keys if k.startswith(wire.SURFACE_DICE_PREFIX)],
-        ),
-        (
-            "metrics.png",
-            "Validation metrics",
-            [
-                k
-                for k in keys
-                if not k.startswith((wire.DICE_PREFIX, wire.SURFACE_DICE_PREFIX))
-            ],
-        ),
-    ]
-    figs["curves"] = [
-        (name, plots.metric_curves(entries, ks, title))
-        for name, title, ks in groups
-        if ks
-    ]
-    figs["loss"] = [("loss.png", plots.loss_curves(entries))]
-    if any(v is not None for e in entries for v in e.get("epsilon", {}).values()):
-        figs["privacy"] = [("epsilon.png", plots.epsilon_curves(entries))]
-    if keys and len({s for e in entries for s in e.get("evaluate", {})}) > 1:
-        figs["spread"] = [("spread.png", plots.spread_curves(entries, keys))]
-    comp = run_dir / COMPARISON_FILE
-    if comp.is_file():
-        figs["comparison"] = [("comparison.png", comparison_heatmap(comp))]
-    names = plan.get("class-names")
-    cms = confusion_matrices(
-        entries[-1], list(names) if isinstance(names, list | tuple) else None
-    )
-    if cms:
-        figs["confusion"] = []
-        for i, (site, mat) in enumerate(cms.items()):
-            labels = (
-                list(names)[: mat.shape[0]]
-                if isinstance(names, list | tuple) and len(names) >= mat.shape[0]
-                else [str(k) for k in range(mat.shape[0])]
-            )
-            png = plots.heatmap(
-                mat,
-                labels,
-                labels,
-                f"confusion: {site}",
-                "predicted",
-                "true",
-                ".0f",
-                "Blues",
-            )
-            figs["confusion"].append((f"confusion-{i}.png", png))
-    if samples:
-        figs["samples"] = [
-            (
-                f"sample-{i}.png",
-                plots.sample_slice(
-                    s.image,
-                    s.truth,
-                    s.pred,
-                    f"{s.site} (phantom): red = model"
-                    + (", green = reference" if s.truth is not None else ""),
-                ),
-            )
-            for i, s in enumerate(samples)
-        ]
-    return figs
-
-
-def comparison_heatmap(path: Path) -> bytes:
-    """Model x site heat map of ``comparison.json``'s headline metric."""
-    comp = json.loads(path.read_text())
-    metric = comp["metric"]
-    models, sites = list(comp["models"]), list(comp["sites"])
-    values = comp["values"]
-    mat = np.array(
-        [
-            [
-                float(values.get(m, {}).get(s, {}).get(metric, math.nan) or math.nan)
-                for s in sites
-            ]
-            for m in models
-        ]
-    )
-    return plots.heatmap(mat, models, sites, f"{metric}: model x site", "site", "model")
 
 
 _SECTIONS = [
@@ -376,7 +215,7 @@ def _body(
     samples: list,
     skipped_samples: list[str] | None,
 ) -> list[str]:
-    figs = _figures(run_dir, entries, plan, samples)
+    figs = report_figures(run_dir, entries, plan, samples)
     fig_dir = run_dir / FIGURES_DIR
     fig_dir.mkdir(parents=True, exist_ok=True)
     for old in fig_dir.glob("*.png"):

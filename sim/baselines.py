@@ -35,9 +35,11 @@ from torch import nn
 from torch.utils.data import ConcatDataset
 
 from client.local_state import overlay_local_norm
-from client.privacy import calibrate_noise, poisson_schedule
-from client.tasks.base import TaskData, get_task
-from client.train import DPSpec, local_train, select_device
+from client.privacy.accounting import calibrate_noise, poisson_schedule
+from client.privacy.dpsgd import DPSpec
+from client.tasks.base import TaskData
+from client.tasks.registry import get_task
+from client.train import local_train, select_device
 from common.config import Plan, SiteConfig, load_plan, load_site_config
 from common.models import get_model_spec
 from common.task_models import build_plan_model

@@ -30,8 +30,9 @@ import numpy as np
 import torch
 import yaml
 
-from client.canary_audit import inclusion_coins
-from client.tasks.segmentation.data import IMAGE, LABEL, load_site_cases, preprocessing
+from client.privacy.canaries import inclusion_coins
+from client.tasks.segmentation.cases import load_site_cases
+from client.tasks.segmentation.pipeline import IMAGE, LABEL, preprocessing
 from common.audit_bounds import attack_auc, best_guess_bound
 from common.config import SiteConfig, load_site_config
 

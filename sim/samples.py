@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from client.tasks.segmentation.data import load_site_cases
+from client.tasks.segmentation.cases import load_site_cases
 from client.tasks.segmentation.predict import segment
 from common.artifacts import load_model_dir
 from common.config import ConfigError, Plan, load_plan, load_site_config

@@ -8,41 +8,40 @@ dataset's values to kidneyfl's (0 background, 1 kidney, 2 tumour, 3 cyst).
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from client.tasks.segmentation.data import Case, SiteDataError
-from common.metrics import LABELS
+from client.data.errors import SiteDataError
+from client.data.label_map import KIDNEYFL_LABELS, build_label_map, nnunet_labels
+from client.data.manifest import MANIFEST, case_ids, dedupe, read_manifest_rows
 
 log = logging.getLogger(__name__)
 
 LAYOUTS = ("auto", "kits19", "kits21", "kits23", "msd", "nnunet", "manifest")
-KIDNEYFL_LABELS = {name: value for value, name in LABELS.items()}
-SPLITS = ("train", "validation", "test")
-MANIFEST_HEADER = "image,label[,split][,patient]"
-_MANIFEST_OPTIONAL = {"split", "patient"}
-
-# Dataset label names (after _norm) that need no data.label_names entry.
-_ALIASES = {
-    "background": ("background", "bg"),
-    "kidney": ("kidney",),
-    "tumour": ("tumour", "tumor", "kidney_tumor", "kidney_tumour", "cancer", "mass"),
-    "cyst": ("cyst", "kidney_cyst"),
-}
-_DEFAULT_NAMES = {alias: k for k, names in _ALIASES.items() for alias in names}
-# nnU-Net's KiTS21/23 conversion (e.g. Dataset220_KiTS2023) trains on nested
-# regions, but its label files keep the KiTS values 0-3; the voxels in "masses"
-# that are not "tumor" are the cysts.
-_KITS_REGIONS = {"background": [0], "kidney": [1, 2, 3], "masses": [2, 3], "tumor": [2]}
-_KITS_REGION_VALUES = {"background": 0, "kidney": 1, "tumor": 2, "masses": 3}
 _KITS_NAMES = [("background", 0), ("kidney", 1), ("tumor", 2), ("cyst", 3)]
 _IMG, _SEG, _MAJ = "imaging.nii.gz", "segmentation.nii.gz", "aggregated_MAJ_seg.nii.gz"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One patient's volume and, for training and validation, its label file.
+
+    ``patient`` comes from a manifest's ``patient`` column; without one the
+    case is its own patient.
+    """
+
+    case_id: str
+    image: Path
+    label: Path | None
+    patient: str | None = None
+
+    @property
+    def patient_id(self) -> str:
+        """The patient's id, or the case id when the layout names none."""
+        return self.patient or self.case_id
 
 
 @dataclass(frozen=True)
@@ -120,62 +119,20 @@ def discover(
     else:
         _require_dir(root)
     if layout == "manifest":
-        parsed = _manifest(Path(manifest) if manifest else root / "manifest.csv")
+        parsed = _manifest(Path(manifest) if manifest else root / MANIFEST)
     elif layout in ("msd", "nnunet"):
         parsed = _msd(root) if layout == "msd" else _nnunet(root)
     else:
         parsed = _kits(root, layout)
-    label_map = _label_map(parsed.names, label_names, parsed.source, parsed.defaults)
+    lmap = build_label_map(parsed.names, label_names, parsed.source, parsed.defaults)
     n_labelled = sum(c.label is not None for c in parsed.cases)
     log.info("layout %s: %d cases (%d labelled)", layout, len(parsed.cases), n_labelled)
-    return Discovered(layout, parsed.cases, label_map, parsed.notes, parsed.splits)
-
-
-def remap_labels(array: np.ndarray, label_map: dict[int, int]) -> np.ndarray:
-    """Map dataset label values to kidneyfl labels with a lookup table.
-
-    Parameters
-    ----------
-    array : numpy.ndarray
-        Label volume; integer, or float holding whole numbers (NIfTI scaling).
-    label_map : dict of int to int
-        Dataset value -> kidneyfl label, as in :attr:`Discovered.label_map`.
-
-    Returns
-    -------
-    numpy.ndarray
-        Same shape, dtype ``uint8``.
-
-    Raises
-    ------
-    ValueError
-        If the array holds values not in the map, naming them.
-    """
-    arr = np.asarray(array)
-    if not label_map or min(label_map) < 0:
-        raise ValueError(f"label map {label_map} needs non-negative dataset values")
-    if not np.issubdtype(arr.dtype, np.integer):
-        fractional = arr != np.round(arr)
-        if fractional.any():
-            bad = np.unique(arr[fractional])[:10].tolist()
-            raise ValueError(f"label values {bad} are not whole numbers")
-    ints = arr.astype(np.int64)
-    lut = np.full(max(label_map) + 1, -1, dtype=np.int16)
-    lut[list(label_map)] = list(label_map.values())
-    out = lut[np.clip(ints, 0, lut.size - 1)]
-    out[(ints < 0) | (ints >= lut.size)] = -1  # clipping must not hide them
-    if (out < 0).any():
-        bad = np.unique(ints[out < 0]).tolist()
-        raise ValueError(
-            f"label values {bad} are not in the label map {sorted(label_map)}; "
-            "map them with data.label_names in the site YAML"
-        )
-    return out.astype(np.uint8)
+    return Discovered(layout, parsed.cases, lmap, parsed.notes, parsed.splits)
 
 
 def _detect(root: Path) -> str:
     _require_dir(root)
-    if (root / "manifest.csv").is_file():
+    if (root / MANIFEST).is_file():
         return "manifest"
     ds = _dataset_json(root, ("Dataset", "Task"))
     if ds is not None:
@@ -315,7 +272,7 @@ def _msd(root: Path) -> _Parsed:
     ]
     # MSD tarballs made on macOS carry "._" resource forks next to each file.
     entries = [(i, lab) for i, lab in entries if not Path(i).name.startswith("._")]
-    ids = _dedupe([_stem(Path(i)) for i, _ in entries])
+    ids = case_ids([Path(i) for i, _ in entries])
     task = ds.parent
     cases = [
         Case(cid, task / i, task / lab if lab else None)
@@ -333,7 +290,7 @@ def _nnunet(root: Path) -> _Parsed:
             f"{ds}: file_ending {ending!r}; kidneyfl reads NIfTI (.nii.gz or .nii), "
             "so convert the files or list them in a manifest"
         )
-    names, defaults, notes = _nnunet_labels(meta.get("labels"), ds)
+    names, defaults, notes = nnunet_labels(meta.get("labels"), ds)
     image = "_0000" + ending
     # A label without its image is listed too: the check reports the gap.
     train = sorted({*_ids(base / "imagesTr", image), *_ids(base / "labelsTr", ending)})
@@ -344,7 +301,7 @@ def _nnunet(root: Path) -> _Parsed:
     ] + [(base / "imagesTs" / f"{i}{image}", None) for i in test]
     cases = [
         Case(cid, img, lab if lab is not None and lab.exists() else None)
-        for cid, (img, lab) in zip(_dedupe(train + test), entries, strict=True)
+        for cid, (img, lab) in zip(dedupe(train + test), entries, strict=True)
     ]
     return _Parsed(cases, names, str(ds), notes, defaults=defaults)
 
@@ -359,145 +316,21 @@ def _ids(folder: Path, suffix: str) -> list[str]:
     ]
 
 
-def _nnunet_labels(
-    labels: Any, ds: Path
-) -> tuple[list[tuple[str, int]], dict[str, str], list[str]]:
-    """(name, value) pairs of nnU-Net's name -> value labels, with region lists."""
-    if not isinstance(labels, dict) or not labels:
-        raise SiteDataError(
-            f'{ds}: "labels" must map names to values, e.g. {{"background": 0, '
-            '"kidney": 1}'
-        )
-    regions = {n: v if isinstance(v, list) else [v] for n, v in labels.items()}
-    for name, values in regions.items():
-        if not values or not all(type(v) is int and v >= 0 for v in values):
-            raise SiteDataError(
-                f"{ds}: label {name!r} is {labels[name]!r}; expected a non-negative "
-                "integer"
-            )
-    if {_norm(n): sorted(v) for n, v in regions.items()} == _KITS_REGIONS:
-        names = [(n, _KITS_REGION_VALUES[_norm(n)]) for n in regions]
-        note = "nnU-Net KiTS region labels read as KiTS values 0-3 (masses -> cyst)"
-        return names, {"masses": "cyst"}, [note]
-    names = [(n, v) for n, v in labels.items() if not isinstance(v, list)]
-    covered = {v for _, v in names}
-    for name, values in regions.items():
-        if missing := sorted(set(values) - covered):
-            raise SiteDataError(
-                f"{ds}: label {name!r} is a region {values} and values {missing} have "
-                "no integer label of their own; kidneyfl needs one integer value per "
-                "label name (of region labels only the KiTS pattern is known), so "
-                "use the dataset's original integer labels"
-            )
-    return names, {}, []
-
-
 def _manifest(path: Path) -> _Parsed:
-    if not path.is_file():
-        raise SiteDataError(
-            f"manifest {path} not found; create a CSV with header "
-            f"'{MANIFEST_HEADER}' or set data.manifest to its path"
-        )
-    rows = []
-    # utf-8-sig: spreadsheet exports often start with a byte-order mark.
-    with path.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.reader(fh)
-        cols = [c.strip().lower() for c in next(reader, [])]
-        if (
-            len(set(cols)) != len(cols)
-            or not {"image", "label"} <= set(cols)
-            or set(cols) - {"image", "label"} - _MANIFEST_OPTIONAL
-        ):
-            raise SiteDataError(
-                f"{path}: header is {','.join(cols) or '(empty)'!r}; expected "
-                f"'{MANIFEST_HEADER}' (one row per case, label empty if none)"
-            )
-        for row in reader:
-            where = f"{path}, line {reader.line_num}"
-            if not any(c.strip() for c in row):
-                continue
-            if len(row) != len(cols):
-                raise SiteDataError(
-                    f"{where}: {len(row)} fields, header has {len(cols)}"
-                )
-            rec = dict(zip(cols, (c.strip() for c in row), strict=True))
-            if not rec["image"]:
-                raise SiteDataError(f"{where}: the image path is empty")
-            split = rec.get("split", "").lower()
-            if split and split not in SPLITS:
-                raise SiteDataError(
-                    f"{where}: split {rec['split']!r} is not one of "
-                    f"{', '.join(SPLITS)} (or empty)"
-                )
-            label = path.parent / rec["label"] if rec["label"] else None
-            patient = rec.get("patient") or None
-            rows.append((path.parent / rec["image"], label, split, patient))
-    ids = _dedupe([_stem(row[0]) for row in rows])
+    rows = read_manifest_rows(path)
+    ids = case_ids([r.image for r in rows])
     cases = [
-        Case(cid, img, lab, patient)
-        for cid, (img, lab, _, patient) in zip(ids, rows, strict=True)
+        Case(cid, r.image, _label_file(path, r.label), r.patient or None)
+        for cid, r in zip(ids, rows, strict=True)
     ]
-    splits = {cid: row[2] for cid, row in zip(ids, rows, strict=True) if row[2]}
+    splits = {cid: r.split for cid, r in zip(ids, rows, strict=True) if r.split}
     source = f"{path} (its label values are read as kidneyfl's 0-3)"
     notes = [] if cases else [f"{path} lists no cases"]
     return _Parsed(cases, list(KIDNEYFL_LABELS.items()), source, notes, splits)
 
 
-def _label_map(
-    names: list[tuple[str, int]],
-    label_names: dict[str, str] | None,
-    source: str,
-    defaults: dict[str, str],
-) -> dict[int, int]:
-    overrides = {}
-    for key, target in (label_names or {}).items():
-        t = _norm(str(target))
-        t = "tumour" if t == "tumor" else t
-        if t not in KIDNEYFL_LABELS:
-            raise SiteDataError(
-                f"data.label_names: {key!r} maps to {target!r}; kidneyfl labels "
-                f"are {', '.join(KIDNEYFL_LABELS)}"
-            )
-        overrides[_norm(key)] = t
-    if unknown := sorted(set(overrides) - {_norm(n) for n, _ in names}):
-        raise SiteDataError(
-            f"data.label_names names {unknown}, which {source} does not define "
-            f"(its labels: {', '.join(n for n, _ in names)}); fix the spelling"
-        )
-    table = {**_DEFAULT_NAMES, **defaults, **overrides}
-    out: dict[int, int] = {}
-    for name, value in names:
-        if (target := table.get(_norm(name))) is None:
-            raise SiteDataError(
-                f"{source}: label {name!r} (value {value}) has no kidneyfl meaning; "
-                "add it under data.label_names in the site YAML, e.g. "
-                f"label_names: {{{name}: background}} (kidneyfl labels: "
-                f"{', '.join(KIDNEYFL_LABELS)})"
-            )
-        if out.setdefault(value, KIDNEYFL_LABELS[target]) != KIDNEYFL_LABELS[target]:
-            raise SiteDataError(
-                f"{source}: value {value} gets two kidneyfl labels; fix label_names"
-            )
-    return out
-
-
-def _norm(name: str) -> str:
-    return name.strip().lower().replace(" ", "_").replace("-", "_")
-
-
-def _stem(path: Path) -> str:
-    name = path.name
-    return name[: -len(".nii.gz")] if name.endswith(".nii.gz") else path.stem
-
-
-def _dedupe(ids: list[str]) -> list[str]:
-    seen: set[str] = set()
-    out = []
-    for cid in ids:
-        new, n = cid, 1
-        while new in seen:
-            n += 1
-            new = f"{cid}_{n}"
-        seen.add(new)
-        out.append(new)
-    return out
+def _label_file(manifest: Path, cell: str) -> Path | None:
+    if not cell:
+        return None
+    label = Path(cell).expanduser()
+    return label if label.is_absolute() else manifest.parent / label

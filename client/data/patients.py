@@ -16,10 +16,11 @@ Nothing here leaves the site: messages name local files and case ids.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.tasks.segmentation.data import SiteDataError
+from client.data.errors import SiteDataError
 
 REPEATED_CASE = "repeated-case"
 IDENTICAL_IMAGES = "identical-images"
@@ -157,3 +158,12 @@ def _problem(kind: str, group: list[Unit], message: str) -> PatientProblem:
         tuple(str(u.image) for u in group),
         message,
     )
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes ("" when unreadable): identical files are the
+    same patient."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return ""

@@ -1,7 +1,9 @@
-"""The task seam: a task is a plug-in of data, loss and metrics.
+"""The task seam: a task is a plug-in of data, loss, metrics, prediction and
+the data part of the readiness check.
 
-The ClientApp calls only this interface, so adding a task means adding one
-module and one registry entry.
+The ClientApp and ``kidneyfl site check`` call only this interface, so adding a
+task means adding one package under ``client/tasks/`` and one entry in
+:mod:`client.tasks.registry`. Tasks import this module, never the registry.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from client.data.check_report import DataCheck
 from common.config import Plan, SiteConfig
 
 
@@ -34,6 +37,13 @@ class Task(Protocol):
     name: str
 
     def load_data(self, site: SiteConfig, plan: Plan) -> TaskData: ...
+
+    def check(self, site: SiteConfig, report: DataCheck) -> None:
+        """Fill the data part of ``kidneyfl site check``: cases found, usable,
+        unlabelled, with errors (an ERROR finding per broken file, naming it
+        and the fix), per class and split, and the patient rules' problems.
+        Raises ``SiteDataError`` only when the data cannot be read at all."""
+        ...
 
     def loss(self, plan: Plan) -> nn.Module: ...
 
@@ -56,18 +66,3 @@ class Task(Protocol):
         summary (volumes, class probabilities, ...).
         """
         ...
-
-
-def get_task(name: str) -> Task:
-    """The site-side plug-in for a task name."""
-    from client.tasks.classification.task import ClassificationTask
-    from client.tasks.segmentation.task import SegmentationTask
-
-    tasks: dict[str, Task] = {
-        "segmentation": SegmentationTask(),
-        "classification": ClassificationTask(),
-    }
-    try:
-        return tasks[name]
-    except KeyError:
-        raise KeyError(f"unknown task {name!r}; known: {', '.join(tasks)}") from None

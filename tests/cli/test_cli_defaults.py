@@ -14,10 +14,10 @@ import pytest
 from cli.main import build_parser
 from cli.main import main as kidneyfl
 from server.report import append_metrics, round_entry
+from server.rounds import RoundRecord
 from server.site_status import coordinator_status, format_rows, site_rows
 from server.status import RunStatus
-from server.strategy import RoundRecord
-from tests.conftest import write_site_yaml
+from tests.fakes import write_site_yaml
 
 
 def _subcommands(parser: argparse.ArgumentParser, path: tuple = ()):

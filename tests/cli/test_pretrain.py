@@ -10,9 +10,9 @@ import torch
 from cli.pretrain import pretrain
 from common.models import build_model
 from server.checkpoint import CheckpointError, load_checkpoint, load_initial
-from tests.conftest import write_site_yaml
+from tests.fakes import TINY_PLAN, write_site_yaml
 
-TINY = {"spacing-mm": "6,6,8", "patch-size": "32,32,16", "batch-size": 2}
+TINY = dict(TINY_PLAN)
 
 
 def _public(tmp_path):

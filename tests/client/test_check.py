@@ -10,7 +10,7 @@ import yaml
 from cli.main import main as kidneyfl
 from client.readiness import check_site, format_check
 from common.config import load_site_config
-from tests.conftest import write_site_yaml
+from tests.fakes import write_site_yaml
 
 
 def _save(path, data, affine=None):
@@ -298,7 +298,7 @@ def test_too_few_patients_for_dp_and_for_the_metric_floor_warn(tmp_path):
 
 def test_classification_site_is_checked_by_patient(tmp_path, capsys):
     from sim.phantoms.sites import write_site_phantom
-    from tests.client.test_classification import write_cls_yaml
+    from tests.fakes import write_cls_yaml
 
     yaml_path = write_cls_yaml(tmp_path, "c", cases=12)
     write_site_phantom(load_site_config(yaml_path))

@@ -4,7 +4,6 @@ under Opacus, the task plug-in (issue 8)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,15 +12,12 @@ import yaml
 from opacus import PrivacyEngine
 from opacus.validators import ModuleValidator
 
-from client.tasks.base import get_task
-from client.tasks.classification.data import (
-    discover,
-    load_slice,
-    read_manifest,
-    split_cases,
-)
-from client.tasks.segmentation.data import SiteDataError
-from client.train import DPSpec, local_train
+from client.data.class_layouts import discover_classes, read_manifest
+from client.data.errors import SiteDataError
+from client.privacy.dpsgd import DPSpec
+from client.tasks.classification.data import load_slice, split_cases
+from client.tasks.registry import get_task
+from client.train import local_train
 from common import wire
 from common.cls_metrics import (
     binary_auc,
@@ -31,7 +27,7 @@ from common.cls_metrics import (
 from common.config import ConfigError, Plan, load_plan, load_site_config
 from common.models import MODELS, build_model
 from common.task_models import build_plan_model
-from sim.phantoms.ct import PROFILES
+from sim.phantoms.profiles import PROFILES
 from sim.phantoms.sites import write_site_phantom
 from sim.phantoms.slices import (
     CLASSES,
@@ -39,50 +35,10 @@ from sim.phantoms.slices import (
     generate_slice,
     write_cls_site,
 )
+from tests.fakes import cls_plan, write_cls_yaml
 
 NAMES = ("normal", "cyst", "tumour", "stone")
 CLS_MODELS = sorted(n for n, s in MODELS.items() if s.task == "classification")
-
-
-def cls_plan(**kw) -> Plan:
-    return Plan.model_validate(
-        {
-            "task": "classification",
-            "model": "resnet-tiny",
-            "hu-window": "-100,400",
-            "image-size": 32,
-            **kw,
-        }
-    )
-
-
-def write_cls_yaml(
-    tmp: Path,
-    name: str,
-    cases: int = 24,
-    profile: str = "standard-nephro",
-    mix: dict | None = None,
-    seed: int = 1,
-    privacy: dict | None = None,
-) -> Path:
-    """A classification site YAML whose phantom section writes the slices."""
-    doc = {
-        "name": name,
-        "data": {"root": str(tmp / "data" / name), "validation_fraction": 0.25},
-        "device": "cpu",
-        "state_dir": str(tmp / "state" / name),
-        "privacy": privacy or {"enabled": True, "max_epsilon": 100.0, "delta": 1e-3},
-        "phantom": {
-            "task": "classification",
-            "profile": profile,
-            "cases": cases,
-            "seed": seed,
-            **({"class_mix": mix} if mix else {}),
-        },
-    }
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
 
 
 # --- plan and site YAML -------------------------------------------------------
@@ -187,15 +143,15 @@ def test_class_folders_and_their_errors(tmp_path):
         )
     )
     site = load_site_config(path)
-    cases = discover(site, cls_plan())
+    cases = discover_classes(site, cls_plan())
     assert sorted(c.label for c in cases) == [0, 0, 3, 3]
     (root / "cyst").mkdir()
     with pytest.raises(SiteDataError, match="cyst: class folder holds no"):
-        discover(site, cls_plan())
+        discover_classes(site, cls_plan())
     (root / "cyst").rmdir()
     (root / "calculus").mkdir()
     with pytest.raises(SiteDataError, match="'calculus'.*rename"):
-        discover(site, cls_plan())
+        discover_classes(site, cls_plan())
 
 
 def test_segmentation_layout_is_refused_for_classification(tmp_path):
@@ -204,7 +160,7 @@ def test_segmentation_layout_is_refused_for_classification(tmp_path):
     doc["data"]["layout"] = "kits23"
     path.write_text(yaml.safe_dump(doc))
     with pytest.raises(SiteDataError, match="segmentation layout"):
-        discover(load_site_config(path), cls_plan())
+        discover_classes(load_site_config(path), cls_plan())
 
 
 def test_png_and_3d_nifti_slices_load(tmp_path):
@@ -479,7 +435,7 @@ def test_dataset_items_are_patients_and_give_one_of_their_slices(tmp_path):
     from client.tasks.classification.data import build_dataset
 
     site = _patient_manifest(tmp_path, {"anna": [0, 1, 2], "ben": [3, 4]})
-    cases = discover(site, cls_plan())
+    cases = discover_classes(site, cls_plan())
     ds = build_dataset(cases, cls_plan())
     assert len(ds) == 9 and len(ds.labels) == 12  # 7 own + anna + ben
     anna = next(i for i, g in enumerate(ds.patients) if len(g) == 3)

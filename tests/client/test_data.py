@@ -6,16 +6,13 @@ import pytest
 import torch
 import yaml
 
+from client.data.errors import SiteDataError
 from client.data.layouts import discover
-from client.tasks.segmentation.data import (
-    PatchDataset,
-    SiteDataError,
-    load_site_cases,
-    volume_dataset,
-)
+from client.tasks.segmentation.cases import load_site_cases
+from client.tasks.segmentation.pipeline import PatchDataset, volume_dataset
 from client.tasks.segmentation.task import SegmentationTask
 from common.config import load_site_config
-from tests.conftest import write_site_yaml
+from tests.fakes import write_site_yaml
 
 
 def test_discovers_kits_cases_and_splits_deterministically(tiny_site):

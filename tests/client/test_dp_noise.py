@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from client.privacy import BudgetExceeded, LedgerEntry, PrivacyLedger, make_private
-from client.train import DPSpec, local_train
+from client.privacy.dpsgd import DPSpec, make_private
+from client.privacy.ledger import BudgetExceeded, LedgerEntry, PrivacyLedger
+from client.train import local_train
 
 N_IN, N_OUT = 16, 8  # 136 parameters: norms concentrate, tests do not flake
 

@@ -31,11 +31,11 @@ from client import gate
 from client.audit_log import AuditLog
 from client.contract import expected_arrays
 from client.governance import AppRefused, approvals_report, approve, bundle_hash
-from client.privacy import PrivacyLedger
+from client.privacy.ledger import PrivacyLedger
 from common import wire
 from common.config import ConfigError, Plan, load_site_config
 from common.task_models import build_plan_model
-from tests.conftest import write_site_yaml
+from tests.fakes import write_site_yaml
 
 GOVAPP = Path(__file__).resolve().parents[1] / "govapp"
 BIN = Path(sys.executable).parent
@@ -45,6 +45,8 @@ PLAN = {
     "patch-size": "32,32,16",
     "batch-size": 2,
     "num-server-rounds": 1,
+    "local-epochs": 1,
+    "learning-rate": 0.003,
 }
 
 

@@ -8,11 +8,12 @@ import numpy as np
 import torch
 import yaml
 
-from client.tasks.segmentation.data import load_site_cases, volume_dataset
+from client.tasks.segmentation.cases import load_site_cases
+from client.tasks.segmentation.pipeline import volume_dataset
 from client.tasks.segmentation.task import SegmentationTask
 from client.train import local_train
 from common.config import load_site_config
-from tests.conftest import write_site_yaml
+from tests.fakes import write_site_yaml
 
 # nnU-Net dataset numbering differs from KiTS: cyst=2, tumour=3
 TO_NNUNET = {0: 0, 1: 1, 2: 3, 3: 2}

@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.data.layouts import discover, remap_labels
-from client.tasks.segmentation.data import SiteDataError
+from client.data.errors import SiteDataError
+from client.data.label_map import remap_labels
+from client.data.layouts import discover
 
 IDENTITY_0_3 = {0: 0, 1: 1, 2: 2, 3: 3}
 
@@ -267,7 +268,7 @@ def test_manifest_bad_split_names_the_line(tmp_path: Path) -> None:
     (tmp_path / "manifest.csv").write_text(
         "image,label,split\na.nii.gz,a_seg.nii.gz,train\nb.nii.gz,,holdout\n"
     )
-    with pytest.raises(SiteDataError, match=r"line 3: split 'holdout'"):
+    with pytest.raises(SiteDataError, match=r"row 3: unknown split 'holdout'"):
         discover(tmp_path)
 
 

@@ -1,19 +1,21 @@
 """FedProx's proximal term (with and without DP-SGD) and FedBN at the site."""
 
 import numpy as np
+import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from torch import nn
 from torch.utils.data import TensorDataset
 
 from client.local_state import keep_norm_local, overlay_local_norm, personal_dir
-from client.train import DPSpec, local_train
+from client.privacy.dpsgd import DPSpec
+from client.train import local_train
 from common.config import load_site_config
 from common.models import build_model
 from common.norm_layers import norm_keys, require_norm_params
-from tests.conftest import write_site_yaml
-from tests.server.test_strategies import _wrap
-from tests.server.test_strategy import _Grid, _task_identity, _train_reply  # noqa: F401
+from tests.fakes import FiveNodeGrid, train_reply, wrap_strategy, write_site_yaml
+
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 LR, MU = 0.1, 0.5
 
@@ -128,17 +130,17 @@ def test_fedbn_keeps_norm_params_at_the_site(tmp_path):
     )
 
     # aggregated with another site's reply, the global norm layers do not move
-    s = _wrap()
+    s = wrap_strategy()
     glob = ArrayRecord(received)
-    list(s.configure_train(1, glob, ConfigRecord(), _Grid()))
+    list(s.configure_train(1, glob, ConfigRecord(), FiveNodeGrid()))
     other = keep_norm_local(
         {k: v - 0.25 for k, v in received.items()}, received, keys, site, "run-1"
     )
     out, _ = s.aggregate_train(
         1,
         [
-            _train_reply(1, "a", ArrayRecord(dict(sent)), 2),
-            _train_reply(2, "b", ArrayRecord(dict(other)), 2),
+            train_reply(1, "a", ArrayRecord(dict(sent)), 2),
+            train_reply(2, "b", ArrayRecord(dict(other)), 2),
         ],
     )
     non_norm = next(k for k in received if k not in keys)

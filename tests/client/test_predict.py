@@ -19,8 +19,9 @@ from common.config import Plan, load_site_config
 from common.task_models import build_plan_model
 from common.weights import export_state
 from server.checkpoint import save_checkpoint
-from sim.phantoms.ct import generate_case, load_profile
-from tests.conftest import write_site_yaml
+from sim.phantoms.ct import generate_case
+from sim.phantoms.profiles import load_profile
+from tests.fakes import write_site_yaml
 
 PLAN = {
     "model": "unet-tiny",

@@ -4,17 +4,16 @@ import pytest
 import torch
 from dp_accounting import dp_event, pld, rdp
 
-from client.privacy import (
+from client.privacy.accounting import calibrate_noise, epsilon_for, poisson_schedule
+from client.privacy.dpsgd import DPSpec
+from client.privacy.ledger import (
     BudgetExceeded,
     LedgerEntry,
     LedgerError,
     PrivacyLedger,
-    calibrate_noise,
     check_budget,
-    epsilon_for,
-    poisson_schedule,
 )
-from client.train import DPSpec, local_train
+from client.train import local_train
 
 # Opacus' RDP orders, used for the independent RDP accountant too.
 ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
@@ -257,7 +256,7 @@ def test_ledger_survives_sigkill_mid_writes(tmp_path):
 
     script = (
         "import sys\n"
-        "from client.privacy import LedgerEntry, PrivacyLedger\n"
+        "from client.privacy.ledger import LedgerEntry, PrivacyLedger\n"
         "led = PrivacyLedger(sys.argv[1], 'h1')\n"
         "for r in range(1, 100000):\n"
         "    led.record(LedgerEntry('run', r, 1.0, 0.25, 8, 'fp'))\n"

@@ -19,8 +19,8 @@ import torch
 from scipy import stats
 
 from cli.main import main as kidneyfl
-from client.canary_audit import calibrated_linear_audit, inclusion_coins
-from client.privacy_audit import membership_attacks
+from client.privacy.canaries import calibrated_linear_audit, inclusion_coins
+from client.privacy.membership import membership_attacks
 from client.tasks.segmentation.task import SegmentationTask
 from common.artifacts import effective_preprocessing
 from common.audit_bounds import (
@@ -34,7 +34,7 @@ from common.config import Plan, load_site_config
 from common.task_models import build_plan_model
 from common.weights import export_state
 from server.checkpoint import save_checkpoint
-from tests.conftest import write_site_yaml
+from tests.fakes import write_site_yaml
 
 
 # -- the one-run bound (Steinke, Nasr, Jagielski 2023) --------------------------
@@ -177,11 +177,10 @@ def test_site_audit_privacy_writes_a_local_report(tmp_path, capsys):
 
 # -- black-box canary patients for `kidneyfl simulate --audit-canaries N` ------------
 def test_canary_patients_join_training_only_when_their_coin_says_so(tmp_path):
-    from sim.cli import audit_finish
-
-    from client.tasks.segmentation.data import load_site_cases
+    from client.tasks.segmentation.cases import load_site_cases
     from server.report import read_metrics
     from sim.canary_cases import prepare_canary_sites
+    from sim.cli import audit_finish
 
     original = write_site_yaml(tmp_path, "canary-site", cases=6)
     before = load_site_cases(load_site_config(original))
@@ -230,7 +229,7 @@ def test_site_audit_privacy_names_a_missing_checkpoint(tmp_path, capsys):
 
 
 def test_classification_loss_is_one_number_per_patient():
-    from client.privacy_audit import PER_CASE_LOSS
+    from client.privacy.membership import PER_CASE_LOSS
     from client.tasks.classification.data import SliceDataset
 
     images = torch.zeros((3, 1, 4, 4))
@@ -248,9 +247,9 @@ def test_classification_loss_is_one_number_per_patient():
 
 def test_report_shows_the_canary_audit_when_one_ran(tmp_path):
     from server.report_html import write_report
-    from tests.server.test_report import _run
+    from tests.fakes import write_run
 
-    run = _run(tmp_path)
+    run = write_run(tmp_path)
     assert 'id="privacy-audit"' not in write_report(run).read_text()
     audit = {"mode": "black-box", "site": "hospital-a", "canaries": 32}
     audit |= {"correct": 9, "guesses": 16, "epsilon_lb": 0.4321}

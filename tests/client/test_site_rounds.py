@@ -2,13 +2,10 @@
 directly (no federation): what leaves the site and what stays."""
 
 import json
-import time
-from types import SimpleNamespace
 
+import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
-from flwr.app.message.message import make_message
-from flwr.app.metadata import Metadata
+from flwr.app import ArrayRecord
 
 from client import app as site_app
 from client.local_state import personal_dir
@@ -16,53 +13,33 @@ from common import wire
 from common.config import load_site_config
 from common.models import build_model
 from common.norm_layers import norm_keys
-from tests.conftest import write_site_yaml
-from tests.server.test_strategy import _task_identity  # noqa: F401
+from tests.fakes import TINY_PLAN, site_context, site_message, write_site_yaml
+
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 PLAN = {
-    "spacing-mm": "6,6,8",
-    "patch-size": "32,32,16",
-    "batch-size": 2,
+    **TINY_PLAN,
     "model": "unet-tiny-affine",
     "fedbn": True,
     "fine-tune-steps": 2,
     "num-server-rounds": 1,
     "local-epochs": 1,
+    "learning-rate": 0.003,
     "dp-target-epsilon": 20.0,
 }
-
-
-def _msg(kind: str, arrays: ArrayRecord, rnd: int) -> object:
-    meta = Metadata(
-        run_id=1,
-        message_id=f"m-{kind}-{rnd}",
-        src_node_id=0,
-        dst_node_id=1,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=time.time(),
-        ttl=600,
-        message_type=kind,
-    )
-    config = ConfigRecord(
-        {wire.RUN_ID: "run-x", wire.GLOBAL_ROUND: rnd, wire.TOTAL_ROUNDS: 1}
-    )
-    return make_message(
-        meta, content=RecordDict({wire.ARRAYS: arrays, wire.CONFIG: config})
-    )
 
 
 def test_fedbn_round_then_fine_tune_at_the_site(tmp_path):
     yaml_path = write_site_yaml(tmp_path, "a", cases=5)
     site = load_site_config(yaml_path)
-    ctx = SimpleNamespace(
-        run_config=PLAN, node_config={"site-config": str(yaml_path)}, run_id=1
-    )
+    ctx = site_context(yaml_path, PLAN)
     model = build_model("unet-tiny-affine")
     keys = norm_keys(model)
     glob = {k: v.clone() for k, v in model.state_dict().items()}
 
-    reply = site_app.train(_msg("train", ArrayRecord(model.state_dict()), 1), ctx)
+    reply = site_app.train(
+        site_message("train", ArrayRecord(model.state_dict()), 1), ctx
+    )
     assert reply.content[wire.METRICS][wire.REFUSED] == 0
     sent = wire.unpack_arrays(reply.content[wire.ARRAYS]).to_torch_state_dict()
     local = torch.load(personal_dir(site, "run-x") / "norm.pt", weights_only=True)
@@ -75,7 +52,7 @@ def test_fedbn_round_then_fine_tune_at_the_site(tmp_path):
 
     # fine-tune the "final" model: metrics come back, the model stays
     final = ArrayRecord(dict(sent))
-    ft = site_app.fine_tune(_msg("train.finetune", final, 2), ctx)
+    ft = site_app.fine_tune(site_message("train.finetune", final, 2), ctx)
     assert wire.ARRAYS not in ft.content.array_records
     metrics = ft.content[wire.METRICS]
     assert metrics[wire.FINE_TUNED] == 1 and wire.dice_key("kidney") in metrics

@@ -45,7 +45,7 @@ def test_bad_value_is_named(tmp_path):
 def test_cpu_threads_are_validated_and_limit_torch(tmp_path):
     import torch
 
-    from client.app import apply_cpu_threads
+    from client.rounds import apply_cpu_threads
 
     with pytest.raises(ConfigError, match="cpu_threads"):
         load_site_config(_write(tmp_path, dict(GOOD, cpu_threads=0)))
@@ -103,3 +103,41 @@ def test_plan_errors_name_the_key(override, key):
     with pytest.raises(ConfigError) as err:
         load_plan({**default_plan(), **override})
     assert key in str(err.value)
+
+
+# Plan fields that no run config sets: the federated preprocessing plan fills
+# them in (TOML has no null for their default None).
+NOT_RUN_CONFIG = {"intensity_mean", "intensity_std"}
+
+
+def _pyproject_plan() -> dict:
+    import tomllib
+
+    root = Path(__file__).resolve().parents[2]
+    with open(root / "pyproject.toml", "rb") as fh:
+        return tomllib.load(fh)["tool"]["flwr"]["app"]["config"]
+
+
+def test_plan_defaults_are_the_pyproject_plan_key_for_key():
+    # One source of plan defaults: a plan built in code (Plan()) and the plan of
+    # `flwr run .` must be the same plan, key for key.
+    from common.config import Plan
+
+    section, default = _pyproject_plan(), Plan()
+    fields = {f.alias or name: name for name, f in Plan.model_fields.items()}
+    unknown = sorted(set(section) - set(fields))
+    assert not unknown, f"[tool.flwr.app.config] keys not in Plan: {unknown}"
+    missing = sorted(
+        key
+        for key, name in fields.items()
+        if name not in NOT_RUN_CONFIG and key not in section
+    )
+    assert not missing, f"Plan fields missing from [tool.flwr.app.config]: {missing}"
+    differ = {
+        key: (value, getattr(default, fields[key]))
+        for key, value in section.items()
+        if getattr(load_plan({key: value}), fields[key])
+        != getattr(default, fields[key])
+    }
+    assert not differ, f"pyproject value vs Plan default: {differ}"
+    assert load_plan(section) == default

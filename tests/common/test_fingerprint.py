@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from common.fingerprint import EDGES, combine, hist_percentile, site_fingerprint
-from sim.phantoms.ct import PROFILES, generate_case
+from sim.phantoms.ct import generate_case
+from sim.phantoms.profiles import PROFILES
 
 BIN = EDGES[1] - EDGES[0]
 

@@ -38,7 +38,7 @@ def test_unknown_model_lists_registry():
 def test_weights_round_trip_through_arrayrecord():
     from flwr.app import ArrayRecord
 
-    model = build_plan_model(Plan())
+    model = build_plan_model(Plan(model="unet-small"))
     state = export_state(model)
     record = ArrayRecord(state)
     back = record.to_torch_state_dict()

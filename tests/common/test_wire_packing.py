@@ -14,7 +14,6 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from common import wire
 from common.models import build_model
-from server.liveness import pack_models, unpack_models
 from server.updates import check_update
 
 
@@ -94,7 +93,7 @@ def test_grid_packs_once_and_unpacks_replies_and_a_bad_one_is_rejected(caplog):
     state = build_model("unet-tiny").state_dict()
     glob = ArrayRecord(state)
     out = [_reply(glob, 1), _reply(glob, 2)]
-    pack_models(out)
+    wire.pack_models(out)
     sent = [m.content[wire.ARRAYS] for m in out]
     assert sent[0] is sent[1] and wire.is_packed(sent[0])  # packed once for all
 
@@ -102,8 +101,8 @@ def test_grid_packs_once_and_unpacks_replies_and_a_bad_one_is_rejected(caplog):
     bad_rec = wire.pack_arrays(ArrayRecord(state))
     bad_rec[wire.PACKED] = Array(np.zeros(5, np.uint8))
     bad = _reply(bad_rec, 2)
-    with caplog.at_level(logging.WARNING, logger="kidneyfl.server"):
-        unpack_models([good, bad])
+    with caplog.at_level(logging.WARNING, logger="kidneyfl.wire"):
+        wire.unpack_models([good, bad])
     assert list(good.content[wire.ARRAYS].keys()) == list(state)
     assert check_update(glob, good.content[wire.ARRAYS]) is None
     # The bad one stays as it came, is logged with its node, and the update

@@ -22,14 +22,9 @@ import tomli_w
 import yaml
 
 from server.deploy import superlink_command, write_connection
-from sim.runner import (
-    PROJECT_DIR,
-    _terminate,
-    descendants,
-    free_port,
-    stage_app,
-)
-from tests.conftest import write_site_yaml
+from sim.runner import PROJECT_DIR, stage_app
+from sim.superlink import descendants, free_port, terminate
+from tests.fakes import write_site_yaml
 
 CONNECTION = "consortium"
 BIN = Path(sys.executable).parent
@@ -71,7 +66,7 @@ class Proc:
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait(5)
-        _terminate(tree + [p for p in descendants(self.popen.pid) if p not in tree], 5)
+        terminate(tree + [p for p in descendants(self.popen.pid) if p not in tree], 5)
 
     def kill_tree(self) -> None:
         """SIGKILL the process and its descendants at once (a crash)."""
@@ -80,7 +75,7 @@ class Proc:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self.popen.wait(10)
-        _terminate(tree, 1)
+        terminate(tree, 1)
 
     def text(self) -> str:
         """The log so far."""

@@ -17,7 +17,7 @@ import urllib.request
 import pytest
 
 from client.node import make_node_key
-from sim.runner import free_port
+from sim.superlink import free_port
 from tests.deployment.harness import (
     BIN,
     Deployment,

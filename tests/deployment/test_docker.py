@@ -162,3 +162,42 @@ def _default_run_config() -> dict:
 def test_plan_files_only_use_known_keys(path):
     plan = tomllib.loads((ROOT / path).read_text())
     assert set(plan) <= set(_default_run_config())
+
+
+NOT_IN_IMAGE = ("sim", "tests", "benchmarks")
+
+
+def test_image_code_runs_without_what_the_dockerfile_leaves_out(tmp_path):
+    """The images copy only some packages (no sim/): the entrypoints and both
+    Flower apps must import and parse from exactly those."""
+    import shutil
+
+    copied = re.findall(r"^COPY (\w+) \./\1$", _dockerfile(), re.M)
+    assert {"client", "common", "server", "cli"} <= set(copied)
+    assert "sim" not in copied  # the bundle a hospital approves has no sim code
+    for pkg in copied:
+        shutil.copytree(
+            ROOT / pkg, tmp_path / pkg, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    probe = (
+        "import importlib.abc, sys\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] in {NOT_IN_IMAGE!r}:\n"
+        "            raise ImportError(name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import cli.main, client.app, server.app\n"
+        "p = cli.main.build_parser()\n"
+        f"for cmd in {list(_entrypoints().values())!r}:\n"
+        "    assert callable(p.parse_args(cmd[1:]).func)\n"
+        "assert cli.main.__file__.startswith(sys.argv[1])\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", probe, str(tmp_path)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]

@@ -21,7 +21,7 @@ import pytest
 from client.audit_log import AuditLog
 from client.gate import BLOCKED_REASON
 from client.governance import approve, bundle_hash
-from client.privacy import PrivacyLedger
+from client.privacy.ledger import PrivacyLedger
 from common.config import load_site_config
 from sim.runner import PROJECT_DIR
 from tests.deployment.harness import (
@@ -169,3 +169,6 @@ def test_approved_kidneyfl_bundle_trains_through_the_gate(tmp_path: Path) -> Non
         ledger.epsilon(site.privacy.delta)
     )
     assert entries[0]["epsilon_before"] == 0.0 < entries[0]["epsilon_after"]
+    # Flower 1.42 ships uv for runtime dependency installation: it stays off at
+    # the coordinator and at the site (no per-run environment was made).
+    assert not list(tmp_path.rglob("runtime-envs")), "Flower installed packages"

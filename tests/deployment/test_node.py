@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.serialization import (
 from client.node import make_node_key, supernode_command, supernode_env
 from common.config import ConfigError, load_site_config
 from server.deploy import superlink_command, write_connection
-from tests.conftest import write_site_yaml
+from tests.fakes import write_site_yaml
 
 
 def test_node_key_pair_is_p384_private_0600_and_never_overwritten(tmp_path):
@@ -142,7 +142,8 @@ def test_superlink_command_and_connection(tmp_path):
 
 
 # -- what hospital IT sees (issue 20) --------------------------------------------
-# Lines flower-supernode 1.41 prints when it connects and when a request comes.
+# Lines flower-supernode prints (1.41 and 1.42 alike) when it connects and when
+# a request comes.
 SUPERNODE_OUTPUT = [
     "\x1b[92mINFO \x1b[0m:      Starting Flower SuperNode",
     "\x1b[92mINFO \x1b[0m:      SuperNode ID: 4711",

@@ -3,7 +3,12 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from server.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from server.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    max_epsilon_spent,
+    save_checkpoint,
+)
 from server.report import append_metrics, read_metrics
 
 
@@ -84,3 +89,65 @@ def test_checkpoint_from_before_the_strategy_keys_resumes_under_their_defaults(
             tmp_path,
             _plan(strategy="fedprox", **{"proximal-mu": 0.01}).fingerprint(),
         )
+
+
+def test_max_epsilon_spent_reads_old_and_new_sidecars(tmp_path):
+    # Before issue 18 the sidecar called the largest epsilon spent
+    # "max_epsilon", the site YAML's name for a ceiling; old runs still read.
+    save_checkpoint(tmp_path / "old", 1, _state(1.0), {"max_epsilon": 3.5})
+    save_checkpoint(tmp_path / "new", 1, _state(1.0), {"max_epsilon_spent": 2.5})
+    save_checkpoint(tmp_path / "off", 1, _state(1.0), {"max_epsilon_spent": None})
+    assert max_epsilon_spent(load_checkpoint(tmp_path / "old")[1]) == 3.5
+    assert max_epsilon_spent(load_checkpoint(tmp_path / "new")[1]) == 2.5
+    assert max_epsilon_spent(load_checkpoint(tmp_path / "off")[1]) is None
+
+
+def test_a_run_with_checkpoints_resumes_only_when_asked(tmp_path):
+    from common.config import Plan
+    from common.task_models import build_plan_model
+    from server.run_start import start_point
+
+    plan = Plan(model="unet-tiny", seed=3)
+    fresh = start_point(plan, tmp_path)  # nothing there: the seeded model
+    assert fresh.done == 0 and fresh.origin is None
+    ref = build_plan_model(plan).state_dict()
+    assert all(torch.equal(fresh.state[k], ref[k]) for k in ref)
+    saved = {k: v + 1 for k, v in ref.items()}
+    meta = {"plan_fingerprint": plan.fingerprint()}
+    save_checkpoint(tmp_path / "checkpoints", 2, saved, meta)
+    with pytest.raises(CheckpointError, match="resume=true"):
+        start_point(plan, tmp_path)  # never overwrites a run by accident
+    resumed = start_point(plan.model_copy(update={"resume": True}), tmp_path)
+    assert resumed.done == 2
+    assert all(torch.equal(resumed.state[k], saved[k]) for k in saved)
+
+
+def test_round_end_checkpoints_the_round_and_names_the_epsilon_spent(tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    from common.config import Plan
+    from server.round_end import RoundEnd, RunMeta
+    from server.rounds import RoundRecord
+    from server.status import RunStatus
+
+    rec = RoundRecord(round=1, aggregated=True)
+    for site, eps in (("a", 1.5), ("b", 2.5)):
+        rec.train[site] = {"num-examples": 4.0, "epsilon": eps, "dp-enabled": 1.0}
+        rec.evaluate[site] = {"dice-kidney": 0.5, "num-val-cases": 2.0}
+    requested = []
+    end = RoundEnd(
+        tmp_path,
+        RunMeta(Plan(), {"source": "plan"}),
+        RunStatus(tmp_path, 3),
+        SimpleNamespace(request=lambda: requested.append(1)),
+        server_state=dict,
+    )
+    end(rec, SimpleNamespace(to_torch_state_dict=lambda: _state(1.0)))
+    state, side = load_checkpoint(tmp_path / "checkpoints", Plan().fingerprint())
+    assert torch.equal(state["w"], _state(1.0)["w"]) and side["round"] == 1
+    assert side["max_epsilon_spent"] == 2.5 and "max_epsilon" not in side
+    assert side["sites"] == ["a", "b"] and side["preprocessing"] == {"source": "plan"}
+    assert [e["round"] for e in read_metrics(tmp_path)] == [1] and requested
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["rounds_done"] == 1

@@ -16,8 +16,8 @@ import pytest
 from common.logs import quiet_dependency_warnings
 from server.console import RunConsole, banner, normalise
 from server.report import append_metrics, round_entry
+from server.rounds import RoundRecord
 from server.status import ProgressGrid, RunStatus, progress_text, read_status
-from server.strategy import RoundRecord
 
 # Real lines of `flwr run --stream` (Flower 1.41): each Flower record twice.
 STREAM = [
@@ -150,7 +150,7 @@ def test_status_command_prints_state_rounds_and_progress(tmp_path, capsys):
 
 def test_banner_names_run_plan_sites_privacy_and_where_results_go(tmp_path):
     from common.config import Plan, load_site_config
-    from tests.conftest import write_site_yaml
+    from tests.fakes import write_site_yaml
 
     site = load_site_config(write_site_yaml(tmp_path, "hospital-a", generate=False))
     plan = Plan.model_validate({"num-server-rounds": 3, "dp-target-epsilon": 4})
@@ -184,7 +184,7 @@ def test_report_before_the_first_round_says_it_is_waiting(tmp_path):
 
 
 def test_live_report_rewrites_beside_the_round_loop(tmp_path):
-    from server.app import LiveReport
+    from server.live_report import LiveReport
 
     run = tmp_path / "run"
     append_metrics(run, _entry(1))

@@ -11,8 +11,12 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from common import wire
 from server import updates
-from server.strategy import SiteAwareStrategy, build_strategy, check_update, update_norm
-from tests.server.test_strategy import _Grid, _task_identity, _train_reply  # noqa: F401
+from server.aggregators import build_strategy
+from server.strategy import SiteAwareStrategy
+from server.updates import check_update, update_norm
+from tests.fakes import FiveNodeGrid, forbid_flower_mean, train_reply
+
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 # -- array_view ------------------------------------------------------------------
 
@@ -93,21 +97,13 @@ def _wrapper(name="fedavg", reference=None, norm_factor=0.0):
         norm_factor=norm_factor,
     )
     ref = reference if reference is not None else _state(100)
-    list(s.configure_train(1, ref, ConfigRecord(), _Grid()))
+    list(s.configure_train(1, ref, ConfigRecord(), FiveNodeGrid()))
     return s
-
-
-def _no_flower_mean(monkeypatch, s: SiteAwareStrategy) -> None:
-    # the fast path must not hand the replies to Flower's aggregate_train
-    def fail(*_):
-        raise AssertionError("FedAvg's mean went through Flower")
-
-    monkeypatch.setattr(s.inner, "aggregate_train", fail)
 
 
 def _replies(states, cases):
     return [
-        _train_reply(i + 1, f"site-{i}", st, n)
+        train_reply(i + 1, f"site-{i}", st, n)
         for i, (st, n) in enumerate(zip(states, cases, strict=True))
     ]
 
@@ -119,7 +115,7 @@ def test_fast_mean_equals_flowers_fedavg(name, k, monkeypatch):
     cases = [3 * i + 1 for i in range(k)]
     replies = _replies(states, cases)
     s = _wrapper(name)
-    _no_flower_mean(monkeypatch, s)
+    forbid_flower_mean(monkeypatch, s)
     got, got_metrics = s.aggregate_train(1, replies)
     want, want_metrics = FedAvg(weighted_by_key=wire.NUM_EXAMPLES).aggregate_train(
         1, replies
@@ -219,8 +215,8 @@ def test_rejected_update_reason_and_mean_of_the_rest(case, monkeypatch):
     goods = [_state(seed) for seed in (1, 2, 3)]
     cases = [2, 3, 4]
     s = _wrapper(reference=ref, norm_factor=10.0)
-    _no_flower_mean(monkeypatch, s)
-    replies = _replies(goods, cases) + [_train_reply(9, "bad", update, 50)]
+    forbid_flower_mean(monkeypatch, s)
+    replies = _replies(goods, cases) + [train_reply(9, "bad", update, 50)]
     got, metrics = s.aggregate_train(1, replies)
     assert reason in s._current.rejected["bad"]
     assert set(s._current.train) == {"site-0", "site-1", "site-2"}
@@ -279,7 +275,7 @@ def test_huge_finite_update_is_a_norm_outlier_not_nan():
     )
     s = _wrapper(reference=ref, norm_factor=10.0)
     replies = _replies([_state(1), _state(2)], [1, 1]) + [
-        _train_reply(9, "bad", huge, 1)
+        train_reply(9, "bad", huge, 1)
     ]
     got, _ = s.aggregate_train(1, replies)
     assert "guard-norm-factor" in s._current.rejected["bad"]
@@ -309,8 +305,8 @@ def test_mean_only_over_updates_that_passed():
     _, mean = updates.scan_updates(ref, [_state(1), _state(2)], [0.25, 0.75])
     want = aggregate_arrayrecords(
         [
-            _train_reply(1, "a", _state(1), 1).content,
-            _train_reply(2, "b", _state(2), 3).content,
+            train_reply(1, "a", _state(1), 1).content,
+            train_reply(2, "b", _state(2), 3).content,
         ],
         wire.NUM_EXAMPLES,
     )
@@ -331,7 +327,7 @@ def test_mean_bytes_across_chunk_boundaries(size):
     _, mean = updates.scan_updates(recs[0], recs, [0.2, 0.3, 0.5])
     want = aggregate_arrayrecords(
         [
-            _train_reply(i + 1, "s", r, n).content
+            train_reply(i + 1, "s", r, n).content
             for i, (r, n) in enumerate(zip(recs, [2, 3, 5], strict=True))
         ],
         wire.NUM_EXAMPLES,

@@ -7,7 +7,6 @@ import html
 import io
 import json
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,55 +15,17 @@ from PIL import Image
 
 from common.config import Plan
 from common.task_models import build_plan_model
-from server.report import append_metrics, round_entry, round_line
-from server.report_html import confusion_matrices, write_report
-from server.strategy import RoundRecord
+from server.report import round_entry, round_line
+from server.report_figures import confusion_matrices
+from server.report_html import write_report
+from server.rounds import RoundRecord
 from server.tensorboard_log import write_events
 from sim.samples import is_phantom_site, phantom_samples
-from tests.conftest import write_site_yaml
-
-SITES = ("hospital-a", "hospital-b")
-
-
-def _record(rnd: int, dp: bool = True, cm: bool = False) -> RoundRecord:
-    rec = RoundRecord(round=rnd, aggregated=True)
-    for i, site in enumerate(SITES):
-        score = 0.2 * rnd + 0.1 * i
-        ev = {
-            "dice-kidney": score,
-            "dice-masses": score / 2,
-            "dice-tumour": score / 3,
-            "surface-dice-kidney": score / 1.5,
-            "eval-loss": 1.0 / rnd,
-            "num-val-cases": 2.0 + i,
-            "num-examples": 6.0,
-        }
-        if cm:  # 2 classes: true i, predicted j
-            ev.update({"cm-0-0": 5.0, "cm-0-1": 1.0 + i, "cm-1-0": 2.0, "cm-1-1": 4.0})
-        rec.evaluate[site] = ev
-        rec.train[site] = {
-            "train-loss": 2.0 / rnd + i,
-            "epsilon": 1.5 * rnd if dp else float("inf"),
-            "delta": 1e-3,
-            "dp-enabled": float(dp),
-            "num-examples": 6.0,
-        }
-    rec.refused["hospital-c"] = "site hospital-c: epsilon 8 would pass its ceiling 5"
-    return rec
-
-
-def _run(tmp: Path, rounds: int = 3, **kw) -> Path:
-    run = tmp / "run"
-    for r in range(1, rounds + 1):
-        append_metrics(run, round_entry(_record(r, **kw)))
-    plan = Plan().model_dump(by_alias=True, mode="json")
-    plan["class-names"] = ["benign", "malignant"]  # the classification task's key
-    (run / "plan.json").write_text(json.dumps(plan))
-    return run
+from tests.fakes import RUN_SITES, round_record, write_run, write_site_yaml
 
 
 def test_spread_is_best_minus_worst_for_every_score():
-    entry = round_entry(_record(2, cm=True))
+    entry = round_entry(round_record(2, cm=True))
     sp = entry["spread"]
     assert sp["dice-kidney"] == pytest.approx(0.1)
     assert sp["dice-masses"] == pytest.approx(0.05)
@@ -82,15 +43,15 @@ def _pngs(page: str) -> list[bytes]:
 
 
 def test_report_sections_and_embedded_images(tmp_path):
-    run = _run(tmp_path, cm=True)
+    run = write_run(tmp_path, cm=True)
     comparison = {
         "metric": "dice-kidney",
         "models": ["federated", "local-hospital-a", "pooled"],
-        "sites": list(SITES),
+        "sites": list(RUN_SITES),
         "values": {
-            "federated": {s: {"dice-kidney": 0.7} for s in SITES},
+            "federated": {s: {"dice-kidney": 0.7} for s in RUN_SITES},
             "local-hospital-a": {"hospital-a": {"dice-kidney": 0.8}},  # one missing
-            "pooled": {s: {"dice-kidney": 0.75} for s in SITES},
+            "pooled": {s: {"dice-kidney": 0.75} for s in RUN_SITES},
         },
     }
     (run / "comparison.json").write_text(json.dumps(comparison))
@@ -115,15 +76,15 @@ def test_report_sections_and_embedded_images(tmp_path):
 
 
 def test_report_without_dp_has_no_privacy_plot(tmp_path):
-    run = _run(tmp_path, rounds=2, dp=False)
+    run = write_run(tmp_path, rounds=2, dp=False)
     page = write_report(run).read_text()
     assert 'id="privacy"' not in page and 'id="comparison"' not in page
     assert 'id="curves"' in page and ">off<" in page  # epsilon column says off
 
 
 def test_confusion_matrix_from_metric_keys():
-    cms = confusion_matrices(round_entry(_record(1, cm=True)))
-    assert set(cms) == {*SITES, "all sites"}
+    cms = confusion_matrices(round_entry(round_record(1, cm=True)))
+    assert set(cms) == {*RUN_SITES, "all sites"}
     assert cms["hospital-b"].tolist() == [[5.0, 2.0], [2.0, 4.0]]
     assert cms["all sites"].tolist() == [[10.0, 3.0], [4.0, 8.0]]
 
@@ -133,7 +94,7 @@ def test_tensorboard_event_files_hold_the_scalars(tmp_path):
         EventAccumulator,
     )
 
-    run = _run(tmp_path, rounds=2)
+    run = write_run(tmp_path, rounds=2)
     from server.report import read_metrics
 
     out = write_events(run, read_metrics(run))
@@ -155,13 +116,15 @@ def test_sample_slices_only_from_phantom_sites(tmp_path):
     real = tmp_path / "real.yaml"
     real.write_text(yaml.safe_dump(doc))
     assert is_phantom_site(phantom) and not is_phantom_site(real)
-    plan = Plan.model_validate({"spacing-mm": "8,8,10", "patch-size": "32,32,16"})
+    plan = Plan.model_validate(
+        {"model": "unet-small", "spacing-mm": "8,8,10", "patch-size": "32,32,16"}
+    )
     model = build_plan_model(plan)
     samples, skipped = phantom_samples([phantom, real], model, plan)
     assert [s.site for s in samples] == ["sim"] and skipped == ["real"]
     s = samples[0]
     assert s.image.shape == s.pred.shape == s.truth.shape and s.truth.any()
-    run = _run(tmp_path)
+    run = write_run(tmp_path)
     page = write_report(run, samples, skipped).read_text()
     assert 'id="samples"' in page and "No sample slice for real" in page
 
@@ -169,7 +132,7 @@ def test_sample_slices_only_from_phantom_sites(tmp_path):
 def test_report_command_prints_lines_and_writes_html(tmp_path, capsys):
     from cli.main import main as kidneyfl
 
-    run = _run(tmp_path, rounds=2)
+    run = write_run(tmp_path, rounds=2)
     assert kidneyfl(["report", str(run), "--no-samples"]) == 0
     out = capsys.readouterr().out
     assert "round   2 |" in out and "best-worst" in out

@@ -17,8 +17,8 @@ import pytest
 
 from server.report import append_metrics, round_entry
 from server.report_html import write_report
+from server.rounds import RoundRecord
 from server.status import RunStatus
-from server.strategy import RoundRecord
 
 CHROMIUM = next(
     (

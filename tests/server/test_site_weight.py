@@ -13,10 +13,13 @@ from flwr.serverapp.strategy import FedAvg
 
 from common import wire
 from common.config import Plan
+from server.aggregators import build_strategy
 from server.influence import LocalTraining, capped_shares
 from server.report import round_entry
-from server.strategy import SiteAwareStrategy, build_strategy
-from tests.server.test_strategy import _arrays, _Grid, _reply, _task_identity  # noqa: F401
+from server.strategy import SiteAwareStrategy
+from tests.fakes import FiveNodeGrid, fake_arrays, fake_reply, forbid_flower_mean
+
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 # -- the cap itself: hand-computed water-filling ----------------------------------
 
@@ -47,7 +50,7 @@ def test_capped_shares_are_flowers_factors_where_the_cap_does_not_bind():
 
 
 def _train(node, site, arrays, metrics):
-    return _reply(
+    return fake_reply(
         node,
         RecordDict(
             {
@@ -61,7 +64,7 @@ def _train(node, site, arrays, metrics):
 
 def _site(node, site, w, n, **extra):
     metrics = {wire.NUM_EXAMPLES: n, wire.TRAIN_LOSS: 1.0, **extra}
-    return _train(node, site, _arrays(w) if isinstance(w, float) else w, metrics)
+    return _train(node, site, fake_arrays(w) if isinstance(w, float) else w, metrics)
 
 
 def _wrap(name="fedavg", cap=0.5, reference=None, **kw):
@@ -77,8 +80,8 @@ def _wrap(name="fedavg", cap=0.5, reference=None, **kw):
         max_site_weight=cap,
         **kw,
     )
-    ref = reference if reference is not None else _arrays(0.0)
-    list(s.configure_train(1, ref, ConfigRecord(), _Grid()))
+    ref = reference if reference is not None else fake_arrays(0.0)
+    list(s.configure_train(1, ref, ConfigRecord(), FiveNodeGrid()))
     return s
 
 
@@ -91,16 +94,9 @@ def _liar_round():
     ]
 
 
-def _no_flower(monkeypatch, s):
-    def fail(*_):
-        raise AssertionError("FedAvg's mean went through Flower")
-
-    monkeypatch.setattr(s.inner, "aggregate_train", fail)
-
-
 def test_huge_num_examples_is_capped_in_the_fast_fedavg_mean(monkeypatch):
     s = _wrap("fedavg", cap=0.5)
-    _no_flower(monkeypatch, s)
+    forbid_flower_mean(monkeypatch, s)
     arrays, _ = s.aggregate_train(1, _liar_round())
     # shares 0.5, 0.25, 0.25: 0.5 * 1 + 0.25 * 2 + 0.25 * 3
     assert np.allclose(arrays["w"].numpy(), 1.75)
@@ -131,7 +127,7 @@ def test_huge_num_examples_is_capped_in_flowers_fedadam():
     got, _ = s.aggregate_train(1, _liar_round())
     # Flower's own FedAdam on the same updates weighted 2:1:1 (0.5, 0.25, 0.25)
     plain = build_strategy("fedadam", 1, 1.0)
-    list(plain.configure_train(1, _arrays(0.0), ConfigRecord(), _Grid()))
+    list(plain.configure_train(1, fake_arrays(0.0), ConfigRecord(), FiveNodeGrid()))
     fair = [_site(1, "huge", 1.0, 2), _site(2, "b", 2.0, 1), _site(3, "c", 3.0, 1)]
     want, _ = plain.aggregate_train(1, fair)
     for key in want.keys():
@@ -147,7 +143,7 @@ def test_central_dp_fedavg_sees_the_capped_shares():
         on_round_end=lambda rec, arrays: None,
         max_site_weight=0.5,
     )
-    list(s.configure_train(1, _arrays(0.0), ConfigRecord(), _Grid()))
+    list(s.configure_train(1, fake_arrays(0.0), ConfigRecord(), FiveNodeGrid()))
     arrays, _ = s.aggregate_train(1, _liar_round())  # no noise, no clipping
     assert np.allclose(arrays["w"].numpy(), 1.75)
 
@@ -187,7 +183,7 @@ def test_num_examples_that_is_not_a_case_count_is_rejected(claim):
     metrics = {wire.TRAIN_LOSS: 1.0}
     if claim is not None:
         metrics[wire.NUM_EXAMPLES] = claim
-    liar = _train(3, "liar", _arrays(-50.0), metrics)
+    liar = _train(3, "liar", fake_arrays(-50.0), metrics)
     s = _wrap("fedavg", cap=1.0)
     arrays, _ = s.aggregate_train(
         1, [_site(1, "a", 1.0, 100), _site(2, "b", 3.0, 100), liar]
@@ -202,7 +198,9 @@ def test_num_examples_that_is_not_a_case_count_is_rejected(claim):
 @pytest.mark.parametrize("name", ["fedavg", "fedadam"])
 def test_a_reply_without_train_loss_still_aggregates(name):
     def replies():
-        dp = _train(2, "dp", _arrays(3.0), {wire.NUM_EXAMPLES: 1, wire.DP_ENABLED: 1})
+        dp = _train(
+            2, "dp", fake_arrays(3.0), {wire.NUM_EXAMPLES: 1, wire.DP_ENABLED: 1}
+        )
         return [_site(1, "plain", 1.0, 1), dp]
 
     # Flower alone refuses replies whose metric records differ in keys
@@ -243,7 +241,12 @@ def _noise_step(std: float, steps: int, optimizer: str, lr: float) -> float:
     + [("adam", 500, 1.0, 0.25), ("adam", 5000, 2.0, 0.25)],
 )
 def test_noise_scale_matches_the_optimiser_on_pure_noise(optimizer, n, sigma, tol):
-    plan = {"batch-size": 48, "learning-rate": 0.01, "dp-max-grad-norm": 2.0}
+    plan = {
+        "batch-size": 48,
+        "learning-rate": 0.01,
+        "dp-max-grad-norm": 2.0,
+        "local-epochs": 1,
+    }
     train = LocalTraining.from_plan(
         Plan.model_validate({**plan, "optimizer": optimizer})
     )

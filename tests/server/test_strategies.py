@@ -12,25 +12,14 @@ from torch.utils.data import TensorDataset
 
 from client.train import local_train
 from common.config import Plan, StrategyName
-from server.aggregators import build_strategy, strategy_options
+from server.aggregators import build_strategy
 from server.checkpoint import load_checkpoint, load_server_state, save_checkpoint
 from server.strategy import SiteAwareStrategy
-from tests.server.test_strategy import _arrays, _Grid, _task_identity, _train_reply  # noqa: F401
+from tests.fakes import FiveNodeGrid, fake_arrays, train_reply, wrap_strategy
+
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 ALL = list(typing.get_args(StrategyName))
-
-
-def _wrap(name="fedavg", min_sites=1, norm_factor=0.0, offset=0, **plan_keys):
-    plan = Plan.model_validate({"strategy": name, "min-sites": min_sites, **plan_keys})
-    inner = build_strategy(plan.strategy, plan.min_sites, 1.0, **strategy_options(plan))
-    return SiteAwareStrategy(
-        inner,
-        min_sites=plan.min_sites,
-        round_offset=offset,
-        base_config={},
-        on_round_end=lambda rec, arrays: None,
-        norm_factor=norm_factor,
-    )
 
 
 def _rec(w: dict[str, np.ndarray]) -> ArrayRecord:
@@ -40,9 +29,9 @@ def _rec(w: dict[str, np.ndarray]) -> ArrayRecord:
 def test_every_plan_strategy_aggregates_one_round():
     assert len(ALL) == 11
     for name in ALL:
-        s = _wrap(name, min_sites=5)
-        list(s.configure_train(1, _arrays(0.0), ConfigRecord(), _Grid()))
-        replies = [_train_reply(i, f"s{i}", float(i), i) for i in range(1, 6)]
+        s = wrap_strategy(name, min_sites=5)
+        list(s.configure_train(1, fake_arrays(0.0), ConfigRecord(), FiveNodeGrid()))
+        replies = [train_reply(i, f"s{i}", float(i), i) for i in range(1, 6)]
         arrays, _ = s.aggregate_train(1, replies)
         assert arrays is not None, name
         w = arrays["w"].numpy()
@@ -60,8 +49,8 @@ def test_every_plan_strategy_aggregates_one_round():
 
 
 def test_fedprox_sends_mu_and_unknown_strategy_is_refused():
-    s = _wrap("fedprox", **{"proximal-mu": 0.25})
-    msgs = list(s.configure_train(1, _arrays(0.0), ConfigRecord(), _Grid()))
+    s = wrap_strategy("fedprox", **{"proximal-mu": 0.25})
+    msgs = list(s.configure_train(1, fake_arrays(0.0), ConfigRecord(), FiveNodeGrid()))
     assert msgs[0].content["config"]["proximal-mu"] == 0.25
     with pytest.raises(ValueError, match="available"):
         build_strategy("fedsgd", 1, 1.0)
@@ -78,15 +67,15 @@ def test_robust_strategy_needs_enough_sites_in_the_plan():
 
 
 def test_nan_shape_and_scaled_updates_rejected_round_completes():
-    s = _wrap(min_sites=2, norm_factor=10.0)
-    list(s.configure_train(1, _arrays(0.0), ConfigRecord(), _Grid()))
+    s = wrap_strategy(min_sites=2, norm_factor=10.0)
+    list(s.configure_train(1, fake_arrays(0.0), ConfigRecord(), FiveNodeGrid()))
     replies = [
-        _train_reply(1, "a", 1.0, 1),
-        _train_reply(2, "b", 1.2, 1),
-        _train_reply(3, "c", 0.8, 1),
-        _train_reply(4, "nan", float("nan"), 1),
-        _train_reply(5, "shape", _arrays(1.0, shape=(3, 2)), 1),
-        _train_reply(6, "scaled", 100.0, 1),
+        train_reply(1, "a", 1.0, 1),
+        train_reply(2, "b", 1.2, 1),
+        train_reply(3, "c", 0.8, 1),
+        train_reply(4, "nan", float("nan"), 1),
+        train_reply(5, "shape", fake_arrays(1.0, shape=(3, 2)), 1),
+        train_reply(6, "scaled", 100.0, 1),
     ]
     arrays, _ = s.aggregate_train(1, replies)
     rej = s._current.rejected
@@ -100,37 +89,37 @@ def test_nan_shape_and_scaled_updates_rejected_round_completes():
 
 
 def test_norm_rule_catches_one_of_two_and_can_skip_the_round():
-    s = _wrap(min_sites=2, norm_factor=10.0)
-    list(s.configure_train(1, _arrays(0.0), ConfigRecord(), _Grid()))
+    s = wrap_strategy(min_sites=2, norm_factor=10.0)
+    list(s.configure_train(1, fake_arrays(0.0), ConfigRecord(), FiveNodeGrid()))
     arrays, metrics = s.aggregate_train(
-        1, [_train_reply(1, "a", 1.0, 1), _train_reply(2, "big", 100.0, 1)]
+        1, [train_reply(1, "a", 1.0, 1), train_reply(2, "big", 100.0, 1)]
     )
     assert "update norm" in s._current.rejected["big"]
     assert "a" not in s._current.rejected
     # one valid update left, two needed: the global model stays as it was
     assert arrays is None and metrics is None and not s._current.aggregated
     # the rule is off with factor 0
-    s = _wrap(min_sites=2, norm_factor=0.0)
-    list(s.configure_train(1, _arrays(0.0), ConfigRecord(), _Grid()))
+    s = wrap_strategy(min_sites=2, norm_factor=0.0)
+    list(s.configure_train(1, fake_arrays(0.0), ConfigRecord(), FiveNodeGrid()))
     arrays, _ = s.aggregate_train(
-        1, [_train_reply(1, "a", 1.0, 1), _train_reply(2, "big", 100.0, 1)]
+        1, [train_reply(1, "a", 1.0, 1), train_reply(2, "big", 100.0, 1)]
     )
     assert arrays is not None and not s._current.rejected
 
 
 def test_krum_ignores_one_scaled_update_among_five():
-    s = _wrap("krum", min_sites=5, **{"num-malicious-sites": 1})
-    list(s.configure_train(1, _arrays(0.0), ConfigRecord(), _Grid()))
+    s = wrap_strategy("krum", min_sites=5, **{"num-malicious-sites": 1})
+    list(s.configure_train(1, fake_arrays(0.0), ConfigRecord(), FiveNodeGrid()))
     good = [1.0, 1.1, 0.9, 1.05]
-    replies = [_train_reply(i, f"s{i}", v, 1) for i, v in enumerate(good)]
-    replies.append(_train_reply(9, "evil", 100.0, 1))
+    replies = [train_reply(i, f"s{i}", v, 1) for i, v in enumerate(good)]
+    replies.append(train_reply(9, "evil", 100.0, 1))
     arrays, _ = s.aggregate_train(1, replies)
     assert not s._current.rejected  # the guard is off: Krum alone handles it
     w = float(arrays["w"].numpy().max())
     assert any(abs(w - g) < 1e-6 for g in good)
     # FedAvg would have been dragged far away
-    s = _wrap("fedavg", min_sites=5)
-    list(s.configure_train(1, _arrays(0.0), ConfigRecord(), _Grid()))
+    s = wrap_strategy("fedavg", min_sites=5)
+    list(s.configure_train(1, fake_arrays(0.0), ConfigRecord(), FiveNodeGrid()))
     arrays, _ = s.aggregate_train(1, replies)
     assert arrays["w"].numpy().max() > 10
 
@@ -149,13 +138,13 @@ def _fake_update(global_w: ArrayRecord, rnd: int, site: int) -> ArrayRecord:
 def _run(s: SiteAwareStrategy, arrays: ArrayRecord, rounds: range) -> ArrayRecord:
     for r in rounds:
         local = r - s.round_offset
-        list(s.configure_train(local, arrays, ConfigRecord(), _Grid()))
+        list(s.configure_train(local, arrays, ConfigRecord(), FiveNodeGrid()))
         replies = [
-            _train_reply(i, f"s{i}", _fake_update(arrays, r, i), i) for i in (1, 2, 3)
+            train_reply(i, f"s{i}", _fake_update(arrays, r, i), i) for i in (1, 2, 3)
         ]
         arrays, _ = s.aggregate_train(local, replies)
         assert arrays["w"].numpy().dtype == np.float32  # kept across rounds
-        list(s.configure_evaluate(local, arrays, ConfigRecord(), _Grid()))
+        list(s.configure_evaluate(local, arrays, ConfigRecord(), FiveNodeGrid()))
     return arrays
 
 
@@ -169,23 +158,25 @@ def _run(s: SiteAwareStrategy, arrays: ArrayRecord, rounds: range) -> ArrayRecor
     ],
 )
 def test_server_state_resumes_exactly(tmp_path, name, keys):
-    start = _arrays(0.0)
-    straight = _run(_wrap(name, **keys), start, range(1, 5))
+    start = fake_arrays(0.0)
+    straight = _run(wrap_strategy(name, **keys), start, range(1, 5))
 
-    first = _wrap(name, **keys)
+    first = wrap_strategy(name, **keys)
     mid = _run(first, start, range(1, 3))
     state = first.export_state()
     assert state  # moments / momentum exist after two rounds
     save_checkpoint(tmp_path, 2, mid.to_torch_state_dict(), {}, server_state=state)
     weights, meta = load_checkpoint(tmp_path)
-    resumed = _wrap(name, offset=2, **keys)
+    resumed = wrap_strategy(name, offset=2, **keys)
     resumed.import_state(load_server_state(tmp_path, meta))
     end = _run(resumed, ArrayRecord(weights), range(3, 5))
     for k in straight.keys():
         assert np.array_equal(straight[k].numpy(), end[k].numpy()), (name, k)
 
     # without the state the continuation differs: the test can fail
-    cold = _run(_wrap(name, offset=2, **keys), ArrayRecord(weights), range(3, 5))
+    cold = _run(
+        wrap_strategy(name, offset=2, **keys), ArrayRecord(weights), range(3, 5)
+    )
     assert not np.array_equal(straight["w"].numpy(), cold["w"].numpy())
 
 
@@ -206,7 +197,7 @@ def test_damaged_server_state_is_refused(tmp_path):
 
 def test_state_of_another_strategy_is_refused():
     with pytest.raises(ValueError, match="original strategy"):
-        _wrap("fedavgm").import_state({"m_t/w": np.ones(2)})
+        wrap_strategy("fedavgm").import_state({"m_t/w": np.ones(2)})
 
 
 def test_one_round_fedavg_equals_one_centralised_step():
@@ -233,10 +224,14 @@ def test_one_round_fedavg_equals_one_centralised_step():
             seed=i,
         )
         replies.append(
-            _train_reply(i + 1, f"s{i}", ArrayRecord(model.state_dict()), len(x))
+            train_reply(i + 1, f"s{i}", ArrayRecord(model.state_dict()), len(x))
         )
-    s = _wrap()
-    list(s.configure_train(1, ArrayRecord(init.state_dict()), ConfigRecord(), _Grid()))
+    s = wrap_strategy()
+    list(
+        s.configure_train(
+            1, ArrayRecord(init.state_dict()), ConfigRecord(), FiveNodeGrid()
+        )
+    )
     fed, _ = s.aggregate_train(1, replies)
 
     central = nn.Linear(4, 2)

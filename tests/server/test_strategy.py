@@ -1,83 +1,27 @@
 """The coordinator's wrapper: FedAvg numbers, refusals and the update guard."""
 
-import time
-
 import numpy as np
 import pytest
 from flwr.app import (
     Array,
     ArrayRecord,
     ConfigRecord,
-    Error,
     MetricRecord,
     RecordDict,
 )
-from flwr.app.message.message import make_message
-from flwr.app.metadata import Metadata
 
 from common import wire
-from server.strategy import RoundRecord, SiteAwareStrategy, build_strategy, check_update
+from server.aggregators import build_strategy
+from server.rounds import RoundRecord
+from server.strategy import SiteAwareStrategy
+from server.updates import check_update
+from tests.fakes import FiveNodeGrid, fake_arrays, fake_reply, train_reply
 
-
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch):
-    # Messages built outside a running ServerApp need Flower's task identity.
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr in ("_run_id", "_task_id", "_node_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1, raising=False)
-
-
-def _reply(node: int, content: RecordDict | None = None, error: str | None = None):
-    meta = Metadata(
-        run_id=1,
-        message_id=f"m{node}",
-        src_node_id=node,
-        dst_node_id=0,
-        reply_to_message_id="x",
-        group_id="1",
-        created_at=time.time(),
-        ttl=60,
-        message_type="train",
-    )
-    if error:
-        return make_message(meta, error=Error(code=0, reason=error))
-    return make_message(meta, content=content)
-
-
-def _arrays(w: float, shape=(2, 2), dtype=np.float32) -> ArrayRecord:
-    return ArrayRecord(
-        {
-            "w": Array(np.full(shape, w, dtype=dtype)),
-            "b": Array(np.array([w], dtype=np.float32)),
-        }
-    )
-
-
-def _train_reply(node, site, w, n, **arrays_kw):
-    arrays = _arrays(w, **arrays_kw) if not isinstance(w, ArrayRecord) else w
-    return _reply(
-        node,
-        RecordDict(
-            {
-                wire.ARRAYS: arrays,
-                wire.METRICS: MetricRecord(
-                    {
-                        wire.NUM_EXAMPLES: n,
-                        wire.TRAIN_LOSS: 1.0,
-                        wire.REFUSED: 0,
-                        wire.EPSILON: 1.0,
-                        wire.DP_ENABLED: 1,
-                    }
-                ),
-                wire.SITE: ConfigRecord({wire.SITE_NAME: site}),
-            }
-        ),
-    )
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _refusal(node, site, reason):
-    return _reply(
+    return fake_reply(
         node,
         RecordDict(
             {
@@ -90,11 +34,6 @@ def _refusal(node, site, reason):
     )
 
 
-class _Grid:
-    def get_node_ids(self):
-        return [1, 2, 3, 4, 5]
-
-
 def _wrapper(min_sites=1):
     ended: list[RoundRecord] = []
     s = SiteAwareStrategy(
@@ -104,14 +43,14 @@ def _wrapper(min_sites=1):
         base_config={},
         on_round_end=lambda rec, arrays: ended.append(rec),
     )
-    list(s.configure_train(1, _arrays(0.0), ConfigRecord(), _Grid()))
+    list(s.configure_train(1, fake_arrays(0.0), ConfigRecord(), FiveNodeGrid()))
     return s, ended
 
 
 def test_fedavg_hand_computed_two_sites():
     s, _ = _wrapper()
     arrays, _ = s.aggregate_train(
-        1, [_train_reply(1, "a", 1.0, 1), _train_reply(2, "b", 4.0, 3)]
+        1, [train_reply(1, "a", 1.0, 1), train_reply(2, "b", 4.0, 3)]
     )
     # (1 * 1 + 4 * 3) / 4 = 3.25
     assert np.allclose(arrays["w"].numpy(), 3.25)
@@ -121,16 +60,16 @@ def test_fedavg_hand_computed_two_sites():
 @pytest.mark.parametrize(
     "bad, reason",
     [
-        (_arrays(float("nan")), "NaN or Inf"),
-        (_arrays(1.0, shape=(3, 2)), "shape"),
-        (_arrays(1.0, dtype=np.float64), "dtype"),
+        (fake_arrays(float("nan")), "NaN or Inf"),
+        (fake_arrays(1.0, shape=(3, 2)), "shape"),
+        (fake_arrays(1.0, dtype=np.float64), "dtype"),
         (ArrayRecord({"w": Array(np.ones((2, 2), np.float32))}), "keys differ"),
     ],
 )
 def test_bad_update_rejected_round_goes_on(bad, reason):
     s, _ = _wrapper()
     arrays, _ = s.aggregate_train(
-        1, [_train_reply(1, "good", 2.0, 2), _train_reply(2, "bad", bad, 2)]
+        1, [train_reply(1, "good", 2.0, 2), train_reply(2, "bad", bad, 2)]
     )
     assert reason in s._current.rejected["bad"]
     assert "good" in s._current.train
@@ -140,9 +79,9 @@ def test_bad_update_rejected_round_goes_on(bad, reason):
 def test_refused_site_never_enters_the_aggregate():
     s, _ = _wrapper()
     replies = [
-        _train_reply(1, "a", 1.0, 1),
+        train_reply(1, "a", 1.0, 1),
         _refusal(2, "b", "over budget"),
-        _reply(3, error="node died"),
+        fake_reply(3, error="node died"),
     ]
     arrays, _ = s.aggregate_train(1, replies)
     assert s._current.refused == {"b": "over budget"}
@@ -153,21 +92,21 @@ def test_refused_site_never_enters_the_aggregate():
 def test_too_few_valid_updates_skip_the_round():
     s, _ = _wrapper(min_sites=2)
     arrays, metrics = s.aggregate_train(
-        1, [_train_reply(1, "a", 1.0, 1), _refusal(2, "b", "over budget")]
+        1, [train_reply(1, "a", 1.0, 1), _refusal(2, "b", "over budget")]
     )
     assert arrays is None and metrics is None and not s._current.aggregated
 
 
 def test_check_update_accepts_matching():
-    assert check_update(_arrays(0.0), _arrays(5.0)) is None
-    assert "no model arrays" in check_update(_arrays(0.0), None)
+    assert check_update(fake_arrays(0.0), fake_arrays(5.0)) is None
+    assert "no model arrays" in check_update(fake_arrays(0.0), None)
 
 
 def test_round_end_gets_weighted_eval_means():
     s, ended = _wrapper()
-    list(s.configure_evaluate(1, _arrays(0.0), ConfigRecord(), _Grid()))
+    list(s.configure_evaluate(1, fake_arrays(0.0), ConfigRecord(), FiveNodeGrid()))
     ev = [
-        _reply(
+        fake_reply(
             1,
             RecordDict(
                 {
@@ -182,7 +121,7 @@ def test_round_end_gets_weighted_eval_means():
                 }
             ),
         ),
-        _reply(
+        fake_reply(
             2,
             RecordDict(
                 {
@@ -226,7 +165,7 @@ def test_central_dp_clips_and_adds_calibrated_noise():
             "b": Array(np.zeros(1, np.float32)),
         }
     )
-    list(s.configure_train(1, big, ConfigRecord(), _Grid()))
+    list(s.configure_train(1, big, ConfigRecord(), FiveNodeGrid()))
     update = ArrayRecord(
         {
             "w": Array(np.full((100, 100), 5.0, np.float32)),
@@ -234,7 +173,7 @@ def test_central_dp_clips_and_adds_calibrated_noise():
         }
     )
     out, _ = s.aggregate_train(
-        1, [_train_reply(1, "a", update, 1), _train_reply(2, "b", update, 1)]
+        1, [train_reply(1, "a", update, 1), train_reply(2, "b", update, 1)]
     )
     w = out["w"].numpy()
     # each update (norm 500) is clipped to norm 2 -> mean entry 0.02; noise std
@@ -245,10 +184,10 @@ def test_central_dp_clips_and_adds_calibrated_noise():
 
 def test_eval_means_leave_out_sites_that_withhold_or_refuse():
     s, ended = _wrapper()
-    list(s.configure_evaluate(1, _arrays(0.0), ConfigRecord(), _Grid()))
+    list(s.configure_evaluate(1, fake_arrays(0.0), ConfigRecord(), FiveNodeGrid()))
 
     def site(node: int, name: str, metrics: dict, **record) -> object:
-        return _reply(
+        return fake_reply(
             node,
             RecordDict(
                 {

@@ -12,8 +12,9 @@ from common.config import Plan
 from common.task_models import build_plan_model
 from server.finetune import collect_fine_tune, fine_tune_messages
 from sim.baselines import run_baselines
-from tests.conftest import write_site_yaml
-from tests.server.test_strategy import _arrays, _reply, _task_identity  # noqa: F401
+from tests.fakes import TINY_PLAN, fake_arrays, fake_reply, write_site_yaml
+
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 @pytest.mark.slow
@@ -31,11 +32,10 @@ def test_comparison_json_has_every_model_on_every_site(tmp_path):
     ]
     plan = Plan.model_validate(
         {
-            "spacing-mm": "6,6,8",
-            "patch-size": "32,32,16",
-            "batch-size": 2,
+            **TINY_PLAN,
             "num-server-rounds": 1,
             "local-epochs": 1,
+            "learning-rate": 0.003,
             "model": "unet-tiny",
         }
     )
@@ -75,7 +75,7 @@ def test_unknown_baseline_is_an_error(tmp_path):
 
 
 def _ft_reply(node, site, dice):
-    return _reply(
+    return fake_reply(
         node,
         RecordDict(
             {
@@ -89,10 +89,10 @@ def _ft_reply(node, site, dice):
 
 
 def test_fine_tune_round_records_per_site_results():
-    msgs = fine_tune_messages([1, 2], _arrays(0.5), {wire.FINE_TUNE_STEPS: 3})
+    msgs = fine_tune_messages([1, 2], fake_arrays(0.5), {wire.FINE_TUNE_STEPS: 3})
     assert {m.metadata.message_type for m in msgs} == {"train.finetune"}
     assert msgs[0].content[wire.CONFIG][wire.FINE_TUNE_STEPS] == 3
-    refusal = _reply(
+    refusal = fake_reply(
         3,
         RecordDict(
             {
@@ -104,7 +104,7 @@ def test_fine_tune_round_records_per_site_results():
         ),
     )
     replies = [_ft_reply(1, "a", 0.7), _ft_reply(2, "b", 0.6), refusal]
-    replies.append(_reply(4, error="node died"))
+    replies.append(fake_reply(4, error="node died"))
 
     def site_of(m):
         if m.has_error():

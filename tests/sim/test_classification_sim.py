@@ -6,8 +6,10 @@ import json
 import pytest
 import torch
 
-from client.tasks.base import TaskData, get_task
-from client.tasks.classification.data import build_dataset, discover
+from client.data.class_layouts import discover_classes
+from client.tasks.base import TaskData
+from client.tasks.classification.data import build_dataset
+from client.tasks.registry import get_task
 from common import wire
 from common.config import load_plan, load_site_config
 from common.task_models import build_plan_model
@@ -15,7 +17,7 @@ from common.weights import import_state
 from server.checkpoint import load_checkpoint
 from sim.phantoms.sites import write_site_phantom
 from sim.runner import simulate
-from tests.client.test_classification import write_cls_yaml
+from tests.fakes import write_cls_yaml
 
 PLAN = {
     "task": "classification",
@@ -82,7 +84,7 @@ def test_classification_federation_with_dp_beats_chance(tmp_path):
     write_site_phantom(held)
     plan = load_plan(PLAN)
     task = get_task("classification")
-    every = build_dataset(discover(held, plan), plan)  # all 160 slices held out
+    every = build_dataset(discover_classes(held, plan), plan)  # all 160 slices held out
     data = TaskData(every, every, len(every), len(every), "held-out")
     state, meta = load_checkpoint(run / "final")
     assert meta["round"] == 3

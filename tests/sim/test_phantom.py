@@ -10,18 +10,18 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from sim.phantoms.ct import (
+from sim.phantoms.ct import generate_case
+from sim.phantoms.io import case_seed, write_site
+from sim.phantoms.profiles import (
     DEFAULT_SCALE,
     IMAGE_NAME,
     METADATA_NAME,
     PROFILES,
     SEGMENTATION_NAME,
     SiteProfile,
-    generate_case,
     load_profile,
     voxel_spacing,
 )
-from sim.phantoms.io import case_seed, write_site
 
 
 def _variant(name: str, **changes: object) -> SiteProfile:

@@ -11,12 +11,10 @@ from client.timings import read_timings
 from common.config import load_site_config
 from server.checkpoint import load_checkpoint
 from sim.runner import simulate
-from tests.conftest import write_site_yaml
+from tests.fakes import TINY_PLAN, write_site_yaml
 
 PLAN = {
-    "spacing-mm": "6,6,8",
-    "patch-size": "32,32,16",
-    "batch-size": 2,
+    **TINY_PLAN,
     "local-epochs": 2,
     "learning-rate": 0.01,
     "dp-target-epsilon": 20.0,
@@ -101,7 +99,7 @@ def test_federation_with_dp_refusal_checkpoints_and_resume(tmp_path):
     eps = [e["epsilon"]["site-a"] for e in lines]
     assert 0 < eps[0] < eps[1] <= 20.0 * 1.01  # cumulative, within the plan target
     side = json.loads((run / "checkpoints" / "latest.json").read_text())
-    assert side["round"] == 2 and side["max_epsilon"] == pytest.approx(
+    assert side["round"] == 2 and side["max_epsilon_spent"] == pytest.approx(
         max(e for e in lines[-1]["epsilon"].values())
     )
     assert (run / "checkpoints" / "round-0001.pt").exists()

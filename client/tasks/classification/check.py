@@ -1,58 +1,37 @@
 """The readiness check's part for classification slices.
 
-What it checks: the manifest or class folders parse (any class name: the check
-has no plan, so a class the plan does not list shows only at training); every
-labelled image loads as a 2D slice or 3D volume with finite values; the split
-by patient (``data.exclude_cases``, the split column, ``data.train_cases`` /
-``data.validation_cases``, ``data.validation_fraction``) and the patient rules
-of :mod:`client.data.patients`. HU ranges and spacing are not checked for slices.
+What it checks: the manifest or class folders parse; every labelled image
+loads as a 2D slice or 3D volume with finite values (an ERROR naming the file
+otherwise: training skips it); classes the default plan does not name are a
+WARNING (the check has no plan: a class the federation's plan does not list
+fails at training); the split by patient (``data.exclude_cases``, the split
+column, ``data.train_cases`` / ``data.validation_cases``,
+``data.validation_fraction``) with the patient rules of
+:mod:`client.data.patients`; cases per class, overall and per split. HU
+ranges and spacing are not checked for slices.
 """
 
 from __future__ import annotations
 
-import csv
-from typing import TYPE_CHECKING
+from pathlib import Path
 
-from client.data.case_check import FATAL, Finding
-from client.tasks.classification.data import (
-    MANIFEST,
+from client.data.case_check import FATAL, WARN, Finding
+from client.data.check_report import MIN_CASES, DataCheck
+from client.data.class_layouts import (
+    ClsCase,
+    class_layout,
     class_names_of,
-    discover,
-    load_slice,
+    discover_classes,
+    manifest_path,
 )
-from client.tasks.classification.split import split_patients
-from client.tasks.segmentation.data import SiteDataError
+from client.data.split import leave_out
+from client.tasks.classification.data import slice_problem, split_patients
 from common.config import Plan, SiteConfig
 
-if TYPE_CHECKING:
-    from client.readiness import SiteCheck
+UNREADABLE_FIX = "replace the file or list it under data.exclude_cases"
 
 
-def is_classification(site: SiteConfig) -> bool:
-    """Whether the site's data are classification slices: class folders, a
-    classification phantom, or a manifest whose labels are not image files."""
-    d = site.data
-    if d.layout == "class-folders" or (
-        site.phantom and site.phantom.task != "segmentation"
-    ):
-        return True
-    manifest = d.manifest or d.root / MANIFEST
-    if d.layout not in ("auto", "manifest") or not manifest.is_file():
-        return False
-    try:
-        with manifest.open(newline="", encoding="utf-8-sig") as fh:
-            rows = list(csv.reader(fh))
-    except (OSError, UnicodeDecodeError, csv.Error):
-        return False  # the segmentation reader names the problem
-    header = [h.strip().lower() for h in rows[0]] if rows else []
-    if "label" not in header:
-        return False
-    i = header.index("label")
-    labels = [r[i].strip().lower() for r in rows[1:] if len(r) > i and r[i].strip()]
-    return bool(labels) and not any(v.endswith((".nii", ".nii.gz")) for v in labels)
-
-
-def check_classification_cases(site: SiteConfig, report: SiteCheck) -> None:
+def check_cases(site: SiteConfig, report: DataCheck) -> None:
     """Fill ``report`` with the site's classification cases and problems.
 
     Raises
@@ -60,44 +39,64 @@ def check_classification_cases(site: SiteConfig, report: SiteCheck) -> None:
     SiteDataError
         When the manifest or folders cannot be read at all (a setup error).
     """
-    from client.readiness import MIN_CASES, add_patient_problems
-    from client.tasks.segmentation.data import leave_out
-
     d = site.data
-    cases = discover(site, None)
-    report.layout = d.layout if d.layout != "auto" else "classification"
+    cases = discover_classes(site, None)
+    report.layout = class_layout(site)
     report.cases_found = len(cases)
     left_out: dict[str, str] = {}
     kept = leave_out(cases, d.exclude_cases, left_out)
     report.cases_excluded = sorted(left_out)
-    plan = Plan.model_validate({"task": "classification"})
     names = class_names_of(site)
-    readable = []
-    for case in kept:
-        if case.label is None:
-            report.cases_unlabelled.append(case.case_id)
-        try:
-            load_slice(case.image, plan)
-        except SiteDataError as exc:
-            report.findings.append(
-                Finding(
-                    "unreadable",
-                    FATAL,
-                    str(case.image),
-                    str(exc),
-                    "replace the file or list it under data.exclude_cases",
-                )
-            )
-            report.cases_with_errors.append(case.case_id)
-            continue
-        if case.label is not None and case.split != "test":
-            readable.append(case)
-            key = names[case.label]
-            report.class_cases[key] = report.class_cases.get(key, 0) + 1
+    _unknown_classes(site, names, report)
+    readable = _readable(kept, names, report)
     report.cases_usable = len(readable)
     if len(readable) < MIN_CASES:
         return
     train, val, problems = split_patients(readable, site)
-    report.train_patients = len({c.patient_id for c in train})
-    report.validation_patients = len({c.patient_id for c in val})
-    add_patient_problems(report, problems)
+    report.count_patients(train, val)
+    for side, group in (("train", train), ("validation", val)):
+        for c in group:
+            report.count_class(names[c.label or 0], split=side)
+    report.add_patient_problems(problems)
+
+
+def _readable(cases: list[ClsCase], names: tuple[str, ...], report: DataCheck) -> list:
+    """The labelled, readable, not-test cases; an ERROR per unreadable image."""
+    plan = Plan.model_validate({"task": "classification"})
+    readable = []
+    for case in cases:
+        if case.label is None:
+            report.cases_unlabelled.append(case.case_id)
+        if problem := slice_problem(case.image, plan):
+            report.findings.append(
+                Finding("unreadable", FATAL, str(case.image), problem, UNREADABLE_FIX)
+            )
+            report.cases_with_errors.append(case.case_id)
+        elif case.label is not None and case.split != "test":
+            readable.append(case)
+            report.count_class(names[case.label])
+    return readable
+
+
+def _unknown_classes(
+    site: SiteConfig, names: tuple[str, ...], report: DataCheck
+) -> None:
+    known = Plan.model_fields["class_names"].default
+    for name in names:
+        if name not in known:
+            report.findings.append(
+                Finding(
+                    "unknown-class",
+                    WARN,
+                    str(_where(site)),
+                    f"class {name!r} is not among the default plan's class-names "
+                    f"({', '.join(known)}); training refuses it unless the "
+                    "federation's plan lists it",
+                    "correct the label (or folder name), or ask the coordinator "
+                    "to add the class to the plan's class-names",
+                )
+            )
+
+
+def _where(site: SiteConfig) -> Path:
+    return manifest_path(site) if class_layout(site) == "manifest" else site.data.root

@@ -1,13 +1,10 @@
-"""Classification data at a site: a CSV manifest or one folder per class.
+"""Classification data at a site: its slices read, split by patient, loaded.
 
-Manifest: ``image,label[,split][,patient]`` with a header; ``image`` relative
-to the manifest's folder (or absolute); ``label`` a class name of the plan's
-``class-names`` (empty: kept for prediction only); ``split`` ``train``,
-``validation`` or ``test`` (test rows are never trained or validated on);
-``patient`` the patient's id (a patient's rows are one unit; empty or no column:
-each image is its own patient). Folders: ``<root>/<class>/<image>``, each image
-its own patient. Images are 2D or 3D NIfTI in HU (a 3D volume gives its middle
-axial slice) or 8-bit PNG slices already windowed.
+Discovery (manifest or class folders) is :mod:`client.data.class_layouts`'s
+and the split :mod:`client.data.split`'s, shared with segmentation. Images are
+2D or 3D NIfTI in HU (a 3D volume gives its middle axial slice) or 8-bit PNG
+slices already windowed; an unreadable image is skipped with its reason, as a
+broken segmentation case is (``kidneyfl site check`` names it).
 
 The patient is the unit of privacy: the training set's items are patients, and
 each time Poisson sampling draws a patient one of its slices is taken, so
@@ -15,16 +12,13 @@ DP-SGD's per-sample clipping bounds one patient's influence however many slices
 the patient has. A patient in both training and validation, or identical images
 under two patient ids, are refused (:mod:`client.data.patients`).
 
-Every error names the file (and the CSV row) and the fix. Nothing here leaves
-the site.
+Every error names the file and the fix. Nothing here leaves the site.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -32,214 +26,65 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from client.tasks.segmentation.data import SiteDataError
+from client.data.class_layouts import PNG_SUFFIXES, ClsCase, discover_classes
+from client.data.errors import SiteDataError
+from client.data.patients import (
+    PatientProblem,
+    Unit,
+    file_digest,
+    patient_problems,
+    refuse,
+)
+from client.data.split import leave_out, split_by_patient
 from common.config import Plan, SiteConfig
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.csv"
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-PNG_SUFFIXES = (".png",)
-SPLITS = {"train": "train", "validation": "validation", "val": "validation"}
-SPLITS_ALL = (*SPLITS, "test", "")
 
+def load_site_slices(
+    site: SiteConfig, plan: Plan
+) -> tuple[list[ClsCase], list[ClsCase], dict[str, str]]:
+    """Discover, leave out ``data.exclude_cases`` and unreadable images, split.
 
-@dataclass(frozen=True)
-class ClsCase:
-    """One patient's image and class index (None: unlabelled)."""
-
-    case_id: str
-    image: Path
-    label: int | None
-    split: str | None  # from the manifest, or None: split by the site YAML
-    patient: str | None = None  # the manifest's patient column
-
-    @property
-    def patient_id(self) -> str:
-        """The patient's id or, when the layout names none, the image's path
-        (file names may repeat across class folders; paths do not)."""
-        return self.patient or str(self.image)
-
-
-def _is_image(p: Path) -> bool:
-    name = p.name.lower()
-    return p.is_file() and name.endswith(NIFTI_SUFFIXES + PNG_SUFFIXES)
-
-
-def _case_id(p: Path) -> str:
-    name = p.name
-    for suffix in (".nii.gz", ".nii", ".png"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def read_manifest(
-    path: Path, class_names: tuple[str, ...] | None = None
-) -> list[ClsCase]:
-    """Parse a classification manifest.
-
-    ``class_names`` None accepts any class name (the readiness check, which has
-    no plan), indexed in sorted order.
+    Returns
+    -------
+    tuple
+        Training cases, validation cases, and skipped case id -> why (local).
 
     Raises
     ------
     SiteDataError
-        Missing or unreadable file, missing columns, a row with the wrong number
-        of fields, an unknown class or split, or an image file that is missing.
+        A discovery error, an unknown ``data.exclude_cases`` id, no labelled
+        training image, or a broken patient rule.
     """
-    if not path.is_file():
-        raise SiteDataError(
-            f"{path}: manifest not found; write a CSV with header image,label"
-            "[,split] or set data.manifest in the site YAML"
-        )
+    skipped: dict[str, str] = {}
+    cases = leave_out(discover_classes(site, plan), site.data.exclude_cases, skipped)
+    readable = []
+    for c in cases:
+        if c.label is not None and (problem := slice_problem(c.image, plan)):
+            log.warning("skipping case %s: %s", c.case_id, problem)
+            skipped[c.case_id] = problem
+        else:
+            readable.append(c)
+    train, val = split_cases(readable, site)
+    return train, val, skipped
+
+
+def slice_problem(path: Path, plan: Plan) -> str | None:
+    """Why an image cannot be read as a slice (None: it can)."""
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SiteDataError(
-            f"{path}: cannot read the manifest ({exc}); save it as UTF-8 CSV"
-        ) from None
-    rows = list(csv.reader(text.splitlines()))
-    if not rows:
-        raise SiteDataError(f"{path}: empty manifest; add the header image,label")
-    header = [h.strip().lower() for h in rows[0]]
-    if "image" not in header or "label" not in header:
-        raise SiteDataError(
-            f"{path}: row 1: header is {rows[0]}; the first row must name the "
-            "columns image,label[,split][,patient]"
-        )
-    col = {h: i for i, h in enumerate(header)}
-    if class_names is None:
-        class_names = _labels_in(rows, col["label"])
-    cases: list[ClsCase] = []
-    for n, row in enumerate(rows[1:], start=2):
-        if not any(cell.strip() for cell in row):
-            continue
-        if len(row) != len(header):
-            raise SiteDataError(
-                f"{path}: row {n}: {len(row)} fields but the header has "
-                f"{len(header)}; quote file names that contain commas"
-            )
-        image = Path(row[col["image"]].strip()).expanduser()
-        image = image if image.is_absolute() else path.parent / image
-        label = row[col["label"]].strip()
-        split = row[col["split"]].strip().lower() if "split" in col else ""
-        patient = row[col["patient"]].strip() if "patient" in col else ""
-        if not image.is_file():
-            raise SiteDataError(
-                f"{path}: row {n}: image {image} not found; fix the path (relative "
-                "paths are read from the manifest's folder) or remove the row"
-            )
-        if label and label not in class_names:
-            raise SiteDataError(
-                f"{path}: row {n}: unknown class {label!r}; the plan's class-names "
-                f"are {', '.join(class_names)}: correct the row or add the class "
-                "to the plan's class-names"
-            )
-        if split not in SPLITS_ALL:
-            raise SiteDataError(
-                f"{path}: row {n}: unknown split {split!r}; use train, validation, "
-                "test or leave it empty"
-            )
-        cases.append(
-            ClsCase(
-                _case_id(image),
-                image,
-                class_names.index(label) if label else None,
-                SPLITS.get(split, "test" if split == "test" else None),
-                patient or None,
-            )
-        )
-    if not cases:
-        raise SiteDataError(f"{path}: the manifest lists no images; add rows")
-    return cases
-
-
-def _labels_in(rows: list[list[str]], column: int) -> tuple[str, ...]:
-    return tuple(
-        sorted({r[column].strip() for r in rows[1:] if len(r) > column} - {""})
-    )
-
-
-def class_names_of(site: SiteConfig) -> tuple[str, ...]:
-    """The class names a site's data use (manifest labels or class folders),
-    sorted: the classes :func:`discover` with ``plan`` None indexes."""
-    d = site.data
-    manifest = d.manifest or d.root / MANIFEST
-    if d.layout == "manifest" or (d.layout == "auto" and manifest.is_file()):
-        rows = list(csv.reader(manifest.read_text(encoding="utf-8-sig").splitlines()))
-        header = [h.strip().lower() for h in rows[0]] if rows else []
-        return _labels_in(rows, header.index("label")) if "label" in header else ()
-    return tuple(sorted(p.name for p in d.root.iterdir() if p.is_dir()))
-
-
-def read_class_folders(
-    root: Path, class_names: tuple[str, ...] | None = None
-) -> list[ClsCase]:
-    """Cases from ``<root>/<class>/<image>`` (``class_names`` None: any folder
-    is a class).
-
-    Raises
-    ------
-    SiteDataError
-        A folder that is not a class, a class folder without images, or no
-        class folder at all.
-    """
-    if not root.is_dir():
-        raise SiteDataError(f"{root}: data.root is not a folder; fix data.root")
-    folders = sorted(p for p in root.iterdir() if p.is_dir())
-    if class_names is None:
-        class_names = tuple(p.name for p in folders)
-    unknown = [p.name for p in folders if p.name not in class_names]
-    if unknown:
-        raise SiteDataError(
-            f"{root}: folder(s) {unknown} are not classes of the plan "
-            f"({', '.join(class_names)}); rename them or add the class to "
-            "class-names"
-        )
-    if not folders:
-        raise SiteDataError(
-            f"{root}: no class folders; make one folder per class "
-            f"({', '.join(class_names)}) or use a manifest.csv"
-        )
-    cases = []
-    for folder in folders:
-        images = sorted(p for p in folder.iterdir() if _is_image(p))
-        if not images:
-            raise SiteDataError(
-                f"{folder}: class folder holds no .nii, .nii.gz or .png images; "
-                "add images or remove the empty folder"
-            )
-        label = class_names.index(folder.name)
-        cases += [ClsCase(_case_id(p), p, label, None) for p in images]
-    return cases
-
-
-def discover(site: SiteConfig, plan: Plan | None) -> list[ClsCase]:
-    """The site's cases, by ``data.layout`` (``auto``: manifest, then folders);
-    ``plan`` None accepts any class name (the readiness check)."""
-    names = plan.class_names if plan is not None else None
-    data = site.data
-    manifest = data.manifest or data.root / MANIFEST
-    layout = data.layout
-    if layout == "auto":
-        layout = "manifest" if manifest.is_file() else "class-folders"
-    if layout == "manifest":
-        return read_manifest(manifest, names)
-    if layout == "class-folders":
-        return read_class_folders(data.root, names)
-    raise SiteDataError(
-        f"{site.source}: data.layout {layout} is a segmentation layout; for the "
-        "classification task set data.layout to manifest or class-folders"
-    )
+        load_slice(path, plan)
+    except SiteDataError as exc:
+        return str(exc)
+    return None
 
 
 def split_cases(
     cases: list[ClsCase], site: SiteConfig
 ) -> tuple[list[ClsCase], list[ClsCase]]:
-    """Train and validation cases, labelled only, split by patient.
-
-    See :func:`client.tasks.classification.split.split_patients`.
+    """Train and validation cases, labelled and not ``test`` rows only, split
+    by patient (:func:`client.data.split.split_by_patient`, stratified by a
+    patient's most common class).
 
     Raises
     ------
@@ -247,12 +92,31 @@ def split_cases(
         No labelled training image; a patient in both training and validation,
         an image listed twice, or identical images under two patient ids.
     """
-    from client.data.patients import refuse
-    from client.tasks.classification.split import split_patients
-
     train, val, problems = split_patients(cases, site)
     refuse(problems, site.name)
     return train, val
+
+
+def split_patients(
+    cases: list[ClsCase], site: SiteConfig
+) -> tuple[list[ClsCase], list[ClsCase], list[PatientProblem]]:
+    """:func:`split_cases` without refusing: the split and what breaks the
+    patient rules (the readiness check reports them)."""
+    labelled = [c for c in cases if c.label is not None]
+    train, val = split_by_patient(
+        labelled, site, lambda c: c.split or "", _patient_class
+    )
+    units = [
+        Unit(c.case_id, c.patient_id, c.image, file_digest(c.image), side)
+        for side, group in (("train", train), ("validation", val))
+        for c in group
+    ]
+    return train, val, patient_problems(units, one_case_per_patient=False)
+
+
+def _patient_class(group: list[ClsCase]) -> int:
+    labels = [int(c.label or 0) for c in group]
+    return max(sorted(set(labels)), key=labels.count)
 
 
 def load_slice(path: Path, plan: Plan) -> torch.Tensor:

@@ -34,14 +34,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from client.data.check_report import DataCheck
 from client.tasks.base import TaskData
+from client.tasks.classification.check import check_cases
 from client.tasks.classification.data import (
     SliceDataset,
     build_dataset,
-    discover,
     fingerprint,
+    load_site_slices,
     load_slice,
-    split_cases,
 )
 from common import wire
 from common.cls_metrics import class_weights_from_counts, classification_metrics
@@ -79,14 +80,15 @@ class ClassificationTask:
         self.class_weights: tuple[float, ...] | None = None
 
     def load_data(self, site: SiteConfig, plan: Plan) -> TaskData:
-        """Read the manifest or class folders, split, preload, choose balancing.
+        """Read the manifest or class folders, skip unreadable images, split,
+        preload, choose balancing.
 
         Raises
         ------
         SiteDataError
             With the file, CSV row and fix.
         """
-        train_cases, val_cases = split_cases(discover(site, plan), site)
+        train_cases, val_cases, _ = load_site_slices(site, plan)
         dp = site.privacy.enabled
         sampler = plan.class_balance == "sampler" and not dp
         if plan.class_balance == "sampler" and dp:
@@ -100,22 +102,14 @@ class ClassificationTask:
         missing = [n for n, k in zip(plan.class_names, counts, strict=True) if not k]
         if missing:
             log.warning("site %s has no training case of %s", site.name, missing)
-        self.class_weights = None
-        if plan.class_balance in ("loss", "sampler") and not sampler:
-            self.class_weights = plan.class_weights or None
-            if self.class_weights is None and dp:
-                log.warning(
-                    "site %s: under DP the loss is not weighted by the site's class "
-                    "counts (other patients' labels, not covered by DP-SGD); the "
-                    "plan's class-weights is empty, so all classes weigh the same. "
-                    "Set class-weights in the plan (e.g. from public prevalence) "
-                    "to weight them",
-                    site.name,
-                )
-            elif self.class_weights is None:
-                self.class_weights = class_weights_from_counts(counts)
+        self.class_weights = _class_weights(site, plan, counts, sampler)
         # Items are patients: n_train and n_val count patients, not slices.
         return TaskData(train, val, len(train), len(val), fingerprint(train))
+
+    def check(self, site: SiteConfig, report: DataCheck) -> None:
+        """The readiness check's data part: every image read, classes and
+        patients counted per split, the patient rules applied."""
+        check_cases(site, report)
 
     def loss(self, plan: Plan) -> nn.Module:
         """Cross-entropy, class-weighted as :meth:`load_data` chose."""
@@ -172,3 +166,25 @@ class ClassificationTask:
             output.write_text(json.dumps(summary, indent=2) + "\n")
             summary["output"] = str(output)
         return summary
+
+
+def _class_weights(
+    site: SiteConfig, plan: Plan, counts: list[int], sampler: bool
+) -> tuple[float, ...] | None:
+    """The loss's class weights by ``class-balance`` (module docstring): the
+    plan's, else (without DP) inverse to the site's counts; None: unweighted."""
+    if plan.class_balance not in ("loss", "sampler") or sampler:
+        return None
+    if plan.class_weights:
+        return plan.class_weights
+    if site.privacy.enabled:
+        log.warning(
+            "site %s: under DP the loss is not weighted by the site's class "
+            "counts (other patients' labels, not covered by DP-SGD); the "
+            "plan's class-weights is empty, so all classes weigh the same. "
+            "Set class-weights in the plan (e.g. from public prevalence) "
+            "to weight them",
+            site.name,
+        )
+        return None
+    return class_weights_from_counts(counts)

@@ -22,7 +22,7 @@ from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from torch import nn
 
-from client.tasks.segmentation.data import IMAGE, window_crop_normalise
+from client.tasks.segmentation.pipeline import IMAGE, window_crop_normalise
 from common.config import Plan
 from common.metrics import LABELS
 

@@ -10,14 +10,18 @@ from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from torch import nn
 
+from client.data.check_report import DataCheck
+from client.data.layouts import LAYOUTS
 from client.tasks.base import TaskData
-from client.tasks.segmentation.data import (
+from client.tasks.segmentation.cases import load_site_cases
+from client.tasks.segmentation.check import check_cases
+from client.tasks.segmentation.pipeline import (
     IMAGE,
     LABEL,
     PatchDataset,
-    load_site_cases,
     volume_dataset,
 )
+from client.tasks.segmentation.predict import predict_scan
 from common import wire
 from common.config import Plan, SiteConfig
 from common.metrics import (
@@ -33,6 +37,12 @@ class SegmentationTask:
     """Random foreground-weighted patches to train; whole volumes to validate."""
 
     name = "segmentation"
+    layouts = LAYOUTS[1:]
+
+    def check(self, site: SiteConfig, report: DataCheck) -> None:
+        """The readiness check's data part: every case inspected (HU range,
+        spacing, labels against the layout's map), the split by patient."""
+        check_cases(site, report)
 
     def load_data(self, site: SiteConfig, plan: Plan) -> TaskData:
         """Discover, split and cache the site's cases."""
@@ -107,6 +117,4 @@ class SegmentationTask:
     ) -> dict[str, Any]:
         """Label map in the scan's own grid (written to ``output``) and the
         volume of kidney, tumour and cyst in mL."""
-        from client.tasks.segmentation.predict import predict_scan
-
         return predict_scan(model, image, plan, device, output)

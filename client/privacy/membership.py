@@ -38,8 +38,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from client.predict import load_model
-from client.tasks.base import get_task
+from client.tasks.registry import get_task
 from client.train import select_device
+from common.atomic import atomic_write_text
 from common.audit_bounds import attack_auc, operating_point
 from common.config import Plan, SiteConfig, load_site_config
 from common.task_models import build_plan_model
@@ -58,7 +59,7 @@ def _segmentation_losses(
 ) -> np.ndarray:
     from monai.inferers import sliding_window_inference
 
-    from client.tasks.segmentation.data import IMAGE, LABEL
+    from client.tasks.segmentation.pipeline import IMAGE, LABEL
 
     loss_fn = get_task("segmentation").loss(plan)
     out = []
@@ -90,7 +91,8 @@ def _classification_losses(
 
 
 def _segmentation_data(site: SiteConfig, plan: Plan) -> tuple[Any, Any]:
-    from client.tasks.segmentation.data import load_site_cases, volume_dataset
+    from client.tasks.segmentation.cases import load_site_cases
+    from client.tasks.segmentation.pipeline import volume_dataset
 
     cases = load_site_cases(site)  # the same split training used
     lm = cases.label_map
@@ -101,9 +103,9 @@ def _segmentation_data(site: SiteConfig, plan: Plan) -> tuple[Any, Any]:
 
 
 def _classification_data(site: SiteConfig, plan: Plan) -> tuple[Any, Any]:
-    from client.tasks.classification.data import build_dataset, discover, split_cases
+    from client.tasks.classification.data import build_dataset, load_site_slices
 
-    train, val = split_cases(discover(site, plan), site)
+    train, val, _ = load_site_slices(site, plan)  # the same split training used
     return build_dataset(train, plan), build_dataset(val, plan)  # no augmentation
 
 
@@ -205,20 +207,11 @@ def audit_site(
     if site.cpu_threads:
         torch.set_num_threads(site.cpu_threads)
     device = select_device(site.device)
-    train, held_out = AUDIT_DATA[plan.task](site, plan)
-    if min(len(train), len(held_out)) < MIN_PATIENTS:
-        raise ValueError(
-            f"site {site.name}: {len(train)} training and {len(held_out)} held-out "
-            f"patients; the audit needs at least {MIN_PATIENTS} of each. Set "
-            f"data.validation_fraction (or data.validation_cases) in {site.source}"
-        )
+    train, held_out = _audit_data(site, plan)
     reference = build_plan_model(plan).eval()  # the run's starting point
-    losses = PER_CASE_LOSS[plan.task]
     t0 = time.perf_counter()
-    model.to(device)
-    loss_in, loss_out = (losses(model, d, plan, device) for d in (train, held_out))
-    reference.to(device)
-    ref_in, ref_out = (losses(reference, d, plan, device) for d in (train, held_out))
+    loss_in, loss_out = _losses(model, (train, held_out), plan, device)
+    ref_in, ref_out = _losses(reference, (train, held_out), plan, device)
     # without DP the site has no delta; 1/(10 x patients) is the usual choice
     delta = site.privacy.delta or 1.0 / (10 * (len(loss_in) + len(loss_out)))
     report: dict[str, Any] = {
@@ -244,13 +237,41 @@ def audit_site(
         ),
         "seconds": time.perf_counter() - t0,
     }
+    return _write_report(report, checkpoint, site, out)
+
+
+def _audit_data(site: SiteConfig, plan: Plan) -> tuple[Any, Any]:
+    """Training and held-out patients, at least :data:`MIN_PATIENTS` of each."""
+    train, held_out = AUDIT_DATA[plan.task](site, plan)
+    if min(len(train), len(held_out)) < MIN_PATIENTS:
+        raise ValueError(
+            f"site {site.name}: {len(train)} training and {len(held_out)} held-out "
+            f"patients; the audit needs at least {MIN_PATIENTS} of each. Set "
+            f"data.validation_fraction (or data.validation_cases) in {site.source}"
+        )
+    return train, held_out
+
+
+def _losses(
+    model: nn.Module, datasets: tuple[Any, Any], plan: Plan, device: torch.device
+) -> tuple[np.ndarray, np.ndarray]:
+    """One loss per patient of each dataset under ``model``."""
+    losses = PER_CASE_LOSS[plan.task]
+    model.to(device)
+    first, second = (losses(model, d, plan, device) for d in datasets)
+    return first, second
+
+
+def _write_report(
+    report: dict[str, Any], checkpoint: Path, site: SiteConfig, out: str | Path | None
+) -> dict[str, Any]:
+    """Write the JSON at the site (default ``<state_dir>/privacy-audit/``)."""
     if out is None:
         run = checkpoint.resolve().parent.name
         stamp = time.strftime("%Y%m%d-%H%M%S")
         out = site.state_dir / "privacy-audit" / f"{run}-{stamp}.json"
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out, json.dumps(report, indent=2) + "\n")
     report["path"] = str(out)
     log.info("privacy audit of %s written to %s", checkpoint, out)
     return report

@@ -12,10 +12,11 @@ model's movement along its coordinate, ``C (w_0 - w_T)[c]``; the auditor guesses
 "in" for the top k and "out" for the bottom k and turns the number of correct
 guesses into a lower bound on epsilon (:mod:`common.audit_bounds`).
 
-Training goes through the site's own DP wiring, :func:`client.privacy.make_private`
-(Opacus ``PrivacyEngine``, Poisson sampling), so the audit tests what the site
-runs. If the bound ever exceeds the accountant's epsilon, the noise, clipping or
-sampling is broken (``tests/test_privacy_audit.py`` checks both directions).
+Training goes through the site's own DP wiring,
+:func:`client.privacy.dpsgd.make_private` (Opacus ``PrivacyEngine``, Poisson
+sampling), so the audit tests what the site runs. If the bound ever exceeds the
+accountant's epsilon, the noise, clipping or sampling is broken
+(``tests/client/test_privacy_audit.py`` checks both directions).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import secrets
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -30,12 +32,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from client.privacy import (
-    calibrate_noise,
-    epsilon_for,
-    make_private,
-    site_generator,
-)
+from client.privacy.accounting import calibrate_noise, epsilon_for
+from client.privacy.dpsgd import make_private, site_generator
 from common.audit_bounds import GuessResult, best_guess_bound
 
 log = logging.getLogger(__name__)
@@ -170,23 +168,12 @@ def white_box_audit(
         grad_sample_mode=grad_sample_mode,
     )
     q = float(loader.sample_rate)
-    steps = 0
-    net.train()
-    try:
-        for _ in range(epochs):
-            for x, y in loader:
-                opt.zero_grad(set_to_none=True)
-                if len(x):
-                    loss_fn(net(x), y).backward()
-                else:
-                    for p in params:
-                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
-                draw = torch.rand(canaries, generator=gen).numpy() < q
-                marks.inject(draw & included)
-                opt.step()
-                steps += 1
-    finally:
-        net.remove_hooks()
+
+    def inject() -> None:  # each included canary, Poisson-sampled like the data
+        draw = torch.rand(canaries, generator=gen).numpy() < q
+        marks.inject(draw & included)
+
+    steps = _train_with_canaries(net, opt, loader, loss_fn, params, epochs, inject)
     scores = (max_grad_norm * (start - marks.values())).numpy().astype(float)
     claimed = noise_multiplier if accountant_noise is None else accountant_noise
     eps = epsilon_for([(claimed, q, steps)], delta) if claimed > 0 else math.inf
@@ -210,6 +197,38 @@ def white_box_audit(
         eps,
         guess,
     )
+
+
+def _train_with_canaries(
+    net: nn.Module,
+    opt: torch.optim.Optimizer,
+    loader: DataLoader,
+    loss_fn: nn.Module,
+    params: list[nn.Parameter],
+    epochs: int,
+    inject: Callable[[], None],
+) -> int:
+    """DP-SGD epochs with ``inject`` adding canary gradients before each step.
+
+    Returns the steps run; the Opacus hooks are removed whatever happens.
+    """
+    steps = 0
+    net.train()
+    try:
+        for _ in range(epochs):
+            for x, y in loader:
+                opt.zero_grad(set_to_none=True)
+                if len(x):
+                    loss_fn(net(x), y).backward()
+                else:
+                    for p in params:
+                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+                inject()
+                opt.step()
+                steps += 1
+    finally:
+        net.remove_hooks()
+    return steps
 
 
 def linear_audit_setup(

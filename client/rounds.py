@@ -1,0 +1,204 @@
+"""One preparation step for every request a site answers.
+
+Train, fine-tune, evaluate and the fingerprint query all start the same way:
+read the plan (with the federated preprocessing plan when the coordinator
+sends one), find and validate the site YAML, and, for the three model
+requests, load the task's data, build the plan's model and load the global
+weights into it, with the site's own normalisation layers under FedBN. This
+module does that once: :func:`setup` for every request, :func:`prepare` for
+the model requests, which hands back a :class:`Round`.
+Flower-free: ``client/app.py`` turns a Flower message into a :class:`Request`.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from client.local_state import overlay_local_norm
+from client.tasks.base import Task, TaskData
+from client.tasks.registry import get_task
+from client.train import select_device
+from common import wire
+from common.config import ConfigError, Plan, SiteConfig, load_plan, load_site_config
+from common.logs import setup_logging
+from common.norm_layers import require_norm_params
+from common.task_models import build_plan_model
+from common.weights import import_state
+
+StateDict = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a request brings, without Flower's types.
+
+    ``config`` is the message's ``config`` record (None when it has none);
+    ``global_weights`` unpacks the model it carries, only when called, so a
+    request is checked in the same order whatever it carries.
+    """
+
+    kind: str
+    run_config: Mapping[str, Any]
+    node_config: Mapping[str, Any]
+    run_id: int | str
+    config: Mapping[str, Any] | None
+    global_weights: Callable[[], StateDict]
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What a site answers: its name, metrics and, for a train round, the update."""
+
+    site: str
+    metrics: dict[str, Any]
+    state: Mapping[str, torch.Tensor] | None = None
+
+
+@dataclass
+class Setup:
+    """What every request needs first: the plan and the site's validated YAML."""
+
+    request: Request
+    plan: Plan
+    site: SiteConfig
+
+    @property
+    def config(self) -> Mapping[str, Any]:
+        """The request's config record (KeyError when it carries none)."""
+        if self.request.config is None:
+            raise KeyError(wire.CONFIG)
+        return self.request.config
+
+    @property
+    def run_id(self) -> str:
+        """The federation's run id: the coordinator's, else Flower's."""
+        return str(self.config.get(wire.RUN_ID, self.request.run_id))
+
+    @functools.cached_property
+    def device(self) -> torch.device:
+        """The site's device, resolved when first needed."""
+        return select_device(self.site.device)
+
+
+@dataclass
+class Round(Setup):
+    """A model request, prepared: the task's data and the global model loaded.
+
+    ``received`` is the global state as it came; ``norm`` the FedBN keys that
+    stay at the site (empty without FedBN or outside training).
+    """
+
+    number: int
+    task: Task
+    data: TaskData
+    model: nn.Module
+    received: StateDict
+    norm: list[str]
+    load_s: float
+
+
+def site_config_path(node_config: Mapping[str, Any], plan: Plan) -> Path:
+    """Deployment: ``site-config`` node config. Simulation: one YAML per partition."""
+    if "site-config" in node_config:
+        return Path(str(node_config["site-config"]))
+    paths = plan.site_config_paths
+    if "partition-id" in node_config and paths:
+        return paths[int(node_config["partition-id"]) % len(paths)]
+    raise ConfigError(
+        "no site YAML: start the SuperNode with --node-config "
+        "\"site-config='/path/to/site.yaml'\""
+    )
+
+
+def site_name(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> str:
+    """The site's name for a refusal; ``unknown`` when the site cannot be read."""
+    try:
+        plan = load_plan(run_config)
+        return load_site_config(site_config_path(node_config, plan)).name
+    except Exception:  # noqa: BLE001 - the refusal must still go out
+        return "unknown"
+
+
+def apply_cpu_threads(site: SiteConfig) -> None:
+    """Limit torch to the site's ``cpu_threads`` (if set) for this process."""
+    if site.cpu_threads is not None:
+        torch.set_num_threads(site.cpu_threads)
+
+
+def request_plan(request: Request) -> Plan:
+    """The plan, with the federated preprocessing plan when the request has one."""
+    plan = load_plan(request.run_config)
+    cfg = request.config or {}
+    if wire.PREP_SPACING not in cfg:
+        return plan
+    return load_plan(
+        {
+            **request.run_config,
+            "spacing-mm": ",".join(str(v) for v in cfg[wire.PREP_SPACING]),
+            "hu-window": ",".join(str(v) for v in cfg[wire.PREP_WINDOW]),
+            "patch-size": ",".join(str(int(v)) for v in cfg[wire.PREP_PATCH]),
+            "intensity-mean": float(cfg[wire.PREP_MEAN]),
+            "intensity-std": float(cfg[wire.PREP_STD]),
+        }
+    )
+
+
+def global_round(cfg: Mapping[str, Any], default: int) -> int:
+    """The round number the coordinator sent (global over resumed runs)."""
+    return int(cfg.get(wire.GLOBAL_ROUND, cfg.get(wire.SERVER_ROUND, default)))
+
+
+def setup(request: Request) -> Setup:
+    """Plan (with the preprocessing plan) and site: the first step of every request."""
+    setup_logging()
+    plan = request_plan(request)
+    site = load_site_config(site_config_path(request.node_config, plan))
+    apply_cpu_threads(site)
+    return Setup(request, plan, site)
+
+
+def prepare(
+    request: Request, *, training: bool = False, default_round: int = 1
+) -> Round:
+    """:func:`setup`, then the task's data and the global model at this site.
+
+    The one preparation of train, fine-tune and evaluate.
+
+    Parameters
+    ----------
+    training : bool
+        FedBN needs normalisation layers to keep at the site: a model without
+        them is a configuration error before anything is trained.
+    default_round : int
+        The round number when the request names none.
+    """
+    s = setup(request)
+    number = global_round(s.config, default_round)
+    task = get_task(s.plan.task)
+    start = time.perf_counter()
+    data = task.load_data(s.site, s.plan)
+    load_s = time.perf_counter() - start
+    model, received, norm = _global_model(s, training)
+    return Round(
+        request, s.plan, s.site, number, task, data, model, received, norm, load_s
+    )
+
+
+def _global_model(s: Setup, training: bool) -> tuple[nn.Module, StateDict, list[str]]:
+    """The plan's model with the global weights (and the site's own norm layers)."""
+    model = build_plan_model(s.plan)
+    received = s.request.global_weights()
+    norm = require_norm_params(model, s.plan.model) if s.plan.fedbn and training else []
+    state = received
+    if s.plan.fedbn:  # each site trains and evaluates with its own norm layers
+        state = overlay_local_norm(received, s.site, s.run_id)
+    import_state(model, state)
+    return model, received, norm

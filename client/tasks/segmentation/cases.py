@@ -1,0 +1,149 @@
+"""A segmentation site's cases: discovered, inspected, split by patient.
+
+Whatever the layout, discovery ends in the same list of
+:class:`client.data.layouts.Case`, so training never knows how a hospital
+stores its files. Unreadable cases are skipped with their reason (site-local
+logs only); each case must be a distinct patient (:mod:`client.data.patients`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import nibabel as nib
+import numpy as np
+
+from client.data.case_check import CaseReport, inspect_case
+from client.data.errors import SiteDataError
+from client.data.label_map import remap_labels
+from client.data.layouts import Case, discover
+from client.data.patients import PatientProblem, Unit, patient_problems, refuse
+from client.data.split import leave_out, split_by_patient
+from common.config import SiteConfig
+
+log = logging.getLogger(__name__)
+
+KITS_VALUES = frozenset({0, 1, 2, 3})
+
+
+@dataclass(frozen=True)
+class SiteCases:
+    """A site's usable cases, split, plus what was skipped and why (local only)."""
+
+    train: list[Case]
+    validation: list[Case]
+    skipped: dict[str, str]
+    label_map: dict[int, int] = field(default_factory=dict)
+
+    def fingerprint(self) -> str:
+        """Stable digest of the training set (ids and file sizes), for the ledger."""
+        h = hashlib.sha256()
+        for c in sorted(self.train, key=lambda c: c.case_id):
+            h.update(c.case_id.encode())
+            h.update(str(c.image.stat().st_size).encode())
+        return h.hexdigest()[:16]
+
+
+_INSPECTED: dict[tuple, CaseReport] = {}
+
+
+def inspect(case: Case, label_values: frozenset[int] = KITS_VALUES) -> CaseReport:
+    """:func:`client.data.case_check.inspect_case`, memoised per file version, so a
+    long-lived process (a simulation actor) reads each case once."""
+    key = (label_values,) + tuple(
+        (str(p), p.stat().st_mtime_ns, p.stat().st_size) if p.exists() else (str(p),)
+        for p in (case.image, case.label)
+        if p is not None
+    )
+    if key not in _INSPECTED:
+        _INSPECTED[key] = inspect_case(case.image, case.label, label_values)
+    return _INSPECTED[key]
+
+
+def load_site_cases(site: SiteConfig) -> SiteCases:
+    """Discover (any supported layout), validate and split a site's cases.
+
+    Cases listed in ``data.exclude_cases`` are left out; unreadable cases are
+    logged by path and skipped; unlabelled cases are kept for prediction only.
+    The split is :mod:`client.data.split`'s.
+
+    Raises
+    ------
+    SiteDataError
+        If no labelled case is usable, or too few to split; if a patient is
+        listed twice (repeated file, identical images, repeated patient id) or
+        is in both training and validation.
+    """
+    d = site.data
+    found = discover(d.root, d.layout, d.label_names, d.manifest)
+    skipped: dict[str, str] = {}
+    labels = frozenset(found.label_map)
+    usable = []
+    for case in leave_out(found.cases, d.exclude_cases, skipped):
+        if (problem := _problem(case, labels)) is None:
+            usable.append(case)
+        else:
+            skipped[case.case_id] = problem
+    if len(usable) < 2:
+        raise SiteDataError(
+            f"site {site.name}: {len(usable)} usable labelled case(s) under "
+            f"{d.root} ({len(found.cases)} found, {len(skipped)} skipped); at least "
+            "2 are needed. Run `kidneyfl site check` for the list of problems"
+        )
+    train, val = split_cases(usable, site, found.splits)
+    refuse(split_problems(train, val, labels), site.name)
+    return SiteCases(train, val, skipped, found.label_map)
+
+
+def _problem(case: Case, labels: frozenset[int]) -> str | None:
+    """Why a case cannot train (None: it can)."""
+    if case.label is None:
+        return "no segmentation (prediction only)"
+    report = inspect(case, labels)
+    if report.usable:
+        return None
+    first = next(f for f in report.findings if f.severity == "error")
+    problem = f"{first.file}: {first.message}; {first.fix}"
+    log.warning("skipping case %s: %s", case.case_id, problem)
+    return problem
+
+
+def split_cases(
+    cases: list[Case], site: SiteConfig, splits: dict[str, str] | None = None
+) -> tuple[list[Case], list[Case]]:
+    """Training and validation cases by :func:`client.data.split.split_by_patient`
+    (``splits``: the manifest's split column by case id; one stratum)."""
+    column = splits or {}
+    return split_by_patient(cases, site, lambda c: column.get(c.case_id, ""))
+
+
+def split_problems(
+    train: list[Case], validation: list[Case], label_values: frozenset[int]
+) -> list[PatientProblem]:
+    """What breaks one-case-per-patient in a split (:mod:`client.data.patients`);
+    the images' digests come from the (memoised) inspection."""
+    units = [
+        Unit(c.case_id, c.patient_id, c.image, inspect(c, label_values).image_digest, s)
+        for s, group in (("train", train), ("validation", validation))
+        for c in group
+    ]
+    return patient_problems(units, one_case_per_patient=True)
+
+
+def raw_volumes(
+    cases: list[Case], label_map: dict[int, int] | None = None
+) -> Iterator[tuple[np.ndarray, np.ndarray, tuple[float, ...]]]:
+    """``(image HU, label, spacing)`` per case in RAS axis order, labels in
+    kidneyfl's values, for the dataset fingerprint (aggregated at the site)."""
+    for case in cases:
+        img = nib.as_closest_canonical(nib.load(str(case.image)))
+        lab = nib.as_closest_canonical(nib.load(str(case.label)))
+        raw = np.asanyarray(lab.dataobj)
+        yield (
+            np.asanyarray(img.dataobj, dtype=np.float32),
+            remap_labels(raw, label_map) if label_map else raw,
+            tuple(float(z) for z in img.header.get_zooms()[:3]),
+        )

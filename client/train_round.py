@@ -1,0 +1,209 @@
+"""A train or fine-tune round at the site, one job per function.
+
+After :func:`client.rounds.prepare`: the steps the round runs, the privacy
+spend for exactly those steps (before training: :mod:`client.privacy.ledger`),
+the seed of what may be reproducible, local training, the export of the
+update (refusing NaN/Inf), the site's timing line and the reply's metrics. A
+train reply carries the update (FedBN's norm layers as received) and
+aggregates; a fine-tune reply carries only validation metrics, the model stays
+at the site. Flower-free.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from client.evaluate_round import validation_metrics
+from client.local_state import keep_norm_local, save_fine_tuned
+from client.privacy.accounting import poisson_schedule
+from client.privacy.dpsgd import DPSpec
+from client.privacy.ledger import LedgerEntry, PrivacyLedger
+from client.rounds import Reply, Request, Round, prepare
+from client.timings import record_timing
+from client.train import TrainStats, local_train
+from common import wire
+from common.logs import log_request
+from common.models import get_model_spec
+from common.weights import export_state
+
+log = logging.getLogger("kidneyfl.client")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The optimiser steps a round runs, and how many make one epoch."""
+
+    steps: int
+    steps_per_epoch: int
+
+
+def train_round(request: Request, fine_tune: bool) -> Reply:
+    """Local epochs (or fine-tuning steps) from the global weights."""
+    r = prepare(request, training=True, default_round=1)
+    schedule = round_schedule(r, fine_tune)
+    dp, eps_after = spend_budget(r, schedule.steps)
+    started = time.perf_counter()
+    stats = train_locally(r, schedule, dp, fine_tune)
+    state = export_state(r.model)  # refuses NaN/Inf before anything leaves
+    kind = "fine-tune" if fine_tune else "train"
+    record_timing(
+        r.site, r.run_id, r.number, kind, r.load_s, time.perf_counter() - started
+    )
+    log_round(r, kind, stats, dp, eps_after)
+    privacy = privacy_metrics(r, dp, eps_after)
+    if fine_tune:
+        return fine_tune_reply(r, state, privacy)
+    return update_reply(r, state, stats, privacy, dp)
+
+
+def round_schedule(r: Round, fine_tune: bool) -> Schedule:
+    """Steps as Opacus' Poisson loader runs them; fine-tuning's from the plan."""
+    _, per_epoch = poisson_schedule(r.data.n_train, r.plan.batch_size)
+    if fine_tune:
+        steps = int(r.config.get(wire.FINE_TUNE_STEPS, r.plan.fine_tune_steps))
+    else:
+        steps = per_epoch * r.plan.local_epochs
+    return Schedule(steps, per_epoch)
+
+
+def spend_budget(r: Round, steps: int) -> tuple[DPSpec | None, float]:
+    """Calibrate the run's noise and spend this round's budget, before training.
+
+    The budget check and the ledger entry are one locked step: a second
+    training at this site (another run, a retried message) sees the spend and
+    cannot also pass the ceiling. Returns the DP settings (None without DP) and
+    the cumulative epsilon after the round.
+    """
+    site, plan = r.site, r.plan
+    if not site.privacy.enabled:
+        return None, float("inf")
+    ledger = PrivacyLedger(site.state_dir, site.name)
+    total_rounds = int(r.config.get(wire.TOTAL_ROUNDS, plan.num_server_rounds))
+    cal = ledger.calibrate(
+        r.run_id,
+        plan.dp_target_epsilon,
+        site.privacy.delta,
+        r.data.n_train,
+        plan.batch_size,
+        total_rounds * plan.local_epochs,
+        extra_steps=plan.fine_tune_steps,
+    )
+    # Account what this round really runs: the data may have changed since the
+    # run's noise was calibrated.
+    sample_rate, _ = poisson_schedule(r.data.n_train, plan.batch_size)
+    entry = LedgerEntry(
+        r.run_id, r.number, cal.noise_multiplier, sample_rate, steps, r.data.fingerprint
+    )
+    eps_after = ledger.spend(
+        entry, site.privacy.max_epsilon, site.privacy.delta, plan.dp_target_epsilon
+    )
+    mode = get_model_spec(plan.model).grad_sample_mode
+    spec = DPSpec(cal.noise_multiplier, plan.dp_max_grad_norm, mode)
+    return spec, eps_after
+
+
+def round_seed(seed: int, rnd: int, site: str) -> int:
+    """The seed of the round's augmentation and crops, per site and round.
+
+    They may stay reproducible (they are not the DP mechanism); the noise and
+    the Poisson sampling draw from the site's own entropy inside
+    :func:`client.privacy.dpsgd.make_private`.
+    """
+    return (seed * 1_000_003 + rnd * 7919 + zlib.crc32(site.encode())) % 2**31
+
+
+def train_locally(
+    r: Round, schedule: Schedule, dp: DPSpec | None, fine_tune: bool
+) -> TrainStats:
+    """Train the round's model in place for the scheduled steps."""
+    plan = r.plan
+    seed = round_seed(plan.seed, r.number, r.site.name)
+    r.data.train.set_seed(seed)
+    stats = local_train(
+        r.model,
+        r.data.train,
+        r.task.loss(plan),
+        epochs=-(-schedule.steps // schedule.steps_per_epoch),
+        batch_size=plan.batch_size,
+        learning_rate=plan.learning_rate,
+        optimizer=plan.optimizer,
+        device=r.device,
+        seed=seed,
+        dp=dp,
+        # FedProx: Flower's strategy sends mu; never while fine-tuning
+        proximal_mu=0.0 if fine_tune else float(r.config.get(wire.PROXIMAL_MU, 0.0)),
+        max_steps=schedule.steps,
+        multiplicity=plan.augmentation_multiplicity,
+    )
+    if dp is not None and stats.steps != schedule.steps:
+        log.warning("ran %d DP steps of the %d accounted", stats.steps, schedule.steps)
+    return stats
+
+
+def log_round(
+    r: Round, kind: str, stats: TrainStats, dp: DPSpec | None, eps_after: float
+) -> None:
+    """The site's log line and request line for a finished round."""
+    log.info(
+        "site %s %s %d: loss %.4f, %d steps, epsilon %.3f",
+        r.site.name,
+        "fine-tune after round" if kind == "fine-tune" else "round",
+        r.number,
+        stats.loss,
+        stats.steps,
+        eps_after,
+    )
+    log_request(
+        r.site.name,
+        kind,
+        r.number,
+        "trained",
+        f"{stats.steps} steps, epsilon {eps_after:.2f}"
+        + ("" if dp is not None else f", loss {stats.loss:.3f}"),
+    )
+
+
+def privacy_metrics(r: Round, dp: DPSpec | None, eps_after: float) -> dict[str, Any]:
+    """What every train and fine-tune reply says of the privacy spent."""
+    return {
+        wire.DP_ENABLED: int(dp is not None),
+        wire.EPSILON: eps_after,
+        wire.DELTA: float(r.site.privacy.delta or 0.0),
+        wire.NOISE_MULTIPLIER: dp.noise_multiplier if dp else 0.0,
+        wire.REFUSED: 0,
+    }
+
+
+def fine_tune_reply(
+    r: Round, state: OrderedDict[str, torch.Tensor], privacy: dict[str, Any]
+) -> Reply:
+    """Keep the fine-tuned model at the site; reply with its validation metrics."""
+    save_fine_tuned(state, r.site, r.run_id)
+    values = validation_metrics(r)
+    values.update(privacy)
+    values[wire.FINE_TUNED] = 1
+    values[wire.NUM_EXAMPLES] = r.data.n_train
+    return Reply(r.site.name, values)
+
+
+def update_reply(
+    r: Round,
+    state: OrderedDict[str, torch.Tensor],
+    stats: TrainStats,
+    privacy: dict[str, Any],
+    dp: DPSpec | None,
+) -> Reply:
+    """The update (norm layers kept at the site under FedBN) and aggregates."""
+    if r.norm:
+        state = keep_norm_local(state, r.received, r.norm, r.site, r.run_id)
+    metrics = {wire.NUM_EXAMPLES: r.data.n_train, **privacy}
+    if dp is None:  # the mean loss on training patients has no DP protection
+        metrics[wire.TRAIN_LOSS] = stats.loss
+    return Reply(r.site.name, metrics, state)

@@ -1,0 +1,193 @@
+"""The report's figures: which metrics to plot, and every PNG of the report.
+
+Built from ``metrics.jsonl`` entries, the run's ``plan.json`` (class names),
+``comparison.json`` (local/pooled baselines, when present) and sample slices a
+simulation passes in; drawn by ``server/plots.py``. No Flower here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common import wire
+from server import plots
+
+COMPARISON_FILE = "comparison.json"
+_CM_KEY = re.compile(r"^cm-([a-z0-9_]+)-([a-z0-9_]+)$")
+_COUNTS = {wire.NUM_VAL_CASES, wire.NUM_EXAMPLES, wire.REFUSED, wire.METRICS_WITHHELD}
+# Section of the report -> [(PNG file name, PNG bytes)]
+Figures = dict[str, list[tuple[str, bytes]]]
+
+
+def score_keys(entries: list[dict[str, Any]]) -> list[str]:
+    """Evaluation metrics that are scores (not counts, losses or matrices), in a
+    stable order: Dice, surface Dice, then the rest alphabetically."""
+    keys = {
+        k
+        for e in entries
+        for m in e.get("evaluate", {}).values()
+        for k in m
+        if k not in _COUNTS
+        and k != wire.EVAL_LOSS
+        and not _CM_KEY.match(k)
+        and not k.startswith("cases-")  # how many cases a figure describes
+        and not k.startswith("fp-ml-")  # a volume in mL, not a score
+    }
+
+    def order(k: str) -> tuple[int, str]:
+        if k.startswith(wire.SURFACE_DICE_PREFIX):
+            return (1, k)
+        return (0 if k.startswith(wire.DICE_PREFIX) else 2, k)
+
+    return sorted(keys, key=order)
+
+
+def confusion_matrices(
+    entry: dict[str, Any], class_names: list[str] | None = None
+) -> dict[str, np.ndarray]:
+    """``{site: counts}`` from ``cm-<true>-<pred>`` metrics, plus ``all sites``.
+
+    Classes are named (``cm-cyst-stone``, in ``class_names`` order) or numbered.
+    """
+    index = {str(n): i for i, n in enumerate(class_names or [])}
+
+    def idx(token: str) -> int | None:
+        return int(token) if token.isdigit() else index.get(token)
+
+    out: dict[str, np.ndarray] = {}
+    for site, m in sorted(entry.get("evaluate", {}).items()):
+        cells = {
+            (i, j): float(v)
+            for k, v in m.items()
+            if (g := _CM_KEY.match(k))
+            and v is not None
+            and (i := idx(g[1])) is not None
+            and (j := idx(g[2])) is not None
+        }
+        if not cells:
+            continue
+        n = max(max(i, j) for i, j in cells) + 1
+        mat = np.zeros((n, n))
+        for (i, j), v in cells.items():
+            mat[i, j] = v
+        out[site] = mat
+    if len(out) > 1:
+        n = max(m.shape[0] for m in out.values())
+        total = np.zeros((n, n))
+        for m in out.values():
+            total[: m.shape[0], : m.shape[1]] += m
+        out["all sites"] = total
+    return out
+
+
+def report_figures(
+    run_dir: Path, entries: list[dict[str, Any]], plan: dict[str, Any], samples: list
+) -> Figures:
+    """Every figure of the report, by section (a section without data has none)."""
+    keys = score_keys(entries)
+    figs: Figures = {"curves": _curves(entries, keys)}
+    figs["loss"] = [("loss.png", plots.loss_curves(entries))]
+    if any(v is not None for e in entries for v in e.get("epsilon", {}).values()):
+        figs["privacy"] = [("epsilon.png", plots.epsilon_curves(entries))]
+    if keys and len({s for e in entries for s in e.get("evaluate", {})}) > 1:
+        figs["spread"] = [("spread.png", plots.spread_curves(entries, keys))]
+    comp = run_dir / COMPARISON_FILE
+    if comp.is_file():
+        figs["comparison"] = [("comparison.png", comparison_heatmap(comp))]
+    names = plan.get("class-names")
+    confusion = _confusion(
+        entries[-1], names if isinstance(names, list | tuple) else None
+    )
+    if confusion:
+        figs["confusion"] = confusion
+    if samples:
+        figs["samples"] = _samples(samples)
+    return figs
+
+
+def _curves(entries: list[dict[str, Any]], keys: list[str]) -> list[tuple[str, bytes]]:
+    """Per-site curves: Dice, surface Dice, then every other score."""
+    dice = [k for k in keys if k.startswith(wire.DICE_PREFIX)]
+    surface = [k for k in keys if k.startswith(wire.SURFACE_DICE_PREFIX)]
+    rest = [
+        k
+        for k in keys
+        if not k.startswith((wire.DICE_PREFIX, wire.SURFACE_DICE_PREFIX))
+    ]
+    groups = [
+        ("dice.png", "Dice", dice),
+        ("surface-dice.png", "Surface Dice", surface),
+        ("metrics.png", "Validation metrics", rest),
+    ]
+    return [
+        (name, plots.metric_curves(entries, ks, title))
+        for name, title, ks in groups
+        if ks
+    ]
+
+
+def _confusion(
+    entry: dict[str, Any], names: list | tuple | None
+) -> list[tuple[str, bytes]]:
+    """One heat map per site with confusion counts, and one for all sites."""
+    cms = confusion_matrices(entry, list(names) if names is not None else None)
+    out = []
+    for i, (site, mat) in enumerate(cms.items()):
+        labels = (
+            list(names)[: mat.shape[0]]
+            if names is not None and len(names) >= mat.shape[0]
+            else [str(k) for k in range(mat.shape[0])]
+        )
+        png = plots.heatmap(
+            mat,
+            labels,
+            labels,
+            f"confusion: {site}",
+            "predicted",
+            "true",
+            ".0f",
+            "Blues",
+        )
+        out.append((f"confusion-{i}.png", png))
+    return out
+
+
+def _samples(samples: list) -> list[tuple[str, bytes]]:
+    """The simulation's sample slices (phantom data only)."""
+    return [
+        (
+            f"sample-{i}.png",
+            plots.sample_slice(
+                s.image,
+                s.truth,
+                s.pred,
+                f"{s.site} (phantom): red = model"
+                + (", green = reference" if s.truth is not None else ""),
+            ),
+        )
+        for i, s in enumerate(samples)
+    ]
+
+
+def comparison_heatmap(path: Path) -> bytes:
+    """Model x site heat map of ``comparison.json``'s headline metric."""
+    comp = json.loads(path.read_text())
+    metric = comp["metric"]
+    models, sites = list(comp["models"]), list(comp["sites"])
+    values = comp["values"]
+    mat = np.array(
+        [
+            [
+                float(values.get(m, {}).get(s, {}).get(metric, math.nan) or math.nan)
+                for s in sites
+            ]
+            for m in models
+        ]
+    )
+    return plots.heatmap(mat, models, sites, f"{metric}: model x site", "site", "model")
