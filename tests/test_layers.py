@@ -141,3 +141,74 @@ def test_the_bundle_a_hospital_approves_holds_no_simulation_code(tmp_path):
     assert not tops & {"sim", "cli", "tests", "benchmarks", "docs"}, sorted(tops)
     # the apps the bundle names load from the bundle alone
     assert "client/app.py" in names and "server/app.py" in names
+
+
+# Modules allowed to import Flower, and why (docs/architecture.md, "Flower only
+# where Flower is the point"). A new entry needs a reason there.
+FLOWER_MODULES = {
+    # the two apps and the extra message rounds the ServerApp sends on the Grid
+    "client.app",
+    "server.app",
+    "server.preprocessing_round",
+    "server.finetune",
+    # the strategy wrapper: a Flower Strategy reading Flower's replies in place
+    "server.strategy.wrapper",
+    "server.strategy.aggregators",
+    "server.strategy.round_sites",
+    "server.strategy.reply_filter",
+    "server.strategy.guard",
+    "server.strategy.updates",
+    "server.strategy.capped_mean",
+    "server.strategy.replies",
+    # the site's gate and executor wrap Flower's ClientApp runner and SuperExec
+    "client.gate",
+    "client.executor",
+    # packing a model into an ArrayRecord, inside functions only
+    "common.wire",
+    # launchers: Flower's migration chain; the bundle's files as flwr builds them
+    "server.superlink_db",
+    "sim.runner",
+}
+
+
+def _type_checking_only(tree: ast.AST) -> set[int]:
+    """ids of the import nodes under ``if TYPE_CHECKING:`` (never run)."""
+    skip = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skip |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
+    return skip
+
+
+def _flower_importers() -> set[str]:
+    """Modules that import Flower when they run (anywhere in their body)."""
+    out = set()
+    for name, path in _modules().items():
+        tree = ast.parse(path.read_text(), str(path))
+        skip = _type_checking_only(tree)
+        for node in ast.walk(tree):
+            if id(node) in skip:
+                continue
+            if isinstance(node, ast.Import):
+                roots = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                roots = [(node.module or "").split(".")[0]]
+            else:
+                continue
+            if "flwr" in roots:
+                out.add(name)
+    return out
+
+
+def test_flower_is_imported_only_where_flower_is_the_point():
+    importers = _flower_importers()
+    assert importers - FLOWER_MODULES == set(), "document why in architecture.md"
+    # the list stays true: an entry that no longer imports Flower goes too
+    assert FLOWER_MODULES - importers == set()
+
+
+def test_the_report_side_of_the_coordinator_is_flower_free():
+    importers = _flower_importers()
+    reporting = {m for m in _modules() if m.startswith("server.reporting")}
+    assert reporting, "server/reporting/ is where the report lives"
+    assert importers & reporting == set()
