@@ -6,7 +6,7 @@ For each (K, P) it times, side by side in this run:
   on Flower ``Message`` replies: the refusal filter, the update guard (keys,
   shapes, dtypes, NaN/Inf, the norm of every update) and FedAvg's case-weighted
   mean, the guard and the mean in one chunked pass over each update's bytes
-  (``server/updates.py``), and the result serialised into a Flower ArrayRecord;
+  (``server/strategy/updates.py``), and the result serialised into a Flower ArrayRecord;
 - ``numpy``: a plain case-weighted mean of the same arrays
   (``sum(w_k * x_k) / sum(w_k)``), the lower bound any framework pays;
 - ``copy``: one memory copy of all K updates (``np.copyto``), i.e. the machine's
@@ -41,7 +41,7 @@ from harness import (
 if TYPE_CHECKING:
     from flwr.app import Message
 
-    from server.strategy import SiteAwareStrategy
+    from server.strategy.wrapper import SiteAwareStrategy
 
 COLUMNS = [
     Column("K", "sites", width=4),
@@ -98,8 +98,8 @@ def _reply(node: int, state: dict[str, np.ndarray], n: float) -> Message:
 
 def _wrapper(reference: object) -> SiteAwareStrategy:
     """The coordinator's FedAvg wrapper, its update guard set to ``reference``."""
-    from server.aggregators import build_strategy
-    from server.strategy import SiteAwareStrategy
+    from server.strategy.aggregators import build_strategy
+    from server.strategy.wrapper import SiteAwareStrategy
 
     strategy = SiteAwareStrategy(
         build_strategy("fedavg", min_sites=1, fraction_evaluate=0.0),

@@ -90,7 +90,7 @@ def phantom_site(
     small, so they release aggregates over a single validation case (their
     explicit choice; the default floor is 5 patients).
     """
-    from sim.phantoms.io import write_site
+    from sim.phantoms.kits_writer import write_site
     from sim.phantoms.profiles import load_profile
 
     root = data_root or work / "data" / name

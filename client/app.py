@@ -1,9 +1,9 @@
 """The site's Flower ClientApp: ``train``, ``evaluate``, fine-tune, fingerprint.
 
 Each handler hands its message to :func:`answer`, which turns it into a
-Flower-free :class:`client.rounds.Request`, lets the round code answer it
+Flower-free :class:`client.prepare.Request`, lets the round code answer it
 (``client/train_round.py``, ``client/evaluate_round.py``, after the one
-preparation step of ``client/rounds.py``) and packs the answer into the reply.
+preparation step of ``client/prepare.py``) and packs the answer into the reply.
 Only model arrays and aggregate metrics leave through these replies, each
 listed in docs/privacy.md with what protects it. Every failure of every request
 is answered the same way: a stable code and a fixed sentence
@@ -30,8 +30,8 @@ from flwr.clientapp import ClientApp
 
 from client.evaluate_round import evaluate_round, fingerprint_round
 from client.gate import governed, refusal
+from client.prepare import Reply, Request, site_config_path, site_name
 from client.refusals import REFUSALS, public_sentence, refusal_code
-from client.rounds import Reply, Request, site_config_path, site_name
 from client.train_round import train_round
 from common import wire
 from common.config import Plan
@@ -42,7 +42,7 @@ app = ClientApp()
 
 
 def site_yaml(context: Context, plan: Plan) -> Path:
-    """This node's site YAML (:func:`client.rounds.site_config_path`)."""
+    """This node's site YAML (:func:`client.prepare.site_config_path`)."""
     return site_config_path(context.node_config, plan)
 
 

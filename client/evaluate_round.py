@@ -13,8 +13,8 @@ import logging
 import time
 from typing import Any
 
+from client.prepare import Reply, Request, Round, prepare, setup
 from client.refusals import Declined
-from client.rounds import Reply, Request, Round, prepare, setup
 from client.tasks.segmentation.cases import load_site_cases, raw_volumes
 from client.timings import record_timing
 from common import wire

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import yaml
 
-from common.config import ConfigError, SiteConfig, load_site_config
+from common.atomic import atomic_write_text
+from common.config import SiteConfig, load_site_config
 from common.site_config import SHA256_HEX
 
 log = logging.getLogger(__name__)
@@ -117,14 +118,13 @@ def approve(site_yaml: str | Path, bundle: str | Path) -> tuple[str, bool]:
             site.source,
         )
         edited = yaml.safe_dump(doc, sort_keys=False)
-    tmp = site.source.with_name(f".{site.source.name}.approve")
-    tmp.write_text(edited)
+    check = site.source.with_name(f".{site.source.name}.approve")
+    check.write_text(edited)  # validated as a file, then written atomically
     try:
-        load_site_config(tmp)
-    except ConfigError:
-        tmp.unlink()
-        raise
-    tmp.replace(site.source)
+        load_site_config(check)
+    finally:
+        check.unlink(missing_ok=True)
+    atomic_write_text(site.source, edited)
     return digest, True
 
 

@@ -1,6 +1,6 @@
 """A train or fine-tune round at the site, one job per function.
 
-After :func:`client.rounds.prepare`: the steps the round runs, the privacy
+After :func:`client.prepare.prepare`: the steps the round runs, the privacy
 spend for exactly those steps (before training: :mod:`client.privacy.ledger`),
 the seed of what may be reproducible, local training, the export of the
 update (refusing NaN/Inf), the site's timing line and the reply's metrics. A
@@ -22,10 +22,10 @@ import torch
 
 from client.evaluate_round import validation_metrics
 from client.local_state import keep_norm_local, save_fine_tuned
+from client.prepare import Reply, Request, Round, prepare
 from client.privacy.accounting import poisson_schedule
 from client.privacy.dpsgd import DPSpec
 from client.privacy.ledger import LedgerEntry, PrivacyLedger
-from client.rounds import Reply, Request, Round, prepare
 from client.timings import record_timing
 from client.train import TrainStats, local_train
 from common import wire

@@ -23,7 +23,7 @@ from pydantic import (
 
 from common.config_base import ConfigError, _explain, _numbers, _triple
 
-# Flower's own strategies a plan may name (server/aggregators.py builds them).
+# Flower's own strategies a plan may name (server/strategy/aggregators.py builds them).
 StrategyName = Literal[
     "fedavg",
     "fedprox",
@@ -40,7 +40,7 @@ StrategyName = Literal[
 
 
 # The momentum of the plan's ``optimizer = "sgd"`` at every site; the
-# coordinator's update guard predicts DP noise with it (server/influence.py).
+# coordinator's update guard predicts DP noise with it (server/strategy/influence.py).
 SGD_MOMENTUM = 0.9
 
 

@@ -2,7 +2,7 @@
 
 Validates the plan, finds where the run starts (``server/run_start.py``),
 waits for the sites, runs Flower's strategy wrapped by
-:class:`server.strategy.SiteAwareStrategy` with a checkpoint at every round's
+:class:`server.strategy.wrapper.SiteAwareStrategy` with a checkpoint at every round's
 end (``server/round_end.py``), and at the end writes the final model, the
 report and a per-site summary.
 """
@@ -22,19 +22,19 @@ from common.atomic import atomic_write_json
 from common.config import Plan, load_plan
 from common.logs import setup_logging
 from common.scans import SEEN_SCANS_KEY
-from server.aggregators import build_strategy, strategy_options
 from server.checkpoint import save_checkpoint
 from server.deliver import deliver
 from server.finetune import run_fine_tune
-from server.influence import LocalTraining
-from server.live_report import LiveReport, live_report
 from server.liveness import LivenessGrid, SitesGone, wait_for_sites
 from server.preprocessing_round import federated_preprocessing, preprocessing_config
-from server.report import read_metrics, summary_table
+from server.reporting.live_report import LiveReport, live_report
+from server.reporting.metrics_log import read_metrics, summary_table
+from server.reporting.status import ProgressGrid, RunStatus
 from server.round_end import RoundEnd, RunMeta
 from server.run_start import StartPoint, start_point
-from server.status import ProgressGrid, RunStatus
-from server.strategy import SiteAwareStrategy
+from server.strategy.aggregators import build_strategy, strategy_options
+from server.strategy.influence import LocalTraining
+from server.strategy.wrapper import SiteAwareStrategy
 
 log = logging.getLogger("kidneyfl.server")
 app = ServerApp()

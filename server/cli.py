@@ -9,8 +9,8 @@ from server.deliver import SamplesFn
 
 
 def _status(args: argparse.Namespace) -> int:
-    from server.report import read_metrics, round_line, summary_table
-    from server.status import progress_text, read_status, status_line
+    from server.reporting.metrics_log import read_metrics, round_line, summary_table
+    from server.reporting.status import progress_text, read_status, status_line
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
@@ -34,7 +34,7 @@ def _status(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from server.deliver import report
-    from server.report import read_metrics, round_line, summary_table
+    from server.reporting.metrics_log import read_metrics, round_line, summary_table
 
     entries = read_metrics(Path(args.run_dir))
     if not entries:

@@ -49,7 +49,7 @@ def _connect(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from server.site_status import coordinator_status
+    from server.reporting.site_status import coordinator_status
 
     if args.run_dir is None and args.connection is None:
         raise ValueError(

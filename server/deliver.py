@@ -13,9 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from server.export import export_model
-from server.report import read_metrics
-from server.report_html import write_report
-from server.tensorboard_log import write_events
+from server.reporting.html import write_report
+from server.reporting.metrics_log import read_metrics
+from server.reporting.tensorboard_log import write_events
 
 log = logging.getLogger("kidneyfl.server")
 

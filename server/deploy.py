@@ -23,6 +23,8 @@ from pathlib import Path
 
 import tomli_w
 
+from common.atomic import atomic_write_text
+
 STATE_DB = "superlink.db"  # the SuperLink's database, in the --state folder
 
 
@@ -101,8 +103,5 @@ def write_connection(
     links[name] = entry
     if default or "default" not in links:
         links["default"] = name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".toml.tmp")
-    tmp.write_text(tomli_w.dumps(config))
-    tmp.replace(path)
+    atomic_write_text(path, tomli_w.dumps(config))
     return path

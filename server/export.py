@@ -8,6 +8,7 @@ the patch size for sliding-window inference, and the output classes.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import warnings
@@ -52,7 +53,7 @@ def export_model(checkpoint: Path, out_dir: Path | None = None) -> dict[str, Pat
     example = torch.zeros((1, 1, *plan.patch_size), dtype=torch.float32)
     path = out_dir / TORCHSCRIPT_NAME
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".{TORCHSCRIPT_NAME}.tmp"
+    buf = io.BytesIO()
     with warnings.catch_warnings():
         # torch 2.13 marks TorchScript deprecated; it still loads everywhere
         # without Python model code, which is what hospitals' tools need.
@@ -64,8 +65,8 @@ def export_model(checkpoint: Path, out_dir: Path | None = None) -> dict[str, Pat
             log.info("torch.jit.script failed (%s); tracing instead", exc)
             with torch.no_grad():
                 scripted = torch.jit.trace(model, example, check_trace=False)
-        torch.jit.save(scripted, str(tmp))
-    tmp.replace(path)
+        torch.jit.save(scripted, buf)
+    atomic_write_bytes(path, buf.getvalue())
     description = _describe(meta, plan.task)
     prep_path = out_dir / PREPROCESSING_NAME
     atomic_write_bytes(prep_path, json.dumps(description, indent=2).encode())

@@ -5,7 +5,7 @@ After the federated rounds, every site is sent the final global model in a
 accounted in its ledger like any round), keeps the fine-tuned model in its
 ``state_dir``, and answers with that model's validation metrics only. Nothing
 is aggregated; the coordinator writes the per-site results to
-``fine-tune.json`` beside the run. Like server/strategy.py this module talks
+``fine-tune.json`` beside the run. Like server/strategy/wrapper.py this module talks
 Flower's Message API, because it sends one round of its own.
 """
 

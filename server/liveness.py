@@ -1,9 +1,9 @@
 """Deadlines for sites that are slow to connect or have gone.
 
-Flower 1.41's strategies wait for ``min_available_nodes`` online nodes with no
-deadline (``sample_nodes`` loops forever), and its SuperLink marks a dead node
-offline only after two missed 30 s heartbeats. The coordinator therefore keeps
-its own clock:
+Flower's strategies (1.41 and 1.42) wait for ``min_available_nodes`` online
+nodes with no deadline (``sample_nodes`` loops forever), and its SuperLink
+marks a dead node offline only after two missed 30 s heartbeats. The
+coordinator therefore keeps its own clock:
 
 - before round 1, :func:`wait_for_sites` waits up to ``site-wait-timeout`` for
   the expected sites, then starts with those present if the plan's minimum is

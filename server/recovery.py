@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 
 from common.atomic import atomic_write_bytes
-from server.report import METRICS_FILE, read_metrics
+from server.reporting.metrics_log import METRICS_FILE, read_metrics
 
 log = logging.getLogger("kidneyfl.server")
 

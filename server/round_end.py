@@ -24,10 +24,10 @@ from common.artifacts import PREPROCESSING_KEY
 from common.config import Plan
 from common.scans import SEEN_SCANS_KEY
 from server.checkpoint import INITIAL_KEY, MAX_EPSILON_SPENT_KEY, save_checkpoint
-from server.live_report import LiveReport
-from server.report import append_metrics, round_entry, round_line
-from server.rounds import RoundRecord
-from server.status import RunStatus
+from server.reporting.live_report import LiveReport
+from server.reporting.metrics_log import append_metrics, round_entry, round_line
+from server.reporting.round_record import RoundRecord
+from server.reporting.status import RunStatus
 
 log = logging.getLogger("kidneyfl.server")
 
@@ -67,7 +67,7 @@ class RunMeta:
 
 
 class RoundEnd:
-    """The ``on_round_end`` callback of :class:`server.strategy.SiteAwareStrategy`.
+    """The ``on_round_end`` callback of the strategy wrapper (``SiteAwareStrategy``).
 
     Parameters
     ----------

@@ -55,7 +55,7 @@ def write_canaries(
     label (2 tumour or 3 cyst) come from the canary's seed, not from the
     inclusion coin.
     """
-    from sim.phantoms.io import _save_nifti
+    from sim.phantoms.kits_writer import _save_nifti
     from sim.phantoms.profiles import DEFAULT_SCALE, load_profile
 
     if site.phantom is None:

@@ -85,7 +85,7 @@ def audit_finish(run_dir: Path) -> str:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from server.report import read_metrics, summary_table
+    from server.reporting.metrics_log import read_metrics, summary_table
     from sim.runner import simulate
 
     kinds = [k for k in (args.baselines or "").split(",") if k]
@@ -128,7 +128,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _phantom(args: argparse.Namespace) -> int:
-    from sim.phantoms.io import write_site
+    from sim.phantoms.kits_writer import write_site
     from sim.phantoms.profiles import DEFAULT_SCALE, load_profile
 
     profile = load_profile(args.site_profile)

@@ -1,6 +1,6 @@
 """Local simulation: the whole federation on one machine through `flwr run`.
 
-Flower 1.41's managed local SuperLink outlives `flwr run` and listens on fixed
+Flower's managed (1.41, 1.42) local SuperLink outlives `flwr run` and listens on fixed
 ports, so kidneyfl starts its own simulation SuperLink on free loopback ports,
 with runtime dependency installation disabled (otherwise Flower would `uv sync`
 a CUDA build of torch), points a private ``FLWR_HOME`` at it, runs the app, and
@@ -25,7 +25,7 @@ import tomli_w
 
 from common.config import SiteConfig, load_plan, load_site_config
 from common.runtime import flower_process_env
-from server.console import RunConsole, banner
+from server.reporting.console import RunConsole, banner
 from sim.superlink import (
     CONNECTION,
     SimulationError,

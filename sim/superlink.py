@@ -40,7 +40,7 @@ class SuperLink:
     """A simulation SuperLink this process started and must stop."""
 
     process: subprocess.Popen
-    http_port: int  # Fleet, Control and Runtime APIs share this port in 1.41
+    http_port: int  # Fleet, Control and Runtime APIs share this port in 1.41 and 1.42
 
     def stop(self, timeout: float = 20.0) -> None:
         """Stop the SuperLink and every process it started, by PID.

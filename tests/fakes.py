@@ -31,11 +31,11 @@ from flwr.app.metadata import Metadata
 
 from common import wire
 from common.config import Plan
-from server.aggregators import build_strategy, strategy_options
-from server.report import append_metrics, round_entry
-from server.rounds import RoundRecord
-from server.strategy import SiteAwareStrategy
-from sim.phantoms.io import write_site
+from server.reporting.metrics_log import append_metrics, round_entry
+from server.reporting.round_record import RoundRecord
+from server.strategy.aggregators import build_strategy, strategy_options
+from server.strategy.wrapper import SiteAwareStrategy
+from sim.phantoms.kits_writer import write_site
 from sim.phantoms.profiles import load_profile
 
 TINY_SCALE = 5.0  # coarse voxels: a case is a few thousand voxels

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from common.config import SiteConfig
-from sim.phantoms.io import write_site
+from sim.phantoms.kits_writer import write_site
 from sim.phantoms.profiles import DEFAULT_SCALE, load_profile
 from sim.phantoms.slices import write_cls_site_from_config
 

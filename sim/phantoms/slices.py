@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from common.config import SiteConfig
-from sim.phantoms.io import _atomic_write, _save_nifti, case_seed
+from sim.phantoms.kits_writer import _atomic_write, _save_nifti, case_seed
 from sim.phantoms.profiles import PHANTOM_VERSION, SiteProfile, load_profile
 
 logger = logging.getLogger(__name__)

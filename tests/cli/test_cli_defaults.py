@@ -13,10 +13,10 @@ import pytest
 
 from cli.main import build_parser
 from cli.main import main as kidneyfl
-from server.report import append_metrics, round_entry
-from server.rounds import RoundRecord
-from server.site_status import coordinator_status, format_rows, site_rows
-from server.status import RunStatus
+from server.reporting.metrics_log import append_metrics, round_entry
+from server.reporting.round_record import RoundRecord
+from server.reporting.site_status import coordinator_status, format_rows, site_rows
+from server.reporting.status import RunStatus
 from tests.fakes import write_site_yaml
 
 

@@ -178,7 +178,7 @@ def test_site_audit_privacy_writes_a_local_report(tmp_path, capsys):
 # -- black-box canary patients for `kidneyfl simulate --audit-canaries N` ------------
 def test_canary_patients_join_training_only_when_their_coin_says_so(tmp_path):
     from client.tasks.segmentation.cases import load_site_cases
-    from server.report import read_metrics
+    from server.reporting.metrics_log import read_metrics
     from sim.canary_cases import prepare_canary_sites
     from sim.cli import audit_finish
 
@@ -246,7 +246,7 @@ def test_classification_loss_is_one_number_per_patient():
 
 
 def test_report_shows_the_canary_audit_when_one_ran(tmp_path):
-    from server.report_html import write_report
+    from server.reporting.html import write_report
     from tests.fakes import write_run
 
     run = write_run(tmp_path)

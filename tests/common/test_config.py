@@ -45,7 +45,7 @@ def test_bad_value_is_named(tmp_path):
 def test_cpu_threads_are_validated_and_limit_torch(tmp_path):
     import torch
 
-    from client.rounds import apply_cpu_threads
+    from client.prepare import apply_cpu_threads
 
     with pytest.raises(ConfigError, match="cpu_threads"):
         load_site_config(_write(tmp_path, dict(GOOD, cpu_threads=0)))

@@ -150,7 +150,7 @@ def test_false_positives_are_scored_on_cases_without_the_region():
 
 
 def test_site_means_are_weighted_by_the_cases_they_describe():
-    from server.rounds import weighted_eval_means
+    from server.reporting.round_record import weighted_eval_means
 
     sites = {
         "a": {

@@ -14,7 +14,7 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from common import wire
 from common.models import build_model
-from server.updates import check_update
+from server.strategy.updates import check_update
 
 
 @pytest.mark.parametrize("name", ["unet-tiny", "resnet-tiny"])

@@ -9,7 +9,7 @@ from server.checkpoint import (
     max_epsilon_spent,
     save_checkpoint,
 )
-from server.report import append_metrics, read_metrics
+from server.reporting.metrics_log import append_metrics, read_metrics
 
 
 def _state(v: float) -> OrderedDict:
@@ -127,9 +127,9 @@ def test_round_end_checkpoints_the_round_and_names_the_epsilon_spent(tmp_path):
     from types import SimpleNamespace
 
     from common.config import Plan
+    from server.reporting.round_record import RoundRecord
+    from server.reporting.status import RunStatus
     from server.round_end import RoundEnd, RunMeta
-    from server.rounds import RoundRecord
-    from server.status import RunStatus
 
     rec = RoundRecord(round=1, aggregated=True)
     for site, eps in (("a", 1.5), ("b", 2.5)):

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from common.logs import quiet_dependency_warnings
-from server.console import RunConsole, banner, normalise
-from server.report import append_metrics, round_entry
-from server.rounds import RoundRecord
-from server.status import ProgressGrid, RunStatus, progress_text, read_status
+from server.reporting.console import RunConsole, banner, normalise
+from server.reporting.metrics_log import append_metrics, round_entry
+from server.reporting.round_record import RoundRecord
+from server.reporting.status import ProgressGrid, RunStatus, progress_text, read_status
 
 # Real lines of `flwr run --stream` (Flower 1.41): each Flower record twice.
 STREAM = [
@@ -163,7 +163,7 @@ def test_banner_names_run_plan_sites_privacy_and_where_results_go(tmp_path):
 
 @pytest.mark.parametrize("state", ["finished", "stopped"])
 def test_report_stops_reloading_when_the_run_ends(tmp_path, state):
-    from server.report_html import write_report
+    from server.reporting.html import write_report
 
     run = tmp_path / "run"
     append_metrics(run, _entry(1))
@@ -176,7 +176,7 @@ def test_report_stops_reloading_when_the_run_ends(tmp_path, state):
 
 
 def test_report_before_the_first_round_says_it_is_waiting(tmp_path):
-    from server.report_html import write_report
+    from server.reporting.html import write_report
 
     RunStatus(Path(tmp_path), rounds_total=3).update(state="waiting-for-sites")
     page = write_report(tmp_path).read_text()
@@ -184,7 +184,7 @@ def test_report_before_the_first_round_says_it_is_waiting(tmp_path):
 
 
 def test_live_report_rewrites_beside_the_round_loop(tmp_path):
-    from server.live_report import LiveReport
+    from server.reporting.live_report import LiveReport
 
     run = tmp_path / "run"
     append_metrics(run, _entry(1))

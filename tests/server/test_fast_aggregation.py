@@ -10,10 +10,10 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from common import wire
-from server import updates
-from server.aggregators import build_strategy
-from server.strategy import SiteAwareStrategy
-from server.updates import check_update, update_norm
+from server.strategy import updates
+from server.strategy.aggregators import build_strategy
+from server.strategy.updates import check_update, update_norm
+from server.strategy.wrapper import SiteAwareStrategy
 from tests.fakes import FiveNodeGrid, forbid_flower_mean, train_reply
 
 pytestmark = pytest.mark.usefixtures("task_identity")

@@ -8,7 +8,7 @@ import pytest
 
 from server.liveness import LivenessGrid, SitesGone, wait_for_sites
 from server.recovery import reconcile_metrics
-from server.report import append_metrics, read_metrics
+from server.reporting.metrics_log import append_metrics, read_metrics
 
 
 class FakeGrid:

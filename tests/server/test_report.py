@@ -15,11 +15,11 @@ from PIL import Image
 
 from common.config import Plan
 from common.task_models import build_plan_model
-from server.report import round_entry, round_line
-from server.report_figures import confusion_matrices
-from server.report_html import write_report
-from server.rounds import RoundRecord
-from server.tensorboard_log import write_events
+from server.reporting.figures import confusion_matrices
+from server.reporting.html import write_report
+from server.reporting.metrics_log import round_entry, round_line
+from server.reporting.round_record import RoundRecord
+from server.reporting.tensorboard_log import write_events
 from sim.samples import is_phantom_site, phantom_samples
 from tests.fakes import RUN_SITES, round_record, write_run, write_site_yaml
 
@@ -95,7 +95,7 @@ def test_tensorboard_event_files_hold_the_scalars(tmp_path):
     )
 
     run = write_run(tmp_path, rounds=2)
-    from server.report import read_metrics
+    from server.reporting.metrics_log import read_metrics
 
     out = write_events(run, read_metrics(run))
     acc = EventAccumulator(str(out))
@@ -140,7 +140,7 @@ def test_report_command_prints_lines_and_writes_html(tmp_path, capsys):
 
 
 def test_classification_rounds_report_balanced_accuracy_not_dice():
-    from server.report import summary_table
+    from server.reporting.metrics_log import summary_table
 
     rec = RoundRecord(round=1)
     rec.evaluate = {
@@ -182,7 +182,7 @@ def test_confusion_matrix_from_class_named_keys():
 
 
 def test_round_line_says_when_a_site_withholds_and_shows_tumour_false_positives():
-    from server.report import round_line
+    from server.reporting.metrics_log import round_line
 
     entry = {
         "round": 3,

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from server.report import append_metrics, round_entry
-from server.report_html import write_report
-from server.rounds import RoundRecord
-from server.status import RunStatus
+from server.reporting.html import write_report
+from server.reporting.metrics_log import append_metrics, round_entry
+from server.reporting.round_record import RoundRecord
+from server.reporting.status import RunStatus
 
 CHROMIUM = next(
     (

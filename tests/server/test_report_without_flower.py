@@ -18,10 +18,10 @@ SCRIPT = """
 import argparse, json, sys
 from pathlib import Path
 
-import server.cli, server.deliver, server.plots, server.report
-import server.report_html, server.rounds, server.status
-from server.report import append_metrics, round_entry
-from server.rounds import RoundRecord
+import server.cli, server.deliver, server.reporting.plots, server.reporting.metrics_log
+import server.reporting.html, server.reporting.round_record, server.reporting.status
+from server.reporting.metrics_log import append_metrics, round_entry
+from server.reporting.round_record import RoundRecord
 
 run = Path(sys.argv[1])
 for r in (1, 2):

@@ -13,10 +13,10 @@ from flwr.serverapp.strategy import FedAvg
 
 from common import wire
 from common.config import Plan
-from server.aggregators import build_strategy
-from server.influence import LocalTraining, capped_shares
-from server.report import round_entry
-from server.strategy import SiteAwareStrategy
+from server.reporting.metrics_log import round_entry
+from server.strategy.aggregators import build_strategy
+from server.strategy.influence import LocalTraining, capped_shares
+from server.strategy.wrapper import SiteAwareStrategy
 from tests.fakes import FiveNodeGrid, fake_arrays, fake_reply, forbid_flower_mean
 
 pytestmark = pytest.mark.usefixtures("task_identity")

@@ -12,9 +12,9 @@ from torch.utils.data import TensorDataset
 
 from client.train import local_train
 from common.config import Plan, StrategyName
-from server.aggregators import build_strategy
 from server.checkpoint import load_checkpoint, load_server_state, save_checkpoint
-from server.strategy import SiteAwareStrategy
+from server.strategy.aggregators import build_strategy
+from server.strategy.wrapper import SiteAwareStrategy
 from tests.fakes import FiveNodeGrid, fake_arrays, train_reply, wrap_strategy
 
 pytestmark = pytest.mark.usefixtures("task_identity")

@@ -11,10 +11,10 @@ from flwr.app import (
 )
 
 from common import wire
-from server.aggregators import build_strategy
-from server.rounds import RoundRecord
-from server.strategy import SiteAwareStrategy
-from server.updates import check_update
+from server.reporting.round_record import RoundRecord
+from server.strategy.aggregators import build_strategy
+from server.strategy.updates import check_update
+from server.strategy.wrapper import SiteAwareStrategy
 from tests.fakes import FiveNodeGrid, fake_arrays, fake_reply, train_reply
 
 pytestmark = pytest.mark.usefixtures("task_identity")

@@ -11,7 +11,7 @@ import pytest
 from scipy import ndimage
 
 from sim.phantoms.ct import generate_case
-from sim.phantoms.io import case_seed, write_site
+from sim.phantoms.kits_writer import case_seed, write_site
 from sim.phantoms.profiles import (
     DEFAULT_SCALE,
     IMAGE_NAME,

@@ -20,8 +20,8 @@ import threading
 from pathlib import Path
 from typing import IO, Any
 
-from server.report import read_metrics, round_line
-from server.status import progress_text, read_status
+from server.reporting.metrics_log import read_metrics, round_line
+from server.reporting.status import progress_text, read_status
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 _LEVELS = "DEBUG|INFO|WARNING|ERROR|CRITICAL"

@@ -2,7 +2,7 @@
 
 Built from ``metrics.jsonl`` entries, the run's ``plan.json`` (class names),
 ``comparison.json`` (local/pooled baselines, when present) and sample slices a
-simulation passes in; drawn by ``server/plots.py``. No Flower here.
+simulation passes in; drawn by ``server/reporting/plots.py``. No Flower here.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from common import wire
-from server import plots
+from server.reporting import plots
 
 COMPARISON_FILE = "comparison.json"
 _CM_KEY = re.compile(r"^cm-([a-z0-9_]+)-([a-z0-9_]+)$")

@@ -3,7 +3,7 @@
 No site's share of a case-weighted aggregate is more than ``max_site_weight``,
 whatever ``num-examples`` it claims: the inner strategy sees the capped shares
 as ``num-examples`` (the round record keeps the claims), and metric records cut
-to the keys every accepted reply carries (``server.replies.for_inner``).
+to the keys every accepted reply carries (``server.strategy.replies.for_inner``).
 
 For FedAvg and FedProx, whose aggregate is exactly the case-weighted mean plus
 ``train_metrics_aggr_fn`` (FedProx only adds a config value), the mean comes
@@ -33,11 +33,11 @@ from flwr.serverapp.strategy import (
 from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consistency
 
 from common import wire
-from server.aggregators import base_strategy
-from server.guard import Accepted
-from server.replies import for_inner, part, records_of
-from server.rounds import RoundRecord
-from server.updates import scan_updates
+from server.reporting.round_record import RoundRecord
+from server.strategy.aggregators import base_strategy
+from server.strategy.guard import Accepted
+from server.strategy.replies import for_inner, part, records_of
+from server.strategy.updates import scan_updates
 
 # Strategies whose aggregate_train is exactly aggregate_arrayrecords' weighted
 # mean plus train_metrics_aggr_fn (FedProx only adds a config value).
@@ -69,7 +69,7 @@ class CappedMean:
         self.max_site_weight = max_site_weight
 
     def for_inner(self, msgs: list[Message]) -> tuple[list[Message], list[float]]:
-        """:func:`server.replies.for_inner` for the inner strategy."""
+        """:func:`server.strategy.replies.for_inner` for the inner strategy."""
         weighted = not isinstance(base_strategy(self.inner), _UNWEIGHTED)
         return for_inner(msgs, self.max_site_weight, weighted)
 

@@ -1,7 +1,7 @@
 """How far one site may move the global model: its share, and its update's size.
 
-Two bounds, applied by ``server/capped_mean.py`` (the cap) and
-``server/guard.py`` (the norm rule):
+Two bounds, applied by ``server/strategy/capped_mean.py`` (the cap) and
+``server/strategy/guard.py`` (the norm rule):
 
 - **the weight cap** (:func:`capped_shares`): the case-weighted shares of the
   round's updates (``num-examples`` / total) are capped at ``max-site-weight``,

@@ -21,8 +21,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from server.report import read_metrics
-from server.status import read_status
+from server.reporting.metrics_log import read_metrics
+from server.reporting.status import read_status
 
 
 class ListingError(RuntimeError):
@@ -145,7 +145,7 @@ def coordinator_status(
             lines.append(f"SuperLink {connection}: not reachable ({exc})")
     entries, names = [], {}
     if run_dir is not None:
-        from server.status import status_line
+        from server.reporting.status import status_line
 
         status = read_status(run_dir)
         entries = read_metrics(run_dir)

@@ -15,8 +15,8 @@ from typing import Any
 from flwr.app import ConfigRecord, Message
 
 from common import wire
-from server.replies import part
-from server.rounds import RoundRecord
+from server.reporting.round_record import RoundRecord
+from server.strategy.replies import part
 
 log = logging.getLogger("kidneyfl.server")
 

@@ -11,7 +11,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.app.message.message import make_message
 
 from common import wire
-from server.influence import capped_shares
+from server.strategy.influence import capped_shares
 
 __all__ = ["cast_like", "for_inner", "metrics_of", "part", "records_of"]
 

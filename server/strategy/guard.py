@@ -1,14 +1,14 @@
 """The update guard: what a site's update must be to enter the aggregate.
 
 An update whose arrays have missing or extra keys, other shapes or dtypes, or
-NaN/Inf is rejected (``server/updates.py`` reads each update once), and so is
+NaN/Inf is rejected (``server/strategy/updates.py`` reads each update once), and so is
 one whose distance from the global model (L2 norm of update - global) is more
 than ``norm_factor`` times the median of the round's other updates, more for a
-site whose DP noise predicts a larger update (``server/influence.py``). The
+site whose DP noise predicts a larger update (``server/strategy/influence.py``). The
 round goes on with the rest.
 
 For FedAvg and FedProx the same pass also computes the case-weighted mean
-(``server/capped_mean.py`` gives the weights), so the replies are decoded once.
+(``server/strategy/capped_mean.py`` gives the weights), so the replies are decoded once.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from flwr.app import Array, ArrayRecord, Message
 
 from common import wire
-from server.influence import LocalTraining, norm_outliers
-from server.refusals import Candidate
-from server.replies import part
-from server.rounds import RoundRecord
-from server.updates import scan_updates
+from server.reporting.round_record import RoundRecord
+from server.strategy.influence import LocalTraining, norm_outliers
+from server.strategy.replies import part
+from server.strategy.reply_filter import Candidate
+from server.strategy.updates import scan_updates
 
 log = logging.getLogger("kidneyfl.server")
 

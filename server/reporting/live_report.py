@@ -6,7 +6,7 @@ import logging
 import threading
 from pathlib import Path
 
-from server.report_html import write_report
+from server.reporting.html import write_report
 
 log = logging.getLogger("kidneyfl.server")
 

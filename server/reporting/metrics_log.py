@@ -11,7 +11,7 @@ from typing import Any
 
 from common import wire
 from common.metrics import KITS_REGIONS
-from server.rounds import RoundRecord, weighted_eval_means
+from server.reporting.round_record import RoundRecord, weighted_eval_means
 
 METRICS_FILE = "metrics.jsonl"
 

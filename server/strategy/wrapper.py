@@ -5,12 +5,12 @@ own DP wrappers do) and adds, without copying Flower's round loop:
 
 - refusals: a site that fails or refuses a round (privacy budget, unusable
   data), or claims no positive number of cases, is left out of aggregation,
-  and why is recorded (``server/refusals.py``; silent sites:
-  ``server/round_sites.py``);
-- the update guard (``server/guard.py``): malformed, non-finite and outlying
+  and why is recorded (``server/strategy/reply_filter.py``; silent sites:
+  ``server/strategy/round_sites.py``);
+- the update guard (``server/strategy/guard.py``): malformed, non-finite and outlying
   updates are rejected before aggregation; the round goes on with the rest,
   and is skipped (global model unchanged) if too few remain;
-- the weight cap (``server/capped_mean.py``): no site's share of a
+- the weight cap (``server/strategy/capped_mean.py``): no site's share of a
   case-weighted aggregate is more than ``max_site_weight``; FedAvg and FedProx
   take their mean from the guard's single pass over the updates;
 - rounds: the inner strategy sees the round counted across resumes (FedAdam's
@@ -33,14 +33,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from common import wire
-from server.aggregators import export_strategy_state, import_strategy_state
-from server.capped_mean import CappedMean
-from server.guard import UpdateGuard
-from server.influence import LocalTraining
-from server.refusals import record_evaluation, train_candidates
-from server.replies import cast_like
-from server.round_sites import RoundSites
-from server.rounds import RoundRecord, weighted_eval_means
+from server.reporting.round_record import RoundRecord, weighted_eval_means
+from server.strategy.aggregators import export_strategy_state, import_strategy_state
+from server.strategy.capped_mean import CappedMean
+from server.strategy.guard import UpdateGuard
+from server.strategy.influence import LocalTraining
+from server.strategy.replies import cast_like
+from server.strategy.reply_filter import record_evaluation, train_candidates
+from server.strategy.round_sites import RoundSites
 
 log = logging.getLogger("kidneyfl.server")
 

@@ -27,9 +27,9 @@ from typing import Any
 
 from common import wire
 from common.atomic import atomic_write_bytes
-from server.report import read_metrics
-from server.report_figures import report_figures, score_keys
-from server.status import LIVE_STATES, read_status, status_line
+from server.reporting.figures import report_figures, score_keys
+from server.reporting.metrics_log import read_metrics
+from server.reporting.status import LIVE_STATES, read_status, status_line
 
 log = logging.getLogger("kidneyfl.server")
 

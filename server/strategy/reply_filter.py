@@ -3,7 +3,7 @@
 A site that fails (an error reply), refuses (privacy budget, unusable data;
 ``refused`` in its metrics) or claims no positive number of training cases is
 left out of the round, and the round record says why. What is left goes on to
-the update guard (``server/guard.py``).
+the update guard (``server/strategy/guard.py``).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from collections.abc import Callable
 from flwr.app import Message
 
 from common import wire
-from server.replies import metrics_of
-from server.rounds import RoundRecord, refusal_text
+from server.reporting.round_record import RoundRecord, refusal_text
+from server.strategy.replies import metrics_of
 
 log = logging.getLogger("kidneyfl.server")
 

@@ -159,9 +159,9 @@ def build_strategy(
 
 
 # -- server optimiser state ---------------------------------------------------
-# Where Flower 1.41 keeps it: FedOpt (FedAdam, FedYogi, FedAdagrad) in ``m_t`` and
-# ``v_t`` (dicts of arrays by key); FedAvgM in ``momentum_vector`` (a list of
-# arrays in the model's key order). Other strategies keep none.
+# Where Flower keeps it (1.41 and 1.42): FedOpt (FedAdam, FedYogi, FedAdagrad)
+# in ``m_t`` and ``v_t`` (dicts of arrays by key); FedAvgM in ``momentum_vector``
+# (a list of arrays in the model's key order). Other strategies keep none.
 _DICT_STATE = ("m_t", "v_t")
 _LIST_STATE = ("momentum_vector",)
 
