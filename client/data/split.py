@@ -6,12 +6,16 @@
    ids; an id that is not a usable case is an error) when either is set, else
    by the manifest's ``split`` column. ``test`` rows are never trained or
    validated on. A patient with one pinned case goes where that case goes.
-3. When no patient is pinned to validation, the unpinned patients are split at
-   random with ``data.split_seed``: ``round(n x data.validation_fraction)``
-   patients per stratum (classification: a patient's most common class;
-   segmentation: one stratum), at least one when the fraction is above 0 and
-   at least one left to train. When some are pinned to validation, the
-   unpinned train.
+3. The YAML's lists are explicit: a site that lists ``data.train_cases``
+   trains on those and nothing else. Unlisted patients validate when only
+   ``train_cases`` is set, train when only ``validation_cases`` is set, and
+   are left out (neither trained nor validated) when both are set.
+4. Otherwise (the manifest's ``split`` column, or nothing), when no patient is
+   pinned to validation the unpinned patients are split at random with
+   ``data.split_seed``: ``round(n x data.validation_fraction)`` patients per
+   stratum (classification: a patient's most common class; segmentation: one
+   stratum), at least one when the fraction is above 0 and at least one left
+   to train. When some are pinned to validation, the unpinned train.
 
 A patient whose cases are pinned to both sides stays on both, so that
 :mod:`client.data.patients` names it and training refuses.
@@ -109,13 +113,19 @@ def split_by_patient(
             rest.append(group)
         for c in group:
             side[c.case_id] = pins[c.case_id] or pinned
-    if any(VALIDATION in s for s in side.values()):
-        chosen: set[str] = set()
+    unpinned = _unpinned_side(site)
+    if unpinned is None:
+        if any(VALIDATION in s for s in side.values()):
+            chosen: set[str] = set()
+        else:
+            chosen = _random_validation(rest, site, stratum or (lambda g: 0))
+        for group in rest:
+            for c in group:
+                side[c.case_id] = {VALIDATION if c.patient_id in chosen else TRAIN}
     else:
-        chosen = _random_validation(rest, site, stratum or (lambda g: 0))
-    for group in rest:
-        for c in group:
-            side[c.case_id] = {VALIDATION if c.patient_id in chosen else TRAIN}
+        for group in rest:
+            for c in group:
+                side[c.case_id] = unpinned
     train = [c for c in cases if TRAIN in side[c.case_id]]
     val = [c for c in cases if VALIDATION in side[c.case_id]]
     if not train:
@@ -124,6 +134,18 @@ def split_by_patient(
             "more cases, pin fewer to validation or lower data.validation_fraction"
         )
     return train, val
+
+
+def _unpinned_side(site: SiteConfig) -> set[str] | None:
+    """Where the YAML's lists send an unlisted patient; None: no lists."""
+    d = site.data
+    if d.train_cases is None and d.validation_cases is None:
+        return None
+    if d.train_cases is None:
+        return {TRAIN}
+    if d.validation_cases is None:
+        return {VALIDATION}
+    return set()  # both listed: the unlisted are left out
 
 
 def _pins(

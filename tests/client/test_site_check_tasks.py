@@ -13,6 +13,7 @@ from cli.main import main as kidneyfl
 from client.data.errors import SiteDataError
 from client.data.split import validation_count
 from client.readiness import check_site, format_check
+from client.tasks.classification.data import load_site_slices
 from client.tasks.registry import get_task, site_task
 from client.tasks.segmentation.cases import load_site_cases
 from common.config import load_site_config
@@ -183,3 +184,32 @@ def test_segmentation_keys_are_refused_by_classification(tmp_path):
     site = _edit(_cls_site(tmp_path), label_names={"lesion": "tumour"})
     with pytest.raises(SiteDataError, match="data.label_names maps segmentation"):
         _load("classification", site)
+
+
+@pytest.mark.parametrize("task", ["segmentation", "classification"])
+def test_the_yamls_lists_are_explicit_for_both_tasks(tmp_path, task):
+    """A site that lists data.train_cases trains on those and nothing else: an
+    unlisted patient is never trained on behind the site's back."""
+    site = _seg_site(tmp_path) if task == "segmentation" else _cls_site(tmp_path)
+    n = 6 if task == "segmentation" else 12
+    listed = ["case_00000", "case_00001"]
+
+    def sides() -> tuple[list[str], list[str]]:
+        config = load_site_config(site)
+        if task == "segmentation":
+            cases = load_site_cases(config)
+            train, val = cases.train, cases.validation
+        else:
+            train, val, _ = load_site_slices(config, cls_plan())
+        return sorted(c.case_id for c in train), sorted(c.case_id for c in val)
+
+    _edit(site, train_cases=listed)  # only training listed: the rest validate
+    train, val = sides()
+    assert train == listed and len(val) == n - 2 and not set(val) & set(listed)
+    _edit(site, train_cases=listed[:1], validation_cases=listed[1:])  # both: exact
+    assert sides() == (listed[:1], listed[1:])
+    doc = yaml.safe_load(site.read_text())
+    doc["data"].pop("train_cases")
+    site.write_text(yaml.safe_dump(doc))  # only validation listed: the rest train
+    train, val = sides()
+    assert val == listed[1:] and len(train) == n - 1
