@@ -119,70 +119,30 @@ def simulate(
     SimulationError
         If Flower fails or the run leaves no metrics.
     """
-    sites = [load_site_config(p) for p in site_paths]
-    names = [s.name for s in sites]
-    if len(set(names)) != len(names):
-        raise SimulationError(f"site names must be unique, got {names}")
+    sites = _load_sites(site_paths)
     prepare_phantoms(sites)
     out_dir = out_dir.resolve()
     run_dir = out_dir / run_name
-    run_config = default_plan()
-    run_config.update(overrides or {})
-    if run_config.get("initial-checkpoint"):  # the ServerApp runs elsewhere
-        initial = Path(str(run_config["initial-checkpoint"])).expanduser().resolve()
-        run_config["initial-checkpoint"] = str(initial)
-    run_config.update(
-        {
-            "sim-site-configs": ",".join(str(s.source) for s in sites),
-            "out-dir": str(out_dir),
-            "run-name": run_name,
-        }
-    )
+    run_config = _run_config(sites, run_name, out_dir, overrides)
     plan = load_plan(run_config, "simulation plan")  # fail here, not inside Flower
     run_dir.mkdir(parents=True, exist_ok=True)
     log_dir = run_dir / "logs"
     overrides_file = run_dir / "run-config.toml"
     overrides_file.write_text(tomli_w.dumps(run_config))
-
     flwr_home = (flwr_home or PROJECT_DIR / ".flwr-home").resolve()
     flwr_home.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    env.update(
-        FLWR_HOME=str(flwr_home),
-        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-        FLWR_DISABLE_UPDATE_CHECK="1",
-        RAY_DEDUP_LOGS="0",
-        PYTHONUNBUFFERED="1",
-        # flower-superlink spawns flower-superexec and flwr-simulation by name.
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-    )
-    flower_process_env(env)
-    gpus = _gpus_per_site()
-    if cpus_per_site is None:
-        cpus_per_site = default_cpus_per_site(len(sites), os.cpu_count() or 2)
-    fed = (
-        f"num-supernodes={len(sites)} client-resources-num-cpus={int(cpus_per_site)} "
-        f"client-resources-num-gpus={gpus} init-args-num-cpus={os.cpu_count() or 2} "
-        f'init-args-logging-level="ERROR"'
-    )
+    env = _flower_env(flwr_home)
+    fed = _federation_config(len(sites), cpus_per_site)
     link = start_superlink(flwr_home, env, log_dir)
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_exit) if in_main else None
     try:
         write_flwr_config(flwr_home, link.http_port)
-        cmd = [
-            bin_path("flwr"),
-            "run",
-            str(stage_app(flwr_home / "app")),
-            CONNECTION,
-            "--federation-config",
-            fed,
-            "--run-config",
-            str(overrides_file),
-        ]
         # Always `--stream`: it is what makes `flwr run` wait for the run to
         # end; the stream goes to the run's log and, filtered, to the terminal.
-        cmd.append("--stream")
+        cmd = [bin_path("flwr"), "run", str(stage_app(flwr_home / "app"))]
+        cmd += [CONNECTION, "--federation-config", fed]
+        cmd += ["--run-config", str(overrides_file), "--stream"]
         term = (out or sys.stdout) if stream else None
         with RunConsole(run_dir, log_dir / "flwr.log", term, verbose) as console:
             console.say(banner(run_dir, plan, sites, log_dir, bool(plan.resume)))
@@ -204,6 +164,67 @@ def simulate(
         )
     redraw_report(run_dir)
     return run_dir
+
+
+def _load_sites(site_paths: list[Path]) -> list[SiteConfig]:
+    """The site YAMLs, validated; names must be unique."""
+    sites = [load_site_config(p) for p in site_paths]
+    names = [s.name for s in sites]
+    if len(set(names)) != len(names):
+        raise SimulationError(f"site names must be unique, got {names}")
+    return sites
+
+
+def _run_config(
+    sites: list[SiteConfig],
+    run_name: str,
+    out_dir: Path,
+    overrides: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """The project's plan with the overrides and what the simulation sets."""
+    run_config = default_plan()
+    run_config.update(overrides or {})
+    if run_config.get("initial-checkpoint"):  # the ServerApp runs elsewhere
+        initial = Path(str(run_config["initial-checkpoint"])).expanduser().resolve()
+        run_config["initial-checkpoint"] = str(initial)
+    run_config.update(
+        {
+            "sim-site-configs": ",".join(str(s.source) for s in sites),
+            "out-dir": str(out_dir),
+            "run-name": run_name,
+        }
+    )
+    return run_config
+
+
+def _flower_env(flwr_home: Path) -> dict[str, str]:
+    """The environment of every Flower process: no runtime installs, no
+    update check, unbuffered, this interpreter's entry points first."""
+    env = dict(os.environ)
+    env.update(
+        FLWR_HOME=str(flwr_home),
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        RAY_DEDUP_LOGS="0",
+        PYTHONUNBUFFERED="1",
+        # flower-superlink spawns flower-superexec and flwr-simulation by name.
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
+    flower_process_env(env)
+    return env
+
+
+def _federation_config(n_sites: int, cpus_per_site: int | None) -> str:
+    """Flower's ``--federation-config``: one virtual node per site, the cores
+    (and GPUs) shared out among them."""
+    cores = os.cpu_count() or 2
+    if cpus_per_site is None:
+        cpus_per_site = default_cpus_per_site(n_sites, cores)
+    return (
+        f"num-supernodes={n_sites} client-resources-num-cpus={int(cpus_per_site)} "
+        f"client-resources-num-gpus={_gpus_per_site()} init-args-num-cpus={cores} "
+        f'init-args-logging-level="ERROR"'
+    )
 
 
 def redraw_report(run_dir: Path) -> None:
