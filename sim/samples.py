@@ -9,8 +9,10 @@ deployment the coordinator has no site YAML and no slice is ever made.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,4 +114,17 @@ def sample_slices(run_dir: Path) -> tuple[list[SampleSlice], list[str]]:
     state, _, eff_plan = load_model_dir(run_dir / "final")
     model = build_plan_model(eff_plan)
     import_state(model, state)
-    return phantom_samples(plan.site_config_paths, model, eff_plan)
+    with _quiet("client"):  # the sites' discovery lines are not the run's news
+        return phantom_samples(plan.site_config_paths, model, eff_plan)
+
+
+@contextlib.contextmanager
+def _quiet(name: str) -> Iterator[None]:
+    """Logger ``name`` at WARNING and above only, for the block."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(max(logging.WARNING, level))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
