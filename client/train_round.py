@@ -12,6 +12,7 @@ at the site. Flower-free.
 from __future__ import annotations
 
 import logging
+import math
 import time
 import zlib
 from collections import OrderedDict
@@ -29,6 +30,7 @@ from client.privacy.ledger import LedgerEntry, PrivacyLedger
 from client.timings import record_timing
 from client.train import TrainStats, local_train
 from common import wire
+from common.config import ConfigError
 from common.logs import log_request
 from common.models import get_model_spec
 from common.weights import export_state
@@ -38,10 +40,12 @@ log = logging.getLogger("kidneyfl.client")
 
 @dataclass(frozen=True)
 class Schedule:
-    """The optimiser steps a round runs, and how many make one epoch."""
+    """The optimiser steps a round runs, how many make one epoch, and the
+    learning rate they take."""
 
     steps: int
     steps_per_epoch: int
+    learning_rate: float
 
 
 def train_round(request: Request, fine_tune: bool) -> Reply:
@@ -64,13 +68,46 @@ def train_round(request: Request, fine_tune: bool) -> Reply:
 
 
 def round_schedule(r: Round, fine_tune: bool) -> Schedule:
-    """Steps as Opacus' Poisson loader runs them; fine-tuning's from the plan."""
+    """Steps as Opacus' Poisson loader runs them; fine-tuning's from the plan.
+
+    The rate is checked here, before any budget is spent on the round.
+    """
     _, per_epoch = poisson_schedule(r.data.n_train, r.plan.batch_size)
     if fine_tune:
         steps = int(r.config.get(wire.FINE_TUNE_STEPS, r.plan.fine_tune_steps))
     else:
         steps = per_epoch * r.plan.local_epochs
-    return Schedule(steps, per_epoch)
+    return Schedule(steps, per_epoch, round_learning_rate(r, fine_tune))
+
+
+def round_learning_rate(r: Round, fine_tune: bool) -> float:
+    """The round's learning rate: the coordinator's (``lr-schedule``) when it
+    sends one, else the plan's ``learning-rate``; fine-tuning uses the plan's.
+
+    The privacy accounting does not depend on it: epsilon follows from the
+    noise multiplier, the sampling rate and the steps, and the rate only scales
+    the clipped, noised gradient (post-processing).
+
+    Raises
+    ------
+    ConfigError
+        If the coordinator sent a rate that is not a positive finite number up
+        to 10 (the plan's own bounds); the site refuses the round.
+    """
+    sent = None if fine_tune else r.config.get(wire.LEARNING_RATE)
+    if sent is None:
+        return r.plan.learning_rate
+    try:
+        rate = float(sent)
+    except (TypeError, ValueError):
+        rate = math.nan
+    if not (math.isfinite(rate) and 0 < rate <= 10):
+        raise ConfigError(
+            f"the coordinator sent learning rate {sent!r} for round {r.number}; "
+            "a rate must be positive and at most 10: check the plan's "
+            "learning-rate and lr-min-factor"
+        )
+    return rate
 
 
 def spend_budget(r: Round, steps: int) -> tuple[DPSpec | None, float]:
@@ -132,7 +169,7 @@ def train_locally(
         r.task.loss(plan),
         epochs=-(-schedule.steps // schedule.steps_per_epoch),
         batch_size=plan.batch_size,
-        learning_rate=plan.learning_rate,
+        learning_rate=schedule.learning_rate,
         optimizer=plan.optimizer,
         device=r.device,
         seed=seed,

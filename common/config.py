@@ -89,6 +89,14 @@ class Plan(BaseModel):
         (1.0, 1.0, 2.0, 1.0), alias="patch-class-ratios"
     )
     augmentation: bool = False
+    # Recipe across rounds (issue 19), off by default: the coordinator's
+    # exponential moving average of the global model (ema-decay d in [0, 1);
+    # 0 is off), which evaluation measures and the run delivers; and the
+    # learning rate of each global round (constant, or cosine from
+    # learning-rate down to learning-rate x lr-min-factor).
+    ema_decay: float = Field(0.0, alias="ema-decay")
+    lr_schedule: Literal["constant", "cosine"] = Field("constant", alias="lr-schedule")
+    lr_min_factor: float = Field(0.1, alias="lr-min-factor")
     # Set by the federated preprocessing plan (not run config): z-score
     # normalisation after clipping to the HU window, as nnU-Net does for CT.
     intensity_mean: float | None = Field(None, alias="intensity-mean")
@@ -183,6 +191,26 @@ class Plan(BaseModel):
                 "class-weights empty to derive them from each site's counts"
             )
         return self
+
+    @field_validator("ema_decay")
+    @classmethod
+    def _ema_decay(cls, v: float) -> float:
+        if not 0.0 <= v < 1.0:
+            raise ValueError(
+                f"ema-decay must be at least 0 and below 1, got {v}; 0 turns the "
+                "average off, 0.9 weights the newest global model by 0.1"
+            )
+        return v
+
+    @field_validator("lr_min_factor")
+    @classmethod
+    def _lr_min_factor(cls, v: float) -> float:
+        if not 0.0 < v <= 1.0:
+            raise ValueError(
+                f"lr-min-factor must be above 0 and at most 1, got {v}: the last "
+                "round's learning rate is learning-rate x lr-min-factor, e.g. 0.1"
+            )
+        return v
 
     @field_validator("spacing_mm", mode="before")
     @classmethod
@@ -293,6 +321,7 @@ RESUME_STRATEGY_KEYS: tuple[str, ...] = (
     "central_dp",
     "central_dp_noise",
     "central_dp_clip",
+    "ema_decay",  # the average saved with a checkpoint belongs to its decay
 )
 
 

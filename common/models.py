@@ -3,6 +3,10 @@
 Rules for an entry: no BatchNorm (InstanceNorm or GroupNorm only), no in-place
 activations (Opacus' backward hooks forbid them), and a ``grad_sample_mode``
 chosen by measurement (see docs/architecture.md and benchmarks/dp_overhead.py).
+
+The ``-gn`` and ``-ws`` U-Nets are the normalisations DP-SGD work uses with
+per-sample gradients: GroupNorm (Wu and He, 2018), and weight standardisation
+(Qiao et al., 2019) with GroupNorm, as in De et al. (2022).
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from monai.networks.blocks import Convolution
 from monai.networks.nets import BasicUNet, DenseNet, ResNet, UNet
 from monai.networks.nets.resnet import ResNetBlock
 from torch import nn
@@ -40,22 +46,121 @@ class ModelSpec:
 
 
 def _unet(
-    channels: tuple[int, ...], res_units: int, affine: bool = False
+    channels: tuple[int, ...],
+    res_units: int,
+    affine: bool = False,
+    groups: int = 0,
+    standardise: bool = False,
 ) -> Callable[[int, int], nn.Module]:
+    """A 3D MONAI UNet builder.
+
+    ``groups`` > 0 swaps InstanceNorm for GroupNorm with that many groups;
+    ``standardise`` then also standardises the weights of every convolution a
+    norm layer follows.
+    """
+
     def build(in_channels: int, out_channels: int) -> nn.Module:
-        return UNet(
+        net = UNet(
             spatial_dims=3,
             in_channels=in_channels,
             out_channels=out_channels,
             channels=channels,
             strides=(2,) * (len(channels) - 1),
             num_res_units=res_units,
-            # InstanceNorm3d keeps no running stats (DP-safe); affine=True adds a
-            # per-channel scale and shift that FedBN can keep local to a site
-            norm=("instance", {"affine": True}) if affine else "instance",
+            norm=_unet_norm(channels, out_channels, affine, groups),
         )
+        return _standardise_normed_convs(net) if standardise else net
 
     return build
+
+
+def _unet_norm(
+    channels: tuple[int, ...], out_channels: int, affine: bool, groups: int
+) -> str | tuple[str, dict[str, object]]:
+    if groups:
+        # MONAI's UNet also normalises its top up-sampling layer's out_channels
+        if any(c % groups for c in (*channels, out_channels)):
+            raise ValueError(
+                f"GroupNorm with {groups} groups needs channel counts divisible by "
+                f"{groups}; got channels {channels} and {out_channels} outputs: "
+                "choose a model without -gn/-ws or another number of classes"
+            )
+        return ("group", {"num_groups": groups})  # affine: a scale and shift
+    # InstanceNorm3d keeps no running stats (DP-safe); affine=True adds a
+    # per-channel scale and shift that FedBN can keep local to a site
+    return ("instance", {"affine": True}) if affine else "instance"
+
+
+def _standardised(weight: torch.Tensor, out_dim: int) -> torch.Tensor:
+    """Zero mean and unit variance over each output channel's fan-in."""
+    dims: list[int] = []
+    for d in range(weight.dim()):  # a loop, not a comprehension: TorchScript
+        if d != out_dim:
+            dims.append(d)
+    var, mean = torch.var_mean(weight, dim=dims, keepdim=True, correction=0)
+    return (weight - mean) * torch.rsqrt(var + 1e-5)
+
+
+class WSConv3d(nn.Conv3d):
+    """Conv3d with its weight standardised in every forward (Qiao et al., 2019).
+
+    Opacus matches grad samplers by exact type, so this subclass is not taken
+    for a plain Conv3d: its per-sample gradients go through functorch, through
+    the standardisation, in both ``hooks`` and ``functorch`` modes.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, _standardised(self.weight, 0), self.bias)
+
+
+class WSConvTranspose3d(nn.ConvTranspose3d):
+    """ConvTranspose3d with its weight standardised per output channel."""
+
+    def forward(
+        self, x: torch.Tensor, output_size: list[int] | None = None
+    ) -> torch.Tensor:
+        # as nn.ConvTranspose3d.forward, with the standardised weight
+        padding = self._output_padding(
+            x,
+            output_size,
+            self.stride,
+            self.padding,
+            self.kernel_size,
+            3,
+            self.dilation,
+        )
+        weight = _standardised(self.weight, 1)  # (in, out / groups, *kernel)
+        return F.conv_transpose3d(
+            x,
+            weight,
+            self.bias,
+            self.stride,
+            self.padding,
+            padding,
+            self.groups,
+            self.dilation,
+        )
+
+
+_WS_TYPES: dict[type, type] = {
+    nn.Conv3d: WSConv3d,
+    nn.ConvTranspose3d: WSConvTranspose3d,
+}
+
+
+def _standardise_normed_convs(net: nn.Module) -> nn.Module:
+    """Weight-standardise each MONAI ``Convolution`` whose output is normalised.
+
+    Convolutions without a norm after them (the residual shortcuts, the output
+    layer) keep their weights' scale: nothing after them would undo it, and the
+    output layer's sets the logits' scale. The subclasses add
+    no state, only a forward, so the class is swapped in place: same parameters,
+    same initialisation, same state_dict keys.
+    """
+    for block in net.modules():
+        if isinstance(block, Convolution) and hasattr(getattr(block, "adn", None), "N"):
+            block.conv.__class__ = _WS_TYPES[type(block.conv)]
+    return net
 
 
 def _basic_unet(in_channels: int, out_channels: int) -> nn.Module:
@@ -171,6 +276,37 @@ MODELS: dict[str, ModelSpec] = {
         _unet((8, 16, 32, 64), res_units=1),
         "functorch",
         "MONAI UNet, 4 levels of 8-64 channels (~0.15 M parameters)",
+    ),
+    "unet-tiny-gn": ModelSpec(
+        "unet-tiny-gn",
+        "segmentation",
+        _unet((4, 8, 16, 32), res_units=1, groups=2),
+        "functorch",
+        "unet-tiny with GroupNorm, 2 groups (2-16 channels a group; ~39 k parameters)",
+    ),
+    "unet-tiny-ws": ModelSpec(
+        "unet-tiny-ws",
+        "segmentation",
+        _unet((4, 8, 16, 32), res_units=1, groups=2, standardise=True),
+        "functorch",
+        "unet-tiny-gn with weight-standardised convolutions before each norm "
+        "(~39 k parameters)",
+    ),
+    "unet-small-gn": ModelSpec(
+        "unet-small-gn",
+        "segmentation",
+        _unet((8, 16, 32, 64), res_units=1, groups=4),
+        "functorch",
+        "unet-small with GroupNorm, 4 groups (2-16 channels a group, 1 at the "
+        "4-class top layer; ~0.15 M parameters)",
+    ),
+    "unet-small-ws": ModelSpec(
+        "unet-small-ws",
+        "segmentation",
+        _unet((8, 16, 32, 64), res_units=1, groups=4, standardise=True),
+        "functorch",
+        "unet-small-gn with weight-standardised convolutions before each norm "
+        "(~0.15 M parameters)",
     ),
     "unet": ModelSpec(
         "unet",

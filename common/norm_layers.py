@@ -18,8 +18,10 @@ NORM_TYPES: tuple[type, ...] = (_NormBase, nn.GroupNorm, nn.LayerNorm)
 def norm_keys(model: nn.Module) -> list[str]:
     """State-dict keys (parameters and buffers) of the model's normalisation layers.
 
-    ``_NormBase`` covers BatchNorm and InstanceNorm; Opacus' ``_module.`` prefix
-    is not part of the keys.
+    ``_NormBase`` covers BatchNorm and InstanceNorm; GroupNorm's per-channel
+    scale and shift count too (the ``-gn`` and ``-ws`` models; a standardised
+    convolution's weight is not one). Opacus' ``_module.`` prefix is not part
+    of the keys.
     """
     target = model._module if hasattr(model, "_module") else model
     keys = []
@@ -43,6 +45,7 @@ def require_norm_params(model: nn.Module, model_name: str) -> list[str]:
         raise ConfigError(
             f"fedbn=true but model {model_name!r} has no normalisation parameters "
             "(MONAI's InstanceNorm is affine-free by default); choose a model with "
-            'affine normalisation, e.g. model="unet-tiny-affine", or set fedbn=false'
+            'affine normalisation, e.g. model="unet-tiny-affine" or '
+            'model="unet-tiny-gn" (GroupNorm), or set fedbn=false'
         )
     return keys

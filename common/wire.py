@@ -215,6 +215,9 @@ SERVER_ROUND: Final = "server-round"  # injected by Flower's strategies
 GLOBAL_ROUND: Final = "global-round"  # round counted across resumes
 RUN_ID: Final = "run-id"
 TOTAL_ROUNDS: Final = "total-rounds"
+# The learning rate of this train round under the plan's lr-schedule; absent
+# with the constant schedule (the site uses the plan's learning-rate).
+LEARNING_RATE: Final = "learning-rate"
 # The fewest patients any released aggregate may describe, as the coordinator
 # asks; a site uses the larger of this and its own floor.
 MIN_CASES_FOR_AGGREGATES: Final = "min-cases-for-aggregates"

@@ -4,7 +4,8 @@ Validates the plan, finds where the run starts (``server/run_start.py``),
 waits for the sites, runs Flower's strategy wrapped by
 :class:`server.strategy.wrapper.SiteAwareStrategy` with a checkpoint at every round's
 end (``server/round_end.py``), and at the end writes the final model, the
-report and a per-site summary.
+report and a per-site summary. With ``ema-decay`` the final model is the
+moving average of the global model, the model every round evaluated.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from server.checkpoint import save_checkpoint
 from server.deliver import deliver
 from server.finetune import run_fine_tune
 from server.liveness import LivenessGrid, SitesGone, wait_for_sites
+from server.lr_schedule import learning_rates
 from server.preprocessing_round import federated_preprocessing, preprocessing_config
 from server.reporting.live_report import LiveReport, live_report
 from server.reporting.metrics_log import read_metrics, summary_table
@@ -118,8 +120,44 @@ def _federate(
         (prep or {}).get(SEEN_SCANS_KEY),
         start.origin,
     )
+    strategy, final = run_rounds(
+        grid, plan, run_dir, start, base_config, meta, status, reports
+    )
+    save_checkpoint(
+        run_dir / "final",
+        plan.num_server_rounds,
+        final.to_torch_state_dict(),
+        meta.sidecar(),
+    )
+    if plan.fine_tune_steps > 0:
+        run_fine_tune(grid, plan, run_dir, final, base_config, strategy.site_of)
+    _finish(run_dir, plan, status, reports)
+
+
+def run_rounds(
+    grid: Grid,
+    plan: Plan,
+    run_dir: Path,
+    start: StartPoint,
+    base_config: dict[str, Any],
+    meta: RunMeta,
+    status: RunStatus,
+    reports: LiveReport,
+) -> tuple[SiteAwareStrategy, ArrayRecord]:
+    """The run's remaining rounds through Flower's loop, from ``start``.
+
+    Each round ends in a checkpoint (:class:`server.round_end.RoundEnd`) with
+    the wrapper's server state and moving average. Returns the wrapper and the
+    run's model: the last global model, or its moving average under
+    ``ema-decay``.
+    """
     round_end = RoundEnd(
-        run_dir, meta, status, reports, server_state=lambda: strategy.export_state()
+        run_dir,
+        meta,
+        status,
+        reports,
+        server_state=lambda: strategy.export_state(),
+        ema=lambda: strategy.ema_state(),
     )
     strategy = _strategy(grid, plan, start, base_config, round_end)
     initial = ArrayRecord(start.state)
@@ -131,16 +169,15 @@ def _federate(
         train_config=ConfigRecord(),
         evaluate_config=ConfigRecord(),
     )
-    final = result.arrays if result.arrays is not None else initial
-    save_checkpoint(
-        run_dir / "final",
-        plan.num_server_rounds,
-        final.to_torch_state_dict(),
-        meta.sidecar(),
-    )
-    if plan.fine_tune_steps > 0:
-        run_fine_tune(grid, plan, run_dir, final, base_config, strategy.site_of)
-    _finish(run_dir, plan, status, reports)
+    last = result.arrays if result.arrays is not None else initial
+    return strategy, _final_model(strategy, last)
+
+
+def _final_model(strategy: SiteAwareStrategy, last: ArrayRecord) -> ArrayRecord:
+    """The run's model: the moving average when ``ema-decay`` keeps one, else
+    the last global model."""
+    ema = strategy.ema_state()
+    return last if ema is None else ArrayRecord(ema)
 
 
 def _connect(grid: Grid, plan: Plan, status: RunStatus) -> Grid:
@@ -207,8 +244,11 @@ def _strategy(
         norm_factor=plan.guard_norm_factor,
         max_site_weight=plan.max_site_weight,
         training=LocalTraining.from_plan(plan),
+        ema_decay=plan.ema_decay,
+        learning_rates=learning_rates(plan),
     )
     strategy.import_state(start.server_state)
+    strategy.import_ema(start.ema)
     return strategy
 
 

@@ -7,7 +7,10 @@ last, so a crash at any point leaves the previous round's checkpoint intact.
 
 Strategies with server optimiser state (FedAdam/FedYogi/FedAdagrad moments,
 FedAvgM momentum) also write ``round-NNNN.server.pt``, checksummed in the same
-sidecar, so that a resumed run continues the exact same optimisation.
+sidecar, so that a resumed run continues the exact same optimisation. With
+``ema-decay`` the moving average of the global model goes to
+``round-NNNN.ema.pt`` (checksummed in the sidecar too): ``round-NNNN.pt`` stays
+what the next round trains from, the average is what the round evaluated.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ LATEST = "latest.json"
 # ``max_epsilon``, and still read.
 MAX_EPSILON_SPENT_KEY = "max_epsilon_spent"
 _OLD_MAX_EPSILON_SPENT_KEY = "max_epsilon"
+# The sidecar key of the moving average's file (``ema-decay``); its checksum
+# is under ``ema_weights_sha256``.
+EMA_KEY = "ema_weights"
 
 
 class CheckpointError(RuntimeError):
@@ -59,9 +65,10 @@ def save_checkpoint(
     state: OrderedDict[str, torch.Tensor],
     sidecar: dict[str, Any],
     server_state: dict[str, np.ndarray] | None = None,
+    ema_state: OrderedDict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write one round's weights (and server state) and sidecar; returns the
-    sidecar path."""
+    """Write one round's weights (and server state, and moving average) and
+    sidecar; returns the sidecar path."""
     buf = io.BytesIO()
     torch.save(state, buf)
     data = buf.getvalue()
@@ -69,20 +76,15 @@ def save_checkpoint(
     atomic_write_bytes(weights, data)
     meta = dict(sidecar)
     if server_state:
-        sbuf = io.BytesIO()
-        torch.save(
-            {
-                k: torch.from_numpy(np.array(v, order="C"))  # keeps 0-d as 0-d
-                for k, v in server_state.items()
-            },
-            sbuf,
-        )
-        server_file = ckpt_dir / f"round-{round_:04d}.server.pt"
-        atomic_write_bytes(server_file, sbuf.getvalue())
-        meta.update(
-            server_state=server_file.name,
-            server_state_sha256=hashlib.sha256(sbuf.getvalue()).hexdigest(),
-        )
+        tensors = {
+            k: torch.from_numpy(np.array(v, order="C"))  # keeps 0-d as 0-d
+            for k, v in server_state.items()
+        }
+        name, sha = _save_extra(ckpt_dir / f"round-{round_:04d}.server.pt", tensors)
+        meta.update(server_state=name, server_state_sha256=sha)
+    if ema_state is not None:
+        name, sha = _save_extra(ckpt_dir / f"round-{round_:04d}.ema.pt", ema_state)
+        meta.update({EMA_KEY: name, f"{EMA_KEY}_sha256": sha})
     meta.update(
         round=round_,
         weights=weights.name,
@@ -93,6 +95,30 @@ def save_checkpoint(
     atomic_write_json(side, meta)
     atomic_write_json(ckpt_dir / LATEST, meta)
     return side
+
+
+def _save_extra(path: Path, tensors: dict[str, torch.Tensor]) -> tuple[str, str]:
+    """Write a tensor file beside a round's weights; its name and SHA-256."""
+    buf = io.BytesIO()
+    torch.save(tensors, buf)
+    atomic_write_bytes(path, buf.getvalue())
+    return path.name, hashlib.sha256(buf.getvalue()).hexdigest()
+
+
+def _load_extra(ckpt_dir: Path, meta: dict[str, Any], key: str) -> dict | None:
+    """A tensor file named in the sidecar under ``key``, checksum verified
+    (None when the sidecar names none)."""
+    name = meta.get(key)
+    if not name:
+        return None
+    path = ckpt_dir / name
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"{path}: unreadable ({exc})") from None
+    if hashlib.sha256(data).hexdigest() != meta.get(f"{key}_sha256"):
+        raise CheckpointError(f"{path}: checksum mismatch; the file is damaged")
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
 def load_checkpoint(
@@ -161,18 +187,22 @@ def load_server_state(ckpt_dir: Path, meta: dict[str, Any]) -> dict[str, np.ndar
     CheckpointError
         If the file is missing or fails its checksum.
     """
-    name = meta.get("server_state")
-    if not name:
-        return {}
-    path = ckpt_dir / name
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise CheckpointError(f"{path}: unreadable ({exc})") from None
-    if hashlib.sha256(data).hexdigest() != meta.get("server_state_sha256"):
-        raise CheckpointError(f"{path}: checksum mismatch; the file is damaged")
-    loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    loaded = _load_extra(ckpt_dir, meta, "server_state") or {}
     return {k: v.numpy() for k, v in loaded.items()}
+
+
+def load_ema(
+    ckpt_dir: Path, meta: dict[str, Any]
+) -> OrderedDict[str, torch.Tensor] | None:
+    """The moving average saved with a checkpoint (None if it has none).
+
+    Raises
+    ------
+    CheckpointError
+        If the file is missing or fails its checksum.
+    """
+    loaded = _load_extra(ckpt_dir, meta, EMA_KEY)
+    return None if loaded is None else OrderedDict(loaded)
 
 
 INITIAL_KEY = "initial_checkpoint"

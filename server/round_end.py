@@ -1,7 +1,8 @@
 """What the coordinator keeps at the end of every round, and of the run.
 
 After each round's evaluation :class:`RoundEnd` checkpoints the global model
-with a self-describing sidecar (``server/checkpoint.py``), appends the round's
+with a self-describing sidecar (``server/checkpoint.py``; with ``ema-decay``
+also the moving average the round evaluated), appends the round's
 line to ``metrics.jsonl``, updates ``status.json`` and asks for a fresh
 ``report.html``. No Flower here: the model arrives as anything with
 ``to_torch_state_dict()``.
@@ -13,12 +14,14 @@ import hashlib
 import json
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 
 from common.artifacts import PREPROCESSING_KEY
 from common.config import Plan
@@ -81,6 +84,9 @@ class RoundEnd:
         Rewrites ``report.html`` beside the round loop.
     server_state : callable
         The strategy's server optimiser state, saved with each checkpoint.
+    ema : callable, optional
+        The moving average of the global model (``ema-decay``), or None; saved
+        with each checkpoint beside the global model.
     """
 
     def __init__(
@@ -90,12 +96,14 @@ class RoundEnd:
         status: RunStatus,
         reports: LiveReport,
         server_state: Callable[[], dict[str, np.ndarray]],
+        ema: Callable[[], dict[str, torch.Tensor] | None] = lambda: None,
     ) -> None:
         self.run_dir = run_dir
         self.meta = meta
         self.status = status
         self.reports = reports
         self.server_state = server_state
+        self.ema = ema
 
     def __call__(self, rec: RoundRecord, arrays: _Arrays) -> None:
         """Checkpoint round ``rec`` with ``arrays``, log it, refresh the report."""
@@ -103,12 +111,16 @@ class RoundEnd:
         entry["time"] = time.time()
         state = arrays.to_torch_state_dict()
         entry["global_sha256"] = state_sha(state)
+        ema = self.ema()
+        if ema is not None:  # the model this round's evaluation measured
+            entry["ema_sha256"] = state_sha(ema)
         save_checkpoint(
             self.run_dir / "checkpoints",
             rec.round,
             state,
             self._sidecar(rec, entry),
             server_state=self.server_state(),
+            ema_state=None if ema is None else OrderedDict(ema),
         )
         append_metrics(self.run_dir, entry)
         self.status.round_done(rec.round)

@@ -26,6 +26,7 @@ from server.checkpoint import (
     LATEST,
     CheckpointError,
     load_checkpoint,
+    load_ema,
     load_initial,
     load_server_state,
 )
@@ -43,6 +44,8 @@ class StartPoint:
     done: int = 0
     server_state: dict[str, np.ndarray] = field(default_factory=dict)
     origin: dict[str, Any] | None = None  # the pretrained checkpoint, if any
+    # the moving average of the global model (ema-decay), when resumed with one
+    ema: OrderedDict[str, torch.Tensor] | None = None
 
 
 def start_point(plan: Plan, run_dir: Path) -> StartPoint:
@@ -66,6 +69,7 @@ def start_point(plan: Plan, run_dir: Path) -> StartPoint:
     state, meta = load_checkpoint(ckpt_dir, plan.fingerprint())
     done = int(meta["round"])
     server_state = load_server_state(ckpt_dir, meta)
+    ema = load_ema(ckpt_dir, meta)
     reconcile_metrics(run_dir, ckpt_dir, done)
     log.info(
         "resumed %s from round %d (global weights sha256 %s)",
@@ -73,7 +77,9 @@ def start_point(plan: Plan, run_dir: Path) -> StartPoint:
         done,
         state_sha(state),
     )
-    return StartPoint(state, done, server_state, start.origin)
+    if ema is not None:
+        log.info("moving average of round %d: sha256 %s", done, state_sha(ema))
+    return StartPoint(state, done, server_state, start.origin, ema)
 
 
 def _initial_model(plan: Plan) -> StartPoint:

@@ -18,16 +18,22 @@ own DP wrappers do) and adds, without copying Flower's round loop:
   and its server state (moments, momentum) can be exported for checkpoints;
 - bookkeeping: per-site metrics, a checkpoint and a ``metrics.jsonl`` line at
   the end of every round, via the ``on_round_end`` callback
-  (``server/round_end.py``).
+  (``server/round_end.py``);
+- the recipe across rounds (both off by default): each train round's learning
+  rate in its config (``server/lr_schedule.py``), and a moving average of the
+  global model (``server/strategy/ema.py``) that evaluation measures while
+  training continues from the raw aggregate.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -36,6 +42,7 @@ from common import wire
 from server.reporting.round_record import RoundRecord, weighted_eval_means
 from server.strategy.aggregators import export_strategy_state, import_strategy_state
 from server.strategy.capped_mean import CappedMean
+from server.strategy.ema import ParameterEMA
 from server.strategy.guard import UpdateGuard
 from server.strategy.influence import LocalTraining
 from server.strategy.replies import cast_like
@@ -72,6 +79,13 @@ class SiteAwareStrategy(Strategy):
     training : LocalTraining, optional
         The plan's local training, to widen the norm rule for a site's expected
         DP noise; without it every site gets the same bound.
+    ema_decay : float
+        ``ema-decay``: above 0, evaluation gets the moving average of the
+        aggregates (:class:`server.strategy.ema.ParameterEMA`) instead of the
+        newest one; 0 (the default) is off.
+    learning_rates : callable, optional
+        ``learning_rates(global_round)``, the rate sent with each train round
+        (``server.lr_schedule.learning_rates``); ``None`` sends none.
     """
 
     def __init__(
@@ -85,6 +99,8 @@ class SiteAwareStrategy(Strategy):
         norm_factor: float = 0.0,
         max_site_weight: float = 1.0,
         training: LocalTraining | None = None,
+        ema_decay: float = 0.0,
+        learning_rates: Callable[[int], float] | None = None,
     ) -> None:
         self.mean = CappedMean(inner, max_site_weight)
         self.guard = UpdateGuard(min_sites, norm_factor, training)
@@ -94,6 +110,8 @@ class SiteAwareStrategy(Strategy):
         self.round_offset = round_offset
         self.base_config = base_config
         self.on_round_end = on_round_end
+        self.ema = ParameterEMA(ema_decay) if ema_decay > 0 else None
+        self.learning_rates = learning_rates
         self._sent: ArrayRecord | None = None
         self._current: RoundRecord | None = None
 
@@ -111,6 +129,19 @@ class SiteAwareStrategy(Strategy):
             config[k] = v
         config[wire.GLOBAL_ROUND] = self.global_round(server_round)
         return config
+
+    def _train_config(self, config: ConfigRecord, server_round: int) -> ConfigRecord:
+        config = self._config(config, server_round)
+        if self.learning_rates is not None:
+            rate = self.learning_rates(self.global_round(server_round))
+            config[wire.LEARNING_RATE] = float(rate)
+        return config
+
+    def _evaluated(self, arrays: ArrayRecord) -> ArrayRecord:
+        """What evaluation measures: the moving average once there is one."""
+        if self.ema is None or self.ema.state is None:
+            return arrays
+        return ArrayRecord(self.ema.state)
 
     def _record(self, server_round: int) -> RoundRecord:
         g = self.global_round(server_round)
@@ -135,7 +166,7 @@ class SiteAwareStrategy(Strategy):
             self.inner.configure_train(
                 self.global_round(server_round),
                 arrays,
-                self._config(config, server_round),
+                self._train_config(config, server_round),
                 grid,
             )
         )
@@ -171,18 +202,23 @@ class SiteAwareStrategy(Strategy):
         rec.aggregated = True
         if self._sent is not None:
             arrays = cast_like(self._sent, arrays)
+        if self.ema is not None:
+            self.ema.update(arrays.to_torch_state_dict())
         return arrays, metrics
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Delegate; ``arrays`` is the new global model, kept for the checkpoint."""
+        """Delegate; ``arrays`` is the new global model, kept for the checkpoint.
+
+        With ``ema-decay`` the sites evaluate the moving average instead.
+        """
         self._sent = arrays
         self.sites.refresh(grid)
         return self.sites.ask(
             self.inner.configure_evaluate(
                 self.global_round(server_round),
-                arrays,
+                self._evaluated(arrays),
                 self._config(config, server_round),
                 grid,
             )
@@ -209,3 +245,12 @@ class SiteAwareStrategy(Strategy):
     def import_state(self, state: dict[str, np.ndarray]) -> None:
         """Restore a state saved by :meth:`export_state` (on resume)."""
         import_strategy_state(self.inner, state)
+
+    def ema_state(self) -> OrderedDict[str, torch.Tensor] | None:
+        """The moving average of the global model (None when off or not begun)."""
+        return None if self.ema is None else self.ema.state
+
+    def import_ema(self, state: OrderedDict[str, torch.Tensor] | None) -> None:
+        """Continue the moving average saved with a checkpoint (on resume)."""
+        if self.ema is not None and state is not None:
+            self.ema = ParameterEMA(self.ema.decay, state)
