@@ -24,6 +24,7 @@ import numpy as np
 from sim.phantoms.profiles import (
     DEFAULT_SCALE,
     FOV_MM,
+    TUMOUR_MAX_DIAMETER_MM,
     SiteProfile,
     voxel_spacing,
 )
@@ -296,7 +297,9 @@ def generate_case(
 
     has_tumour = rng.random() < profile.tumour_prevalence
     t_kidney = left if rng.random() < 0.5 else right
-    t_radius = float(np.clip(np.exp(rng.normal(math.log(40.0), 0.4)), 15, 90)) / 2
+    t_diameter = np.exp(rng.normal(math.log(profile.tumour_median_diameter_mm), 0.4))
+    lo, hi = profile.tumour_min_diameter_mm, TUMOUR_MAX_DIAMETER_MM
+    t_radius = float(np.clip(t_diameter, lo, hi)) / 2
     t_hu = rng.uniform(120, 170) if cm else rng.uniform(90, 120)
     tumour = _draw_lesion(
         rng,

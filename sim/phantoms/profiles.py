@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 from common.metrics import LABELS as KIDNEYFL_LABELS
 
@@ -22,6 +30,13 @@ DEFAULT_SCALE = 2.5
 PHANTOM_VERSION = 1  # bump when the anatomy changes, so old site dirs read as stale
 LABELS = KIDNEYFL_LABELS  # re-exported: phantom.json records the label names
 FOV_MM = (340.0, 260.0, 170.0)
+TUMOUR_MAX_DIAMETER_MM = 90.0
+# Tumour size fields added after the first phantoms: left out of a dump at these
+# defaults, so phantom.json of a profile that does not set them is unchanged.
+_TUMOUR_SIZE_DEFAULTS = {
+    "tumour_median_diameter_mm": 40.0,
+    "tumour_min_diameter_mm": 15.0,
+}
 IMAGE_NAME, SEGMENTATION_NAME = "imaging.nii.gz", "segmentation.nii.gz"
 METADATA_NAME = "phantom.json"
 
@@ -39,6 +54,28 @@ class SiteProfile(BaseModel):
     intensity_offset_hu: float = Field(default=0.0, ge=-50.0, le=50.0)
     tumour_prevalence: float = Field(default=0.9, ge=0.0, le=1.0)
     cyst_prevalence: float = Field(default=0.3, ge=0.0, le=1.0)
+    # The tumour's diameter is log-normal around the median (sigma 0.4),
+    # clipped to [min, 90 mm]; the defaults are the original phantoms'.
+    tumour_median_diameter_mm: float = Field(default=40.0, ge=10.0, le=80.0)
+    tumour_min_diameter_mm: float = Field(default=15.0, ge=5.0, le=80.0)
+
+    @model_validator(mode="after")
+    def _min_below_median(self) -> SiteProfile:
+        if self.tumour_min_diameter_mm > self.tumour_median_diameter_mm:
+            raise ValueError(
+                f"tumour_min_diameter_mm ({self.tumour_min_diameter_mm}) is above "
+                f"tumour_median_diameter_mm ({self.tumour_median_diameter_mm}); "
+                "lower the minimum or raise the median"
+            )
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict:
+        out = handler(self)
+        for key, default in _TUMOUR_SIZE_DEFAULTS.items():
+            if out.get(key) == default:
+                del out[key]
+        return out
 
 
 # thin-slice-cm is 1.25 mm / 0.78 mm rather than 1.0 / 0.7 so that a case at the
