@@ -41,7 +41,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from harness import ROOT, float_list, int_list, parser, stopwatch
-from utility_table import table
+from utility_table import plot, table
 
 from sim.phantoms import benchmark as bench
 
@@ -398,6 +398,10 @@ def main(argv: list[str] | None = None) -> int:
         out = run(args, b, Path(args.json))
         print(f"\nresults: {args.json}")
     print(table(out))
+    json_path = Path(args.from_results or args.json)
+    png = json_path.with_suffix(".png")
+    plot(out, png)
+    print(f"plot: {png}")
     print(f"\nwall time {out.get('wall_s', 0) / 60:.1f} min")
     return 0
 

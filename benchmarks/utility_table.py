@@ -85,3 +85,69 @@ def gain(out: dict) -> str:
             cells.append(f"{_mean(diffs):+.3f}" if diffs else "-")
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def curve_points(out: dict, region: str) -> dict[str, tuple[float, float]]:
+    """Row -> (mean, SD over seeds) of the region's Dice (mean over sites)."""
+    points = {}
+    for row, by_seed in out["rows"].items():
+        values = [_site_mean(r, f"dice-{region}") for r in by_seed.values()]
+        values = [v for v in values if not math.isnan(v)]
+        if values:
+            sd = statistics.stdev(values) if len(values) > 1 else 0.0
+            points[row] = (statistics.fmean(values), sd)
+    return points
+
+
+def plot(out: dict, path) -> None:
+    """Dice against epsilon per region: FedAvg with DP at each epsilon (and
+    without DP at the right), with pooled, pooled-DP, local and pretrained
+    references; error bars are the SD over seeds. Written as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(REGIONS), figsize=(12, 3.6), sharey=True)
+    for ax, region in zip(axes, REGIONS, strict=True):
+        pts = curve_points(out, region)
+        dp = sorted(
+            (float(row.rsplit("=", 1)[1]), *v)
+            for row, v in pts.items()
+            if row.startswith("fedavg DP eps=")
+        )
+        xs = [e for e, _, _ in dp]
+        no_dp_x = max(xs) * 2.5 if xs else 1.0
+        if "fedavg" in pts:
+            dp.append((no_dp_x, *pts["fedavg"]))
+        if dp:
+            ax.errorbar(
+                [p[0] for p in dp],
+                [p[1] for p in dp],
+                yerr=[p[2] for p in dp],
+                marker="o",
+                capsize=3,
+                label="FedAvg (right: no DP)",
+            )
+        styles = {
+            "pooled": ("k", "-"),
+            "pooled DP eps=8": ("k", "--"),
+            "local": ("tab:gray", ":"),
+            "pretrained": ("tab:olive", ":"),
+            "pretrained + fedavg DP eps=8": ("tab:green", "-."),
+        }
+        for row, (colour, line) in styles.items():
+            if row in pts:
+                ax.axhline(pts[row][0], color=colour, linestyle=line, label=row)
+        ax.set_xscale("log")
+        ticks = [*xs, no_dp_x]
+        ax.set_xticks(ticks, [f"{t:g}" for t in xs] + ["no DP"])
+        ax.set_title(f"{region} Dice")
+        ax.set_xlabel("epsilon per site (delta 1e-3)")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("Dice (mean over sites and seeds)")
+    axes[-1].legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
