@@ -14,7 +14,14 @@ on the tuning split instead, for choosing recipe settings). Rows, per seed:
   with DP at the reference epsilon);
 - ``pretrained``: ``kidneyfl pretrain`` on the public set for the budget's
   steps, evaluated as is; ``pretrained + fedavg DP``: a federation started
-  from it (``initial-checkpoint``), with its gain over the pretrained model.
+  from it (``initial-checkpoint``), with its gain over the pretrained model;
+  one more row per ``--pretrained-recipe NAME:KEY=VALUE`` (plan overrides on
+  that federation, e.g. a lower learning rate).
+
+``--rows`` picks row groups (``reference``: FedAvg, local and pooled without
+DP; ``curve``: FedAvg DP at each epsilon, local and pooled DP; ``recipes``;
+``pretrained``); ``--merge FILE`` adds this run's rows to an earlier results
+JSON instead of starting a new one (one row, seed by seed).
 
 Local and pooled rows are ``sim.baselines`` of the FedAvg runs (no DP, and
 DP at the reference epsilon); federated rows are real Flower simulations.
@@ -31,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -236,51 +244,78 @@ def evaluate_checkpoint(ckpt: Path, sites: list[Path], plan: dict) -> dict:
     return out
 
 
-def pretrained(b: Bench, seed: int) -> tuple[Path, dict]:
-    """``kidneyfl pretrain`` on the public set for the whole budget's steps;
-    returns the checkpoint and its row."""
+# recipe keys that change the pretrained model itself (it is pretrained again)
+PRETRAIN_KEYS = ("model", "augmentation")
+
+
+def pretrained(b: Bench, seed: int, extra: dict | None = None) -> tuple[Path, dict]:
+    """``kidneyfl pretrain`` on the public set for the whole budget's steps
+    (with the plan keys ``extra``); returns the checkpoint and its row."""
     from cli.pretrain import pretrain
 
     public = bench.public_yaml(b.work / "sites" / "public.yaml", b.work, b.sizes)
-    out = b.work / "pretrained" / f"seed{seed}-{b.stamp}"
-    plan = b.plan | {"seed": seed}
+    plan = b.plan | {"seed": seed} | (extra or {})
     steps = b.budget * len(bench.HOSPITALS)
+    # one pretrained model per seed, plan and data, reused by later runs
+    key = json.dumps([plan, steps, vars(b.sizes)], sort_keys=True).encode()
+    out = b.work / "pretrained" / f"seed{seed}-{hashlib.sha256(key).hexdigest()[:12]}"
     with stopwatch() as t:
-        pretrain(
-            public, out, dataset=f"kidneyfl phantoms ({bench.PUBLIC[0].name})",
-            licence="synthetic, no restrictions", steps=steps, overrides=plan,
-        )  # fmt: skip
+        if not (out / "latest.json").exists():
+            pretrain(
+                public, out, dataset=f"kidneyfl phantoms ({bench.PUBLIC[0].name})",
+                licence="synthetic, no restrictions", steps=steps, overrides=plan,
+            )  # fmt: skip
         sites = b.sites(f"pretrained-eval-{b.stamp}", dp=False)
         values = evaluate_checkpoint(out, sites, plan)
-    return out, {"sites": values, "wall_s": t.s, "steps": steps}
+    trained_s = json.loads((out / "latest.json").read_text())
+    trained_s = trained_s.get("pretrained", {}).get("seconds")
+    return out, {"sites": values, "wall_s": t.s, "steps": steps,
+                 "checkpoint": out.name, "train_s": trained_s}  # fmt: skip
+
+
+ROW_GROUPS = ("reference", "curve", "recipes", "pretrained")
 
 
 def run_seed(
     b: Bench, seed: int, args: argparse.Namespace, save: Callable[[str, dict], None]
 ) -> None:
-    """Every row of one seed; ``save(row, result)`` after each."""
+    """The chosen rows (``args.rows``) of one seed; ``save(row, result)`` after
+    each."""
     ref = args.reference_epsilon
-    run_dir, sites, res = federated(b, "fedavg", seed, None, {})
-    save("fedavg", res)
-    for row, r in baselines(b, sites, run_dir, res, dp=False).items():
-        save(row, r)
-    if not args.quick:
-        for eps in args.epsilons:
-            if eps != ref:
-                res = federated(b, f"dp-eps{eps:g}", seed, eps, {})[2]
-                save(f"fedavg DP eps={eps:g}", res)
-    run_dir, sites, res = federated(b, f"dp-eps{ref:g}", seed, ref, {})
-    save(f"fedavg DP eps={ref:g}", res)
-    for row, r in baselines(b, sites, run_dir, res, dp=True).items():
-        save(f"{row} eps={ref:g}", r)
-    for name, overrides in args.recipes:
-        res = federated(b, f"recipe-{name}", seed, ref, overrides)[2]
-        save(f"recipe {name}", res)
-    ckpt, res = pretrained(b, seed)
-    save("pretrained", res)
-    extra = {"initial-checkpoint": str(ckpt)}
-    res = federated(b, "pretrained-dp", seed, ref, extra)[2]
-    save(f"pretrained + fedavg DP eps={ref:g}", res)
+    if "reference" in args.rows:
+        run_dir, sites, res = federated(b, "fedavg", seed, None, {})
+        save("fedavg", res)
+        for row, r in baselines(b, sites, run_dir, res, dp=False).items():
+            save(row, r)
+    if "curve" in args.rows:
+        if not args.quick:
+            for eps in args.epsilons:
+                if eps != ref:
+                    res = federated(b, f"dp-eps{eps:g}", seed, eps, {})[2]
+                    save(f"fedavg DP eps={eps:g}", res)
+        run_dir, sites, res = federated(b, f"dp-eps{ref:g}", seed, ref, {})
+        save(f"fedavg DP eps={ref:g}", res)
+        for row, r in baselines(b, sites, run_dir, res, dp=True).items():
+            save(f"{row} eps={ref:g}", r)
+    if "recipes" in args.rows:
+        for name, overrides in args.recipes:
+            res = federated(b, f"recipe-{name}", seed, ref, overrides)[2]
+            save(f"recipe {name}", res)
+    if "pretrained" in args.rows:
+        ckpt, res = pretrained(b, seed)
+        save("pretrained", res)
+        extra = {"initial-checkpoint": str(ckpt)}
+        res = federated(b, "pretrained-dp", seed, ref, extra)[2]
+        save(f"pretrained + fedavg DP eps={ref:g}", res | {"base": "pretrained"})
+        for name, overrides in args.pretrained_recipes:
+            base, start = "pretrained", extra
+            if own := {k: v for k, v in overrides.items() if k in PRETRAIN_KEYS}:
+                base = f"pretrained ({name})"
+                ckpt_own, res = pretrained(b, seed, own)
+                save(base, res)
+                start = {"initial-checkpoint": str(ckpt_own)}
+            res = federated(b, f"pretrained-{name}", seed, ref, start | overrides)[2]
+            save(f"pretrained + {name}", res | {"base": base})
 
 
 def run(args: argparse.Namespace, b: Bench, out_path: Path) -> dict:
@@ -289,6 +324,7 @@ def run(args: argparse.Namespace, b: Bench, out_path: Path) -> dict:
 
     b.work.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
+    earlier = json.loads(Path(args.merge).read_text()) if args.merge else None
     out = {
         "config": {
             "quick": args.quick,
@@ -299,6 +335,8 @@ def run(args: argparse.Namespace, b: Bench, out_path: Path) -> dict:
             "steps_per_site": b.budget,
             "reference_epsilon": args.reference_epsilon,
             "recipes": dict(args.recipes),
+            "pretrained_recipes": dict(args.pretrained_recipes),
+            "rows": list(args.rows),
             "hospitals": {n: p.model_dump() for n, (p, _) in bench.HOSPITALS.items()},
             "public": bench.PUBLIC[0].model_dump(),
             "device": "cuda" if torch.cuda.is_available() else "cpu",
@@ -309,10 +347,14 @@ def run(args: argparse.Namespace, b: Bench, out_path: Path) -> dict:
     with stopwatch() as t:
         bench.write_data(b.work, b.sizes)
     out["config"]["phantom_s"] = t.s
+    if earlier is not None:
+        out = _merged(earlier, out, args.merge)
+
+    base_wall = out.get("wall_s", 0.0)
 
     def save(seed: int, row: str, result: dict) -> None:
         out["rows"].setdefault(row, {})[str(seed)] = result
-        out["wall_s"] = time.monotonic() - started
+        out["wall_s"] = base_wall + time.monotonic() - started
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(out, indent=1))
         log.info("%s, seed %d: %.0f s", row, seed, result["wall_s"])
@@ -320,6 +362,34 @@ def run(args: argparse.Namespace, b: Bench, out_path: Path) -> dict:
     for seed in args.seeds:
         run_seed(b, seed, args, functools.partial(save, seed))
     return out
+
+
+def _merged(earlier: dict, new: dict, path: str) -> dict:
+    """``earlier`` with ``new``'s settings recorded beside it, for ``--merge``.
+
+    Raises
+    ------
+    ValueError
+        If the two runs differ in data, split, plan or reference epsilon: their
+        rows would not be comparable.
+    """
+    same = ("quick", "split", "sizes", "plan", "steps_per_site", "reference_epsilon")
+    old, cur = earlier["config"], new["config"]
+    if diff := [k for k in same if old.get(k) != cur.get(k)]:
+        raise ValueError(
+            f"--merge {path}: that run differs in {', '.join(diff)}; its rows "
+            "would not be comparable with this run's: use another --json"
+        )
+    merged = dict(earlier)
+    merged["config"] = dict(old)
+    merged["config"]["seeds"] = sorted(set(old["seeds"]) | set(cur["seeds"]))
+    for key in ("recipes", "pretrained_recipes"):
+        merged["config"][key] = {**old.get(key, {}), **cur[key]}
+    merged.setdefault("merged_runs", []).append(
+        {k: cur[k] for k in ("seeds", "rows", "started", "device", "phantom_s")}
+    )
+    merged["rows"] = {row: dict(by_seed) for row, by_seed in earlier["rows"].items()}
+    return merged
 
 
 # -- command line ------------------------------------------------------------------
@@ -350,6 +420,24 @@ def _parser() -> argparse.ArgumentParser:
         help="a recipe row: plan overrides on FedAvg with DP (repeatable)",
     )
     p.add_argument(
+        "--pretrained-recipe",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+        help="a row: plan overrides on the federation from the pretrained model",
+    )
+    p.add_argument(
+        "--rows",
+        type=lambda t: [r for r in t.split(",") if r],
+        default=list(ROW_GROUPS),
+        help=f"row groups to run, of {','.join(ROW_GROUPS)} (default all)",
+    )
+    p.add_argument(
+        "--merge",
+        default=None,
+        help="add this run's rows to this earlier results JSON (written to --json)",
+    )
+    p.add_argument(
         "--split",
         choices=bench.SPLITS,
         default="validation",
@@ -365,6 +453,8 @@ def _parser() -> argparse.ArgumentParser:
 def _defaults(args: argparse.Namespace) -> None:
     tag = "utility-quick" if args.quick else "utility"
     args.work_dir = args.work_dir or str(ROOT / "runs" / tag)
+    if args.json is None and args.merge:
+        args.json = args.merge
     if args.json is None:  # only a full run on the reported split goes into docs/
         full = not args.quick and args.split == "validation"
         args.json = (
@@ -392,9 +482,21 @@ def main(argv: list[str] | None = None) -> int:
             args.recipes = [parse_recipe(r, b.plan, b.sizes.train) for r in args.recipe]
         except ValueError as exc:
             ap.error(str(exc))
-        names = [name for name, _ in args.recipes]
-        if len(set(names)) != len(names):
-            ap.error(f"--recipe names must be unique, got {names}")
+        try:
+            args.pretrained_recipes = [
+                parse_recipe(r, b.plan, b.sizes.train) for r in args.pretrained_recipe
+            ]
+        except ValueError as exc:
+            ap.error(str(exc))
+        if bad := sorted(set(args.rows) - set(ROW_GROUPS)):
+            ap.error(f"--rows: unknown {bad}; use {','.join(ROW_GROUPS)}")
+        for flag, recipes in (
+            ("--recipe", args.recipes),
+            ("--pretrained-recipe", args.pretrained_recipes),
+        ):
+            names = [name for name, _ in recipes]
+            if len(set(names)) != len(names):
+                ap.error(f"{flag} names must be unique, got {names}")
         out = run(args, b, Path(args.json))
         print(f"\nresults: {args.json}")
     print(table(out))

@@ -65,25 +65,34 @@ def per_site(out: dict) -> str:
 
 
 def gain(out: dict) -> str:
-    """Markdown: the federation's gain over the pretrained model per site
-    (pretrained + FedAvg DP minus pretrained, mean over seeds)."""
+    """Markdown: the federation's gain over its pretrained model per site and
+    region (each ``pretrained + ...`` row minus the pretrained row it started
+    from, mean over seeds)."""
     rows = out["rows"]
-    fed = next((r for r in rows if r.startswith("pretrained + ")), None)
-    if "pretrained" not in rows or fed is None:
+    feds = [r for r in rows if r.startswith("pretrained + ")]
+    if "pretrained" not in rows or not feds:
         return ""
-    lines = ["\n\n| gain over pretrained | " + " | ".join(REGIONS) + " |"]
-    lines.append("|" + "---|" * (len(REGIONS) + 1))
-    for s in bench.HOSPITALS:
+    sites = list(bench.HOSPITALS)
+    lines = ["\n\n| gain over pretrained (k / t / c) | " + " | ".join(sites) + " |"]
+    lines.append("|" + "---|" * (len(sites) + 1))
+    for fed in feds:
+        by_seed = rows[fed]
+        base = next(iter(by_seed.values())).get("base", "pretrained")
         cells = []
-        for g in REGIONS:
-            diffs = [
-                rows[fed][seed]["sites"][s][f"dice-{g}"] - pre["sites"][s][f"dice-{g}"]
-                for seed, pre in rows["pretrained"].items()
-                if f"dice-{g}" in pre["sites"][s]
-                and f"dice-{g}" in rows[fed].get(seed, {}).get("sites", {}).get(s, {})
-            ]
-            cells.append(f"{_mean(diffs):+.3f}" if diffs else "-")
-        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+        for s in sites:
+            per = []
+            for g in REGIONS:
+                k = f"dice-{g}"
+                diffs = [
+                    r["sites"][s][k] - rows[base][seed]["sites"][s][k]
+                    for seed, r in by_seed.items()
+                    if k in r["sites"].get(s, {})
+                    and k
+                    in rows.get(base, {}).get(seed, {}).get("sites", {}).get(s, {})
+                ]
+                per.append(f"{_mean(diffs):+.3f}" if diffs else "-")
+            cells.append(" / ".join(per))
+        lines.append(f"| {fed} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -11,7 +11,9 @@ it was built on.
 
 The public dataset is described by a site-style YAML (``data.root``,
 ``data.layout``, ``state_dir`` for the preprocessing cache) with
-``privacy.enabled: false``.
+``privacy.enabled: false``; a YAML with a ``phantom`` section (the demo's
+stand-in for a public set, ``sites/public-phantoms.yaml``) gets its synthetic
+cases written first.
 """
 
 from __future__ import annotations
@@ -73,6 +75,10 @@ def pretrain(
         raise FileExistsError(
             f"{out_dir} already holds a checkpoint; choose another --out"
         )
+    if site.phantom is not None:  # a synthetic stand-in for a public set (demo)
+        from sim.phantoms.sites import write_site_phantom
+
+        write_site_phantom(site)
     plan = load_plan({**default_plan(), **(overrides or {})}, "pretrain plan")
     task = get_task(plan.task)
     data = task.load_data(site, plan)

@@ -100,6 +100,7 @@ def local_train(
     anchor: dict[str, torch.Tensor] | None = None,
     max_steps: int | None = None,
     multiplicity: int = 1,
+    trainable: str = "all",
 ) -> TrainStats:
     """Train ``model`` in place for ``epochs`` epochs; returns aggregate stats.
 
@@ -122,15 +123,89 @@ def local_train(
         per-sample gradients averaged before clipping (:class:`Multiplicity`).
         The accounting does not change: the patient is still the sampled and
         clipped unit.
+    trainable : str
+        ``all``, ``biases`` or ``norms-biases`` (:func:`trainable_names`): the
+        others are frozen for this call (no gradient, no noise, unchanged).
     """
     torch.manual_seed(seed)
     model.to(device).train()
+    frozen = _freeze(model, trainable)
+    try:
+        return _train(
+            model, dataset, loss_fn, epochs=epochs, batch_size=batch_size,
+            learning_rate=learning_rate, optimizer=optimizer, device=device,
+            seed=seed, dp=dp, proximal_mu=proximal_mu, anchor=anchor,
+            max_steps=max_steps, multiplicity=multiplicity,
+        )  # fmt: skip
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+def trainable_names(model: nn.Module, which: str) -> set[str]:
+    """Names of the parameters ``which`` trains: ``all``; ``biases`` (every
+    parameter named ``bias``); ``norms-biases`` (also the norm layers' own
+    parameters).
+
+    Raises
+    ------
+    ValueError
+        Unknown ``which``, or one that leaves nothing to train in this model.
+    """
+    names = {n for n, _ in model.named_parameters()}
+    if which == "all":
+        return names
+    if which not in ("biases", "norms-biases"):
+        raise ValueError(
+            f"trainable-parameters {which!r}: use all, biases, norms-biases"
+        )
+    keep = {n for n in names if n.rsplit(".", 1)[-1] == "bias"}
+    if which == "norms-biases":
+        norms = (nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+        for mod_name, mod in model.named_modules():
+            if isinstance(mod, norms):
+                prefix = f"{mod_name}." if mod_name else ""
+                keep |= {prefix + n for n, _ in mod.named_parameters(recurse=False)}
+    if not keep:
+        raise ValueError(
+            f"trainable-parameters {which}: this model has no such parameters; "
+            "use all, or a model with biases or affine norm layers"
+        )
+    return keep
+
+
+def _freeze(model: nn.Module, which: str) -> list[nn.Parameter]:
+    keep = trainable_names(model, which)
+    frozen = [p for n, p in model.named_parameters() if n not in keep]
+    for p in frozen:
+        p.requires_grad_(False)
+    return frozen
+
+
+def _train(
+    model: nn.Module,
+    dataset: Dataset,
+    loss_fn: nn.Module,
+    *,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    optimizer: str,
+    device: torch.device,
+    seed: int,
+    dp: DPSpec | None,
+    proximal_mu: float,
+    anchor: dict[str, torch.Tensor] | None,
+    max_steps: int | None,
+    multiplicity: int,
+) -> TrainStats:
     prox = _proximal_pairs(model, proximal_mu, anchor, device)
     gen = torch.Generator().manual_seed(seed)
     if multiplicity > 1:
         dataset = Multiplicity(dataset, multiplicity)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=gen)
-    opt = _optimizer(optimizer, model.parameters(), learning_rate)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = _optimizer(optimizer, params, learning_rate)
     net = model
     if dp is not None:
         net, opt, loader = make_private(

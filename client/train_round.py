@@ -178,6 +178,7 @@ def train_locally(
         proximal_mu=0.0 if fine_tune else float(r.config.get(wire.PROXIMAL_MU, 0.0)),
         max_steps=schedule.steps,
         multiplicity=plan.augmentation_multiplicity,
+        trainable=plan.trainable_parameters,
     )
     if dp is not None and stats.steps != schedule.steps:
         log.warning("ran %d DP steps of the %d accounted", stats.steps, schedule.steps)

@@ -95,6 +95,13 @@ class Plan(BaseModel):
     # learning rate of each global round (constant, or cosine from
     # learning-rate down to learning-rate x lr-min-factor).
     ema_decay: float = Field(0.0, alias="ema-decay")
+    # Which parameters a site trains (the rest stay as the global model has
+    # them): "all", "biases" (every bias; DP-BiTFiT, Bu et al. 2022) or
+    # "norms-biases" (also the norm layers' scales). DP noise grows with the
+    # number of trained parameters; for fine-tuning a pretrained model.
+    trainable_parameters: Literal["all", "biases", "norms-biases"] = Field(
+        "all", alias="trainable-parameters"
+    )
     lr_schedule: Literal["constant", "cosine"] = Field("constant", alias="lr-schedule")
     lr_min_factor: float = Field(0.1, alias="lr-min-factor")
     # Set by the federated preprocessing plan (not run config): z-score

@@ -87,6 +87,9 @@ class PhantomConfig(BaseModel):
     cases: int = Field(16, ge=2, le=2000)
     seed: int = 0
     scale: float | None = Field(None, gt=0, le=20)  # None: the phantom default
+    # Profile fields replaced for this site, e.g. {tumour_median_diameter_mm: 55}
+    # (segmentation; checked against the profile's fields when data are written)
+    overrides: dict[str, float | str] | None = None
     # Classification phantoms (issue 8): labelled slices instead of KiTS volumes,
     # drawn with this class mix (relative weights; default equal).
     task: Literal["segmentation", "classification"] = "segmentation"
@@ -103,6 +106,15 @@ class PhantomConfig(BaseModel):
                 "sum, e.g. {normal: 1, cyst: 1, tumour: 1, stone: 4}"
             )
         return v
+
+    @model_validator(mode="after")
+    def _overrides_segmentation(self) -> PhantomConfig:
+        if self.overrides and self.task != "segmentation":
+            raise ValueError(
+                "phantom.overrides changes a scanner profile of segmentation "
+                "phantoms; remove it for task: classification (use class_mix)"
+            )
+        return self
 
 
 class FederationConfig(BaseModel):

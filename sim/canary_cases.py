@@ -56,7 +56,8 @@ def write_canaries(
     inclusion coin.
     """
     from sim.phantoms.kits_writer import _save_nifti
-    from sim.phantoms.profiles import DEFAULT_SCALE, load_profile
+    from sim.phantoms.profiles import DEFAULT_SCALE
+    from sim.phantoms.sites import site_profile
 
     if site.phantom is None:
         raise ValueError(
@@ -65,7 +66,7 @@ def write_canaries(
         )
     from sim.phantoms.ct import generate_case
 
-    profile = load_profile(site.phantom.profile)
+    profile = site_profile(site)
     scale = site.phantom.scale or DEFAULT_SCALE
     dirs = []
     for i in range(n):

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from pydantic import ValidationError
+
 from common.config import SiteConfig
 from sim.phantoms.kits_writer import write_site
-from sim.phantoms.profiles import DEFAULT_SCALE, load_profile
+from sim.phantoms.profiles import DEFAULT_SCALE, SiteProfile, load_profile
 from sim.phantoms.slices import write_cls_site_from_config
 
 
@@ -15,13 +17,40 @@ def _segmentation_phantom(site: SiteConfig) -> None:
         return
     write_site(
         site.data.root,
-        load_profile(site.phantom.profile),
+        site_profile(site),
         site.phantom.cases,
         seed=site.phantom.seed,
         scale=site.phantom.scale or DEFAULT_SCALE,
         # only ever replaces cases it generated itself (phantom.json present)
         overwrite=True,
     )
+
+
+def site_profile(site: SiteConfig) -> SiteProfile:
+    """The scanner profile a site YAML's ``phantom`` section names, with its
+    ``overrides`` applied.
+
+    Raises
+    ------
+    ValueError
+        An unknown profile, or an override that is no profile field or out of
+        its range (the message names the site and the field).
+    """
+    assert site.phantom is not None
+    profile = load_profile(site.phantom.profile)
+    if not site.phantom.overrides:
+        return profile
+    try:
+        return SiteProfile.model_validate(
+            profile.model_dump() | dict(site.phantom.overrides)
+        )
+    except ValidationError as exc:
+        fields = ", ".join(".".join(map(str, e["loc"])) for e in exc.errors())
+        raise ValueError(
+            f"site {site.name}: phantom.overrides: {fields}: "
+            f"{exc.errors()[0]['msg']}; the fields of a profile are "
+            f"{', '.join(SiteProfile.model_fields)}"
+        ) from exc
 
 
 def _classification_phantom(site: SiteConfig) -> None:

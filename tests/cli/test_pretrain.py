@@ -6,10 +6,13 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from cli.pretrain import pretrain
+from common.config import load_site_config
 from common.models import build_model
 from server.checkpoint import CheckpointError, load_checkpoint, load_initial
+from sim.phantoms.sites import write_site_phantom
 from tests.fakes import TINY_PLAN, write_site_yaml
 
 TINY = dict(TINY_PLAN)
@@ -62,3 +65,32 @@ def test_pretrain_refuses_a_dp_site_and_the_wrong_model(tmp_path):
     (out / "round-0000.pt").write_bytes(b"damaged")
     with pytest.raises(CheckpointError, match="checksum"):
         load_initial(out, "segmentation", "unet-tiny")
+
+
+def test_pretrain_writes_the_phantom_stand_in_with_its_overrides(tmp_path):
+    """The demo's public set is a phantom section: pretraining writes its cases
+    first, with the section's profile overrides (large tumours)."""
+    path = write_site_yaml(
+        tmp_path, "public", cases=3, privacy={"enabled": False}, generate=False
+    )
+    doc = yaml.safe_load(path.read_text())
+    doc["phantom"]["overrides"] = {"tumour_median_diameter_mm": 55.0, "noise_hu": 7.0}
+    path.write_text(yaml.safe_dump(doc))
+    pretrain(path, tmp_path / "pre", dataset="d", licence="l", steps=1, overrides=TINY)
+    written = json.loads((tmp_path / "data" / "public" / "phantom.json").read_text())
+    assert written["profile"]["tumour_median_diameter_mm"] == 55.0
+    assert written["profile"]["noise_hu"] == 7.0
+
+
+def test_phantom_overrides_name_the_site_and_the_field(tmp_path):
+    path = write_site_yaml(tmp_path, "demo", cases=2, generate=False)
+    doc = yaml.safe_load(path.read_text())
+    doc["phantom"]["overrides"] = {"tumour_size_mm": 55.0}
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ValueError, match=r"site demo: phantom.overrides: tumour_size"):
+        write_site_phantom(load_site_config(path))
+    assert not (tmp_path / "data" / "demo").exists()  # nothing half-written
+    doc["phantom"].update(task="classification", overrides={"noise_hu": 1.0})
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ValueError, match="remove it for task: classification"):
+        load_site_config(path)
