@@ -13,15 +13,16 @@ on the tuning split instead, for choosing recipe settings). Rows, per seed:
 - one row per ``--recipe NAME:KEY=VALUE[,KEY=VALUE]`` (plan overrides, FedAvg
   with DP at the reference epsilon);
 - ``pretrained``: ``kidneyfl pretrain`` on the public set for the budget's
-  steps, evaluated as is; ``pretrained + fedavg DP``: a federation started
-  from it (``initial-checkpoint``), with its gain over the pretrained model;
-  one more row per ``--pretrained-recipe NAME:KEY=VALUE`` (plan overrides on
-  that federation, e.g. a lower learning rate).
+  steps (or ``--pretrain-steps``), evaluated as is; ``pretrained + fedavg DP``:
+  a federation started from it (``initial-checkpoint``), with its gain over
+  the pretrained model; with ``--pretrained-recipe NAME:KEY=VALUE`` (plan
+  overrides on that federation, e.g. a lower learning rate), one row per
+  recipe instead.
 
 ``--rows`` picks row groups (``reference``: FedAvg, local and pooled without
-DP; ``curve``: FedAvg DP at each epsilon, local and pooled DP; ``recipes``;
-``pretrained``); ``--merge FILE`` adds this run's rows to an earlier results
-JSON instead of starting a new one (one row, seed by seed).
+DP; ``curve``: FedAvg DP at each epsilon, local and pooled DP; ``epsilons``:
+FedAvg DP at each epsilon only; ``recipes``; ``pretrained``); ``--merge FILE``
+adds this run's rows to an earlier results JSON instead of starting a new one.
 
 Local and pooled rows are ``sim.baselines`` of the FedAvg runs (no DP, and
 DP at the reference epsilon); federated rows are real Flower simulations.
@@ -138,6 +139,15 @@ class Bench:
         self.plan = dict(QUICK_PLAN if args.quick else PLAN)
         self.stamp = time.strftime("%Y%m%d-%H%M%S")
         self.budget = site_steps(self.plan, self.sizes.train)
+        # pretraining on public data costs no privacy: by default the rows'
+        # whole budget (all sites' steps), or --pretrain-steps
+        default = self.budget * len(bench.HOSPITALS)
+        self.pretrain_steps = args.pretrain_steps or default
+        self.pretrained_row = (
+            "pretrained"
+            if self.pretrain_steps == default
+            else f"pretrained ({self.pretrain_steps} steps)"
+        )
 
     def sites(self, run: str, dp: bool) -> list[Path]:
         """Site YAMLs for one run: its own state folders (a fresh privacy
@@ -249,13 +259,13 @@ PRETRAIN_KEYS = ("model", "augmentation")
 
 
 def pretrained(b: Bench, seed: int, extra: dict | None = None) -> tuple[Path, dict]:
-    """``kidneyfl pretrain`` on the public set for the whole budget's steps
+    """``kidneyfl pretrain`` on the public set for ``b.pretrain_steps`` steps
     (with the plan keys ``extra``); returns the checkpoint and its row."""
     from cli.pretrain import pretrain
 
     public = bench.public_yaml(b.work / "sites" / "public.yaml", b.work, b.sizes)
     plan = b.plan | {"seed": seed} | (extra or {})
-    steps = b.budget * len(bench.HOSPITALS)
+    steps = b.pretrain_steps
     # one pretrained model per seed, plan and data, reused by later runs
     key = json.dumps([plan, steps, vars(b.sizes)], sort_keys=True).encode()
     out = b.work / "pretrained" / f"seed{seed}-{hashlib.sha256(key).hexdigest()[:12]}"
@@ -273,7 +283,7 @@ def pretrained(b: Bench, seed: int, extra: dict | None = None) -> tuple[Path, di
                  "checkpoint": out.name, "train_s": trained_s}  # fmt: skip
 
 
-ROW_GROUPS = ("reference", "curve", "recipes", "pretrained")
+ROW_GROUPS = ("reference", "curve", "epsilons", "recipes", "pretrained")
 
 
 def run_seed(
@@ -297,25 +307,31 @@ def run_seed(
         save(f"fedavg DP eps={ref:g}", res)
         for row, r in baselines(b, sites, run_dir, res, dp=True).items():
             save(f"{row} eps={ref:g}", r)
+    if "epsilons" in args.rows:  # FedAvg DP at each --epsilons value only
+        for eps in args.epsilons:
+            res = federated(b, f"dp-eps{eps:g}", seed, eps, {})[2]
+            save(f"fedavg DP eps={eps:g}", res)
     if "recipes" in args.rows:
         for name, overrides in args.recipes:
             res = federated(b, f"recipe-{name}", seed, ref, overrides)[2]
             save(f"recipe {name}", res)
     if "pretrained" in args.rows:
+        pre = b.pretrained_row
         ckpt, res = pretrained(b, seed)
-        save("pretrained", res)
+        save(pre, res)
         extra = {"initial-checkpoint": str(ckpt)}
-        res = federated(b, "pretrained-dp", seed, ref, extra)[2]
-        save(f"pretrained + fedavg DP eps={ref:g}", res | {"base": "pretrained"})
+        if not args.pretrained_recipes:
+            res = federated(b, "pretrained-dp", seed, ref, extra)[2]
+            save(f"{pre} + fedavg DP eps={ref:g}", res | {"base": pre})
         for name, overrides in args.pretrained_recipes:
-            base, start = "pretrained", extra
+            base, start = pre, extra
             if own := {k: v for k, v in overrides.items() if k in PRETRAIN_KEYS}:
-                base = f"pretrained ({name})"
+                base = f"{pre} [{name}]"
                 ckpt_own, res = pretrained(b, seed, own)
                 save(base, res)
                 start = {"initial-checkpoint": str(ckpt_own)}
             res = federated(b, f"pretrained-{name}", seed, ref, start | overrides)[2]
-            save(f"pretrained + {name}", res | {"base": base})
+            save(f"{pre} + {name}", res | {"base": base})
 
 
 def run(args: argparse.Namespace, b: Bench, out_path: Path) -> dict:
@@ -425,6 +441,13 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NAME:KEY=VALUE[,KEY=VALUE]",
         help="a row: plan overrides on the federation from the pretrained model",
+    )
+    p.add_argument(
+        "--pretrain-steps",
+        type=int,
+        default=None,
+        help="optimiser steps of the pretrained model (default: the rows' budget, "
+        "all sites' steps); other values name their rows",
     )
     p.add_argument(
         "--rows",

@@ -69,8 +69,12 @@ def gain(out: dict) -> str:
     region (each ``pretrained + ...`` row minus the pretrained row it started
     from, mean over seeds)."""
     rows = out["rows"]
-    feds = [r for r in rows if r.startswith("pretrained + ")]
-    if "pretrained" not in rows or not feds:
+    feds = [
+        r
+        for r, by_seed in rows.items()
+        if "base" in next(iter(by_seed.values())) or r.startswith("pretrained + ")
+    ]
+    if not feds:
         return ""
     sites = list(bench.HOSPITALS)
     lines = ["\n\n| gain over pretrained (k / t / c) | " + " | ".join(sites) + " |"]
