@@ -21,7 +21,9 @@ on the tuning split instead, for choosing recipe settings). Rows, per seed:
 
 ``--rows`` picks row groups (``reference``: FedAvg, local and pooled without
 DP; ``curve``: FedAvg DP at each epsilon, local and pooled DP; ``epsilons``:
-FedAvg DP at each epsilon only; ``recipes``; ``pretrained``); ``--merge FILE``
+FedAvg DP at each epsilon only; ``recipes``; ``pretrained``;
+``pretrained-references``: FedAvg, local and pooled without DP from the
+pretrained model, with the first pretrained recipe's keys); ``--merge FILE``
 adds this run's rows to an earlier results JSON instead of starting a new one.
 
 Local and pooled rows are ``sim.baselines`` of the FedAvg runs (no DP, and
@@ -283,7 +285,14 @@ def pretrained(b: Bench, seed: int, extra: dict | None = None) -> tuple[Path, di
                  "checkpoint": out.name, "train_s": trained_s}  # fmt: skip
 
 
-ROW_GROUPS = ("reference", "curve", "epsilons", "recipes", "pretrained")
+ROW_GROUPS = (
+    "reference",
+    "curve",
+    "epsilons",
+    "recipes",
+    "pretrained",
+    "pretrained-references",
+)
 
 
 def run_seed(
@@ -332,6 +341,17 @@ def run_seed(
                 start = {"initial-checkpoint": str(ckpt_own)}
             res = federated(b, f"pretrained-{name}", seed, ref, start | overrides)[2]
             save(f"{pre} + {name}", res | {"base": base})
+    if "pretrained-references" in args.rows:
+        # the federation's references from the same start, with the first
+        # pretrained recipe's keys: FedAvg, each site alone and pooled, no DP
+        ckpt, _ = pretrained(b, seed)
+        keys = dict(args.pretrained_recipes[0][1]) if args.pretrained_recipes else {}
+        extra = {"initial-checkpoint": str(ckpt)} | keys
+        run_dir, sites, res = federated(b, "pretrained-fedavg", seed, None, extra)
+        pre = b.pretrained_row
+        save(f"{pre} + fedavg (no DP)", res | {"base": pre})
+        for row, r in baselines(b, sites, run_dir, res, dp=False).items():
+            save(f"{pre} + {row} (no DP)", r | {"base": pre})
 
 
 def run(args: argparse.Namespace, b: Bench, out_path: Path) -> dict:

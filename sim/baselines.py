@@ -3,7 +3,8 @@
 What federated learning is compared with (issue 6). After a simulated run,
 with the run's own plan and preprocessing:
 
-- ``local``: every site trains alone, from the same initial weights, for the
+- ``local``: every site trains alone, from the same initial weights (the
+  plan's ``initial-checkpoint`` when it has one), with the same recipe, for the
   same local optimiser steps it ran in the federation (rounds x local epochs x
   its steps per epoch);
 - ``pooled``: one model trains on all sites' training data together, for as
@@ -85,6 +86,12 @@ def _train(
 ) -> nn.Module:
     task = get_task(plan.task)
     model = build_plan_model(plan)
+    if plan.initial_checkpoint:  # the federation's own start: a pretrained model
+        from server.checkpoint import load_initial
+
+        import_state(
+            model, load_initial(plan.initial_checkpoint, plan.task, plan.model)[0]
+        )
     _, per_epoch = poisson_schedule(n, plan.batch_size)
     local_train(
         model,
@@ -98,6 +105,8 @@ def _train(
         seed=seed % 2**31,
         dp=_dp(plan, sites, n, steps),
         max_steps=steps,
+        multiplicity=plan.augmentation_multiplicity,
+        trainable=plan.trainable_parameters,
     )
     return model
 

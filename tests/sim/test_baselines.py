@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import torch
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from cli.main import build_parser
@@ -116,3 +117,33 @@ def test_fine_tune_round_records_per_site_results():
     assert set(out["sites"]) == {"a", "b"}
     assert out["refused"] == {"c": "over budget"}
     assert "node died" in out["failed"]["node-4"]
+
+
+def test_baselines_start_where_the_federation_started(tmp_path):
+    """With ``initial-checkpoint``, local and pooled models start from the
+    pretrained weights and train with the plan's recipe: with biases only,
+    every other weight is still the pretrained one afterwards."""
+    from cli.pretrain import pretrain
+    from client.tasks.registry import get_task
+    from common.config import load_site_config
+    from sim.baselines import _train
+
+    public = write_site_yaml(tmp_path, "public", cases=3, privacy={"enabled": False})
+    pre = pretrain(
+        public, tmp_path / "pre", dataset="d", licence="l", steps=1, overrides=TINY_PLAN
+    )
+    site = load_site_config(write_site_yaml(tmp_path, "a", cases=4, seed=3))
+    plan = Plan.model_validate(
+        TINY_PLAN | {"initial-checkpoint": str(pre), "trainable-parameters": "biases"}
+    )
+    data = get_task(plan.task).load_data(site, plan)
+    model = _train(plan, data.train, data.n_train, 2, [site], seed=0)
+    from server.checkpoint import load_checkpoint
+
+    start, _ = load_checkpoint(pre)
+    state = model.state_dict()
+    frozen = [k for k in start if not k.endswith(".bias")]
+    assert frozen and all(torch.equal(state[k], start[k]) for k in frozen)
+    assert any(
+        not torch.equal(state[k], start[k]) for k in start if k.endswith(".bias")
+    )
