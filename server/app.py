@@ -30,7 +30,13 @@ from server.liveness import LivenessGrid, SitesGone, wait_for_sites
 from server.lr_schedule import learning_rates
 from server.preprocessing_round import federated_preprocessing, preprocessing_config
 from server.reporting.live_report import LiveReport, live_report
-from server.reporting.metrics_log import read_metrics, summary_table
+from server.reporting.metrics_log import (
+    read_metrics,
+    read_start,
+    round_line,
+    summary_table,
+    write_start,
+)
 from server.reporting.status import ProgressGrid, RunStatus
 from server.round_end import RoundEnd, RunMeta
 from server.run_start import StartPoint, start_point
@@ -161,6 +167,10 @@ def run_rounds(
     )
     strategy = _strategy(grid, plan, start, base_config, round_end)
     initial = ArrayRecord(start.state)
+    if start.origin is not None and start.done == 0 and plan.fraction_evaluate > 0:
+        status.update(phase="evaluating the starting model")
+        rec = strategy.evaluate_start(grid, initial, plan.round_timeout)
+        log.info("%s", round_line(write_start(run_dir, rec)))
     result = strategy.start(
         grid=grid,
         initial_arrays=initial,
@@ -259,6 +269,6 @@ def _finish(run_dir: Path, plan: Plan, status: RunStatus, reports: LiveReport) -
     status.update(
         state="finished", rounds_done=plan.num_server_rounds, phase="", message=""
     )
-    log.info("\n%s", summary_table(entries))
+    log.info("\n%s", summary_table(entries, read_start(run_dir)))
     log.info("final model: %s", run_dir / "final")
     deliver(run_dir)

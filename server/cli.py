@@ -9,7 +9,12 @@ from server.deliver import SamplesFn
 
 
 def _status(args: argparse.Namespace) -> int:
-    from server.reporting.metrics_log import read_metrics, round_line, summary_table
+    from server.reporting.metrics_log import (
+        read_metrics,
+        read_start,
+        round_line,
+        summary_table,
+    )
     from server.reporting.status import progress_text, read_status, status_line
 
     run_dir = Path(args.run_dir)
@@ -19,14 +24,15 @@ def _status(args: argparse.Namespace) -> int:
         )
     status, entries = read_status(run_dir), read_metrics(run_dir)
     print(f"run {run_dir.name}: {status_line(status)}")
-    for e in entries:
+    start = read_start(run_dir)
+    for e in [start] * (start is not None) + entries:
         print(round_line(e))
     progress = progress_text(status)
     if progress:
         print(progress)
     if entries and status.get("state") not in ("running", "waiting-for-sites"):
         print()
-        print(summary_table(entries))
+        print(summary_table(entries, start))
     if (run_dir / "report.html").is_file():
         print(f"\nreport: {run_dir / 'report.html'}")
     return 0
@@ -34,15 +40,21 @@ def _status(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from server.deliver import report
-    from server.reporting.metrics_log import read_metrics, round_line, summary_table
+    from server.reporting.metrics_log import (
+        read_metrics,
+        read_start,
+        round_line,
+        summary_table,
+    )
 
     entries = read_metrics(Path(args.run_dir))
     if not entries:
         raise FileNotFoundError(f"{args.run_dir}: no metrics.jsonl with rounds")
-    for e in entries:
+    start = read_start(Path(args.run_dir))
+    for e in [start] * (start is not None) + entries:
         print(round_line(e))
     print()
-    print(summary_table(entries))
+    print(summary_table(entries, start))
     samples = None if args.no_samples else args.samples
     print(f"\nreport: {report(Path(args.run_dir), samples=samples)}")
     return 0

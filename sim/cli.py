@@ -85,7 +85,7 @@ def audit_finish(run_dir: Path) -> str:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from server.reporting.metrics_log import read_metrics, summary_table
+    from server.reporting.metrics_log import read_metrics, read_start, summary_table
     from sim.runner import simulate
 
     kinds = [k for k in (args.baselines or "").split(",") if k]
@@ -114,7 +114,7 @@ def _simulate(args: argparse.Namespace) -> int:
     )
     entries = read_metrics(run_dir)
     print()
-    print(summary_table(entries))
+    print(summary_table(entries, read_start(run_dir)))
     print(f"\nreport: {run_dir / 'report.html'}")
     if kinds:
         path = simulate_baselines(

@@ -20,7 +20,7 @@ import threading
 from pathlib import Path
 from typing import IO, Any
 
-from server.reporting.metrics_log import read_metrics, round_line
+from server.reporting.metrics_log import read_metrics, read_start, round_line
 from server.reporting.status import progress_text, read_status
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -101,6 +101,7 @@ class RunConsole:
         self._out = out
         self._dedup = Deduplicator()
         self._rounds_seen = len(read_metrics(self.run_dir))
+        self._start_seen = read_start(self.run_dir) is not None  # resumed: shown
         self._poll_s = poll_s
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -168,6 +169,10 @@ class RunConsole:
     def poll(self) -> None:
         """Print round lines not yet shown; refresh the progress line."""
         entries = read_metrics(self.run_dir)
+        if not self._start_seen and (start := read_start(self.run_dir)) is not None:
+            self._start_seen = True  # the pretrained start, before round 1
+            if not self.verbose:
+                self.say(round_line(start))
         for entry in entries[self._rounds_seen :]:
             if not self.verbose:  # verbose: the coordinator's own line is shown
                 self.say(round_line(entry))

@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from common import wire
+from common.atomic import atomic_write_json
 from common.metrics import KITS_REGIONS
 from server.reporting.round_record import RoundRecord, weighted_eval_means
 
 METRICS_FILE = "metrics.jsonl"
+START_FILE = "start-evaluation.json"  # the pretrained start, evaluated (round 0)
 
 
 def _clean(obj: Any) -> Any:
@@ -117,10 +120,31 @@ def headline(entry: dict[str, Any]) -> tuple[str, tuple[str, ...], str, str]:
     return "Dice kidney/masses/tumour", dice, wire.dice_key("kidney"), "kidney"
 
 
+def write_start(run_dir: Path, rec: RoundRecord) -> dict[str, Any]:
+    """Write ``start-evaluation.json``: the starting model (a pretrained
+    ``initial-checkpoint``) evaluated at every site before round 1, what the
+    federation's gain is measured against. Returns its entry (round 0)."""
+    entry = round_entry(rec)
+    entry["time"] = time.time()
+    atomic_write_json(run_dir / START_FILE, entry)
+    return entry
+
+
+def read_start(run_dir: Path) -> dict[str, Any] | None:
+    """The run's ``start-evaluation.json``, or None (no pretrained start, or
+    an unreadable file: the summary then compares with round 1)."""
+    try:
+        entry = json.loads((run_dir / START_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return entry if isinstance(entry, dict) and "evaluate" in entry else None
+
+
 def round_line(entry: dict[str, Any]) -> str:
     """One line per round for the terminal: the task's headline metric per site
-    (Dice, or balanced accuracy for classification) and epsilon per site."""
-    parts = [f"round {entry['round']:>3}"]
+    (Dice, or balanced accuracy for classification) and epsilon per site; round
+    0 is the starting model, before any training."""
+    parts = ["start    " if entry["round"] == 0 else f"round {entry['round']:>3}"]
     w = entry.get("weighted", {})
     title, cols, site_key, label = headline(entry)
     parts.append(title + " " + "/".join(_fmt(w.get(c), 5).strip() for c in cols))
@@ -129,9 +153,11 @@ def round_line(entry: dict[str, Any]) -> str:
     sp = entry.get("spread", {})
     if any(c in sp for c in cols):
         parts.append("best-worst " + "/".join(_fmt(sp.get(c), 5).strip() for c in cols))
+    start = entry["round"] == 0  # nothing trained yet: no epsilon, no aggregate
     for site, m in sorted(entry.get("evaluate", {}).items()):
         eps = entry.get("epsilon", {}).get(site)
         eps_txt = f" eps={eps:.2f}" if eps is not None else " eps=off"
+        eps_txt = "" if start else eps_txt
         if m.get(wire.METRICS_WITHHELD):
             parts.append(f"{site}: metrics withheld (site choice){eps_txt}")
         elif site_key in m:
@@ -141,20 +167,25 @@ def round_line(entry: dict[str, Any]) -> str:
     for kind in ("refused", "rejected", "failed"):
         for site, why in entry.get(kind, {}).items():
             parts.append(f"{site} {kind.upper()} ({why[:80]})")
-    if not entry.get("aggregated", True):
+    if not entry.get("aggregated", True) and not start:
         parts.append("NOT AGGREGATED")
     return " | ".join(parts)
 
 
-def summary_table(entries: list[dict[str, Any]]) -> str:
-    """Per-site and weighted table of the last round, with first-round Dice."""
+def summary_table(
+    entries: list[dict[str, Any]], start: dict[str, Any] | None = None
+) -> str:
+    """Per-site and weighted table of the last round, with the starting
+    model's metrics in brackets when the run has ``start`` (a pretrained
+    start, :func:`read_start`), else the first round's."""
     if not entries:
         return "no rounds completed"
-    first, last = entries[0], entries[-1]
+    first, last = start or entries[0], entries[-1]
     cols = list(headline(last)[1])
     head = f"{'site':<16}" + "".join(f"{c:>14}" for c in cols)
     head += f"{'val cases':>10}{'epsilon':>9}{'delta':>9}"
-    lines = [f"Summary after round {last['round']} (first round in brackets)", head]
+    what = "the starting model" if start else "first round"
+    lines = [f"Summary after round {last['round']} ({what} in brackets)", head]
     sites = sorted(set(last.get("evaluate", {})) | set(last.get("train", {})))
     for site in sites:
         m = last.get("evaluate", {}).get(site, {})

@@ -237,6 +237,28 @@ class SiteAwareStrategy(Strategy):
             self.on_round_end(rec, self._sent)
         return MetricRecord(means) if means else None
 
+    def evaluate_start(
+        self, grid: Grid, arrays: ArrayRecord, timeout: float
+    ) -> RoundRecord:
+        """Evaluate the starting model at the sites before round 1 (round 0).
+
+        For a pretrained ``initial-checkpoint``: the per-site baseline the
+        federation's gain is measured against. The same evaluate message and
+        site choices as every round; nothing is trained, aggregated or
+        checkpointed.
+        """
+        self.sites.refresh(grid)
+        messages = self.sites.ask(
+            self.inner.configure_evaluate(
+                0, arrays, self._config(ConfigRecord(), 0), grid
+            )
+        )
+        replies = list(grid.send_and_receive(messages, timeout=timeout))
+        rec = RoundRecord(round=self.global_round(0))
+        self.sites.note_silent(rec, replies)
+        record_evaluation(rec, replies, self.site_of)
+        return rec
+
     # -- server state for checkpoints ---------------------------------------------
     def export_state(self) -> dict[str, np.ndarray]:
         """The inner strategy's server optimiser state (empty if it has none)."""

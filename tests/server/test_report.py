@@ -203,3 +203,27 @@ def test_round_line_says_when_a_site_withholds_and_shows_tumour_false_positives(
     assert "a: kidney 0.810 eps=4.00" in line
     assert "b: metrics withheld (site choice) eps=4.10" in line
     assert "b: kidney 0.000" not in line
+
+
+def test_the_pretrained_start_is_the_summary_s_reference(tmp_path):
+    """A run from a pretrained model shows that model's metrics at each site
+    (round 0) and the summary compares the last round with it, not round 1."""
+    from server.reporting.metrics_log import read_start, summary_table, write_start
+
+    start = RoundRecord(round=0)
+    start.evaluate = {"a": {"dice-kidney": 0.80, "num-val-cases": 10}}
+    entry = write_start(tmp_path, start)
+    line = round_line(entry)
+    assert line.startswith("start     | Dice") and "a: kidney 0.800" in line
+    assert "eps=" not in line and "NOT AGGREGATED" not in line
+    assert read_start(tmp_path)["evaluate"] == entry["evaluate"]
+    last = RoundRecord(round=5)
+    last.evaluate = {"a": {"dice-kidney": 0.90, "num-val-cases": 10}}
+    first = RoundRecord(round=1)
+    first.evaluate = {"a": {"dice-kidney": 0.10, "num-val-cases": 10}}
+    rounds = [round_entry(first), round_entry(last)]
+    table = summary_table(rounds, read_start(tmp_path))
+    assert "(the starting model in brackets)" in table and "0.900 (0.800)" in table
+    assert "0.900 (0.100)" in summary_table(rounds)  # no start: round 1
+    (tmp_path / "start-evaluation.json").write_text("{torn")
+    assert read_start(tmp_path) is None  # the summary falls back to round 1

@@ -10,6 +10,7 @@ from client.cli import privacy_report
 from client.timings import read_timings
 from common.config import load_site_config
 from server.checkpoint import load_checkpoint
+from server.reporting.metrics_log import summary_table
 from sim.runner import simulate
 from tests.fakes import TINY_PLAN, write_site_yaml
 
@@ -66,8 +67,9 @@ def test_federation_with_dp_refusal_checkpoints_and_resume(tmp_path):
     # dependency warnings; Flower's own log is in the run's logs/ in full.
     shown = term.getvalue().splitlines()
     assert shown[0] == "kidneyfl run e2e" and "target epsilon 20" in shown[3]
-    assert [x[:9] for x in shown[6:]] == ["round   1", "round   2"]
-    assert "site-c REFUSED" in shown[6]
+    # the pretrained start is evaluated at every site first (round 0)
+    assert [x[:9] for x in shown[6:]] == ["start    ", "round   1", "round   2"]
+    assert "site-c REFUSED" in shown[7]
     assert len(shown) == len(set(shown)) and "Warning" not in term.getvalue()
     flower_log = (run / "logs" / "flwr.log").read_text()
     assert "[ROUND 2/2]" in flower_log and "Orientationd" not in flower_log
@@ -116,7 +118,18 @@ def test_federation_with_dp_refusal_checkpoints_and_resume(tmp_path):
     # Each site keeps its own timings (load and work per message), locally.
     state = load_site_config(sites[0]).state_dir
     kinds = [(t["round"], t["kind"]) for t in read_timings(state)]
-    assert kinds == [(1, "train"), (1, "evaluate"), (2, "train"), (2, "evaluate")]
+    assert kinds == [
+        (0, "evaluate"),  # the pretrained start, before any training
+        (1, "train"),
+        (1, "evaluate"),
+        (2, "train"),
+        (2, "evaluate"),
+    ]
+    start = json.loads((run / "start-evaluation.json").read_text())
+    assert start["round"] == 0 and not start["train"] and not start["epsilon"]
+    assert set(start["evaluate"]) == {"site-a", "site-b", "site-c"}
+    assert 0 <= start["weighted"]["dice-kidney"] <= 1
+    assert "(the starting model in brackets)" in summary_table(lines, start)
     assert all(t["work_s"] > 0 and t["load_s"] >= 0 for t in read_timings(state))
 
     # Resume: one more round continues from the checkpoint, nothing is lost.
@@ -125,4 +138,6 @@ def test_federation_with_dp_refusal_checkpoints_and_resume(tmp_path):
     )
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [e["round"] for e in lines] == [1, 2, 3]
+    # a resumed run does not evaluate its start again
+    assert json.loads((run / "start-evaluation.json").read_text()) == start
     assert json.loads((run / "checkpoints" / "latest.json").read_text())["round"] == 3
