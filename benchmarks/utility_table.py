@@ -148,6 +148,10 @@ def plot(out: dict, path) -> None:
             "local": ("tab:gray", ":"),
             "pretrained": ("tab:olive", ":"),
             "pretrained + fedavg DP eps=8": ("tab:green", "-."),
+            # the recommended recipe and its reference (docs/utility.md)
+            "pretrained (720 steps)": ("tab:brown", ":"),
+            "pretrained (720 steps) + pooled (no DP)": ("tab:purple", "-"),
+            "pretrained (720 steps) + fedavg DP eps=8 lr 0.003": ("tab:red", "-."),
         }
         for row, (colour, line) in styles.items():
             if row in pts:

@@ -16,8 +16,10 @@ unchanged. Without DP the same code path gives exactly the gradient of
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -129,17 +131,42 @@ def local_train(
     """
     torch.manual_seed(seed)
     model.to(device).train()
-    frozen = _freeze(model, trainable)
-    try:
-        return _train(
-            model, dataset, loss_fn, epochs=epochs, batch_size=batch_size,
-            learning_rate=learning_rate, optimizer=optimizer, device=device,
-            seed=seed, dp=dp, proximal_mu=proximal_mu, anchor=anchor,
-            max_steps=max_steps, multiplicity=multiplicity,
-        )  # fmt: skip
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
+    with _trains_only(model, trainable):
+        prox = _proximal_pairs(model, proximal_mu, anchor, device)
+        gen = torch.Generator().manual_seed(seed)
+        if multiplicity > 1:
+            dataset = Multiplicity(dataset, multiplicity)
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=gen)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = _optimizer(optimizer, params, learning_rate)
+        net = model
+        if dp is not None:
+            net, opt, loader = make_private(
+                model,
+                opt,
+                loader,
+                dp.noise_multiplier,
+                dp.max_grad_norm,
+                dp.grad_sample_mode,
+            )
+        try:
+            total, batches, steps = _epochs(
+                net,
+                opt,
+                loader,
+                loss_fn,
+                epochs,
+                device,
+                prox,
+                proximal_mu,
+                max_steps,
+                multiplicity,
+            )
+        finally:
+            if net is not model:
+                net.remove_hooks()  # leave ``model`` a plain module, trained in place
+        mean_loss = total / batches if batches else math.nan
+        return TrainStats(loss=mean_loss, steps=steps, n_cases=len(dataset))
 
 
 def trainable_names(model: nn.Module, which: str) -> set[str]:
@@ -174,66 +201,18 @@ def trainable_names(model: nn.Module, which: str) -> set[str]:
     return keep
 
 
-def _freeze(model: nn.Module, which: str) -> list[nn.Parameter]:
+@contextlib.contextmanager
+def _trains_only(model: nn.Module, which: str) -> Iterator[None]:
+    """Freeze the parameters ``which`` leaves out, for the ``with`` block."""
     keep = trainable_names(model, which)
     frozen = [p for n, p in model.named_parameters() if n not in keep]
     for p in frozen:
         p.requires_grad_(False)
-    return frozen
-
-
-def _train(
-    model: nn.Module,
-    dataset: Dataset,
-    loss_fn: nn.Module,
-    *,
-    epochs: int,
-    batch_size: int,
-    learning_rate: float,
-    optimizer: str,
-    device: torch.device,
-    seed: int,
-    dp: DPSpec | None,
-    proximal_mu: float,
-    anchor: dict[str, torch.Tensor] | None,
-    max_steps: int | None,
-    multiplicity: int,
-) -> TrainStats:
-    prox = _proximal_pairs(model, proximal_mu, anchor, device)
-    gen = torch.Generator().manual_seed(seed)
-    if multiplicity > 1:
-        dataset = Multiplicity(dataset, multiplicity)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=gen)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = _optimizer(optimizer, params, learning_rate)
-    net = model
-    if dp is not None:
-        net, opt, loader = make_private(
-            model,
-            opt,
-            loader,
-            dp.noise_multiplier,
-            dp.max_grad_norm,
-            dp.grad_sample_mode,
-        )
     try:
-        total, batches, steps = _epochs(
-            net,
-            opt,
-            loader,
-            loss_fn,
-            epochs,
-            device,
-            prox,
-            proximal_mu,
-            max_steps,
-            multiplicity,
-        )
+        yield
     finally:
-        if net is not model:
-            net.remove_hooks()  # leave ``model`` a plain module, trained in place
-    mean_loss = total / batches if batches else math.nan
-    return TrainStats(loss=mean_loss, steps=steps, n_cases=len(dataset))
+        for p in frozen:
+            p.requires_grad_(True)
 
 
 def _epochs(
