@@ -35,14 +35,14 @@ def table(out: dict) -> str:
     """Markdown: per row, Dice (mean over sites, mean ± SD over seeds),
     false-positive rates, steps and minutes; then Dice per site."""
     head = ["row", *(f"{r} Dice" for r in REGIONS), "tumour FP", "cyst FP"]
-    lines = ["| " + " | ".join([*head, "steps", "min"]) + " |"]
-    lines.append("|" + "---|" * (len(head) + 2))
+    lines = ["| " + " | ".join([*head, "steps", "seeds", "min"]) + " |"]
+    lines.append("|" + "---|" * (len(head) + 3))
     for row, by_seed in out["rows"].items():
         res = list(by_seed.values())
         keys = [f"dice-{r}" for r in REGIONS] + ["fp-rate-tumour", "fp-rate-cyst"]
         cells = [_cell([_site_mean(r, k) for r in res]) for k in keys]
         minutes = _mean([r["wall_s"] for r in res]) / 60
-        cells += [str(res[0]["steps"]), f"{minutes:.1f}"]
+        cells += [str(res[0]["steps"]), str(len(res)), f"{minutes:.1f}"]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\n" + per_site(out) + gain(out)
 
