@@ -196,3 +196,24 @@ def test_write_site_never_deletes_foreign_cases(tmp_path: Path) -> None:
             tmp_path / "kits", PROFILES["thick-slice-noisy"], n_cases=1, overwrite=True
         )
     assert (foreign / IMAGE_NAME).read_bytes() == b"real data"
+
+
+def test_demo_sites_are_the_utility_benchmark_s_hospitals_and_public_set() -> None:
+    """docs/utility.md's measurements predict the demo only while the demo's
+    phantoms are the benchmark's: same scanners, case mixes and tumour sizes,
+    and the public stand-in is a fourth scanner, trained without DP."""
+    from common.config import load_site_config
+    from sim.phantoms import benchmark as bench
+    from sim.phantoms.sites import site_profile
+
+    root = Path(__file__).resolve().parents[2] / "sites"
+    hospitals = [load_site_config(p) for p in sorted(root.glob("hospital-*.yaml"))]
+    public = load_site_config(root / "public-phantoms.yaml")
+    assert not public.privacy.enabled and all(h.privacy.enabled for h in hospitals)
+    demo = [site_profile(s) for s in [*hospitals, public]]
+    ours = [p for p, _ in bench.HOSPITALS.values()] + [bench.PUBLIC[0]]
+    for got, want in zip(demo, ours, strict=True):
+        assert got.model_dump(exclude={"name"}) == want.model_dump(exclude={"name"})
+    scanners = {(p.slice_thickness_mm, p.noise_hu, p.intensity_offset_hu) for p in demo}
+    assert len(scanners) == 4
+    assert public.phantom.seed not in {h.phantom.seed for h in hospitals}
