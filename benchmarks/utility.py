@@ -23,7 +23,9 @@ on the tuning split instead, for choosing recipe settings). Rows, per seed:
 DP; ``curve``: FedAvg DP at each epsilon, local and pooled DP; ``epsilons``:
 FedAvg DP at each epsilon only; ``recipes``; ``pretrained``;
 ``pretrained-references``: FedAvg, local and pooled without DP from the
-pretrained model, with the first pretrained recipe's keys); ``--merge FILE``
+pretrained model, with the first pretrained recipe's keys; ``pretrained-curve``:
+FedAvg DP at each epsilon, local and pooled DP, from the pretrained model with
+the first pretrained recipe's keys); ``--merge FILE``
 adds this run's rows to an earlier results JSON instead of starting a new one.
 
 Local and pooled rows are ``sim.baselines`` of the FedAvg runs (no DP, and
@@ -292,6 +294,7 @@ ROW_GROUPS = (
     "recipes",
     "pretrained",
     "pretrained-references",
+    "pretrained-curve",
 )
 
 
@@ -352,6 +355,41 @@ def run_seed(
         save(f"{pre} + fedavg (no DP)", res | {"base": pre})
         for row, r in baselines(b, sites, run_dir, res, dp=False).items():
             save(f"{pre} + {row} (no DP)", r | {"base": pre})
+    if "pretrained-curve" in args.rows:
+        pretrained_curve(b, seed, args, save)
+
+
+def pretrained_curve(
+    b: Bench, seed: int, args: argparse.Namespace, save: Callable[[str, dict], None]
+) -> None:
+    """The privacy-utility curve from the public start, with the first
+    pretrained recipe's keys: FedAvg with DP at each ``--epsilons`` value, and
+    each site alone and pooled with DP at the reference epsilon.
+
+    The reference epsilon's federation is reused when the ``pretrained`` group
+    (of this run or of a ``--merge`` run) already saved it for this seed and
+    its run folder is still on disk: its row is kept as it was and the
+    baselines start from its run; otherwise it is run and saved.
+    """
+    ref = args.reference_epsilon
+    ckpt, _ = pretrained(b, seed)
+    name, keys = args.pretrained_recipes[0] if args.pretrained_recipes else ("", {})
+    extra = {"initial-checkpoint": str(ckpt)} | dict(keys)
+    pre, tail = b.pretrained_row, f" {name}" if name else ""
+    for eps in sorted({*args.epsilons, ref}):
+        row = f"{pre} + fedavg DP eps={eps:g}{tail}"
+        kept = args.saved_rows.get(row, {}).get(str(seed))
+        if eps == ref and kept and (b.work / "runs" / kept["run"]).is_dir():
+            run_dir, res = b.work / "runs" / kept["run"], kept
+            sites = b.sites(kept["run"], dp=True)
+        else:
+            run_dir, sites, res = federated(
+                b, f"pretrained-dp-eps{eps:g}", seed, eps, extra
+            )
+            save(row, res | {"base": pre})
+        if eps == ref:
+            for kind, r in baselines(b, sites, run_dir, res, dp=True).items():
+                save(f"{pre} + {kind} eps={ref:g}{tail}", r | {"base": pre})
 
 
 def run(args: argparse.Namespace, b: Bench, out_path: Path) -> dict:
@@ -387,6 +425,7 @@ def run(args: argparse.Namespace, b: Bench, out_path: Path) -> dict:
         out = _merged(earlier, out, args.merge)
 
     base_wall = out.get("wall_s", 0.0)
+    args.saved_rows = out["rows"]  # rows this run or a merged one saved
 
     def save(seed: int, row: str, result: dict) -> None:
         out["rows"].setdefault(row, {})[str(seed)] = result

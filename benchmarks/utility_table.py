@@ -112,61 +112,95 @@ def curve_points(out: dict, region: str) -> dict[str, tuple[float, float]]:
     return points
 
 
+# The plot's curves: (label, row prefix, row suffix, no-DP row, colour). A curve
+# is FedAvg with DP at each integer epsilon (``{prefix}{eps}{suffix}``), its
+# no-DP row at the right; the accounting row (6.9) is in the table only.
+CURVES = (
+    ("FedAvg from random weights", "fedavg DP eps=", "", "fedavg", "tab:blue"),
+    (
+        "FedAvg from the public model (720 steps, lr 0.003)",
+        "pretrained (720 steps) + fedavg DP eps=",
+        " lr 0.003",
+        "pretrained (720 steps) + fedavg (no DP)",
+        "tab:red",
+    ),
+)
+# horizontal references: row -> (legend, colour, line style)
+REFERENCES = {
+    "pooled": ("pooled, no DP (random start)", "k", "-"),
+    "pooled DP eps=8": ("pooled, DP eps 8 (random start)", "k", "--"),
+    "local": ("each site alone, no DP (random start)", "tab:gray", ":"),
+    "pretrained (720 steps)": ("the public model alone", "tab:brown", ":"),
+    "pretrained (720 steps) + pooled (no DP)": (
+        "pooled from the public model, no DP",
+        "tab:purple",
+        "-",
+    ),
+    "pretrained (720 steps) + pooled DP eps=8 lr 0.003": (
+        "pooled from the public model, DP eps 8",
+        "tab:purple",
+        "--",
+    ),
+}
+
+
+def curve(pts: dict, prefix: str, suffix: str) -> list[tuple[float, float, float]]:
+    """(epsilon, mean, SD) of a curve's rows, by epsilon; integer epsilons only."""
+    found = []
+    for row, (mean, sd) in pts.items():
+        if row.startswith(prefix) and row.endswith(suffix):
+            eps = row[len(prefix) : len(row) - len(suffix)]
+            try:
+                value = float(eps)
+            except ValueError:
+                continue
+            if value % 1 == 0:
+                found.append((value, mean, sd))
+    return sorted(found)
+
+
 def plot(out: dict, path) -> None:
     """Dice against epsilon per region: FedAvg with DP at each epsilon (and
-    without DP at the right), with pooled, pooled-DP, local and pretrained
-    references; error bars are the SD over seeds. Written as a PNG."""
+    without DP at the right), from random weights and from the public model,
+    with pooled, pooled-DP, local and public-model references; error bars are
+    the SD over seeds. Written as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(REGIONS), figsize=(12, 3.6), sharey=True)
+    fig, axes = plt.subplots(1, len(REGIONS), figsize=(12, 3.8), sharey=True)
     for ax, region in zip(axes, REGIONS, strict=True):
         pts = curve_points(out, region)
-        dp = sorted(
-            (float(row.rsplit("=", 1)[1]), *v)
-            for row, v in pts.items()
-            # the curve's epsilons; the accounting row (6.9) is in the table
-            if row.startswith("fedavg DP eps=")
-            and float(row.rsplit("=", 1)[1]) % 1 == 0
-        )
-        xs = [e for e, _, _ in dp]
+        curves = [(c, curve(pts, c[1], c[2])) for c in CURVES]
+        xs = sorted({e for _, found in curves for e, _, _ in found})
         no_dp_x = max(xs) * 2.5 if xs else 1.0
-        if "fedavg" in pts:
-            dp.append((no_dp_x, *pts["fedavg"]))
-        if dp:
-            ax.errorbar(
-                [p[0] for p in dp],
-                [p[1] for p in dp],
-                yerr=[p[2] for p in dp],
-                marker="o",
-                capsize=3,
-                label="FedAvg (right: no DP)",
-            )
-        styles = {
-            "pooled": ("k", "-"),
-            "pooled DP eps=8": ("k", "--"),
-            "local": ("tab:gray", ":"),
-            "pretrained": ("tab:olive", ":"),
-            "pretrained + fedavg DP eps=8": ("tab:green", "-."),
-            # the recommended recipe and its reference (docs/utility.md)
-            "pretrained (720 steps)": ("tab:brown", ":"),
-            "pretrained (720 steps) + pooled (no DP)": ("tab:purple", "-"),
-            "pretrained (720 steps) + fedavg DP eps=8 lr 0.003": ("tab:red", "-."),
-        }
-        for row, (colour, line) in styles.items():
+        for (label, _, _, no_dp, colour), found in curves:
+            if no_dp in pts:
+                found = [*found, (no_dp_x, *pts[no_dp])]
+            if found:
+                ax.errorbar(
+                    [p[0] for p in found],
+                    [p[1] for p in found],
+                    yerr=[p[2] for p in found],
+                    marker="o",
+                    capsize=3,
+                    color=colour,
+                    label=f"{label} (right: no DP)",
+                )
+        for row, (label, colour, line) in REFERENCES.items():
             if row in pts:
-                ax.axhline(pts[row][0], color=colour, linestyle=line, label=row)
+                ax.axhline(pts[row][0], color=colour, linestyle=line, label=label)
         ax.set_xscale("log")
-        ticks = [*xs, no_dp_x]
-        ax.set_xticks(ticks, [f"{t:g}" for t in xs] + ["no DP"])
+        ax.set_xticks([*xs, no_dp_x], [f"{t:g}" for t in xs] + ["no DP"])
+        ax.minorticks_off()
         ax.set_title(f"{region} Dice")
         ax.set_xlabel("epsilon per site (delta 1e-3)")
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("Dice (mean over sites and seeds)")
-    axes[-1].legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=3)
+    fig.tight_layout(rect=(0, 0.17, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -70,3 +70,72 @@ def test_merge_refuses_runs_that_are_not_comparable(scripts):
     other = {"config": config | {"plan": {"model": "unet-small"}}, "rows": {}}
     with pytest.raises(ValueError, match="differs in plan"):
         utility._merged(earlier, other, "old.json")
+
+
+def test_plot_curves_take_their_own_rows_at_integer_epsilons(scripts):
+    # the plot docs/utility.md opens with: a curve must not pick up another
+    # recipe's rows or the accounting row (6.9), and must be ordered by epsilon
+    _, table = scripts
+    pts = {
+        "fedavg DP eps=8": (0.5, 0.04),
+        "fedavg DP eps=1": (0.0, 0.0),
+        "fedavg DP eps=6.9": (0.45, 0.07),
+        "pretrained (720 steps) + fedavg DP eps=3 lr 0.003": (0.88, 0.01),
+        "pretrained (720 steps) + fedavg DP eps=8 lr 0.003": (0.90, 0.01),
+        "pretrained (720 steps) + fedavg DP eps=8 lr 0.01": (0.89, 0.01),
+        "pretrained (720 steps) + fedavg DP eps=8 biases only": (0.88, 0.01),
+    }
+    scratch, public = (table.curve(pts, c[1], c[2]) for c in table.CURVES)
+    assert scratch == [(1.0, 0.0, 0.0), (8.0, 0.5, 0.04)]
+    assert public == [(3.0, 0.88, 0.01), (8.0, 0.90, 0.01)]
+
+
+def test_pretrained_curve_reuses_the_saved_federation_instead_of_overwriting_it(
+    scripts, tmp_path, monkeypatch
+):
+    # the recommended row's seeds are already measured: the curve group adds
+    # epsilon 1 and 3 and the DP baselines from that same run, and keeps the row
+    utility, _ = scripts
+    import argparse
+
+    b = argparse.Namespace(work=tmp_path, pretrained_row="pretrained (720 steps)")
+    b.sites = lambda run, dp: [tmp_path / run / "site.yaml"]
+    (tmp_path / "runs" / "kept-run").mkdir(parents=True)
+    row = "pretrained (720 steps) + fedavg DP eps=8 lr 0.003"
+    kept = {"run": "kept-run", "eval_s": 1.0, "marker": "measured"}
+    ran, based, saved = [], [], {}
+    monkeypatch.setattr(utility, "pretrained", lambda b, seed: (tmp_path / "ck", {}))
+
+    def federated(b, run, seed, eps, extra):
+        ran.append((eps, extra))
+        return tmp_path / "runs" / run, [], {"run": run, "eval_s": 1.0}
+
+    def baselines(b, sites, run_dir, res, dp):
+        based.append((run_dir.name, res.get("marker"), dp))
+        return {"local DP": {"x": 1}, "pooled DP": {"x": 2}}
+
+    monkeypatch.setattr(utility, "federated", federated)
+    monkeypatch.setattr(utility, "baselines", baselines)
+    args = argparse.Namespace(
+        reference_epsilon=8.0,
+        epsilons=[1.0, 3.0],
+        pretrained_recipes=[("lr 0.003", {"learning-rate": 0.003})],
+        saved_rows={row: {"0": kept}},
+    )
+    utility.pretrained_curve(b, 0, args, lambda r, res: saved.__setitem__(r, res))
+    assert [eps for eps, _ in ran] == [1.0, 3.0]  # epsilon 8 not run again
+    assert all(e["learning-rate"] == 0.003 for _, e in ran)
+    assert all(e["initial-checkpoint"] == str(tmp_path / "ck") for _, e in ran)
+    assert row not in saved  # the measured row is kept as it was
+    assert based == [("kept-run", "measured", True)]
+    assert saved["pretrained (720 steps) + local DP eps=8 lr 0.003"]["base"] == (
+        "pretrained (720 steps)"
+    )
+    assert "pretrained (720 steps) + fedavg DP eps=3 lr 0.003" in saved
+
+    # the run folder is gone (a fresh clone): epsilon 8 is run and saved
+    ran.clear()
+    (tmp_path / "runs" / "kept-run").rmdir()
+    utility.pretrained_curve(b, 0, args, lambda r, res: saved.__setitem__(r, res))
+    assert [eps for eps, _ in ran] == [1.0, 3.0, 8.0]
+    assert saved[row]["run"] == "pretrained-dp-eps8"
