@@ -44,7 +44,7 @@ def table(out: dict) -> str:
         minutes = _mean([r["wall_s"] for r in res]) / 60
         cells += [str(res[0]["steps"]), str(len(res)), f"{minutes:.1f}"]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\n" + per_site(out) + gain(out)
+    return "\n".join(lines) + "\n\n" + per_site(out) + gain(out) + transfer(out)
 
 
 def per_site(out: dict) -> str:
@@ -62,6 +62,33 @@ def per_site(out: dict) -> str:
             cells.append(" / ".join("-" if math.isnan(v) else f"{v:.2f}" for v in per))
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def transfer(out: dict) -> str:
+    """Markdown: each site-alone model at its own hospital and at the other
+    hospitals (``matrix`` of the local rows), kidney / tumour Dice, mean over
+    models and seeds; a federated model's is its row's mean over sites."""
+    lines = []
+    for row, by_seed in out["rows"].items():
+        own, other = {g: [] for g in REGIONS[:2]}, {g: [] for g in REGIONS[:2]}
+        for r in by_seed.values():
+            for trained, at in r.get("matrix", {}).items():
+                for site, m in at.items():
+                    for g in REGIONS[:2]:
+                        if f"dice-{g}" in m:
+                            (own if site == trained else other)[g].append(
+                                m[f"dice-{g}"]
+                            )
+        if own["kidney"] and other["kidney"]:
+            cells = [
+                " / ".join(f"{_mean(d[g]):.3f}" for g in REGIONS[:2])
+                for d in (own, other)
+            ]
+            lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    if not lines:
+        return ""
+    head = "| each site's own model (k / t) | at its own hospital | at the others |"
+    return "\n\n" + "\n".join([head, "|---|---|---|", *lines])
 
 
 def gain(out: dict) -> str:

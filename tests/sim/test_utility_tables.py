@@ -139,3 +139,25 @@ def test_pretrained_curve_reuses_the_saved_federation_instead_of_overwriting_it(
     utility.pretrained_curve(b, 0, args, lambda r, res: saved.__setitem__(r, res))
     assert [eps for eps, _ in ran] == [1.0, 3.0, 8.0]
     assert saved[row]["run"] == "pretrained-dp-eps8"
+
+
+def test_transfer_table_separates_a_site_model_s_own_hospital_from_the_others(
+    scripts,
+):
+    # a site-alone model must not be credited with its home score everywhere:
+    # that is what tells a consortium what the shared model adds
+    _, table = scripts
+    sites = ("hospital-thin", "hospital-standard", "hospital-thick")
+    home, away = (
+        {"dice-kidney": 0.9, "dice-tumour": 0.7},
+        {
+            "dice-kidney": 0.6,
+            "dice-tumour": 0.3,
+        },
+    )
+    matrix = {a: {b: home if a == b else away for b in sites} for a in sites}
+    own = {s: matrix[s][s] for s in sites}
+    out = {"rows": {"local DP": {"0": {"sites": own, "wall_s": 1, "steps": 1,
+                                       "matrix": matrix}}}}  # fmt: skip
+    text = table.table(out)
+    assert "| local DP | 0.900 / 0.700 | 0.600 / 0.300 |" in text
