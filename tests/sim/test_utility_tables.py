@@ -161,3 +161,12 @@ def test_transfer_table_separates_a_site_model_s_own_hospital_from_the_others(
                                        "matrix": matrix}}}}  # fmt: skip
     text = table.table(out)
     assert "| local DP | 0.900 / 0.700 | 0.600 / 0.300 |" in text
+
+
+def test_a_default_run_trains_each_row_once(scripts):
+    # "epsilons" and "curve" both make the FedAvg DP rows: a default run with
+    # both would train them twice and keep only the second
+    utility, _ = scripts
+    rows = utility._parser().parse_args([]).rows
+    assert "curve" in rows and "epsilons" not in rows
+    assert "pretrained-curve" in rows and "pretrained" in rows
