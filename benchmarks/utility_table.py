@@ -67,7 +67,8 @@ def per_site(out: dict) -> str:
 def transfer(out: dict) -> str:
     """Markdown: each site-alone model at its own hospital and at the other
     hospitals (``matrix`` of the local rows), kidney / tumour Dice, mean over
-    models and seeds; a federated model's is its row's mean over sites."""
+    models and seeds; rows without a matrix (federated, pooled) are left out:
+    their one model is already scored at every hospital in the main table."""
     lines = []
     for row, by_seed in out["rows"].items():
         own, other = {g: [] for g in REGIONS[:2]}, {g: [] for g in REGIONS[:2]}
