@@ -35,13 +35,41 @@ class Declined(RuntimeError):
         self.code = code
 
 
+class RequestRefused(RuntimeError):
+    """A request the site will not act on: a value it does not trust.
+
+    Raised before anything is calibrated, spent, trained or released
+    (:mod:`client.request_guard`).
+
+    Parameters
+    ----------
+    code : str
+        ``request-invalid`` (missing, malformed, non-finite or outside the
+        plan's bounds), ``limit-exceeded`` (beyond the site's own limits) or
+        ``query-limit`` (the run's evaluate and query allowance is used up).
+    detail : str
+        Why, for the site's own log: may name the key and the value sent.
+    """
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+
+
 # Failures a site reports under their own code; anything else is internal-error.
-REFUSALS = (Declined, SiteDataError, LedgerError, BudgetExceeded, ConfigError)
+REFUSALS = (
+    Declined,
+    RequestRefused,
+    SiteDataError,
+    LedgerError,
+    BudgetExceeded,
+    ConfigError,
+)
 
 
 def refusal_code(exc: Exception) -> str:
     """The stable code the coordinator sees for a refusal."""
-    if isinstance(exc, Declined):
+    if isinstance(exc, (Declined, RequestRefused)):
         return exc.code
     if isinstance(exc, BudgetExceeded):
         return "budget-exceeded"

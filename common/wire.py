@@ -265,6 +265,14 @@ REFUSAL_CODES: Final = {
     "not-shared": "the site does not share this (its own choice)",
     "withheld": "reply withheld by the site's wire-contract check; see the site's "
     "audit log",
+    # A request the site does not trust (issue 27): a number outside the plan's
+    # bounds, or one that asks for more than the site's own limits allow.
+    "request-invalid": "the request carries a missing, malformed or out-of-bounds "
+    "value; the site spent, trained and released nothing",
+    "limit-exceeded": "the request asks for more than the site's own limits allow "
+    "(rounds, steps, noise or privacy per run); the site spent nothing",
+    "query-limit": "the site has answered as many evaluate and query requests for "
+    "this run as it allows",
     "internal-error": "the site failed to process the request; details are in "
     "the site's own log",
 }
