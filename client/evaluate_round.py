@@ -4,7 +4,11 @@ Both are aggregates not covered by DP, so both are the site's choice: sent only
 when the site's settings allow it and at least its floor of patients stand
 behind them (the coordinator may raise the floor, never lower it). A release
 the site will not make is a refusal (:class:`client.refusals.Declined`) or a
-``metrics-withheld`` marker. Flower-free.
+``metrics-withheld`` marker. The floor holds for every number, not just for
+the whole validation set: a metric over fewer patients (a region only one
+patient has, a rare class) is left out of the reply (:mod:`client.disclosure`),
+and every fingerprint statistic describes at least the floor of patients
+(:func:`common.fingerprint.site_fingerprint`). Flower-free.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import logging
 import time
 from typing import Any
 
+from client.disclosure import denominator_counts, release
 from client.prepare import Reply, Request, Round, prepare, setup
 from client.refusals import Declined
 from client.tasks.segmentation.cases import load_site_cases, raw_volumes
@@ -38,7 +43,10 @@ def validation_metrics(r: Round) -> dict[str, Any]:
     """The task's validation metrics, or only a withheld marker.
 
     Validation metrics are means over validation patients, not covered by DP:
-    the site releases them only by its own choice and above its floor.
+    the site releases them only by its own choice and above its floor. Each
+    metric is held to the floor over its own denominator (the cases with a
+    region, a class's patients): :func:`client.disclosure.release` leaves out
+    the keys below it. Evaluate and fine-tune replies both come through here.
     """
     site, n_val = r.site, r.data.n_val
     values: dict[str, Any] = {wire.NUM_VAL_CASES: n_val}
@@ -53,7 +61,12 @@ def validation_metrics(r: Round) -> dict[str, Any]:
         )
         values[wire.METRICS_WITHHELD] = 1
         return values
-    values.update(r.task.evaluate(r.model, r.data, r.plan, r.device))
+    metrics = r.task.evaluate(r.model, r.data, r.plan, r.device)
+    task_counts = getattr(r.task, "denominators", None)
+    # a task without the method: only the counts its metrics carry are known,
+    # and release() withholds the keys whose count is not
+    extra = task_counts(r.data, r.plan) if task_counts is not None else {}
+    values.update(release(metrics, denominator_counts(metrics, n_val, extra), floor))
     return values
 
 
@@ -80,7 +93,9 @@ def fingerprint_round(request: Request) -> Reply:
     """Aggregate dataset statistics for the federated preprocessing plan.
 
     Sent only if the site shares its fingerprint (``privacy.share_fingerprint``)
-    and has at least its floor of usable patients.
+    and has at least its floor of usable patients; every statistic in it then
+    describes at least that floor of patients (``site_fingerprint``'s
+    ``floor``).
 
     Raises
     ------
@@ -94,9 +109,10 @@ def fingerprint_round(request: Request) -> Reply:
     cases = load_site_cases(site)
     usable = cases.train + cases.validation
     requested = int(r.config.get(wire.FINGERPRINT_MIN_CASES, 5))
-    if len(usable) < aggregate_floor(site, requested):
+    floor = aggregate_floor(site, requested)
+    if len(usable) < floor:
         raise Declined("too-few-cases", "fewer usable patients than the floor")
-    stats = site_fingerprint(raw_volumes(usable, cases.label_map))
+    stats = site_fingerprint(raw_volumes(usable, cases.label_map), floor)
     log_request(
         site.name, "query", None, "sent its fingerprint", f"{len(usable)} cases"
     )

@@ -7,6 +7,26 @@ every site shares, and total label volumes. Never a per-case value. The
 coordinator pools the histograms, so the clip window is the percentile of all
 foreground voxels of all sites, to within one bin, without any voxel leaving a
 site (nnU-Net's fingerprint, computed federatedly).
+
+Every statistic describes at least the site's floor of patients (``floor``,
+``privacy.min_cases_for_aggregates``): an order statistic (a quantile, a median
+over an odd count) is one patient's value, a histogram bin or a label's total
+can be one patient's. So (:func:`site_fingerprint`):
+
+- spacing quantiles and extent medians are *k-anonymous order statistics*
+  (:func:`anonymous_quantile`): the mean of the ``floor`` patients' values
+  nearest the rank, so one patient moves each by at most the values' range
+  divided by ``floor``;
+- a histogram bin to which fewer than ``floor`` patients contributed is sent
+  as 0 (:func:`anonymous_histogram`);
+- a label that fewer than ``floor`` patients have is sent as 0 mL: ``0`` then
+  means "fewer than the floor of patients have it", not "none has". The
+  coordinator reads no ``label-ml`` (:func:`combine`), and the wire keeps the
+  list's fixed length and finite values.
+
+The price: the pooled window loses the sparse tail bins, and the plan's spacing
+and patch follow window means rather than exact order statistics; both are
+within the spread of the sites' own scans.
 """
 
 from __future__ import annotations
@@ -19,23 +39,87 @@ HIST_LO, HIST_HI, HIST_BINS = -1024.0, 3072.0, 1024  # 4 HU per bin
 EDGES = np.linspace(HIST_LO, HIST_HI, HIST_BINS + 1)
 SPACING_QUANTILES = (0.1, 0.5, 0.9)
 CLIP_PERCENTILES = (0.5, 99.5)
+LABEL_VALUES = (1, 2, 3)
+
+
+def anonymous_quantile(values: Sequence[float], q: float, k: int) -> float:
+    """Quantile ``q`` (0-1) of ``values`` as the mean of ``k`` patients' values.
+
+    The ``k`` consecutive sorted values whose middle is nearest the rank
+    ``q * (n - 1)`` (numpy's linear-quantile position), averaged. An exact
+    order statistic is one patient's value; this mean is ``k`` patients', and
+    changing one patient's value moves it by at most (largest - smallest
+    value) / ``k`` (each sorted value shifts at most to its neighbour's, and
+    the shifts over the window add up to at most the values' span). ``k = 1``
+    is the nearest-rank quantile.
+
+    Raises
+    ------
+    ValueError
+        Fewer than ``k`` values (no statistic over ``k`` patients exists).
+    """
+    v = np.sort(np.asarray(values, dtype=float))
+    n, k = len(v), max(1, int(k))
+    if n < k:
+        raise ValueError(f"{n} values, fewer than the floor of {k}")
+    start = int(np.floor(q * (n - 1) - (k - 1) / 2.0 + 0.5))
+    start = min(max(start, 0), n - k)
+    return float(v[start : start + k].mean())
+
+
+def anonymous_histogram(per_patient: np.ndarray, floor: int) -> np.ndarray:
+    """Summed counts per bin, with 0 for bins fewer than ``floor`` patients fill.
+
+    Parameters
+    ----------
+    per_patient : ndarray, shape (patients, bins)
+        Each patient's counts.
+
+    Returns
+    -------
+    ndarray, shape (bins,)
+        A released bin is a total over at least ``floor`` patients; a bin only
+        a few patients reach (a rare intensity, an implant) would otherwise
+        be those patients' voxel counts. Removing a patient from a withheld
+        bin changes nothing.
+    """
+    per_patient = np.asarray(per_patient, dtype=float)
+    contributors = (per_patient > 0).sum(axis=0)
+    return np.where(contributors >= floor, per_patient.sum(axis=0), 0.0)
 
 
 def site_fingerprint(
     cases: Iterable[tuple[np.ndarray, np.ndarray, Sequence[float]]],
+    floor: int = 1,
 ) -> dict[str, list[float] | float]:
     """Aggregates of one site's ``(image HU, label, spacing mm)`` cases.
+
+    Parameters
+    ----------
+    cases : iterable
+        One ``(image, label, spacing)`` per patient.
+    floor : int
+        The fewest patients any statistic may describe (module docstring);
+        1 gives nearest-rank quantiles and unfiltered totals.
 
     Returns
     -------
     dict
         ``n-cases``; ``spacing-q`` (axis-major, the quantiles in
-        SPACING_QUANTILES); ``fg-hist`` (foreground voxel counts per bin, values
-        outside the range clipped into the end bins); ``label-ml`` (total
-        millilitres of labels 1, 2, 3).
+        SPACING_QUANTILES, :func:`anonymous_quantile`); ``extent-mm`` (median
+        extent per axis, likewise); ``fg-hist`` (foreground voxel counts per
+        bin, values outside the range clipped into the end bins, bins under
+        the floor 0); ``label-ml`` (total millilitres of labels 1, 2, 3; 0 for
+        a label fewer than ``floor`` patients have).
+
+    Raises
+    ------
+    ValueError
+        Some cases, but fewer than ``floor``.
     """
-    spacings, extents, hist = [], [], np.zeros(HIST_BINS)
-    label_ml = np.zeros(3)
+    spacings, extents, hists = [], [], []
+    label_ml = np.zeros(len(LABEL_VALUES))
+    label_patients = np.zeros(len(LABEL_VALUES), dtype=int)
     n = 0
     for image, label, spacing in cases:
         n += 1
@@ -47,23 +131,33 @@ def site_fingerprint(
             ]
         )
         fg = image[label > 0]
-        hist += np.histogram(np.clip(fg, HIST_LO, HIST_HI - 1e-3), bins=EDGES)[0]
+        hists.append(np.histogram(np.clip(fg, HIST_LO, HIST_HI - 1e-3), bins=EDGES)[0])
         voxel_ml = float(np.prod(spacing[:3])) / 1000.0
-        for i, value in enumerate((1, 2, 3)):
-            label_ml[i] += float((label == value).sum()) * voxel_ml
-    sp = np.asarray(spacings) if spacings else np.zeros((0, 3))
-    q = [
-        float(np.quantile(sp[:, a], qq)) if n else 0.0
-        for a in range(3)
-        for qq in SPACING_QUANTILES
-    ]
-    ext = [float(np.median(np.asarray(extents)[:, a])) if n else 0.0 for a in range(3)]
+        for i, value in enumerate(LABEL_VALUES):
+            voxels = int((label == value).sum())
+            label_ml[i] += voxels * voxel_ml
+            label_patients[i] += voxels > 0
+    if 0 < n < floor:
+        raise ValueError(f"{n} cases, fewer than the floor of {floor} patients")
+    if not n:
+        return {
+            "n-cases": 0.0,
+            "spacing-q": [0.0] * (3 * len(SPACING_QUANTILES)),
+            "extent-mm": [0.0] * 3,
+            "fg-hist": [0.0] * HIST_BINS,
+            "label-ml": [0.0] * len(LABEL_VALUES),
+        }
+    sp, ext = np.asarray(spacings), np.asarray(extents)
     return {
         "n-cases": float(n),
-        "spacing-q": q,
-        "extent-mm": ext,
-        "fg-hist": hist.tolist(),
-        "label-ml": label_ml.tolist(),
+        "spacing-q": [
+            anonymous_quantile(sp[:, a], qq, floor)
+            for a in range(3)
+            for qq in SPACING_QUANTILES
+        ],
+        "extent-mm": [anonymous_quantile(ext[:, a], 0.5, floor) for a in range(3)],
+        "fg-hist": anonymous_histogram(np.asarray(hists), floor).tolist(),
+        "label-ml": np.where(label_patients >= floor, label_ml, 0.0).tolist(),
     }
 
 

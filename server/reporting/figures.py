@@ -54,6 +54,9 @@ def confusion_matrices(
     """``{site: counts}`` from ``cm-<true>-<pred>`` metrics, plus ``all sites``.
 
     Classes are named (``cm-cyst-stone``, in ``class_names`` order) or numbered.
+    A site sends every cell of a row or none: a row it withheld (fewer patients
+    of that class than its floor, ``client.disclosure``) is NaN, drawn blank,
+    and adds nothing to ``all sites`` (NaN only where no site sent the cell).
     """
     index = {str(n): i for i, n in enumerate(class_names or [])}
 
@@ -76,12 +79,16 @@ def confusion_matrices(
         mat = np.zeros((n, n))
         for (i, j), v in cells.items():
             mat[i, j] = v
+        sent = {i for i, _ in cells}
+        mat[[i for i in range(n) if i not in sent]] = np.nan  # withheld rows
         out[site] = mat
     if len(out) > 1:
         n = max(m.shape[0] for m in out.values())
-        total = np.zeros((n, n))
+        total = np.full((n, n), np.nan)
         for m in out.values():
-            total[: m.shape[0], : m.shape[1]] += m
+            part = total[: m.shape[0], : m.shape[1]]
+            fill = np.isfinite(m)
+            part[fill] = np.nan_to_num(part[fill]) + m[fill]
         out["all sites"] = total
     return out
 

@@ -108,13 +108,19 @@ def headline(entry: dict[str, Any]) -> tuple[str, tuple[str, ...], str, str]:
     """The task's headline metrics in a round entry: (title, keys, site key, label).
 
     Classification runs report balanced accuracy, accuracy and macro AUC;
-    segmentation runs Dice per KiTS region.
+    segmentation runs Dice per KiTS region. A classification run is known by
+    any of its keys, not by balanced accuracy alone: a site withholds that
+    when a class has fewer patients than its floor (``client.disclosure``).
     """
     keys = set(entry.get("weighted", {}))
     for m in entry.get("evaluate", {}).values():
         keys |= set(m)
     dice = tuple(wire.dice_key(r) for r in KITS_REGIONS)
-    if wire.BALANCED_ACCURACY in keys and not keys & set(dice):
+    cls_keys = {wire.BALANCED_ACCURACY, wire.ACCURACY, wire.AUC_MACRO}
+    classification = keys & cls_keys or any(
+        k.startswith((wire.RECALL_PREFIX, wire.CONFUSION_PREFIX)) for k in keys
+    )
+    if classification and not keys & set(dice):
         cls = (wire.BALANCED_ACCURACY, wire.ACCURACY, wire.AUC_MACRO)
         return "balanced-acc/acc/auc", cls, wire.BALANCED_ACCURACY, "bal-acc"
     return "Dice kidney/masses/tumour", dice, wire.dice_key("kidney"), "kidney"

@@ -178,7 +178,9 @@ def test_confusion_matrix_from_class_named_keys():
     }
     cms = confusion_matrices(round_entry(rec), ["normal", "cyst", "tumour", "stone"])
     mat = cms["a"]
-    assert mat[1, 1] == 3 and mat[1, 3] == 1 and mat[3, 3] == 2 and mat.sum() == 6
+    assert mat[1, 1] == 3 and mat[1, 3] == 1 and mat[3, 3] == 2
+    # rows the site did not send (withheld below its floor) are blank, not 0
+    assert np.isnan(mat[[0, 2]]).all() and np.nansum(mat) == 6
 
 
 def test_round_line_says_when_a_site_withholds_and_shows_tumour_false_positives():
@@ -227,3 +229,71 @@ def test_the_pretrained_start_is_the_summary_s_reference(tmp_path):
     assert "0.900 (0.100)" in summary_table(rounds)  # no start: round 1
     (tmp_path / "start-evaluation.json").write_text("{torn")
     assert read_start(tmp_path) is None  # the summary falls back to round 1
+
+
+def test_a_key_a_site_withholds_adds_nothing_to_its_mean():
+    # site b has one tumour patient and one stone patient: below its floor it
+    # sends no dice-tumour / cases-tumour, no stone row and no all-class score
+    from server.reporting.metrics_log import summary_table
+    from server.reporting.round_record import weighted_eval_means
+
+    seg = {
+        "a": {
+            "dice-kidney": 0.8,
+            "cases-kidney": 10,
+            "dice-tumour": 0.5,
+            "cases-tumour": 6,
+            "fp-rate-tumour": 0.25,
+            "cases-no-tumour": 4,
+            "num-val-cases": 10,
+        },
+        "b": {
+            "dice-kidney": 0.6,
+            "cases-kidney": 10,
+            "fp-rate-tumour": 0.0,
+            "cases-no-tumour": 9,
+            "num-val-cases": 10,
+        },
+    }
+    means = weighted_eval_means(seg)
+    assert means["dice-tumour"] == 0.5 and means["cases-tumour"] == 6
+    assert means["dice-kidney"] == pytest.approx(0.7)
+    assert means["fp-rate-tumour"] == pytest.approx(0.25 * 4 / 13)
+    rec = RoundRecord(round=1)
+    rec.evaluate = seg
+    line = round_line(round_entry(rec))
+    assert "a: kidney 0.800" in line and "b: kidney 0.600" in line
+
+    rec = RoundRecord(round=1)
+    rec.evaluate = {
+        "a": {
+            "accuracy": 0.5,
+            "balanced-accuracy": 0.5,
+            "recall-normal": 0.5,
+            "cm-normal-normal": 3,
+            "cm-normal-stone": 3,
+            "cm-stone-normal": 3,
+            "cm-stone-stone": 3,
+            "num-val-cases": 12,
+        },
+        "b": {  # the stone row and the all-class scores withheld
+            "recall-normal": 1.0,
+            "cm-normal-normal": 6,
+            "cm-normal-stone": 0,
+            "num-val-cases": 7,
+        },
+    }
+    entry = round_entry(rec)
+    assert entry["weighted"]["balanced-accuracy"] == 0.5  # a's alone
+    assert entry["weighted"]["recall-normal"] == pytest.approx((6 + 7) / 19)
+    line = round_line(entry)
+    assert "Dice" not in line and "b: bal-acc n/a" in line
+    assert "balanced-accuracy" in summary_table([entry])
+    cms = confusion_matrices(entry, ["normal", "stone"])
+    assert np.isnan(cms["b"][1]).all() and cms["b"][0].tolist() == [6, 0]
+    assert cms["all sites"].tolist() == [[9, 3], [3, 3]]  # b's row adds nothing
+    # nor when no site sends balanced accuracy: still a classification run
+    for m in rec.evaluate.values():
+        for key in ("balanced-accuracy", "accuracy"):
+            m.pop(key, None)
+    assert "Dice" not in round_line(round_entry(rec))

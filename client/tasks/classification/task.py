@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from client.data.check_report import DataCheck
+from client.disclosure import class_denominator
 from client.tasks.base import TaskData
 from client.tasks.classification.check import check_cases
 from client.tasks.classification.data import (
@@ -136,6 +137,23 @@ class ClassificationTask:
         if len(val.labels):
             out[wire.EVAL_LOSS] = sum(losses) / len(val.labels)
         return out
+
+    def denominators(self, data: TaskData, plan: Plan) -> dict[str, int]:
+        """Validation patients per class, the count behind ``recall-<class>``
+        and the confusion row ``cm-<class>-*`` (:mod:`client.disclosure`).
+
+        Patients, not slices: the floor is a number of patients, and a patient
+        with several slices of a class is one of the people its recall
+        describes. A patient with slices of two classes counts in both. Kept at
+        the site; no key of the wire carries it.
+        """
+        val: SliceDataset = data.validation
+        labels = val.labels.tolist()
+        classes = [{labels[j] for j in group} for group in val.patients]
+        return {
+            class_denominator(name): sum(i in seen for seen in classes)
+            for i, name in enumerate(plan.class_names)
+        }
 
     @torch.no_grad()
     def predict(

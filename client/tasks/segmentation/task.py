@@ -107,6 +107,15 @@ class SegmentationTask:
         out[wire.EVAL_LOSS] = sum(losses) / len(losses) if losses else float("nan")
         return out
 
+    def denominators(self, data: TaskData, plan: Plan) -> dict[str, int]:
+        """Counts behind the metrics that the metrics do not carry: none.
+
+        Every segmentation denominator is on the reply already (``cases-X``,
+        ``cases-no-X``: one case per patient), so :mod:`client.disclosure`
+        reads them from :meth:`evaluate`'s metrics.
+        """
+        return {}
+
     def predict(
         self,
         model: nn.Module,

@@ -1,0 +1,156 @@
+"""The site's one release rule for validation metrics: every released number
+describes at least the site's floor of patients.
+
+A validation metric is an aggregate the coordinator receives without DP noise,
+so the site releases it only when the patients it is computed over (its
+*denominator*) number at least the floor (``privacy.min_cases_for_aggregates``,
+raised, never lowered, by the coordinator: ``client.evaluate_round``). The
+whole validation set passing the floor is not enough: a region's Dice is a mean
+over the cases that have the region, and at a site with one tumour patient
+``dice-tumour`` *is* that patient's Dice.
+
+Denominators, by key (:func:`denominator`):
+
+- segmentation (``common.metrics.summarise_cases``; one case per patient):
+  ``dice-X``, ``surface-dice-X`` and ``cases-X`` are over ``cases-X``;
+  ``fp-rate-X``, ``fp-ml-X`` and ``cases-no-X`` over ``cases-no-X``.
+- classification (``common.cls_metrics``): ``recall-c`` is over class ``c``'s
+  validation patients, and so is the whole confusion row ``cm-c-*``. The row,
+  not the cell, is the unit: its cells split one group of patients (class
+  ``c``) by prediction, as ``fp-rate`` splits ``cases-no-X``. Withholding only
+  the small cells would show which cells are small (1 to floor-1), and a
+  withheld cell would come back as the row's total, which the other releases
+  give, minus the released cells.
+- ``balanced-accuracy``, ``auc-macro`` and ``accuracy`` are over every class
+  present in validation (:data:`ALL_CLASSES`): released only when each class
+  with validation patients has at least the floor. Balanced accuracy and macro
+  AUC carry one term per class (balanced accuracy times the number of classes,
+  minus the released recalls, is the withheld recall). Accuracy is over all
+  validation cases, but accuracy times the validation count, minus the
+  released rows' diagonals, is the withheld rows' correct count, which for one
+  small class is its patients' outcome: so accuracy follows the same rule.
+  They are withheld, not recomputed over the released classes, so that one
+  key means one quantity at every site and in every round (the coordinator
+  averages it across sites).
+- ``eval-loss``: over all validation cases (``num-val-cases``), which the
+  caller has already held to the floor.
+
+A key the rule does not know is withheld (the site trusts its own list, not a
+task's new key). Plain Python: no Flower, no torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+
+from common import wire
+
+log = logging.getLogger("kidneyfl.client")
+
+# Pseudo-denominator: every class with validation patients (balanced accuracy,
+# macro AUC, accuracy). Its count is the smallest class count (classes with
+# none left out).
+ALL_CLASSES = "all-classes"
+CLASS_PREFIX = "class-"
+
+_CONFUSION = re.compile(r"cm-([a-z0-9_]+)-([a-z0-9_]+)")
+_OVER_ALL_CLASSES = frozenset({wire.BALANCED_ACCURACY, wire.AUC_MACRO, wire.ACCURACY})
+_OVER_ALL_CASES = frozenset({wire.EVAL_LOSS})
+
+
+def class_denominator(name: str) -> str:
+    """The count name for one class's validation patients (``class-stone``).
+
+    Not a wire key: the count stays at the site.
+    """
+    return f"{CLASS_PREFIX}{name}"
+
+
+def denominator(key: str) -> str | None:
+    """The count a metric key describes, or None for a key the rule does not know.
+
+    Returns
+    -------
+    str or None
+        ``cases-X`` / ``cases-no-X`` (segmentation), ``class-c``
+        (classification, per class), :data:`ALL_CLASSES`, or
+        ``num-val-cases`` (all validation cases).
+    """
+    if key in _OVER_ALL_CASES:
+        return wire.NUM_VAL_CASES
+    if key in _OVER_ALL_CLASSES:
+        return ALL_CLASSES
+    if key.startswith("cases-"):  # cases-X and cases-no-X: their own count
+        return key
+    for prefix in (wire.SURFACE_DICE_PREFIX, wire.DICE_PREFIX):
+        if key.startswith(prefix):
+            return wire.cases_key(key.removeprefix(prefix))
+    for prefix in ("fp-rate-", "fp-ml-"):
+        if key.startswith(prefix):
+            return wire.cases_key(key.removeprefix(prefix), present=False)
+    if key.startswith(wire.RECALL_PREFIX):
+        return class_denominator(key.removeprefix(wire.RECALL_PREFIX))
+    if match := _CONFUSION.fullmatch(key):
+        return class_denominator(match[1])  # the true class: the row
+    return None
+
+
+def denominator_counts(
+    metrics: Mapping[str, float], n_val: int, task_counts: Mapping[str, int]
+) -> dict[str, int]:
+    """Patients behind every denominator of a task's metrics.
+
+    Parameters
+    ----------
+    metrics : mapping
+        The task's metrics; its ``cases-*`` keys are segmentation's counts
+        (one case per patient).
+    n_val : int
+        Validation patients (``num-val-cases``).
+    task_counts : mapping
+        Counts the metrics do not carry, from the task (classification:
+        ``class-c`` patients per class); kept at the site.
+    """
+    counts = {k: int(v) for k, v in metrics.items() if k.startswith("cases-")}
+    counts.update({k: int(v) for k, v in task_counts.items()})
+    counts[wire.NUM_VAL_CASES] = int(n_val)
+    classes = [v for k, v in counts.items() if k.startswith(CLASS_PREFIX) and v > 0]
+    counts[ALL_CLASSES] = min(classes) if classes else 0
+    return counts
+
+
+def release(
+    metrics: Mapping[str, float], counts: Mapping[str, int], floor: int
+) -> dict[str, float]:
+    """The keys of ``metrics`` whose denominator holds at least ``floor`` patients.
+
+    Released values are unchanged; every other key (below the floor, or with a
+    denominator not in ``counts`` or not known) is left out and named, key only,
+    in the site's log.
+
+    Parameters
+    ----------
+    metrics : mapping
+        A task's validation metrics.
+    counts : mapping
+        Patients per denominator (:func:`denominator_counts`).
+    floor : int
+        The fewest patients a released number may describe.
+    """
+    out: dict[str, float] = {}
+    withheld = []
+    for key, value in metrics.items():
+        over = denominator(key)
+        if over is not None and counts.get(over, 0) >= floor:
+            out[key] = value
+        else:
+            withheld.append(key)
+    if withheld:
+        log.info(
+            "validation metrics withheld, each over fewer than %d patients: %s",
+            floor,
+            ", ".join(sorted(withheld)),
+        )
+    return out
