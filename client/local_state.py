@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import io
 import logging
-import re
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
+from client.request_guard import run_key
 from common.atomic import atomic_write_bytes
 from common.config import SiteConfig
 
@@ -25,9 +25,18 @@ FINE_TUNED_FILE = "fine-tuned.pt"
 
 
 def personal_dir(site: SiteConfig, run_id: str) -> Path:
-    """``<state_dir>/personal/<run>``; the run id is made file-name safe."""
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", run_id)[:120] or "run"
-    return Path(site.state_dir) / "personal" / safe
+    """``<state_dir>/personal/<hash of the run id>``.
+
+    The run id is the coordinator's: it never names a file as given (``..``,
+    ``/`` or two ids that clean to the same name), only through its hash
+    (:func:`client.request_guard.run_key`). ``run-id.txt`` inside names it.
+    """
+    folder = Path(site.state_dir) / "personal" / run_key(run_id)
+    label = folder / "run-id.txt"
+    if not label.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(label, run_id.encode() + b"\n")
+    return folder
 
 
 def _save(path: Path, state: Mapping[str, torch.Tensor]) -> None:

@@ -13,6 +13,7 @@ Flower-free: ``client/app.py`` turns a Flower message into a :class:`Request`.
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -23,6 +24,14 @@ import torch
 from torch import nn
 
 from client.local_state import overlay_local_norm
+from client.request_guard import (
+    TRAIN,
+    Checked,
+    QueryCounter,
+    check_request,
+    refuse,
+)
+from client.request_refused import RequestRefused
 from client.tasks.base import Task, TaskData
 from client.tasks.registry import get_task
 from client.train import select_device
@@ -64,23 +73,25 @@ class Reply:
 
 @dataclass
 class Setup:
-    """What every request needs first: the plan and the site's validated YAML."""
+    """What every request needs first: the plan, the site's validated YAML and
+    the request's values as the site checked them (:mod:`client.request_guard`)."""
 
     request: Request
     plan: Plan
     site: SiteConfig
+    checked: Checked
 
     @property
     def config(self) -> Mapping[str, Any]:
-        """The request's config record (KeyError when it carries none)."""
+        """The request's config record (checked to exist by :func:`setup`)."""
         if self.request.config is None:
             raise KeyError(wire.CONFIG)
         return self.request.config
 
     @property
     def run_id(self) -> str:
-        """The federation's run id: the coordinator's, else Flower's."""
-        return str(self.config.get(wire.RUN_ID, self.request.run_id))
+        """The coordinator's run id, checked to be a short plain name."""
+        return self.checked.run_id
 
     @functools.cached_property
     def device(self) -> torch.device:
@@ -134,35 +145,68 @@ def apply_cpu_threads(site: SiteConfig) -> None:
 
 
 def request_plan(request: Request) -> Plan:
-    """The plan, with the federated preprocessing plan when the request has one."""
-    plan = load_plan(request.run_config)
+    """The plan, with the federated preprocessing plan when the request has one.
+
+    Both come from the coordinator: a value the plan's schema refuses (NaN,
+    infinity, out of bounds, wrong type, an unknown key) refuses the request
+    as ``request-invalid``, before anything else.
+    """
+    try:
+        plan = load_plan(request.run_config)
+    except ConfigError as exc:
+        raise RequestRefused("request-invalid", f"the run config: {exc}") from None
     cfg = request.config or {}
     if wire.PREP_SPACING not in cfg:
         return plan
-    return load_plan(
-        {
-            **request.run_config,
-            "spacing-mm": ",".join(str(v) for v in cfg[wire.PREP_SPACING]),
-            "hu-window": ",".join(str(v) for v in cfg[wire.PREP_WINDOW]),
-            "patch-size": ",".join(str(int(v)) for v in cfg[wire.PREP_PATCH]),
-            "intensity-mean": float(cfg[wire.PREP_MEAN]),
-            "intensity-std": float(cfg[wire.PREP_STD]),
+    try:
+        prep = {
+            "spacing-mm": _numbers(cfg, wire.PREP_SPACING, 3),
+            "hu-window": _numbers(cfg, wire.PREP_WINDOW, 2),
+            "patch-size": [int(v) for v in _numbers(cfg, wire.PREP_PATCH, 3)],
+            "intensity-mean": _numbers(cfg, wire.PREP_MEAN, 0)[0],
+            "intensity-std": _numbers(cfg, wire.PREP_STD, 0)[0],
         }
-    )
+        return load_plan({**request.run_config, **prep})
+    except ConfigError as exc:
+        raise RequestRefused(
+            "request-invalid", f"the preprocessing plan: {exc}"
+        ) from None
 
 
-def global_round(cfg: Mapping[str, Any], default: int) -> int:
-    """The round number the coordinator sent (global over resumed runs)."""
-    return int(cfg.get(wire.GLOBAL_ROUND, cfg.get(wire.SERVER_ROUND, default)))
+def _numbers(cfg: Mapping[str, Any], key: str, n: int) -> list[float]:
+    """``n`` finite numbers under ``key`` (``n`` = 0: one scalar)."""
+    value = cfg.get(key)
+    values = [value] if n == 0 else value
+    if not isinstance(values, list) or len(values) != max(n, 1):
+        raise refuse(key, value, f"must be {'a number' if n == 0 else f'{n} numbers'}")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise refuse(key, value, "must hold numbers only")
+        if not math.isfinite(v):
+            raise refuse(key, value, "must hold finite numbers only")
+    if key == wire.PREP_PATCH and any(float(v) != int(v) for v in values):
+        raise refuse(key, value, "must hold whole numbers")
+    return [float(v) for v in values]
 
 
 def setup(request: Request) -> Setup:
-    """Plan (with the preprocessing plan) and site: the first step of every request."""
+    """The first step of every request: plan, site, and the request checked.
+
+    The request's values are checked against the plan's bounds and the site's
+    limits (:func:`client.request_guard.check_request`), and a release
+    (evaluate, fine-tune, query) is counted against the run's allowance, before
+    any data are read or any work is done.
+    """
     setup_logging()
     plan = request_plan(request)
     site = load_site_config(site_config_path(request.node_config, plan))
     apply_cpu_threads(site)
-    return Setup(request, plan, site)
+    checked = check_request(request.kind, request.config, plan, site)
+    if request.kind != TRAIN:
+        QueryCounter(site.state_dir).take(
+            checked.run_id, site.privacy.max_queries_per_run
+        )
+    return Setup(request, plan, site, checked)
 
 
 def prepare(
@@ -181,14 +225,24 @@ def prepare(
         The round number when the request names none.
     """
     s = setup(request)
-    number = global_round(s.config, default_round)
+    number = default_round if s.checked.round is None else s.checked.round
     task = get_task(s.plan.task)
     start = time.perf_counter()
     data = task.load_data(s.site, s.plan)
     load_s = time.perf_counter() - start
     model, received, norm = _global_model(s, training)
     return Round(
-        request, s.plan, s.site, number, task, data, model, received, norm, load_s
+        request,
+        s.plan,
+        s.site,
+        s.checked,
+        number,
+        task,
+        data,
+        model,
+        received,
+        norm,
+        load_s,
     )
 
 

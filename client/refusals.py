@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from client.data.errors import SiteDataError
 from client.privacy.ledger import BudgetExceeded, LedgerError
+from client.request_refused import RequestRefused
 from common import wire
 from common.config import ConfigError
 
@@ -35,26 +36,7 @@ class Declined(RuntimeError):
         self.code = code
 
 
-class RequestRefused(RuntimeError):
-    """A request the site will not act on: a value it does not trust.
-
-    Raised before anything is calibrated, spent, trained or released
-    (:mod:`client.request_guard`).
-
-    Parameters
-    ----------
-    code : str
-        ``request-invalid`` (missing, malformed, non-finite or outside the
-        plan's bounds), ``limit-exceeded`` (beyond the site's own limits) or
-        ``query-limit`` (the run's evaluate and query allowance is used up).
-    detail : str
-        Why, for the site's own log: may name the key and the value sent.
-    """
-
-    def __init__(self, code: str, detail: str) -> None:
-        super().__init__(detail)
-        self.code = code
-
+__all__ = ["REFUSALS", "Declined", "RequestRefused", "public_sentence", "refusal_code"]
 
 # Failures a site reports under their own code; anything else is internal-error.
 REFUSALS = (

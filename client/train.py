@@ -227,8 +227,15 @@ def _epochs(
     max_steps: int | None = None,
     multiplicity: int = 1,
 ) -> tuple[float, int, int]:
-    total, batches, steps = 0.0, 0, 0
-    for _ in range(epochs):
+    # With ``max_steps`` the loop runs exactly that many optimiser steps, the
+    # steps the ledger recorded before training: Opacus' Poisson sampler runs
+    # int(1 / sample_rate) batches an epoch, which floating point makes one
+    # fewer than the schedule's ceil(n / batch) for some n (93, 99, 105, ...),
+    # so epochs alone could run fewer steps than were accounted.
+    total, batches, steps, epoch = 0.0, 0, 0, 0
+    while epoch < epochs or (max_steps is not None and steps < max_steps):
+        epoch += 1
+        before = steps
         for images, labels in loader:
             if max_steps is not None and steps >= max_steps:
                 return total, batches, steps
@@ -246,6 +253,8 @@ def _epochs(
                 batches += 1
             _step(opt, prox or [], mu)
             steps += 1
+        if steps == before:  # an empty loader: nothing more will run
+            break
     return total, batches, steps
 
 

@@ -12,7 +12,6 @@ at the site. Flower-free.
 from __future__ import annotations
 
 import logging
-import math
 import time
 import zlib
 from collections import OrderedDict
@@ -26,11 +25,10 @@ from client.local_state import keep_norm_local, save_fine_tuned
 from client.prepare import Reply, Request, Round, prepare
 from client.privacy.accounting import poisson_schedule
 from client.privacy.dpsgd import DPSpec
-from client.privacy.ledger import LedgerEntry, PrivacyLedger
+from client.privacy.ledger import PrivacyLedger, RunSchedule, SiteLimits
 from client.timings import record_timing
 from client.train import TrainStats, local_train
 from common import wire
-from common.config import ConfigError
 from common.logs import log_request
 from common.models import get_model_spec
 from common.weights import export_state
@@ -74,7 +72,8 @@ def round_schedule(r: Round, fine_tune: bool) -> Schedule:
     """
     _, per_epoch = poisson_schedule(r.data.n_train, r.plan.batch_size)
     if fine_tune:
-        steps = int(r.config.get(wire.FINE_TUNE_STEPS, r.plan.fine_tune_steps))
+        steps = r.checked.fine_tune_steps
+        assert steps is not None  # client.request_guard: required for fine-tuning
     else:
         steps = per_epoch * r.plan.local_epochs
     return Schedule(steps, per_epoch, round_learning_rate(r, fine_tune))
@@ -86,60 +85,43 @@ def round_learning_rate(r: Round, fine_tune: bool) -> float:
 
     The privacy accounting does not depend on it: epsilon follows from the
     noise multiplier, the sampling rate and the steps, and the rate only scales
-    the clipped, noised gradient (post-processing).
-
-    Raises
-    ------
-    ConfigError
-        If the coordinator sent a rate that is not a positive finite number up
-        to 10 (the plan's own bounds); the site refuses the round.
+    the clipped, noised gradient (post-processing). A rate sent is a positive
+    finite number up to 10, the plan's own bounds (checked with the request,
+    :mod:`client.request_guard`).
     """
-    sent = None if fine_tune else r.config.get(wire.LEARNING_RATE)
-    if sent is None:
-        return r.plan.learning_rate
-    try:
-        rate = float(sent)
-    except (TypeError, ValueError):
-        rate = math.nan
-    if not (math.isfinite(rate) and 0 < rate <= 10):
-        raise ConfigError(
-            f"the coordinator sent learning rate {sent!r} for round {r.number}; "
-            "a rate must be positive and at most 10: check the plan's "
-            "learning-rate and lr-min-factor"
-        )
-    return rate
+    sent = None if fine_tune else r.checked.learning_rate
+    return r.plan.learning_rate if sent is None else sent
 
 
 def spend_budget(r: Round, steps: int) -> tuple[DPSpec | None, float]:
     """Calibrate the run's noise and spend this round's budget, before training.
 
-    The budget check and the ledger entry are one locked step: a second
-    training at this site (another run, a retried message) sees the spend and
-    cannot also pass the ceiling. Returns the DP settings (None without DP) and
-    the cumulative epsilon after the round.
+    Calibration, the checks and the ledger entry are one locked step
+    (:meth:`PrivacyLedger.spend_round`): the run's noise is bound to the
+    schedule it was calibrated for and never below the site's floor, the run
+    never takes more steps than were calibrated, and a second training at
+    this site (another run, a retried message) sees the spend and cannot also
+    pass the ceiling. Returns the DP settings (None without DP) and the
+    cumulative epsilon after the round.
     """
-    site, plan = r.site, r.plan
-    if not site.privacy.enabled:
+    site, plan, p = r.site, r.plan, r.site.privacy
+    if not p.enabled:
         return None, float("inf")
+    assert p.max_epsilon is not None and p.delta is not None  # the site schema
+    total_rounds = r.checked.total_rounds
+    assert total_rounds is not None  # client.request_guard: required for training
+    schedule = RunSchedule(
+        target_epsilon=plan.dp_target_epsilon,
+        delta=p.delta,
+        batch_size=plan.batch_size,
+        total_rounds=total_rounds,
+        local_epochs=plan.local_epochs,
+        fine_tune_steps=plan.fine_tune_steps,
+    )
+    limits = SiteLimits(p.max_epsilon, p.run_epsilon_cap, p.min_noise_multiplier)
     ledger = PrivacyLedger(site.state_dir, site.name)
-    total_rounds = int(r.config.get(wire.TOTAL_ROUNDS, plan.num_server_rounds))
-    cal = ledger.calibrate(
-        r.run_id,
-        plan.dp_target_epsilon,
-        site.privacy.delta,
-        r.data.n_train,
-        plan.batch_size,
-        total_rounds * plan.local_epochs,
-        extra_steps=plan.fine_tune_steps,
-    )
-    # Account what this round really runs: the data may have changed since the
-    # run's noise was calibrated.
-    sample_rate, _ = poisson_schedule(r.data.n_train, plan.batch_size)
-    entry = LedgerEntry(
-        r.run_id, r.number, cal.noise_multiplier, sample_rate, steps, r.data.fingerprint
-    )
-    eps_after = ledger.spend(
-        entry, site.privacy.max_epsilon, site.privacy.delta, plan.dp_target_epsilon
+    cal, eps_after = ledger.spend_round(
+        r.run_id, schedule, limits, r.data.n_train, r.number, steps, r.data.fingerprint
     )
     mode = get_model_spec(plan.model).grad_sample_mode
     spec = DPSpec(cal.noise_multiplier, plan.dp_max_grad_norm, mode)
@@ -175,12 +157,14 @@ def train_locally(
         seed=seed,
         dp=dp,
         # FedProx: Flower's strategy sends mu; never while fine-tuning
-        proximal_mu=0.0 if fine_tune else float(r.config.get(wire.PROXIMAL_MU, 0.0)),
+        proximal_mu=0.0 if fine_tune else r.checked.proximal_mu,
         max_steps=schedule.steps,
         multiplicity=plan.augmentation_multiplicity,
         trainable=plan.trainable_parameters,
     )
     if dp is not None and stats.steps != schedule.steps:
+        # local_train runs exactly max_steps; only an empty training set stops
+        # it short. The ledger then holds more than ran: an over-count, safe.
         log.warning("ran %d DP steps of the %d accounted", stats.steps, schedule.steps)
     return stats
 

@@ -51,7 +51,11 @@ class Plan(BaseModel):
     kebab-case; field aliases keep those names.
     """
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+    # NaN and infinity are refused for every number: a site calibrates, spends
+    # and trains on these values (issue 27), and inf > 0 would pass a bound.
+    model_config = ConfigDict(
+        extra="forbid", populate_by_name=True, frozen=True, allow_inf_nan=False
+    )
 
     # Every default equals [tool.flwr.app.config], the demo's plan, so a plan
     # built in code and one from ``flwr run .`` agree (tests/common/test_config.py
@@ -242,8 +246,8 @@ class Plan(BaseModel):
     @classmethod
     def _patch(cls, v: Any) -> tuple:
         t = _triple(v, int, "patch-size")
-        if not all(s >= 16 and s % 16 == 0 for s in t):
-            raise ValueError("patch-size values must be multiples of 16 (>= 16)")
+        if not all(16 <= s <= 512 and s % 16 == 0 for s in t):
+            raise ValueError("patch-size values must be multiples of 16 from 16 to 512")
         return t
 
     @field_validator("patch_class_ratios", mode="before")

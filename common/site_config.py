@@ -6,6 +6,7 @@ name the file, the key and the fix; unknown keys are errors.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -26,7 +27,7 @@ from common.config_base import ConfigError, _explain
 class PrivacyConfig(BaseModel):
     """The site's own privacy budget. The coordinator cannot raise it."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     enabled: bool = True
     max_epsilon: float | None = Field(None, gt=0)
@@ -39,6 +40,21 @@ class PrivacyConfig(BaseModel):
     share_validation_metrics: bool = True
     share_fingerprint: bool = True
     min_cases_for_aggregates: int = Field(5, ge=1, le=100_000)
+    # The site's own limits on what one run may ask of it (issue 27,
+    # docs/privacy.md). Every number a coordinator's request carries that
+    # decides what is spent is checked against these before anything is
+    # calibrated, spent or trained; a request past one is refused.
+    # max_epsilon_per_run: the most one run may spend (default: max_epsilon).
+    max_epsilon_per_run: float | None = Field(None, gt=0)
+    # The least noise multiplier any DP-SGD step runs with: a calibration that
+    # comes out lower is raised to it (more noise, less epsilon than targeted).
+    min_noise_multiplier: float = Field(0.3, gt=0, le=100)
+    max_rounds_per_run: int = Field(100, ge=1, le=10_000)
+    max_local_epochs: int = Field(50, ge=1, le=1000)
+    max_fine_tune_steps: int = Field(1000, ge=0, le=100_000)
+    # Evaluate and fingerprint-query requests one run may make: each answer is
+    # a release of aggregates (not covered by DP), so their number is bounded.
+    max_queries_per_run: int = Field(250, ge=1, le=100_000)
 
     @model_validator(mode="after")
     def _budget_needed(self) -> PrivacyConfig:
@@ -48,7 +64,24 @@ class PrivacyConfig(BaseModel):
                 "site will ever spend) and privacy.delta (e.g. 1/(10 x cases)); to "
                 "train without DP set privacy.enabled: false explicitly"
             )
+        if (
+            self.max_epsilon_per_run is not None
+            and self.max_epsilon is not None
+            and self.max_epsilon_per_run > self.max_epsilon
+        ):
+            raise ValueError(
+                "privacy.max_epsilon_per_run is above privacy.max_epsilon; one run "
+                "can never spend more than the site's lifetime ceiling: lower it or "
+                "leave it out (it then equals max_epsilon)"
+            )
         return self
+
+    @property
+    def run_epsilon_cap(self) -> float:
+        """The most one run may spend: ``max_epsilon_per_run``, else the ceiling."""
+        if self.max_epsilon_per_run is not None:
+            return self.max_epsilon_per_run
+        return self.max_epsilon if self.max_epsilon is not None else math.inf
 
 
 class DataConfig(BaseModel):

@@ -10,7 +10,9 @@ moving average of the global model, the model every round evaluated.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
 from pathlib import Path
 from typing import Any, cast
 
@@ -217,14 +219,30 @@ def _round_config(
     """The config every message carries, and the federated preprocessing plan
     (None unless the plan asks for a fingerprint round)."""
     base_config: dict[str, Any] = {
-        wire.RUN_ID: run_dir.name,
+        wire.RUN_ID: privacy_run_id(run_dir.name, plan),
         wire.TOTAL_ROUNDS: plan.num_server_rounds,
     }
     if not plan.fingerprint_round:
         return base_config, None
-    prep = federated_preprocessing(grid, plan, run_dir)
+    prep = federated_preprocessing(grid, plan, run_dir, base_config[wire.RUN_ID])
     base_config.update(preprocessing_config(prep))
     return base_config, prep
+
+
+def privacy_run_id(name: str, plan: Plan) -> str:
+    """The run id the sites account under: the run's name and its schedule.
+
+    A site binds a run's noise to the schedule it was calibrated for and
+    refuses the same id with another (client/privacy/ledger.py). A resume
+    with the same plan keeps the id (and the sites' calibration); one that
+    changes the rounds, epochs, batch size, target or fine-tune steps is a
+    new privacy run at the sites, calibrated for its own schedule.
+    """
+    keys = ("num_server_rounds", "local_epochs", "batch_size", "dp_target_epsilon")
+    schedule = [getattr(plan, k) for k in (*keys, "fine_tune_steps")]
+    digest = hashlib.sha256(repr(schedule).encode()).hexdigest()[:8]
+    plain = re.sub(r"[^A-Za-z0-9_.:@+-]", "_", name[:110]).lstrip("_.:@+-") or "run"
+    return f"{plain}.{digest}"
 
 
 def _strategy(

@@ -28,13 +28,13 @@ log = logging.getLogger("kidneyfl.server")
 PREPROCESSING_FILE = "preprocessing.json"
 
 
-def federated_preprocessing(grid: Grid, plan: Plan, run_dir: Path) -> dict:
+def federated_preprocessing(grid: Grid, plan: Plan, run_dir: Path, run_id: str) -> dict:
     """Ask every site for its dataset fingerprint and combine them; saved as
     ``preprocessing.json`` beside the run (and reused when the run resumes)."""
     path = run_dir / PREPROCESSING_FILE
     if path.exists():
         return json.loads(path.read_text())
-    prints, refused = _fingerprints(grid, plan)
+    prints, refused = _fingerprints(grid, plan, run_id)
     if len(prints) < plan.min_sites:
         raise RuntimeError(
             f"fingerprint round: {len(prints)} site(s) answered, {plan.min_sites} "
@@ -49,10 +49,16 @@ def federated_preprocessing(grid: Grid, plan: Plan, run_dir: Path) -> dict:
 
 
 def _fingerprints(
-    grid: Grid, plan: Plan
+    grid: Grid, plan: Plan, run_id: str
 ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
-    """The sites' fingerprints by site, and why the others gave none."""
-    config = ConfigRecord({wire.FINGERPRINT_MIN_CASES: plan.fingerprint_min_cases})
+    """The sites' fingerprints by site, and why the others gave none.
+
+    The query carries the run id: each site counts it against the run's
+    allowance of releases (client/request_guard.py).
+    """
+    config = ConfigRecord(
+        {wire.FINGERPRINT_MIN_CASES: plan.fingerprint_min_cases, wire.RUN_ID: run_id}
+    )
     messages = [
         Message(
             content=RecordDict({wire.CONFIG: config}),

@@ -130,8 +130,14 @@ def write_cls_yaml(
 # -- messages as a site receives them -------------------------------------------------
 
 
-def site_message(kind: str, arrays: ArrayRecord, rnd: int) -> Message:
-    """A ``kind`` message of global round ``rnd`` from the coordinator to node 1."""
+def site_message(
+    kind: str, arrays: ArrayRecord, rnd: int, **config: int | float | str
+) -> Message:
+    """A ``kind`` message of global round ``rnd`` from the coordinator to node 1.
+
+    ``config`` adds (or replaces) config record keys, e.g.
+    ``**{wire.FINE_TUNE_STEPS: 2}`` for a fine-tune request.
+    """
     meta = Metadata(
         run_id=1,
         message_id=f"m-{kind}-{rnd}",
@@ -144,7 +150,7 @@ def site_message(kind: str, arrays: ArrayRecord, rnd: int) -> Message:
         message_type=kind,
     )
     config = ConfigRecord(
-        {wire.RUN_ID: "run-x", wire.GLOBAL_ROUND: rnd, wire.TOTAL_ROUNDS: 1}
+        {wire.RUN_ID: "run-x", wire.GLOBAL_ROUND: rnd, wire.TOTAL_ROUNDS: 1, **config}
     )
     return make_message(
         meta, content=RecordDict({wire.ARRAYS: arrays, wire.CONFIG: config})

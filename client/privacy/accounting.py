@@ -38,11 +38,23 @@ def merged(history: History) -> History:
 
     Composition does not depend on order, so this is the same mechanism; the PRV
     accountant's cost grows with the number of entries, not with the steps.
+    Entries are never netted against each other: a step count below 1, a noise
+    multiplier that is not above 0 or a rate outside (0, 1] is an error, not a
+    term to add (issue 27: an entry of -40 steps once cancelled a 40-step round).
+
+    Raises
+    ------
+    ValueError
+        For an entry no DP-SGD round has.
     """
     steps: dict[tuple[float, float], int] = {}
     for noise, q, n in history:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"a DP-SGD history entry has {n!r} steps (at least 1)")
+        if not (math.isfinite(noise) and noise > 0 and math.isfinite(q) and 0 < q <= 1):
+            raise ValueError(f"a DP-SGD history entry has noise {noise!r}, rate {q!r}")
         steps[(float(noise), float(q))] = steps.get((float(noise), float(q)), 0) + n
-    return [(noise, q, n) for (noise, q), n in sorted(steps.items()) if n > 0]
+    return [(noise, q, n) for (noise, q), n in sorted(steps.items())]
 
 
 def epsilon_for(
@@ -57,7 +69,20 @@ def epsilon_for(
     ``rdp``. Where PRV cannot evaluate a history (extreme parameters), the RDP
     value is returned: RDP is never below the exact epsilon either.
     """
-    hist = merged(history)
+    return _epsilon(tuple(merged(history)), float(delta), accountant, eps_error)
+
+
+@functools.lru_cache(maxsize=256)
+def _epsilon(
+    hist: tuple[tuple[float, float, int], ...],
+    delta: float,
+    accountant: str,
+    eps_error: float,
+) -> float:
+    """:func:`epsilon_for` of a merged history; cached, as PRV takes about a
+    second per distinct (noise, rate) pair and a round asks for the same
+    history several times (before, after, the audit entry)."""
+    hist = list(hist)
     if not hist:
         return 0.0
     if accountant == "prv":

@@ -17,6 +17,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -30,6 +31,7 @@ from client.privacy.accounting import (
     epsilon_for,
     poisson_schedule,
 )
+from client.request_refused import RequestRefused
 from common.atomic import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -48,9 +50,43 @@ class BudgetExceeded(RuntimeError):
     """The next round would take the site past its own epsilon ceiling."""
 
 
+class InvalidEntry(ValueError):
+    """An entry the ledger never takes: it could lower or misstate what was spent.
+
+    Steps below 1 would cancel earlier steps of the same (noise, rate) when the
+    accountant adds them up; a noise multiplier of 0 or a sample rate outside
+    (0, 1] is not a DP-SGD step the accountant can bound.
+    """
+
+
+def check_entry_values(noise: object, sample_rate: object, steps: object) -> None:
+    """Refuse (noise, rate, steps) that no real DP-SGD round has.
+
+    Raises
+    ------
+    InvalidEntry
+        Steps not an integer of at least 1, noise not a finite number above 0,
+        or a sample rate not a finite number in (0, 1].
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise InvalidEntry(f"steps must be an integer of at least 1, not {steps!r}")
+    for name, v in (("noise multiplier", noise), ("sample rate", sample_rate)):
+        number = isinstance(v, int | float) and not isinstance(v, bool)
+        if not number or not math.isfinite(v):  # type: ignore[arg-type]
+            raise InvalidEntry(f"{name} must be a finite number, not {v!r}")
+    if not noise > 0:  # type: ignore[operator]
+        raise InvalidEntry(f"noise multiplier must be above 0, not {noise!r}")
+    if not 0 < sample_rate <= 1:  # type: ignore[operator]
+        raise InvalidEntry(f"sample rate must be in (0, 1], not {sample_rate!r}")
+
+
 @dataclass(frozen=True)
 class LedgerEntry:
-    """One round of DP-SGD as the accountant needs it, plus provenance."""
+    """One round of DP-SGD as the accountant needs it, plus provenance.
+
+    Built only with values :func:`check_entry_values` accepts: the ledger
+    only grows.
+    """
 
     run_id: str
     round: int
@@ -59,6 +95,38 @@ class LedgerEntry:
     steps: int
     dataset: str
     time: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        check_entry_values(self.noise_multiplier, self.sample_rate, self.steps)
+        if not isinstance(self.run_id, str) or not self.run_id:
+            raise InvalidEntry(f"run id must be a non-empty string: {self.run_id!r}")
+
+
+@dataclass(frozen=True)
+class RunSchedule:
+    """What a run's noise is calibrated for, as the site accepted it.
+
+    A calibration is bound to its run id and this schedule: the same run id
+    with another target, delta, batch size, round count, epochs or fine-tune
+    steps is refused, so a coordinator cannot calibrate a run's noise for one
+    schedule and then run another under it.
+    """
+
+    target_epsilon: float
+    delta: float
+    batch_size: int
+    total_rounds: int
+    local_epochs: int
+    fine_tune_steps: int
+
+
+@dataclass(frozen=True)
+class SiteLimits:
+    """The site's own bounds on a run (site YAML ``privacy``)."""
+
+    max_epsilon: float  # the lifetime ceiling
+    run_epsilon: float  # the most one run may spend
+    min_noise: float  # the least noise multiplier any step runs with
 
 
 @dataclass(frozen=True)
@@ -71,6 +139,9 @@ class Calibration:
     sample_rate: float
     planned_steps: int
     noise_multiplier: float
+    # what the run was calibrated for (RunSchedule); None in ledgers written
+    # before issue 27, whose calibrations are bound to target and delta only
+    schedule: dict | None = None
 
 
 class PrivacyLedger:
@@ -121,17 +192,37 @@ class PrivacyLedger:
         try:
             doc = self._checked(json.loads(self.path.read_text()))
             self.accountant = doc.get("accountant", "rdp")  # format 1: RDP
-            self.entries = [LedgerEntry(**e) for e in doc["entries"]]
+            self.entries = self._entries(doc["entries"])
             self.calibrations = {
                 k: Calibration(**v) for k, v in doc["calibrations"].items()
             }
         except LedgerError:
             raise
-        except (ValueError, KeyError, TypeError) as exc:
+        except OSError as exc:
+            raise LedgerError(
+                f"{self.path}: cannot be read ({exc.strerror or type(exc).__name__});"
+                " check the file's permissions and that state_dir is this site's own "
+                "directory"
+            ) from None
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise LedgerError(
                 f"{self.path}: unreadable or truncated ({type(exc).__name__}); "
                 f"{self._fix}"
             ) from None
+
+    def _entries(self, raw: list) -> list[LedgerEntry]:
+        """The recorded entries; one that could lower the total is an error."""
+        out = []
+        for i, e in enumerate(raw):
+            try:
+                out.append(LedgerEntry(**e))
+            except InvalidEntry as exc:
+                raise LedgerError(
+                    f"{self.path}: entry {i + 1} is not a DP-SGD round ({exc}); an "
+                    "entry like it would lower the epsilon the site has spent, so "
+                    f"the site does not train. {self._fix}"
+                ) from None
+        return out
 
     @property
     def _fix(self) -> str:
@@ -143,6 +234,8 @@ class PrivacyLedger:
     def _checked(self, doc: dict) -> dict:
         """``doc`` without its checksum, once format, checksum, site and
         accountant are what this site wrote."""
+        if not isinstance(doc, dict) or "sha256" not in doc:
+            raise LedgerError(f"{self.path}: not a kidneyfl ledger; {self._fix}")
         digest = doc.pop("sha256")
         if doc.get("format") not in LEDGER_FORMATS_READ:
             raise LedgerError(f"{self.path}: unknown ledger format; {self._fix}")
@@ -270,6 +363,171 @@ class PrivacyLedger:
             self.entries.append(entry)
             self._save()
         return after
+
+    def spend_round(
+        self,
+        run_id: str,
+        schedule: RunSchedule,
+        limits: SiteLimits,
+        n_cases: int,
+        round_: int,
+        steps: int,
+        dataset: str,
+    ) -> tuple[Calibration, float]:
+        """Calibrate (or verify) the run's noise and spend one round: one locked step.
+
+        Everything is checked before anything is written, and the calibration
+        and the entry are saved together, so a refused round leaves the ledger
+        exactly as it was. In order:
+
+        1. the plan's target against the site's ceiling and per-run limit;
+        2. a run id seen before must come with the schedule it was calibrated
+           for; a new one is calibrated for its whole schedule, its noise raised
+           to the site's floor if it comes out lower;
+        3. the run may not take more steps than its calibration planned;
+        4. the entry itself (steps at least 1, noise above 0, rate in (0, 1]);
+        5. the cumulative epsilon after it against the ceiling, and this run's
+           own epsilon against the per-run limit.
+
+        Returns the run's calibration and the cumulative epsilon after the round.
+
+        Raises
+        ------
+        BudgetExceeded
+            The target or the round passes ``limits.max_epsilon``.
+        RequestRefused
+            ``limit-exceeded`` (per-run epsilon, planned steps, noise floor) or
+            ``request-invalid`` (a run id reused with another schedule).
+        InvalidEntry
+            Values no DP-SGD round has.
+        """
+        delta = schedule.delta
+        with self.locked():
+            if schedule.target_epsilon > limits.max_epsilon:
+                check_budget(
+                    self,
+                    self.site,
+                    limits.max_epsilon,
+                    delta,
+                    schedule.target_epsilon,
+                    1.0,
+                    1.0,
+                    1,
+                )  # raises
+            if schedule.target_epsilon > limits.run_epsilon:
+                raise RequestRefused(
+                    "limit-exceeded",
+                    f"the plan asks for epsilon {schedule.target_epsilon:g} in one "
+                    f"run; this site allows at most {limits.run_epsilon:g} per run "
+                    "(privacy.max_epsilon_per_run)",
+                )
+            cal = self._run_calibration(run_id, schedule, limits, n_cases)
+            if cal.noise_multiplier < limits.min_noise:
+                raise RequestRefused(
+                    "limit-exceeded",
+                    f"run {run_id!r} was calibrated to noise "
+                    f"{cal.noise_multiplier:.4g}, below the site's floor "
+                    f"{limits.min_noise:g} (privacy.min_noise_multiplier); start a "
+                    "new run",
+                )
+            run_steps = sum(e.steps for e in self.entries if e.run_id == run_id)
+            if run_steps + steps > cal.planned_steps:
+                raise RequestRefused(
+                    "limit-exceeded",
+                    f"run {run_id!r} has run {run_steps} of the {cal.planned_steps} "
+                    f"steps its noise was calibrated for; {steps} more would pass "
+                    "them",
+                )
+            q, _ = poisson_schedule(n_cases, schedule.batch_size)
+            entry = LedgerEntry(run_id, round_, cal.noise_multiplier, q, steps, dataset)
+            after = check_budget(
+                self,
+                self.site,
+                limits.max_epsilon,
+                delta,
+                schedule.target_epsilon,
+                entry.noise_multiplier,
+                entry.sample_rate,
+                entry.steps,
+            )
+            run_hist = [
+                (e.noise_multiplier, e.sample_rate, e.steps)
+                for e in self.entries
+                if e.run_id == run_id
+            ]
+            run_eps = (
+                after  # the run is the whole ledger: the same history
+                if len(run_hist) == len(self.entries)
+                else epsilon_for(
+                    run_hist + [(entry.noise_multiplier, q, steps)],
+                    delta,
+                    self.accountant,
+                )
+            )
+            if run_eps > limits.run_epsilon:
+                raise RequestRefused(
+                    "limit-exceeded",
+                    f"run {run_id!r} would reach epsilon {run_eps:.3f}, past the "
+                    f"site's per-run limit {limits.run_epsilon:g}",
+                )
+            self.calibrations[run_id] = cal
+            self.entries.append(entry)
+            self._save()
+        return cal, after
+
+    def _run_calibration(
+        self, run_id: str, schedule: RunSchedule, limits: SiteLimits, n_cases: int
+    ) -> Calibration:
+        """The run's calibration: the recorded one if its schedule matches, else new.
+
+        Not saved here: :meth:`spend_round` saves it with the round's entry.
+        """
+        bound = asdict(schedule)
+        cal = self.calibrations.get(run_id)
+        if cal is not None:
+            same = (
+                cal.schedule == bound
+                if cal.schedule is not None
+                else (cal.target_epsilon, cal.delta)
+                == (schedule.target_epsilon, schedule.delta)
+            )
+            if not same:
+                raise RequestRefused(
+                    "request-invalid",
+                    f"run {run_id!r} was calibrated for {cal.schedule or 'another'} "
+                    f"schedule; this request asks for {bound}: a run id keeps the "
+                    "schedule it was calibrated for",
+                )
+            return cal
+        q, per_epoch = poisson_schedule(n_cases, schedule.batch_size)
+        planned = (
+            per_epoch * schedule.total_rounds * schedule.local_epochs
+            + schedule.fine_tune_steps
+        )
+        noise = calibrate_noise(
+            schedule.target_epsilon, schedule.delta, q, planned, self.accountant
+        )
+        if noise < limits.min_noise:
+            log.warning(
+                "calibrated noise %.4f for run %s is below the site's floor %g; "
+                "using the floor (more noise: less epsilon than the target)",
+                noise,
+                run_id,
+                limits.min_noise,
+            )
+            noise = limits.min_noise
+        log.info(
+            "calibrated noise %.4f for target epsilon %.3g at delta %.3g over %d "
+            "steps (%s accountant)",
+            noise,
+            schedule.target_epsilon,
+            schedule.delta,
+            planned,
+            self.accountant,
+        )
+        return Calibration(
+            run_id, schedule.target_epsilon, schedule.delta, q, planned, noise, bound
+        )
 
     def runs_summary(self, delta: float) -> list[dict]:
         """Per run: rounds, steps and the epsilon that run alone would have spent."""

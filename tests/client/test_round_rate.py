@@ -54,6 +54,6 @@ def test_a_senseless_rate_is_refused_before_any_spend(tmp_path, bad):
     reply = _train(site, {**PLAN, "dp-target-epsilon": 20.0}, rate=bad)
     metrics = reply.content[wire.METRICS]
     assert metrics[wire.REFUSED] == 1
-    assert reply.content[wire.SITE][wire.REFUSAL_CODE] == "config-invalid"
+    assert reply.content[wire.SITE][wire.REFUSAL_CODE] == "request-invalid"
     ledger = load_site_config(site).state_dir / "privacy-ledger.json"
     assert not ledger.exists()  # nothing spent

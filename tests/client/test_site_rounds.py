@@ -52,7 +52,9 @@ def test_fedbn_round_then_fine_tune_at_the_site(tmp_path):
 
     # fine-tune the "final" model: metrics come back, the model stays
     final = ArrayRecord(dict(sent))
-    ft = site_app.fine_tune(site_message("train.finetune", final, 2), ctx)
+    ft = site_app.fine_tune(
+        site_message("train.finetune", final, 2, **{wire.FINE_TUNE_STEPS: 2}), ctx
+    )
     assert wire.ARRAYS not in ft.content.array_records
     metrics = ft.content[wire.METRICS]
     assert metrics[wire.FINE_TUNED] == 1 and wire.dice_key("kidney") in metrics
