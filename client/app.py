@@ -6,9 +6,13 @@ Flower-free :class:`client.prepare.Request`, lets the round code answer it
 preparation step of ``client/prepare.py``) and packs the answer into the reply.
 Only model arrays and aggregate metrics leave through these replies, each
 listed in docs/privacy.md with what protects it. Every failure of every request
-is answered the same way: a stable code and a fixed sentence
-(:mod:`client.refusals`); the full cause goes to the site's own log and audit
-only. :func:`client.gate.governed` checks and records every reply.
+is answered the same way: a stable code and a fixed sentence; the full cause
+goes to the site's own log and audit only. The known refusals (data, ledger,
+budget, request, configuration, the site's own choice) are answered here with
+their own code (:mod:`client.refusals`); anything else, and any failure of the
+ledger read, the contract check or the audit log around the handler, is
+answered by the site's one edge, :class:`client.gate.Edge`, which
+:func:`client.gate.governed` runs every handler through.
 """
 
 from __future__ import annotations
@@ -86,12 +90,14 @@ def fingerprint(msg: Message, context: Context) -> Message:
 def answer(
     msg: Message, context: Context, round_fn: Callable[[Request], Reply]
 ) -> Message:
-    """``round_fn``'s answer to ``msg``, or a refusal with a code for any failure.
+    """``round_fn``'s answer to ``msg``, or a refusal with its code.
 
-    Known refusals (data, ledger, budget, configuration, the site's own
-    choice) keep their code; any other exception is logged here in full and
-    answered as ``internal-error``. Nothing of an exception's text reaches the
-    coordinator, except a budget refusal's own epsilon numbers.
+    Known refusals (data, ledger, budget, request, configuration, the site's
+    own choice) keep their code and are logged here. Any other exception
+    propagates to the site's edge (:class:`client.gate.Edge`, around every
+    handler), which logs it in full and answers ``internal-error``: one place
+    turns the unexpected into a refusal. Nothing of an exception's text
+    reaches the coordinator, except a budget refusal's own epsilon numbers.
     """
     kind = msg.metadata.message_type
     try:
@@ -99,9 +105,6 @@ def answer(
     except REFUSALS as exc:
         log.warning("request %s refused: %s", kind, exc)
         code, detail, sentence = refusal_code(exc), str(exc), public_sentence(exc)
-    except Exception as exc:
-        log.exception("request %s failed", kind)
-        code, detail, sentence = "internal-error", repr(exc), public_sentence(exc)
     name = site_name(context.run_config, context.node_config)
     log_request(name, kind, None, "refused", f"{code}: {detail}")
     return refusal(msg, name, code, sentence)

@@ -106,7 +106,10 @@ class AuditLog:
         Raises
         ------
         AuditError
-            If the log cannot be written or its head is unreadable.
+            If the log cannot be written or its head is unreadable. Its text
+            names the log's path: it is for the site's own log, and the
+            site's edge (``client.gate.Edge``) answers the request with a
+            fixed refusal.
         """
         unknown = set(fields) - set(FIELDS)
         if unknown:
@@ -127,7 +130,8 @@ class AuditLog:
                     fh.flush()
                     os.fsync(fh.fileno())
                 self._write_head({"count": entry["seq"], "hash": entry["hash"]})
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            # TypeError: a head file that is valid JSON but not an object
             raise AuditError(f"audit log {self.path} not writable: {exc}") from exc
         return entry
 

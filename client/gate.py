@@ -14,6 +14,27 @@ gate is ``client/executor.py``. Two pieces:
 - :func:`governed` wraps the ClientApp's handlers (``client/app.py``) so every
   reply is checked and recorded where the app runs, in simulation too.
 
+**One edge.** Whatever fails at the site (the round code, the privacy ledger,
+the audit log, the contract check, the bundle's loading, the gate itself),
+the coordinator gets the same kind of answer: a refusal with a stable code and
+the code's fixed sentence (:func:`refusal`, ``common.wire.REFUSAL_CODES``),
+never an exception's text, which may hold a path, a case id or a value from
+the data. :class:`Edge` is that one place: :func:`governed` runs every handler
+through it (simulation, and the bundle's handlers in deployment), and the
+deployment hooks send every failure of theirs and every error reply of
+Flower's runner through it. The full cause goes to the site's log and, when
+the audit log can be written, to the audit log; when it cannot, that is
+logged too and the fixed refusal still goes out. The one exception is the
+approval refusal, an error reply that names the bundle's hash and the site.
+
+**The code that runs is the code approved.** After Flower has installed the
+bundle, or found its folder already installed, the gate compares the folder it
+is about to load with the approved bytes, file by file
+(:func:`client.governance.check_installed`), and refuses a folder that differs
+as it refuses an unapproved bundle. The bundle's modules are then imported
+only from their sources, each checked again against the approved SHA-256 as it
+is read, never from a bytecode cache in the folder (:func:`_import_approved`).
+
 This module imports Flower, like ``client/app.py``: it is the site's other
 Flower boundary.
 """
@@ -24,13 +45,15 @@ import argparse
 import contextlib
 import functools
 import hashlib
+import importlib
+import importlib.machinery
 import json
 import logging
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
@@ -39,7 +62,10 @@ from client.contract import ReplyView, check_reply, expected_arrays
 from client.governance import (
     SIMULATION_HASH,
     AppRefused,
+    LedgerUnreadable,
     check_approved,
+    check_installed,
+    epsilon_or_none,
     spent_epsilon,
 )
 from common import wire
@@ -107,6 +133,15 @@ def refusal(msg: Message, site: str, code: str, reason: str | None = None) -> Me
     return Message(content=content, reply_to=msg)
 
 
+class FailedReply(RuntimeError):
+    """The reply is an error: Flower caught an exception of the app.
+
+    Flower writes the exception's class and text into an error reply's reason,
+    so such a reply never leaves the site; the edge answers ``internal-error``
+    and keeps the reason for the site's log and audit.
+    """
+
+
 def enforce(
     site: SiteConfig,
     plan: Plan | None,
@@ -118,10 +153,18 @@ def enforce(
 
     A reply that breaks the contract is replaced by a refusal whose reason says
     only that it was withheld; the problems themselves stay in the audit log.
+
+    Raises
+    ------
+    FailedReply
+        If ``reply`` is an error reply (free text): the caller's :class:`Edge`
+        answers it with a fixed refusal.
     """
     view = reply_view(reply)
     if view.is_error:
-        return reply, "failed", reply.error.reason[:500], view.nbytes
+        raise FailedReply(
+            f"error reply (code {reply.error.code}): {reply.error.reason[:2000]}"
+        )
     if plan is None:
         problems = ["the run config is not a kidneyfl plan"]
     else:
@@ -162,8 +205,14 @@ def record(
     eps_before: float | None,
     nbytes: int,
     app_hash: str | None = None,
+    strict: bool = True,
 ) -> None:
-    """One audit entry for the request ``msg``; the privacy ledger gives epsilon."""
+    """One audit entry for the request ``msg``; the privacy ledger gives epsilon.
+
+    ``strict``: the ledger must be read for epsilon after (it raises
+    :class:`~client.governance.LedgerUnreadable` where it cannot be); False
+    while refusing, where an unreadable ledger is recorded as None.
+    """
     cfg = msg.content.config_records.get(wire.CONFIG, {}) if msg.has_content() else {}
     run_id = cfg.get(wire.RUN_ID, context.run_id if context else msg.metadata.run_id)
     AuditLog(site.state_dir).append(
@@ -176,10 +225,124 @@ def record(
         decision=decision,
         reason=reason,
         epsilon_before=eps_before,
-        epsilon_after=spent_epsilon(site),
+        epsilon_after=spent_epsilon(site) if strict else epsilon_or_none(site),
         bytes_sent=nbytes,
         where=where,
     )
+
+
+# -- the site's edge -------------------------------------------------------------
+def failure_code(exc: BaseException) -> str:
+    """The refusal code the coordinator sees for a failure that reached the edge.
+
+    Only the site's own checks have a code of their own here; the round code's
+    refusals (data, budget, request, the site's choices) are answered by the
+    ClientApp before they get this far (``client.app.answer``, with
+    ``client.refusals.refusal_code``), so anything else is unexpected.
+    """
+    if isinstance(exc, LedgerUnreadable):
+        return "ledger-damaged"
+    if isinstance(exc, ConfigError):
+        return "config-invalid"
+    return "internal-error"
+
+
+def _cause(exc: BaseException) -> str:
+    """``exc`` and what it was raised from, in full: for the site's own records."""
+    text = f"{type(exc).__name__}: {exc}"
+    if exc.__cause__ is not None:
+        text += f" (from {type(exc.__cause__).__name__}: {exc.__cause__})"
+    return text
+
+
+class Edge:
+    """Where one request's answer leaves the site: any failure, one fixed refusal.
+
+    Every reply of the site passes here, in every mode: :func:`governed` runs
+    the ClientApp's handlers through :meth:`run`, and the deployment hooks
+    (:func:`_hooks`) run their own steps and the check of every reply Flower's
+    runner pushes through it. The coordinator gets :func:`refusal` with a
+    code and that code's fixed sentence; the exception, in full, goes to the
+    site's log and, if it can be written, the audit log.
+
+    Parameters
+    ----------
+    msg : Message
+        The request being answered.
+    context : Context | None
+        Its context (the audit entry's run id).
+    where : str
+        ``app`` (the ClientApp) or ``gate`` (the deployment hooks), as the
+        audit entry records it.
+    site : SiteConfig | None
+        The site, once known; without it the refusal names the site
+        ``unknown`` and nothing is recorded (its state directory is unknown).
+    eps0 : float | None
+        Epsilon spent before the request, for the audit entry.
+    app_hash : str | None
+        The bundle's hash for the audit entry (default: the gate's, if set).
+    """
+
+    def __init__(
+        self,
+        msg: Message,
+        context: Context | None,
+        where: str,
+        site: SiteConfig | None = None,
+        eps0: float | None = None,
+        app_hash: str | None = None,
+    ) -> None:
+        self.msg, self.context, self.where = msg, context, where
+        self.site, self.eps0, self.app_hash = site, eps0, app_hash
+
+    def run(self, step: Callable[[], Message]) -> Message:
+        """``step()``'s reply, or the fixed refusal for whatever it raises."""
+        try:
+            return step()
+        except Exception as exc:  # noqa: BLE001 - the edge: no exception passes
+            return self.refuse(exc)
+
+    def refuse(self, exc: BaseException) -> Message:
+        """The fixed refusal for ``exc``; its text to the site's log and audit."""
+        code = failure_code(exc)
+        name = self.site.name if self.site is not None else "unknown"
+        mid = self.msg.metadata.message_id
+        kind = self.msg.metadata.message_type
+        log.error(
+            "site %s: %s request %s failed; answered %s",
+            name,
+            kind,
+            mid,
+            code,
+            exc_info=exc,
+        )
+        reply = refusal(self.msg, name, code)
+        if self.site is None:
+            return reply
+        try:
+            record(
+                self.site,
+                self.msg,
+                self.context,
+                self.where,
+                "failed",
+                f"{code} ({wire.REFUSAL_CODES[code]}): {_cause(exc)}"[:4000],
+                self.eps0,
+                reply_view(reply).nbytes,
+                app_hash=self.app_hash,
+                strict=False,
+            )
+            os.environ[AUDITED_ENV] = mid
+        except Exception:  # noqa: BLE001 - the refusal goes out unrecorded
+            log.exception(
+                "site %s: the audit log could not record %s request %s; it is "
+                "answered %s all the same",
+                name,
+                kind,
+                mid,
+                code,
+            )
+        return reply
 
 
 Handler = Callable[[Message, Context], Message]
@@ -193,36 +356,42 @@ def governed(
     ``site_path(context, plan)`` finds the site YAML (``client.app``'s
     ``site_yaml``). If the site cannot be resolved the handler answers
     alone (it refuses with its own reason) and nothing is recorded, since the
-    state directory is unknown.
+    state directory is unknown. Everything runs inside the site's
+    :class:`Edge`: the ledger read, the handler, the contract check and the
+    audit entry; whichever fails, the reply is the fixed refusal.
     """
 
     def decorate(handler: Handler) -> Handler:
         @functools.wraps(handler)
         def wrapper(msg: Message, context: Context) -> Message:
-            try:
-                plan = load_plan(context.run_config)
-                site = load_site_config(site_path(context, plan))
-            except ConfigError:
-                return handler(msg, context)
-            eps0 = spent_epsilon(site)
-            try:
-                reply = handler(msg, context)
-            except Exception as exc:
-                # the full cause stays here (site log and audit); the coordinator
-                # gets a code and a fixed sentence, never the exception's text,
-                # which may hold a path, a case id or a value from the data
-                log.exception("site %s: request failed", site.name)
-                record(site, msg, context, "app", "failed", type(exc).__name__, eps0, 0)
-                os.environ[AUDITED_ENV] = msg.metadata.message_id
-                return refusal(msg, site.name, "internal-error")
-            reply, decision, why, nbytes = enforce(site, plan, msg, reply)
-            record(site, msg, context, "app", decision, why, eps0, nbytes)
-            os.environ[AUDITED_ENV] = msg.metadata.message_id
-            return reply
+            edge = Edge(msg, context, "app")
+            return edge.run(lambda: _governed(edge, handler, site_path, msg, context))
 
         return wrapper
 
     return decorate
+
+
+def _governed(
+    edge: Edge,
+    handler: Handler,
+    site_path: Callable[[Context, Plan], Path],
+    msg: Message,
+    context: Context,
+) -> Message:
+    """The handler's reply, checked and recorded (what :func:`governed` runs)."""
+    try:
+        plan = load_plan(context.run_config)
+        site = load_site_config(site_path(context, plan))
+    except ConfigError:
+        return handler(msg, context)
+    edge.site = site
+    edge.eps0 = spent_epsilon(site)
+    reply = handler(msg, context)
+    reply, decision, why, nbytes = enforce(site, plan, msg, reply)
+    record(site, msg, context, "app", decision, why, edge.eps0, nbytes)
+    os.environ[AUDITED_ENV] = msg.metadata.message_id
+    return reply
 
 
 # -- the gate around Flower's ClientApp runner ------------------------------------
@@ -233,6 +402,7 @@ class _Task:
         self.site = site
         self.message: Message | None = None
         self.context: Context | None = None
+        self.run: Any = None
         self.fab: Any = None
         self.client: Any = None
         self.plan: Plan | None = None
@@ -241,9 +411,33 @@ class _Task:
         self.refused = False
         self.app_hash: str | None = None
 
+    def edge(self, context: Context | None = None) -> Edge:
+        """The site's edge for this task's request (see :class:`Edge`)."""
+        assert self.message is not None
+        received = getattr(self.fab, "content", None)
+        digest = self.app_hash or (
+            hashlib.sha256(received).hexdigest()
+            if isinstance(received, bytes)
+            else None
+        )
+        return Edge(
+            self.message,
+            context or self.context,
+            "gate",
+            self.site,
+            self.eps0,
+            digest,
+        )
+
 
 def _hooks(task: _Task, rc: Any) -> None:
-    """Wrap the runner's pull, install and push steps (fail closed if missing)."""
+    """Wrap the runner's pull, install and push steps (fail closed if missing).
+
+    Each step's failures go through the task's :class:`Edge`: a failure of
+    the gate before the bundle runs answers the fixed refusal and ends the
+    task; an error reply of Flower's runner (the bundle failed to load or
+    raised) is replaced by the fixed refusal as it is pushed.
+    """
     for name in (
         "pull_task_input",
         "install_from_fab",
@@ -259,87 +453,219 @@ def _hooks(task: _Task, rc: Any) -> None:
 
     def pull_task_input(client: Any) -> Any:
         message, context, run, fab = pull(client)
-        task.client, task.message, task.context, task.fab = (
-            client,
-            message,
-            context,
-            fab,
-        )
-        task.eps0 = spent_epsilon(task.site)
+        task.client, task.message, task.context = client, message, context
+        task.run, task.fab = run, fab
+        try:
+            task.eps0 = spent_epsilon(task.site)
+        except Exception as exc:  # noqa: BLE001 - the edge answers it
+            _answer_and_end(task, rc, push, task.edge().refuse(exc))
         return message, context, run, fab
 
     def install_from_fab(content: bytes, *args: Any, **kwargs: Any) -> Any:
         digest = hashlib.sha256(content).hexdigest()
         try:
             check_approved(task.site, getattr(task.fab, "hash_str", ""), content)
+            task.app_hash = digest
+            os.environ[APP_HASH_ENV] = digest
+            # Everything the reply check needs, from the site's own code,
+            # before the bundle's copies of the same packages are imported.
+            try:
+                task.plan = load_plan(task.context.run_config) if task.context else None
+            except ConfigError:
+                task.plan = None
+            task.expected = expected_arrays(task.plan) if task.plan else {}
+            for mod in list(sys.modules):
+                if mod.split(".")[0] in BUNDLE_PACKAGES:
+                    del sys.modules[mod]
+            path = install(content, *args, **kwargs)  # installs, or reuses the folder
+            folder = _load_folder(task, digest, path)
+            approved = check_installed(task.site, digest, content, folder)
+            _import_approved(folder, approved)
         except AppRefused as exc:
             _refuse(task, rc, push, digest, str(exc))  # does not return
-        task.app_hash = digest
-        os.environ[APP_HASH_ENV] = digest
-        # Everything the reply check needs, from the site's own code, before
-        # the bundle's copies of the same packages are imported.
-        try:
-            task.plan = load_plan(task.context.run_config) if task.context else None
-        except ConfigError:
-            task.plan = None
-        task.expected = expected_arrays(task.plan) if task.plan else {}
-        for mod in list(sys.modules):
-            if mod.split(".")[0] in BUNDLE_PACKAGES:
-                del sys.modules[mod]
-        return install(content, *args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - the edge answers it
+            _answer_and_end(task, rc, push, task.edge().refuse(exc))
+        return path
 
     def push_message(client: Any, reply: Message, context: Context) -> None:
         msg = task.message
-        if msg is not None and not task.refused:
-            checked, decision, why, nbytes = enforce(
-                task.site, task.plan, msg, reply, task.expected
-            )
-            if checked is not reply or os.environ.get(AUDITED_ENV) != (
-                msg.metadata.message_id
-            ):
-                record(
-                    task.site, msg, context, "gate", decision, why, task.eps0, nbytes
-                )
-            reply = checked
-        push(client, reply, context)
+        if msg is None or task.refused:
+            # The gate has answered this task itself; anything more would be
+            # Flower's own error reply, whose reason is an exception's text.
+            log.warning("site %s: a second reply to the task not sent", task.site.name)
+            return
+        checked = task.edge(context).run(lambda: _checked(task, msg, reply, context))
+        push(client, checked, context)
 
     rc.pull_task_input = pull_task_input
     rc.install_from_fab = install_from_fab
     rc.push_message = push_message
 
 
-def _refuse(task: _Task, rc: Any, push: Callable, digest: str, reason: str) -> None:
+def _checked(task: _Task, msg: Message, reply: Message, context: Context) -> Message:
+    """The reply the gate lets out, recorded unless the app recorded it already."""
+    checked, decision, why, nbytes = enforce(
+        task.site, task.plan, msg, reply, task.expected
+    )
+    if checked is not reply or os.environ.get(AUDITED_ENV) != msg.metadata.message_id:
+        record(task.site, msg, context, "gate", decision, why, task.eps0, nbytes)
+    return checked
+
+
+def _load_folder(task: _Task, digest: str, installed: Any) -> Path:
+    """The folder Flower's runner loads the ClientApp from, as it computes it.
+
+    The runner names that folder by the run's app id and version, and the
+    install by the bundle's own: the two must be the one folder the gate
+    checks.
+
+    Raises
+    ------
+    AppRefused
+        If the run names another app or version than the bundle it ships.
+    """
+    from flwr.common.config import get_project_dir
+
+    run = task.run
+    if run is None:
+        raise RuntimeError("no run for the task: the app's folder is unknown")
+    folder = Path(get_project_dir(run.fab_id, run.fab_version, digest))
+    if installed is not None and os.path.realpath(installed) != os.path.realpath(
+        folder
+    ):
+        log.error(
+            "site %s: run %s names app %s %s, the bundle installs to %s",
+            task.site.name,
+            getattr(run, "run_id", "?"),
+            run.fab_id,
+            run.fab_version,
+            installed,
+        )
+        raise AppRefused(
+            f"site {task.site.name} refuses app bundle sha256:{digest}: the run "
+            "names another app or version than the bundle's"
+        )
+    return folder
+
+
+class _ApprovedSource(importlib.machinery.SourceFileLoader):
+    """A module of the installed bundle, loaded from its source if that is approved.
+
+    The bytes read are the bytes compiled, and they must hash to the approved
+    bundle's file: a module changed after the folder was checked (a training
+    round imports modules minutes into the task) fails to import. No bytecode
+    cache is read or written: a ``.pyc`` in the folder is not part of the
+    approved bundle, and whoever can write the folder can forge one.
+    """
+
+    def __init__(self, fullname: str, path: str, approved: dict[str, str]) -> None:
+        super().__init__(fullname, path)
+        self.approved = approved
+
+    def get_code(self, fullname: str) -> Any:
+        """The module's code, compiled from its approved source."""
+        path = self.get_filename(fullname)
+        data = self.get_data(path)
+        if hashlib.sha256(data).hexdigest() != self.approved.get(
+            os.path.realpath(path)
+        ):
+            raise ImportError(
+                f"module {fullname} of the app bundle is not the approved code",
+                name=fullname,
+            )
+        return self.source_to_code(data, path)
+
+
+def _import_approved(folder: Path, manifest: dict[str, str]) -> None:
+    """Import the bundle's modules only through :class:`_ApprovedSource`.
+
+    A path hook for the folder and every package in it: only ``.py`` sources
+    are found there (no extension module, no bare ``.pyc``), each checked
+    against ``manifest`` (path in the bundle to SHA-256) as it is read. Other
+    folders keep Python's own finders (the site's libraries and their caches).
+    """
+    root = os.path.realpath(folder)
+    approved = {
+        os.path.join(root, *rel.split("/")): sha for rel, sha in manifest.items()
+    }
+
+    def loader(fullname: str, path: str) -> _ApprovedSource:
+        return _ApprovedSource(fullname, path, approved)
+
+    def finder(path: str) -> importlib.machinery.FileFinder:
+        real = os.path.realpath(path)
+        if real != root and not real.startswith(root + os.sep):
+            raise ImportError("not the app bundle's folder")  # the next hook's
+        return importlib.machinery.FileFinder(path, (loader, [".py"]))
+
+    sys.path_hooks.insert(0, finder)
+    for entry in list(sys.path_importer_cache):
+        real = os.path.realpath(entry)
+        if real == root or real.startswith(root + os.sep):
+            del sys.path_importer_cache[entry]
+    importlib.invalidate_caches()
+
+
+def _refuse(task: _Task, rc: Any, push: Callable, digest: str, reason: str) -> NoReturn:
     """Answer the request with an error reply naming the hash, record it, exit.
 
-    The task is reported *completed* (the site decided; nothing crashed), so the
-    SuperNode hands the run's next message to a fresh task at once.
+    The one reply that is not a :func:`refusal`: the coordinator must learn
+    which bundle the site refuses. ``reason`` names the site and the hash only.
     """
     from flwr.app import Error
-    from flwr.common.constant import ErrorCode, SubStatus
-    from flwr.supercore.exit import ExitCode, flwr_exit
+    from flwr.common.constant import ErrorCode
 
-    task.refused = True
     log.error("%s", reason)
     if task.message is None or task.context is None:
+        task.refused = True
         raise AppRefused(reason)
     reply = Message(
         Error(code=ErrorCode.LOAD_CLIENT_APP_EXCEPTION, reason=reason),
         reply_to=task.message,
     )
-    record(
-        task.site,
-        task.message,
-        task.context,
-        "gate",
-        "refused",
-        reason,
-        task.eps0,
-        len(reason),
-        app_hash=digest,
-    )
+    try:
+        record(
+            task.site,
+            task.message,
+            task.context,
+            "gate",
+            "refused",
+            reason,
+            task.eps0,
+            len(reason),
+            app_hash=digest,
+            strict=False,
+        )
+    except Exception:  # noqa: BLE001 - the refusal goes out unrecorded
+        log.exception(
+            "site %s: the audit log could not record the refusal of sha256:%s",
+            task.site.name,
+            digest,
+        )
+    _answer_and_end(task, rc, push, reply, f"refused: {reason}")
+
+
+def _answer_and_end(
+    task: _Task,
+    rc: Any,
+    push: Callable,
+    reply: Message,
+    why: str = "answered by the site's gate",
+) -> NoReturn:
+    """Push the gate's own answer, report the task completed, and exit.
+
+    The task is reported *completed* (the site decided; nothing crashed), so
+    the SuperNode hands the run's next message to a fresh task at once.
+    Nothing of the bundle runs after this: Flower's runner never gets past
+    the step the gate is in.
+    """
+    from flwr.common.constant import SubStatus
+    from flwr.supercore.exit import ExitCode, flwr_exit
+
+    task.refused = True
     push(task.client, reply, task.context)
     rc.push_task_output(task.client, task.context, SubStatus.COMPLETED, "")
-    flwr_exit(ExitCode.SUCCESS, f"refused: {reason}")
+    flwr_exit(ExitCode.SUCCESS, why)
 
 
 def run_task(site_yaml: str, args: argparse.Namespace) -> None:

@@ -6,14 +6,31 @@ is installed or imported, the site's executor (``client/gate.py``) hashes the
 bundle it received and refuses one that is not listed. This module holds the
 parts that need no Flower: hashing, the approval list, the decision, and the
 numbers the audit log records.
+
+The code that runs is the code approved: Flower 1.42 installs a bundle into
+``$FLWR_HOME/apps/<publisher>.<name>.<version>.<hash8>`` and, when that folder
+already exists, reuses it without looking at its content. So a folder edited
+after approval, or one placed in advance under a name whose 8-digit short hash
+is an approved bundle's, would run code nobody reviewed. Before every run the
+gate therefore compares the folder Flower is about to load with the approved
+bytes (:func:`check_installed`): every file of the bundle present with the same
+SHA-256, and nothing else in the folder but Python's bytecode caches, which the
+gate never reads (it imports the bundle's modules from their verified sources,
+``client.gate``). A folder that differs is refused like an unapproved bundle,
+and left as it is for the hospital to inspect; it is not repaired, since a
+silent reinstall would hide the tampering and race a concurrent task that is
+reading the same folder.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
+import os
 import re
-from pathlib import Path
+import zipfile
+from pathlib import Path, PurePosixPath
 
 import yaml
 
@@ -24,7 +41,10 @@ from common.site_config import SHA256_HEX
 log = logging.getLogger(__name__)
 
 SIMULATION_HASH = "unverified (no site gate)"
-_LEDGER: tuple = ()  # (PrivacyLedger, LedgerError), imported on first use
+_LEDGER: tuple = ()  # (PrivacyLedger,), imported on first use
+# What Flower's install leaves out of the folder: the bundle's manifest, which
+# it checks and deletes before it copies the rest.
+FLOWER_MANIFEST_DIR = ".info"
 
 
 class AppRefused(RuntimeError):
@@ -32,6 +52,15 @@ class AppRefused(RuntimeError):
 
     The message names the hash and the site, never a path: it goes back to the
     coordinator as the error reply's reason.
+    """
+
+
+class LedgerUnreadable(RuntimeError):
+    """The site's privacy ledger cannot be read: the site answers nothing.
+
+    The message names the site only; the cause (which may name the ledger's
+    path) is chained as ``__cause__`` for the site's own log. The site's edge
+    (``client.gate``) answers it with the fixed ``ledger-damaged`` refusal.
     """
 
 
@@ -200,18 +229,157 @@ def approvals_report(site_yaml: str | Path) -> str:
 
 
 def spent_epsilon(site: SiteConfig) -> float | None:
-    """Epsilon the site's ledger has recorded so far (None without DP or ledger)."""
+    """Epsilon the site's ledger has recorded so far (None without DP).
+
+    Every request's audit entry carries this number before and after, so a
+    site whose ledger cannot be read cannot account for what it answers and
+    answers nothing: any failure to read the ledger (unreadable file, damaged
+    or foreign content, a ledger that is not a JSON object) raises
+    :class:`LedgerUnreadable`, whose text names no path.
+
+    Raises
+    ------
+    LedgerUnreadable
+        With the original exception as its cause, for the site's log.
+    """
     global _LEDGER
     if not site.privacy.enabled or site.privacy.delta is None:
         return None
-    if not _LEDGER:
-        # Imported late (torch, Opacus): the gate must start its task heartbeat
-        # within seconds; bound once, so later calls keep the site's own copy.
-        from client.privacy.ledger import LedgerError, PrivacyLedger
-
-        _LEDGER = (PrivacyLedger, LedgerError)
-    ledger_cls, error = _LEDGER
     try:
-        return ledger_cls(site.state_dir, site.name).epsilon(site.privacy.delta)
-    except error:
+        if not _LEDGER:
+            # Imported late (torch, Opacus): the gate must start its task
+            # heartbeat within seconds; bound once, so later calls keep the
+            # site's own copy even after the bundle's copy is imported.
+            from client.privacy.ledger import PrivacyLedger
+
+            _LEDGER = (PrivacyLedger,)
+        return float(_LEDGER[0](site.state_dir, site.name).epsilon(site.privacy.delta))
+    except Exception as exc:  # noqa: BLE001 - whatever it is, it names a path
+        raise LedgerUnreadable(
+            f"site {site.name}: the privacy ledger cannot be read"
+        ) from exc
+
+
+def epsilon_or_none(site: SiteConfig) -> float | None:
+    """:func:`spent_epsilon`, or None where the ledger cannot be read.
+
+    For records written while the site is already refusing: the refusal must
+    still be recorded and sent.
+    """
+    try:
+        return spent_epsilon(site)
+    except LedgerUnreadable:
         return None
+
+
+# -- the installed folder against the approved bytes ----------------------------
+def bundle_manifest(content: bytes) -> dict[str, str]:
+    """SHA-256 of every file of a ``.fab`` (a zip), by its path inside it.
+
+    Read from the archive's own bytes, not from the manifest the archive
+    carries (``.info/CONTENT``, which Flower checks and does not install).
+
+    Raises
+    ------
+    ValueError
+        If the bytes are not a zip, or a name in it is absolute or climbs out
+        of the folder (Flower refuses such a bundle too).
+    """
+    out: dict[str, str] = {}
+    try:
+        with zipfile.ZipFile(io.BytesIO(content)) as zf:
+            for info in zf.infolist():
+                name = PurePosixPath(info.filename)
+                if info.is_dir() or name.parts[:1] == (FLOWER_MANIFEST_DIR,):
+                    continue
+                if name.is_absolute() or ".." in name.parts or "\\" in info.filename:
+                    raise ValueError("the bundle holds a file outside its folder")
+                out[name.as_posix()] = hashlib.sha256(zf.read(info)).hexdigest()
+    except zipfile.BadZipFile as exc:
+        raise ValueError("the bundle is not a zip archive") from exc
+    return out
+
+
+def _inert_bytecode(rel: PurePosixPath) -> bool:
+    """A bytecode cache file Python wrote beside a module (never read by the gate)."""
+    return (
+        len(rel.parts) >= 2 and rel.parts[-2] == "__pycache__" and rel.suffix == ".pyc"
+    )
+
+
+def installed_differences(manifest: dict[str, str], folder: Path) -> list[str]:
+    """How ``folder`` differs from the bundle ``manifest``: one line per file.
+
+    A bundle file that is missing, unreadable, a link or has other bytes; any
+    file or link the bundle does not hold, except a ``__pycache__/*.pyc``
+    (Python's own cache from an earlier import, which the gate never reads).
+    Empty when the folder holds exactly the approved bundle.
+    """
+    if folder.is_symlink() or not folder.is_dir():
+        return [f"{folder}: not a folder"]
+    problems: list[str] = []
+    for rel, digest in sorted(manifest.items()):
+        path = folder / rel
+        try:
+            if path.is_symlink() or not path.is_file():
+                problems.append(f"{rel}: missing")
+            elif hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+                problems.append(f"{rel}: content differs from the approved bundle")
+        except OSError as exc:
+            problems.append(f"{rel}: unreadable ({exc})")
+
+    def unreadable(err: OSError) -> None:
+        problems.append(f"{err.filename}: unreadable ({err.strerror})")
+
+    for root, dirs, files in os.walk(folder, onerror=unreadable):  # links not followed
+        here = Path(root)
+        for name in files + [d for d in dirs if (here / d).is_symlink()]:
+            rel = PurePosixPath((here / name).relative_to(folder).as_posix())
+            if (here / name).is_symlink():
+                problems.append(f"{rel}: a link, not a file of the bundle")
+            elif rel.as_posix() not in manifest and not _inert_bytecode(rel):
+                problems.append(f"{rel}: not in the approved bundle")
+    return problems
+
+
+def check_installed(
+    site: SiteConfig, digest: str, content: bytes, folder: Path
+) -> dict[str, str]:
+    """Refuse unless ``folder`` holds exactly the approved bundle ``content``.
+
+    Called after Flower installed the bundle (or found the folder already
+    there) and before anything in it is imported. Returns the manifest
+    (path inside the bundle to SHA-256), which the gate's importer checks
+    again as it reads each module.
+
+    Raises
+    ------
+    AppRefused
+        Naming the hash and how many files differ, never a path; the files
+        themselves go to the site's log.
+    """
+    try:
+        manifest = bundle_manifest(content)
+    except ValueError as exc:
+        log.error("site %s: bundle sha256:%s: %s", site.name, digest, exc)
+        raise AppRefused(
+            f"site {site.name} refuses app bundle sha256:{digest}: it is not a "
+            "readable app bundle"
+        ) from None
+    problems = installed_differences(manifest, folder)
+    if problems:
+        log.error(
+            "site %s: the installed copy of app bundle sha256:%s at %s is not the "
+            "approved bundle; inspect it, then delete the folder so Flower "
+            "installs it again from the approved bytes:\n  %s",
+            site.name,
+            digest,
+            folder,
+            "\n  ".join(problems),
+        )
+        raise AppRefused(
+            f"site {site.name} refuses app bundle sha256:{digest}: its installed "
+            f"copy differs from the approved bundle in {len(problems)} file(s); "
+            "see the site's log"
+        )
+    return manifest

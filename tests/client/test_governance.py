@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import inspect
 import json
+import marshal
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -187,29 +191,51 @@ def test_flower_runner_calls_the_hooked_steps_in_order() -> None:
     src = inspect.getsource(rc.run_clientapp)
     pull = src.index("pull_task_input(client)")
     install = src.index("install_from_fab(fab.content")
+    # the folder the gate checks is the one the runner loads from
+    folder = src.index("get_project_dir(run.fab_id, run.fab_version, fab.hash_str)")
     load = src.index("load_client_app_fn(")
     push = src.index("push_message(client, reply_message")
-    assert pull < install < load < push
+    assert pull < install < folder < load < push
 
 
-def _run_gate(site_yaml: Path, fab: Path, home: Path, monkeypatch) -> dict:
-    """Drive the hooked runner steps the way run_clientapp does."""
-    from flwr.cli.install import install_from_fab
-    from flwr.clientapp.utils import get_load_client_app_fn
+GOVAPP_ID, GOVAPP_VERSION = "kidneyfltest/govapp", "0.1.0"
 
-    monkeypatch.setenv("FLWR_HOME", str(home))
-    monkeypatch.setenv("GOV_MARKER_DIR", str(home / "markers"))
-    monkeypatch.delenv(gate.APP_HASH_ENV, raising=False)
-    # Flower's flwr_exit also arms an os._exit timer, which would end pytest.
+
+def _no_timer_exit(monkeypatch) -> None:
+    """Flower's flwr_exit also arms an os._exit timer, which would end pytest."""
     import flwr.supercore.exit as flwr_exit_mod
 
     def no_timer_exit(code: int, *args: object, **kwargs: object) -> None:
         raise SystemExit(int(code))
 
     monkeypatch.setattr(flwr_exit_mod, "flwr_exit", no_timer_exit)
+
+
+def _run_gate(
+    site_yaml: Path,
+    fab: Path,
+    home: Path,
+    monkeypatch,
+    fab_id: str = GOVAPP_ID,
+    before_load=None,
+) -> dict:
+    """Drive the hooked runner steps the way run_clientapp does.
+
+    ``fab_id`` is the app the run names; ``before_load(folder)`` runs after
+    the gate's install step and before Flower loads the ClientApp.
+    """
+    from flwr.cli.install import install_from_fab
+    from flwr.clientapp.utils import get_load_client_app_fn
+    from flwr.common.config import get_project_dir
+
+    monkeypatch.setenv("FLWR_HOME", str(home))
+    monkeypatch.setenv("GOV_MARKER_DIR", str(home / "markers"))
+    monkeypatch.delenv(gate.APP_HASH_ENV, raising=False)
+    _no_timer_exit(monkeypatch)
     content = fab.read_bytes()
     digest = hashlib.sha256(content).hexdigest()
     msg = request("query", RecordDict({"config": ConfigRecord({})}))
+    run = SimpleNamespace(run_id=7, fab_id=fab_id, fab_version=GOVAPP_VERSION)
     pushed: list[Message] = []
     statuses: list[str] = []
     rc = SimpleNamespace(
@@ -217,7 +243,7 @@ def _run_gate(site_yaml: Path, fab: Path, home: Path, monkeypatch) -> dict:
         pull_task_input=lambda client: (
             msg,
             context(site_yaml, {}),
-            None,
+            run,
             Fab(digest, content, {}),
         ),
         install_from_fab=install_from_fab,
@@ -228,21 +254,37 @@ def _run_gate(site_yaml: Path, fab: Path, home: Path, monkeypatch) -> dict:
         run_clientapp=lambda **kw: None,
     )
     gate._hooks(gate._Task(load_site_config(site_yaml)), rc)
-    message, ctx, _, got = rc.pull_task_input(None)
     result: dict = {"pushed": pushed, "digest": digest, "statuses": statuses}
     saved = dict(sys.modules)
+    saved_path, saved_hooks = list(sys.path), list(sys.path_hooks)
+    saved_cache = dict(sys.path_importer_cache)
     try:
+        message, ctx, got_run, got = rc.pull_task_input(None)
         rc.install_from_fab(got.content, skip_prompt=True)
-        app = get_load_client_app_fn("", None, True)(
-            "kidneyfltest/govapp", "0.1.0", digest
-        )
-        reply = app(message=message, context=ctx)
+        if before_load is not None:
+            before_load(get_project_dir(got_run.fab_id, got_run.fab_version, digest))
+        try:
+            app = get_load_client_app_fn("", None, True)(
+                got_run.fab_id, got_run.fab_version, digest
+            )
+            reply = app(message=message, context=ctx)
+        except Exception as exc:  # what run_clientapp does with it
+            from flwr.app import Error
+
+            result["raised"] = exc
+            reply = Message(
+                Error(code=0, reason=f"{type(exc)}:<'{exc}'>"), reply_to=msg
+            )
         rc.push_message(None, reply, ctx)
     except SystemExit as exc:  # the gate answered and ended the task itself
         result["exit"] = exc.code
     finally:
         sys.modules.clear()
         sys.modules.update(saved)
+        sys.path[:] = saved_path
+        sys.path_hooks[:] = saved_hooks
+        sys.path_importer_cache.clear()
+        sys.path_importer_cache.update(saved_cache)
     return result
 
 
@@ -274,6 +316,169 @@ def test_approved_bundle_runs_and_is_recorded(
     (entry,) = AuditLog(load_site_config(site_yaml).state_dir).entries()
     assert (entry["decision"], entry["app_hash"]) == ("ran", res["digest"])
     assert entry["bytes_sent"] > 0
+
+
+# -- the installed folder is the approved bundle ------------------------------------
+def _installed(home: Path, digest: str) -> Path:
+    """Where Flower installs (and later reuses) the govapp bundle."""
+    return home / "apps" / f"kidneyfltest.govapp.{GOVAPP_VERSION}.{digest[:8]}"
+
+
+def _assert_refused_before_import(res: dict, home: Path, site_yaml: Path) -> str:
+    """The gate refused with the error naming the hash; nothing was imported."""
+    assert res["exit"] == 0 and res["statuses"] == ["completed"], res
+    (reply,) = res["pushed"]
+    reason = reply.error.reason
+    assert reply.has_error() and res["digest"] in reason and "hospA" in reason
+    assert "/" not in reason and "govapp" not in reason  # no file is named
+    assert not (home / "markers").exists()  # no code of the folder ran
+    entry = AuditLog(load_site_config(site_yaml).state_dir).entries()[-1]
+    assert (entry["decision"], entry["app_hash"]) == ("refused", res["digest"])
+    return reason
+
+
+def _ran(res: dict, home: Path) -> None:
+    assert "exit" not in res and "raised" not in res, res
+    (reply,) = res["pushed"]
+    assert dict(reply.content["metrics"]) == {"n-cases": 3.0}
+    assert [p.name for p in (home / "markers").iterdir()] == [f"imported-{os.getpid()}"]
+
+
+def test_the_untouched_installed_folder_runs_again(
+    site_yaml, fab, tmp_path, monkeypatch
+) -> None:
+    """The second task reuses Flower's folder; unchanged, it runs, and the
+    gate's importer left no bytecode cache in it."""
+    approve(site_yaml, fab)
+    home = tmp_path / "flwr"
+    _ran(_run_gate(site_yaml, fab, home, monkeypatch), home)
+    shutil.rmtree(home / "markers")
+    again = _run_gate(site_yaml, fab, home, monkeypatch)
+    _ran(again, home)  # imported again, from the same folder
+    assert not list(_installed(home, again["digest"]).rglob("__pycache__"))
+    entries = AuditLog(load_site_config(site_yaml).state_dir).entries()
+    assert [e["decision"] for e in entries] == ["ran", "ran"]
+
+
+def test_a_file_changed_after_install_is_refused(
+    site_yaml, fab, tmp_path, monkeypatch
+) -> None:
+    approve(site_yaml, fab)
+    home = tmp_path / "flwr"
+    digest = _run_gate(site_yaml, fab, home, monkeypatch)["digest"]
+    code = _installed(home, digest) / "govapp" / "client_app.py"
+    code.write_text(code.read_text() + "\nUNREVIEWED = True\n")
+    shutil.rmtree(home / "markers")
+    res = _run_gate(site_yaml, fab, home, monkeypatch)
+    reason = _assert_refused_before_import(res, home, site_yaml)
+    assert "differs from the approved bundle in 1 file(s)" in reason
+
+
+def test_a_folder_placed_under_the_approved_short_hash_is_refused(
+    site_yaml, fab, tmp_path, monkeypatch
+) -> None:
+    """Another bundle's files, in the folder Flower would reuse for the
+    approved bundle (same app, version and first 8 digits of the hash)."""
+    digest, _ = approve(site_yaml, fab)
+    home = tmp_path / "flwr"
+    folder = _installed(home, digest)
+    shutil.copytree(GOVAPP, folder, ignore=shutil.ignore_patterns("*.fab"))
+    (folder / "govapp" / "client_app.py").write_text(
+        "import os\nfrom pathlib import Path\n"
+        "Path(os.environ['GOV_MARKER_DIR']).mkdir(parents=True)\n"
+        "(Path(os.environ['GOV_MARKER_DIR']) / 'other-bundle').write_text('ran')\n"
+    )
+    res = _run_gate(site_yaml, fab, home, monkeypatch)
+    _assert_refused_before_import(res, home, site_yaml)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    ["govapp/helper.py", "govapp.pth", "govapp/fast.cpython-311-x86_64-linux-gnu.so"],
+)
+def test_an_extra_file_in_the_folder_is_refused(
+    site_yaml, fab, tmp_path, monkeypatch, extra: str
+) -> None:
+    approve(site_yaml, fab)
+    home = tmp_path / "flwr"
+    digest = _run_gate(site_yaml, fab, home, monkeypatch)["digest"]
+    (_installed(home, digest) / extra).write_text("import os  # not reviewed\n")
+    shutil.rmtree(home / "markers")
+    res = _run_gate(site_yaml, fab, home, monkeypatch)
+    reason = _assert_refused_before_import(res, home, site_yaml)
+    assert "in 1 file(s)" in reason
+
+
+def test_a_forged_bytecode_cache_in_the_folder_never_runs(
+    site_yaml, fab, tmp_path, monkeypatch
+) -> None:
+    """A ``.pyc`` whose header matches the approved source would run in its
+    place under Python's own importer; the gate's importer reads sources."""
+    approve(site_yaml, fab)
+    home = tmp_path / "flwr"
+    digest = _run_gate(site_yaml, fab, home, monkeypatch)["digest"]
+    folder = _installed(home, digest)
+    source = folder / "govapp" / "client_app.py"
+    forged = compile(
+        "import os\nfrom pathlib import Path\n"
+        "Path(os.environ['GOV_MARKER_DIR']).mkdir(parents=True, exist_ok=True)\n"
+        "(Path(os.environ['GOV_MARKER_DIR']) / 'forged').write_text('ran')\n",
+        str(source),
+        "exec",
+    )
+    st = source.stat()
+    header = importlib.util.MAGIC_NUMBER + (0).to_bytes(4, "little")
+    header += (int(st.st_mtime) & 0xFFFFFFFF).to_bytes(4, "little")
+    header += (st.st_size & 0xFFFFFFFF).to_bytes(4, "little")
+    cache = Path(importlib.util.cache_from_source(str(source)))
+    cache.parent.mkdir(exist_ok=True)
+    cache.write_bytes(header + marshal.dumps(forged))
+    shutil.rmtree(home / "markers")
+    # Python's own importer runs the forged cache instead of the source...
+    subprocess.run(
+        [sys.executable, "-c", "import govapp.client_app"],
+        cwd=folder,
+        env={"GOV_MARKER_DIR": str(tmp_path / "plain"), "PYTHONPATH": str(folder)},
+        check=True,
+        timeout=60,
+    )
+    assert (tmp_path / "plain" / "forged").exists()
+    # ...the gate's runs the reviewed source (the cache is Python's, inert).
+    _ran(_run_gate(site_yaml, fab, home, monkeypatch), home)
+
+
+def test_a_module_changed_after_the_check_does_not_import(
+    site_yaml, fab, tmp_path, monkeypatch
+) -> None:
+    """Each module is checked again as it is imported: a change between the
+    folder's check and the import (or during a long round) does not run."""
+    approve(site_yaml, fab)
+    home = tmp_path / "flwr"
+
+    def tamper(folder: Path) -> None:
+        code = folder / "govapp" / "client_app.py"
+        code.write_text(code.read_text().replace("3.0", "4.0"))
+
+    res = _run_gate(site_yaml, fab, home, monkeypatch, before_load=tamper)
+    assert isinstance(res["raised"], ImportError)
+    assert "not the approved code" in str(res["raised"])
+    assert not (home / "markers").exists()
+    (reply,) = res["pushed"]  # Flower's error reply, as the gate lets it out
+    assert not reply.has_error()
+    site = reply.content[wire.SITE]
+    assert site[wire.REFUSAL_CODE] == "internal-error"
+    assert site[wire.REFUSAL_REASON] == wire.REFUSAL_CODES["internal-error"]
+
+
+def test_a_run_naming_another_app_is_refused(
+    site_yaml, fab, tmp_path, monkeypatch
+) -> None:
+    """Flower loads from the folder the run names; it must be the one checked."""
+    approve(site_yaml, fab)
+    home = tmp_path / "flwr"
+    res = _run_gate(site_yaml, fab, home, monkeypatch, fab_id="other/govapp")
+    reason = _assert_refused_before_import(res, home, site_yaml)
+    assert "names another app or version" in reason
 
 
 def test_tampered_bundle_is_refused(site_yaml, fab, tmp_path) -> None:

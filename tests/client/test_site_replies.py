@@ -184,7 +184,11 @@ def test_every_request_refuses_the_same_way_when_the_data_has_gone(tmp_path, kin
     shutil.rmtree(site.data.root)
     msg = site_message(kind, _arrays(), 1)
     msg.content[wire.CONFIG][wire.FINGERPRINT_MIN_CASES] = 1
-    reply = HANDLERS[kind](msg, _ctx(yaml_path))
+    plan = PLAN
+    if kind == "train.finetune":  # a valid fine-tune: the plan's steps, no more
+        plan = {**PLAN, "fine-tune-steps": 1}
+        msg.content[wire.CONFIG][wire.FINE_TUNE_STEPS] = 1
+    reply = HANDLERS[kind](msg, _ctx(yaml_path, plan))
     assert not reply.has_error() and reply.content[wire.METRICS][wire.REFUSED] == 1
     record = reply.content[wire.SITE]
     assert record[wire.REFUSAL_CODE] == "data-unusable"
