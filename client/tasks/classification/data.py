@@ -12,6 +12,13 @@ DP-SGD's per-sample clipping bounds one patient's influence however many slices
 the patient has. A patient in both training and validation, or identical images
 under two patient ids, are refused (:mod:`client.data.patients`).
 
+Each patient's randomness is its own (issue 27): which of a patient's slices an
+item gives and its flips are seeded from the round's seed, the patient's id
+(hashed) and how often the patient has been drawn this round, never from a
+stream shared with the other patients (:mod:`client.tasks.draws`). The one
+exception is ``balanced``, a resampler for training without DP only: it picks
+an epoch's slices by the site's class counts, which is its purpose.
+
 Every error names the file and the fix. Nothing here leaves the site.
 """
 
@@ -36,6 +43,7 @@ from client.data.patients import (
     refuse,
 )
 from client.data.split import leave_out, split_by_patient
+from client.tasks.draws import PatientDraws
 from common.config import Plan, SiteConfig
 
 log = logging.getLogger(__name__)
@@ -181,6 +189,18 @@ class SliceDataset(torch.utils.data.Dataset):
     an epoch visits, as many as there are patients, with equal probability per
     class (a weighted sampler that survives ``DataLoader(shuffle=True)``); only
     without DP, since it shows a patient more than once.
+
+    The slice and the flips of a draw come from a generator seeded by (round
+    seed, patient, draw) alone (:class:`client.tasks.draws.PatientDraws`): one
+    generator shared by the patients would make a patient's flips depend on
+    which patients were fetched before it.
+
+    Parameters
+    ----------
+    keys : list of str, optional
+        A stable local key per patient (:func:`build_dataset` passes the
+        patient ids); default: a digest of the patient's slices. Not the
+        index, which shifts when a patient is added or removed.
     """
 
     def __init__(
@@ -190,14 +210,20 @@ class SliceDataset(torch.utils.data.Dataset):
         augment: bool = False,
         balanced: bool = False,
         patients: list[list[int]] | None = None,
+        keys: list[str] | None = None,
     ) -> None:
         self.images, self.labels = images, labels
         self.augment, self.balanced = augment, balanced
         self.patients = (
             patients if patients is not None else [[j] for j in range(len(labels))]
         )
+        if keys is None:
+            keys = [_slices_digest(images[g]) for g in self.patients]
+        if len(keys) != len(self.patients):
+            raise ValueError(f"{len(keys)} keys for {len(self.patients)} patients")
+        self.draws = PatientDraws(keys)
+        self._owner = {j: p for p, g in enumerate(self.patients) for j in g}
         self.drawn: list[int] | None = None  # balanced: slice per item
-        self._gen = torch.Generator().manual_seed(0)
 
     def __len__(self) -> int:
         return len(self.patients)
@@ -205,23 +231,25 @@ class SliceDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.drawn is not None:
             j = self.drawn[i]
+            gen = torch.Generator().manual_seed(self.draws.next(self._owner[j]))
         else:
+            gen = torch.Generator().manual_seed(self.draws.next(i))
             group = self.patients[i]
             j = group[0]
             if len(group) > 1:
-                j = group[int(torch.randint(len(group), (1,), generator=self._gen))]
+                j = group[int(torch.randint(len(group), (1,), generator=gen))]
         x = self.images[j]
         if self.augment:
-            flips = torch.rand(2, generator=self._gen) < 0.5
+            flips = torch.rand(2, generator=gen) < 0.5
             dims = [d + 1 for d in range(2) if flips[d]]
             if dims:
                 x = torch.flip(x, dims)
         return x, self.labels[j]
 
     def set_seed(self, seed: int) -> None:
-        """Seed augmentation and the slice drawn per patient and, when
-        balanced, redraw the visited slices."""
-        self._gen.manual_seed(seed)
+        """Start a round: its seed, every patient's draw count at zero and,
+        when balanced, the visited slices redrawn."""
+        self.draws.reset(seed)
         if self.balanced and len(self.labels):
             counts = torch.bincount(self.labels).float()
             w = 1.0 / counts[self.labels]
@@ -248,7 +276,14 @@ def build_dataset(
     groups: dict[str, list[int]] = {}
     for j, c in enumerate(cases):
         groups.setdefault(c.patient_id, []).append(j)
-    return SliceDataset(images, labels, augment, balanced, list(groups.values()))
+    return SliceDataset(
+        images, labels, augment, balanced, list(groups.values()), list(groups)
+    )
+
+
+def _slices_digest(slices: torch.Tensor) -> str:
+    # a patient's own pixels: stable when other patients come or go
+    return hashlib.sha256(slices.numpy().tobytes()).hexdigest()
 
 
 def fingerprint(ds: SliceDataset) -> str:

@@ -4,6 +4,12 @@ Deterministic preprocessing (load, map labels, RAS, resample, window, crop,
 normalise) is cached per plan at the site; training draws one
 foreground-weighted patch per patient per epoch; evaluation and prediction use
 whole volumes. Nothing here leaves the site.
+
+Each patient's randomness is its own (issue 27): a training patch's crop and
+augmentation are seeded from the round's seed, the case's id (hashed) and how
+often the case has been drawn this round, never from a stream shared with the
+other patients (:mod:`client.tasks.draws`). Which other patients a round
+samples, in what order, and their labels leave a patient's patches unchanged.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from monai.data import PersistentDataset
 
 from client.data.label_map import remap_labels
 from client.data.layouts import Case
+from client.tasks.draws import PatientDraws
 from common.config import Plan, SiteConfig
 
 IMAGE, LABEL = "image", "label"
@@ -94,7 +101,11 @@ def _cache_dir(
 
 class MemoVolumes(torch.utils.data.Dataset):
     """Preprocessed volumes: on site disk (MONAI PersistentDataset) and, up to a
-    memory budget, in this process, which in simulation serves every round."""
+    memory budget, in this process, which in simulation serves every round.
+
+    ``case_ids`` names each volume's case (default: its image path): the
+    stable key that seeds the case's training patches (:class:`PatchDataset`).
+    """
 
     _memo: dict[tuple[str, str], dict] = {}
     _bytes = 0
@@ -106,8 +117,10 @@ class MemoVolumes(torch.utils.data.Dataset):
         plan: Plan,
         cache: Path,
         label_map: dict[int, int] | None = None,
+        case_ids: list[str] | None = None,
     ) -> None:
         self.items = items
+        self.case_ids = case_ids or [str(item[IMAGE]) for item in items]
         self.cache = str(cache)
         self.disk = PersistentDataset(
             items, transform=preprocessing(plan, label_map), cache_dir=cache
@@ -143,7 +156,7 @@ def volume_dataset(
     cache = _cache_dir(site, plan, label_map)
     cache.mkdir(parents=True, exist_ok=True)
     items = [{IMAGE: str(c.image), LABEL: str(c.label)} for c in cases]
-    return MemoVolumes(items, plan, cache, label_map)
+    return MemoVolumes(items, plan, cache, label_map, [c.case_id for c in cases])
 
 
 class PatchDataset(torch.utils.data.Dataset):
@@ -152,17 +165,52 @@ class PatchDataset(torch.utils.data.Dataset):
     One item per patient keeps DP-SGD's unit of privacy the patient. Items are
     plain ``(image, label)`` tuples: Opacus builds empty Poisson batches from the
     first sample's structure, which fails for MONAI's dictionaries.
+
+    A patch depends only on (round seed, case, draw): before each item the
+    transforms are reseeded from :class:`client.tasks.draws.PatientDraws`.
+    With one stream per round, a case's patch would depend on the cases
+    fetched before it, and MONAI's label-aware crops draw more or fewer
+    numbers by a case's foreground, so one patient's labels would move the
+    others' patches.
+
+    Parameters
+    ----------
+    volumes : Dataset
+        The preprocessed volumes (:func:`volume_dataset`).
+    plan : Plan
+        Patch size, sampling and augmentation.
+    keys : list of str, optional
+        A stable local key per case; default: the volumes' case ids
+        (``volumes.case_ids``), which stay the same when the site's data
+        folder moves. Not the index, which shifts when a case is added or
+        removed.
     """
 
-    def __init__(self, volumes: torch.utils.data.Dataset, plan: Plan) -> None:
+    def __init__(
+        self,
+        volumes: torch.utils.data.Dataset,
+        plan: Plan,
+        keys: list[str] | None = None,
+    ) -> None:
         self.volumes = volumes
-        keys = [IMAGE, LABEL]
+        if keys is None:
+            keys = getattr(volumes, "case_ids", None)
+            if keys is None:
+                raise TypeError(
+                    "PatchDataset needs a stable key per case: pass keys= or "
+                    "volumes with .case_ids (volume_dataset)"
+                )
+        n = len(volumes)  # type: ignore[arg-type]
+        if len(keys) != n:
+            raise ValueError(f"{len(keys)} keys for {n} cases")
+        self.draws = PatientDraws(keys)
+        both = [IMAGE, LABEL]
         if plan.patch_sampling == "label-classes":
             # centred on background, kidney, tumour and cyst by the plan's
             # ratios: small tumours and cysts are seen far more often than a
             # foreground/background crop would show them (issue 19)
             crop = mt.RandCropByLabelClassesd(
-                keys=keys,
+                keys=both,
                 label_key=LABEL,
                 spatial_size=plan.patch_size,
                 ratios=list(plan.patch_class_ratios),
@@ -172,7 +220,7 @@ class PatchDataset(torch.utils.data.Dataset):
             )
         else:
             crop = mt.RandCropByPosNegLabeld(
-                keys=keys,
+                keys=both,
                 label_key=LABEL,
                 spatial_size=plan.patch_size,
                 pos=2.0,
@@ -182,18 +230,21 @@ class PatchDataset(torch.utils.data.Dataset):
         augment = []
         if plan.augmentation:
             augment = [
-                *(mt.RandFlipd(keys=keys, prob=0.5, spatial_axis=a) for a in range(3)),
+                *(mt.RandFlipd(keys=both, prob=0.5, spatial_axis=a) for a in range(3)),
                 mt.RandScaleIntensityd(keys=IMAGE, factors=0.1, prob=0.5),
                 mt.RandShiftIntensityd(keys=IMAGE, offsets=0.1, prob=0.5),
             ]
         self.crop = mt.Compose(
-            [mt.SpatialPadd(keys=keys, spatial_size=plan.patch_size), crop, *augment]
+            [mt.SpatialPadd(keys=both, spatial_size=plan.patch_size), crop, *augment]
         )
 
     def __len__(self) -> int:
         return len(self.volumes)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # Reseed every random transform for this case and draw; the volume is
+        # the case's own, so the crop's label-dependent draws stay within it.
+        self.crop.set_random_state(seed=self.draws.next(index))
         item = self.crop(self.volumes[index])[0]
         return (
             torch.as_tensor(item[IMAGE], dtype=torch.float32),
@@ -201,5 +252,7 @@ class PatchDataset(torch.utils.data.Dataset):
         )
 
     def set_seed(self, seed: int) -> None:
-        """Seed the random crops (deterministic per site and round)."""
-        self.crop.set_random_state(seed=seed)
+        """Start a round: its seed (per site and round), every case's draw
+        count at zero, so a case's ``k``-th patch of the round is the same
+        whichever other cases are drawn."""
+        self.draws.reset(seed)
