@@ -45,7 +45,7 @@ log = logging.getLogger("kidneyfl.client")
 app = ClientApp()
 
 
-def site_yaml(context: Context, plan: Plan) -> Path:
+def site_yaml(context: Context, plan: Plan | None) -> Path:
     """This node's site YAML (:func:`client.prepare.site_config_path`)."""
     return site_config_path(context.node_config, plan)
 

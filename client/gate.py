@@ -166,7 +166,13 @@ def enforce(
             f"error reply (code {reply.error.code}): {reply.error.reason[:2000]}"
         )
     if plan is None:
-        problems = ["the run config is not a kidneyfl plan"]
+        # the run config is not a kidneyfl plan: only a plain refusal may leave
+        refusal_only = view.metrics.get(wire.REFUSED) == 1 and not view.arrays
+        problems = (
+            check_reply(view, site.name, "segmentation", {}, 2)
+            if refusal_only
+            else ["the run config is not a kidneyfl plan"]
+        )
     else:
         if expected is None:
             expected = expected_arrays(plan) if view.arrays else {}
@@ -190,8 +196,10 @@ def enforce(
 def _round(msg: Message) -> int | None:
     cfg = msg.content.config_records.get(wire.CONFIG, {}) if msg.has_content() else {}
     for key in (wire.GLOBAL_ROUND, wire.SERVER_ROUND):
-        if key in cfg:
-            return int(cfg[key])
+        value = cfg.get(key)
+        # the coordinator's value, recorded only when it is a plain round number
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value if 0 <= value <= 10**9 else None
     return None
 
 
@@ -217,7 +225,7 @@ def record(
     run_id = cfg.get(wire.RUN_ID, context.run_id if context else msg.metadata.run_id)
     AuditLog(site.state_dir).append(
         site=site.name,
-        run_id=str(run_id),
+        run_id=str(run_id)[:200],  # the coordinator's text, recorded, bounded
         app_hash=app_hash or os.environ.get(APP_HASH_ENV, SIMULATION_HASH),
         message_type=msg.metadata.message_type,
         round=_round(msg),
@@ -349,7 +357,7 @@ Handler = Callable[[Message, Context], Message]
 
 
 def governed(
-    site_path: Callable[[Context, Plan], Path],
+    site_path: Callable[[Context, Plan | None], Path],
 ) -> Callable[[Handler], Handler]:
     """Decorate a ClientApp handler: contract check and audit entry per reply.
 
@@ -375,16 +383,19 @@ def governed(
 def _governed(
     edge: Edge,
     handler: Handler,
-    site_path: Callable[[Context, Plan], Path],
+    site_path: Callable[[Context, Plan | None], Path],
     msg: Message,
     context: Context,
 ) -> Message:
     """The handler's reply, checked and recorded (what :func:`governed` runs)."""
     try:
-        plan = load_plan(context.run_config)
+        plan: Plan | None = load_plan(context.run_config)
+    except ConfigError:
+        plan = None  # the coordinator's plan is refused; the refusal is recorded
+    try:
         site = load_site_config(site_path(context, plan))
     except ConfigError:
-        return handler(msg, context)
+        return handler(msg, context)  # no state directory to record in
     edge.site = site
     edge.eps0 = spent_epsilon(site)
     reply = handler(msg, context)

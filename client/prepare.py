@@ -116,11 +116,12 @@ class Round(Setup):
     load_s: float
 
 
-def site_config_path(node_config: Mapping[str, Any], plan: Plan) -> Path:
-    """Deployment: ``site-config`` node config. Simulation: one YAML per partition."""
+def site_config_path(node_config: Mapping[str, Any], plan: Plan | None) -> Path:
+    """Deployment: ``site-config`` node config. Simulation: one YAML per partition
+    (from the plan; without a valid plan a simulated site cannot be found)."""
     if "site-config" in node_config:
         return Path(str(node_config["site-config"]))
-    paths = plan.site_config_paths
+    paths = plan.site_config_paths if plan is not None else []
     if "partition-id" in node_config and paths:
         return paths[int(node_config["partition-id"]) % len(paths)]
     raise ConfigError(
@@ -132,7 +133,10 @@ def site_config_path(node_config: Mapping[str, Any], plan: Plan) -> Path:
 def site_name(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> str:
     """The site's name for a refusal; ``unknown`` when the site cannot be read."""
     try:
-        plan = load_plan(run_config)
+        plan: Plan | None = load_plan(run_config)
+    except Exception:  # noqa: BLE001 - a refused plan: the site YAML may still say
+        plan = None
+    try:
         return load_site_config(site_config_path(node_config, plan)).name
     except Exception:  # noqa: BLE001 - the refusal must still go out
         return "unknown"
