@@ -138,9 +138,18 @@ def site_message(
     ``config`` adds (or replaces) config record keys, e.g.
     ``**{wire.FINE_TUNE_STEPS: 2}`` for a fine-tune request.
     """
+    config = ConfigRecord(
+        {wire.RUN_ID: "run-x", wire.GLOBAL_ROUND: rnd, wire.TOTAL_ROUNDS: 1, **config}
+    )
+    content = RecordDict({wire.ARRAYS: arrays, wire.CONFIG: config})
+    return site_request(kind, content, f"m-{kind}-{rnd}")
+
+
+def site_request(kind: str, content: RecordDict, message_id: str) -> Message:
+    """A ``kind`` message to node 1 carrying exactly ``content``."""
     meta = Metadata(
         run_id=1,
-        message_id=f"m-{kind}-{rnd}",
+        message_id=message_id,
         src_node_id=0,
         dst_node_id=1,
         reply_to_message_id="",
@@ -149,12 +158,7 @@ def site_message(
         ttl=600,
         message_type=kind,
     )
-    config = ConfigRecord(
-        {wire.RUN_ID: "run-x", wire.GLOBAL_ROUND: rnd, wire.TOTAL_ROUNDS: 1, **config}
-    )
-    return make_message(
-        meta, content=RecordDict({wire.ARRAYS: arrays, wire.CONFIG: config})
-    )
+    return make_message(meta, content=content)
 
 
 def site_context(yaml_path: Path, plan: dict) -> SimpleNamespace:

@@ -37,7 +37,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -47,8 +46,6 @@ import torch
 import yaml
 from dp_accounting import dp_event, pld
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
-from flwr.app.message.message import make_message
-from flwr.app.metadata import Metadata
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -66,7 +63,7 @@ from client.train import TrainStats
 from common import wire
 from common.config import load_plan, load_site_config
 from common.models import build_model
-from tests.fakes import TINY_PLAN
+from tests.fakes import TINY_PLAN, site_request
 
 N_SEQUENCES = int(os.environ.get("KIDNEYFL_HOSTILE_EXAMPLES", "110"))
 PER_SEQUENCE = 20
@@ -240,17 +237,6 @@ def requests(draw):
 
 
 def _message(kind: str, config: dict, arrays: ArrayRecord, n: int) -> Message:
-    meta = Metadata(
-        run_id=1,
-        message_id=f"m-{n}",
-        src_node_id=0,
-        dst_node_id=1,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=time.time(),
-        ttl=600,
-        message_type=kind,
-    )
     content = RecordDict({wire.ARRAYS: arrays})
     try:
         content[wire.CONFIG] = ConfigRecord(config)
@@ -258,7 +244,7 @@ def _message(kind: str, config: dict, arrays: ArrayRecord, n: int) -> Message:
         content[wire.CONFIG] = ConfigRecord(
             {k: v for k, v in config.items() if _flower_takes(k, v)}
         )
-    return make_message(meta, content=content)
+    return site_request(kind, content, f"m-{n}")
 
 
 def _flower_takes(key: str, value: object) -> bool:
