@@ -710,7 +710,9 @@ def test_train_is_audited_and_agrees_with_ledger(tmp_path: Path, monkeypatch) ->
     site = load_site_config(yml)
     plan = Plan.model_validate(PLAN)
     arrays = ArrayRecord(build_plan_model(plan).state_dict())
-    cfg = ConfigRecord({wire.SERVER_ROUND: 1, wire.RUN_ID: "run-eps"})
+    cfg = ConfigRecord(
+        {wire.SERVER_ROUND: 1, wire.RUN_ID: "run-eps", wire.TOTAL_ROUNDS: 1}
+    )
     msg = request("train", RecordDict({wire.ARRAYS: arrays, wire.CONFIG: cfg}))
     reply = capp.train(msg, context(yml))
     assert reply.content[wire.METRICS][wire.REFUSED] == 0
