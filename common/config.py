@@ -133,6 +133,12 @@ class Plan(BaseModel):
     # this share of the FedAvg weight, whatever ``num-examples`` it claims
     # (raised to 1/K when K sites answer, which is equal weighting).
     max_site_weight: float = Field(0.5, alias="max-site-weight", gt=0, le=1)
+    # Hostile sites (issue 32): the most patients any one site's reply may
+    # claim (num-examples, validation counts, fingerprint case counts); a reply
+    # claiming more is rejected, so no count can overflow a weighted mean.
+    max_site_examples: int = Field(
+        100_000, alias="max-site-examples", ge=1, le=10_000_000
+    )
     fedbn: bool = False
     fine_tune_steps: int = Field(0, alias="fine-tune-steps", ge=0, le=100_000)
     # Start from a pretrained model (``kidneyfl pretrain``; a checkpoint folder)
