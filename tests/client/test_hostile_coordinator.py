@@ -28,8 +28,8 @@ own bound against PLD is ``tests/client/test_privacy.py``. Everything else is
 the site's real path: the handlers, the gate's contract check and audit log,
 the request guard, the ledger, the release rule.
 
-``KIDNEYFL_HOSTILE_EXAMPLES`` sets the number of sequences (default 110 of 20
-requests: 2,200 requests in all).
+``KIDNEYFL_HOSTILE_EXAMPLES`` sets the number of sequences (default 100 of 20
+requests: 2,000 requests in all).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ from common.config import load_plan, load_site_config
 from common.models import build_model
 from tests.fakes import TINY_PLAN, site_request
 
-N_SEQUENCES = int(os.environ.get("KIDNEYFL_HOSTILE_EXAMPLES", "110"))
+N_SEQUENCES = int(os.environ.get("KIDNEYFL_HOSTILE_EXAMPLES", "100"))
 PER_SEQUENCE = 20
 N_TRAIN, N_VAL = 40, 12
 FLOOR = 3  # the site's min_cases_for_aggregates
@@ -200,7 +200,7 @@ GOOD_PLAN = {
     "local-epochs": [1, 1, 4],
     "batch-size": [16, 16, 64],
     "dp-target-epsilon": [8.0, 8.0, 25.0, 40.0],
-    "fine-tune-steps": [0, 10, 30],
+    "fine-tune-steps": [10, 10, 0, 30],
     "augmentation-multiplicity": [1, 2],
     "trainable-parameters": ["all", "biases"],
     "seed": [0, 1],
@@ -394,55 +394,46 @@ def hostile_site(monkeypatch, tmp_path_factory):
 ARRAYS = ArrayRecord(build_model("unet-tiny").state_dict())
 
 
-@settings(
-    max_examples=N_SEQUENCES,
-    deadline=None,
-    derandomize=True,  # the same requests in CI every time
-    database=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+OUTCOMES = (
+    "answered-train",
+    "answered-train.finetune",
+    "answered-evaluate",
+    "answered-query",
+    "request-invalid",
+    "limit-exceeded",
+    "budget-exceeded",
+    "query-limit",
 )
-@given(st.lists(requests(), min_size=PER_SEQUENCE, max_size=PER_SEQUENCE))
-def test_no_request_lowers_bypasses_or_misstates_the_sites_epsilon(
-    hostile_site, sequence
-):
-    root, new_site = hostile_site
-    site = new_site()
-    outside = _files(root, site.root, site.state)
-    for n, (kind, config, plan) in enumerate(sequence):
-        reply = HANDLERS[kind](_message(kind, config, ARRAYS, n), site.context(plan))
-        site.check(kind, plan, reply)
-        # 4. nothing written outside the site's state_dir
-        assert _files(root, site.root, site.state) == outside
 
 
-def test_the_generated_requests_reach_every_outcome(hostile_site):
-    """The suite is only as good as what it reaches: trained rounds, every kind of
-    refusal, releases and the query limit all occur in a fixed sample."""
+def test_no_request_lowers_bypasses_or_misstates_the_sites_epsilon(hostile_site):
+    """The invariants after every generated request; then, since the suite is
+    only as good as what it reaches, that the requests reached trained and
+    fine-tuned rounds, releases, and every kind of refusal."""
     root, new_site = hostile_site
     seen: dict[str, int] = {}
-    strategy = st.lists(requests(), min_size=PER_SEQUENCE, max_size=PER_SEQUENCE)
 
-    @settings(max_examples=40, deadline=None, derandomize=True, database=None)
-    @given(strategy)
-    def run(sequence):
+    @settings(
+        max_examples=N_SEQUENCES,
+        deadline=None,
+        derandomize=True,  # the same requests in CI every time
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+    @given(st.lists(requests(), min_size=PER_SEQUENCE, max_size=PER_SEQUENCE))
+    def sequences(sequence):
         site = new_site()
+        outside = _files(root, site.root, site.state)
         for n, (kind, config, plan) in enumerate(sequence):
-            reply = HANDLERS[kind](
-                _message(kind, config, ARRAYS, n), site.context(plan)
-            )
+            msg = _message(kind, config, ARRAYS, n)
+            reply = HANDLERS[kind](msg, site.context(plan))
+            site.check(kind, plan, reply)
+            # 4. nothing written outside the site's state_dir
+            assert _files(root, site.root, site.state) == outside
             rec = reply.content.config_records.get(wire.SITE, {})
-            outcome = rec.get(wire.REFUSAL_CODE) or f"answered-{kind}"
-            seen[str(outcome)] = seen.get(str(outcome), 0) + 1
+            outcome = str(rec.get(wire.REFUSAL_CODE) or f"answered-{kind}")
+            seen[outcome] = seen.get(outcome, 0) + 1
 
-    run()
-    for outcome in (
-        "answered-train",
-        "answered-evaluate",
-        "answered-query",
-        "answered-train.finetune",
-        "request-invalid",
-        "limit-exceeded",
-        "budget-exceeded",
-        "query-limit",
-    ):
-        assert seen.get(outcome, 0) > 0, seen
+    sequences()
+    missing = [o for o in OUTCOMES if not seen.get(o)]
+    assert not missing, f"never reached {missing}; reached {sorted(seen.items())}"
