@@ -3,7 +3,9 @@
 ``deliver`` exports the final model (TorchScript + preprocessing JSON) and
 writes the report (HTML, PNGs, TensorBoard events). Training is finished and
 the final checkpoint saved before this runs, so a failure here is logged and
-never loses the run.
+never loses the run. The report is drawn within a time limit
+(``live_report.draw_bounded``): one that takes longer is not waited for, and
+``status.json`` and the log say so and how to redraw it (``kidneyfl report``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from pathlib import Path
 
 from server.export import export_model
 from server.reporting.html import write_report
+from server.reporting.live_report import REPORT_TIME_LIMIT_S, draw_bounded
 from server.reporting.metrics_log import read_metrics
+from server.reporting.status import note_report
 from server.reporting.tensorboard_log import write_events
 
 log = logging.getLogger("kidneyfl.server")
@@ -39,17 +43,17 @@ def report(run_dir: Path, samples: SamplesFn | None = None) -> Path:
         except Exception:  # noqa: BLE001 - a missing phantom must not stop the report
             log.warning("no sample slices", exc_info=True)
     write_events(run_dir, read_metrics(run_dir))
-    return write_report(run_dir, slices, skipped)
+    out = write_report(run_dir, slices, skipped)
+    note_report(run_dir, None)  # drawn: status.json no longer says otherwise
+    return out
 
 
-def deliver(run_dir: Path) -> None:
-    """Export the final model and write the report; errors are logged only."""
+def deliver(run_dir: Path, time_limit_s: float = REPORT_TIME_LIMIT_S) -> None:
+    """Export the final model and write the report within ``time_limit_s``;
+    errors are logged (and a report not drawn noted in ``status.json``) only."""
     run_dir = Path(run_dir)
     try:
         export_model(run_dir / "final")
     except Exception:  # noqa: BLE001 - the checkpoint is saved; export is extra
         log.exception("exporting the final model failed; `kidneyfl export` retries")
-    try:
-        report(run_dir)
-    except Exception:  # noqa: BLE001
-        log.exception("writing the report failed; `kidneyfl report` retries")
+    draw_bounded(run_dir, lambda: report(run_dir), time_limit_s)

@@ -10,6 +10,11 @@ and once with a timestamp; Ray's messages; every site's log) goes to
 - error lines from the stream, once each.
 
 ``verbose`` also shows the stream itself, each line once.
+
+Every line, shown or logged, passes :func:`server.reporting.text.safe_text`:
+the stream carries the coordinator's log, which names sites and quotes their
+refusals, so no escape code or control character a site chose reaches the
+operator's terminal or ``flwr.log``.
 """
 
 from __future__ import annotations
@@ -22,8 +27,11 @@ from typing import IO, Any
 
 from server.reporting.metrics_log import read_metrics, read_start, round_line
 from server.reporting.status import progress_text, read_status
+from server.reporting.text import safe_text
 
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+# The longest line kept of the stream (a traceback line, a Ray message): long
+# enough for any honest line, short enough that no reply floods the terminal.
+LINE_LIMIT = 4000
 _LEVELS = "DEBUG|INFO|WARNING|ERROR|CRITICAL"
 _STAMPED = re.compile(rf"^\d\d/\d\d/\d{{4}} \d\d:\d\d:\d\d:({_LEVELS}):(.*)$")
 _COLOURED = re.compile(rf"^({_LEVELS})\s*:(.*)$")
@@ -31,8 +39,10 @@ _OURS = re.compile(rf"(^|\) )({_LEVELS}) (kidneyfl|client|server|common)[.\w]*: 
 
 
 def strip_ansi(line: str) -> str:
-    """``line`` without terminal colour codes and trailing whitespace."""
-    return _ANSI.sub("", line).rstrip()
+    """``line`` without terminal escape codes, control characters and trailing
+    whitespace, cut to :data:`LINE_LIMIT` (Flower colours its lines; a site
+    may have put anything in what the coordinator logs)."""
+    return safe_text(line, LINE_LIMIT).rstrip()
 
 
 def normalise(line: str) -> tuple[str, str]:
@@ -130,6 +140,7 @@ class RunConsole:
 
     def say(self, text: str) -> None:
         """Print ``text`` (one or more lines) on the terminal and in the log."""
+        text = "\n".join(strip_ansi(line) for line in text.splitlines())
         with self._lock:
             self._log.write(text + "\n")
             self._log.flush()

@@ -12,6 +12,13 @@ says so ("round 3 of 10, updated 12:04") and reloads itself every
 stops reloading. One small inline script marks, on the page itself, any image
 that failed to load and any script error (``data-broken-images``,
 ``data-errors`` on ``<body>``), which the browser test reads.
+
+Site names, metric keys and refusal reasons are the sites' own text. They
+arrive cleaned (``metrics.jsonl`` is read through ``metrics_log.safe_entry``:
+no control characters or escape codes, bounded lengths) and every string this
+module writes into the page, cleaned or not, is HTML-escaped here
+(``html.escape``, quotes included); nothing a site sent becomes markup.
+What is drawn is bounded (``figures.drawn_entries``, :data:`MAX_EVENT_ROWS`).
 """
 
 from __future__ import annotations
@@ -27,15 +34,22 @@ from typing import Any
 
 from common import wire
 from common.atomic import atomic_write_bytes
-from server.reporting.figures import report_figures, score_keys
+from server.reporting.figures import (
+    MAX_KEYS_DRAWN,
+    MAX_SITES_DRAWN,
+    drawn_entries,
+    report_figures,
+    score_keys,
+)
 from server.reporting.metrics_log import read_metrics
-from server.reporting.status import LIVE_STATES, read_status, status_line
+from server.reporting.status import LIVE_STATES, REPORT_NOTE, read_status, status_line
 
 log = logging.getLogger("kidneyfl.server")
 
 REPORT_NAME = "report.html"
 FIGURES_DIR = "report"
 REFRESH_S = 20
+MAX_EVENT_ROWS = 200  # refusals, rejections and failures listed (the latest)
 # Records load failures and script errors on <body> for anyone (or any test)
 # that reads the rendered page; it fetches nothing.
 _CHECK_JS = """
@@ -116,7 +130,13 @@ def _events_table(entries: list[dict[str, Any]]) -> str:
                 rows.append([e["round"], site, kind, why])
     if not rows:
         return '<p class="note">No refusals, rejected updates or failures.</p>'
-    return _table(["round", "site", "event", "reason"], rows)
+    note = ""
+    if len(rows) > MAX_EVENT_ROWS:
+        note = (
+            f'<p class="note">The latest {MAX_EVENT_ROWS} of {len(rows)} events; '
+            "metrics.jsonl holds them all.</p>"
+        )
+    return note + _table(["round", "site", "event", "reason"], rows[-MAX_EVENT_ROWS:])
 
 
 _SECTIONS = [
@@ -201,7 +221,8 @@ def write_report(
 def _status_note(status: dict[str, Any], live: bool) -> str:
     if not status:
         return ""
-    text = status_line(status)
+    # this page is the report: a note that it was not drawn is out of date
+    text = status_line({k: v for k, v in status.items() if k != REPORT_NOTE})
     if live:
         text += f"; this page reloads every {REFRESH_S} s while the run goes on"
     cls = "status live" if live else "status"
@@ -215,15 +236,25 @@ def _body(
     samples: list,
     skipped_samples: list[str] | None,
 ) -> list[str]:
+    all_entries = entries
+    entries, sites_left_out = drawn_entries(entries)
     figs = report_figures(run_dir, entries, plan, samples)
     fig_dir = run_dir / FIGURES_DIR
     fig_dir.mkdir(parents=True, exist_ok=True)
     for old in fig_dir.glob("*.png"):
         old.unlink()
+    keys = score_keys(entries)
     body = [
         '<h2 id="final">Final numbers (last round)</h2>',
-        _final_table(entries, score_keys(entries)),
+        _final_table(entries, keys[:MAX_KEYS_DRAWN]),
     ]
+    if sites_left_out or len(keys) > MAX_KEYS_DRAWN:
+        body.append(
+            f'<p class="note">Drawn: the first {MAX_SITES_DRAWN} sites by name '
+            f"({sites_left_out} more) and {MAX_KEYS_DRAWN} metrics "
+            f"({max(len(keys) - MAX_KEYS_DRAWN, 0)} more); metrics.jsonl holds "
+            "them all.</p>"
+        )
     for key, title, note in _SECTIONS:
         items = figs.get(key)
         if not items:
@@ -252,7 +283,7 @@ def _body(
             "DP implementation is broken.</p>"
         )
         body.append(_table(keys, [[audit.get(k) for k in keys]]))
-    body.append(_events_table(entries))
+    body.append(_events_table(all_entries))
     body.append('<h2 id="plan">Plan</h2>')
     body.append(_table(["key", "value"], [[k, plan[k]] for k in sorted(plan)]))
     return body

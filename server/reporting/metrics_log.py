@@ -14,20 +14,67 @@ from common import wire
 from common.atomic import atomic_write_json
 from common.metrics import KITS_REGIONS
 from server.reporting.round_record import RoundRecord, weighted_eval_means
+from server.reporting.text import safe_record, safe_text
 
 METRICS_FILE = "metrics.jsonl"
 START_FILE = "start-evaluation.json"  # the pretrained start, evaluated (round 0)
+# Sites, and refusals, rejections and failures, one terminal line names; the
+# rest are counted ("+3 more"), so a round with thousands of sites stays a line.
+MAX_SITES_SHOWN = 24
+_PER_SITE = ("train", "evaluate")  # site -> metric key -> number
+_SITE_TEXT = ("refused", "rejected", "failed")  # site -> sentence
+_SITE_NUMBER = ("epsilon", "weights", "update_norms")  # site -> number
+_KEY_NUMBER = ("weighted", "spread")  # metric key -> number
 
 
-def _clean(obj: Any) -> Any:
-    # JSON has no Infinity/NaN: a site without DP has epsilon = inf -> null.
-    if isinstance(obj, float) and not math.isfinite(obj):
+def _is_number(v: Any) -> bool:
+    return v is None or isinstance(v, int | float)
+
+
+def safe_entry(entry: Any) -> dict[str, Any] | None:
+    """A round entry every reader can show without checking it again; None if
+    ``entry`` is no round (no whole-number ``round``).
+
+    Site names, metric keys and texts pass :func:`~server.reporting.text.
+    safe_record` (no control characters or escape codes, bounded lengths and
+    counts; non-finite numbers are null, as JSON wants: a site without DP has
+    epsilon = inf). The parts the terminal and the report read get their
+    shapes: per-site metrics are numbers, reasons are text. A site's reply
+    chose those names and values, and ``metrics.jsonl`` may come from an
+    older coordinator, so they are never trusted to be either.
+    """
+    if not isinstance(entry, dict):
         return None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_clean(v) for v in obj]
-    return obj
+    rnd = entry.get("round")
+    if isinstance(rnd, bool) or not isinstance(rnd, int) or not 0 <= rnd <= 2**31:
+        return None
+    out = safe_record(entry)
+    for part in _PER_SITE:
+        out[part] = {
+            site: {k: v for k, v in m.items() if _is_number(v)}
+            for site, m in _mapping(out.get(part)).items()
+            if isinstance(m, dict)
+        }
+    for part in _SITE_TEXT:
+        out[part] = {
+            site: why if isinstance(why, str) else safe_text(why)
+            for site, why in _mapping(out.get(part)).items()
+        }
+    for part in (*_SITE_NUMBER, *_KEY_NUMBER):
+        if part in out:
+            out[part] = {k: v for k, v in _mapping(out[part]).items() if _is_number(v)}
+    if "capped" in out:
+        capped = out["capped"]
+        out["capped"] = (
+            [c for c in capped if isinstance(c, str)]
+            if isinstance(capped, list)
+            else []
+        )
+    return out
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
 
 
 # Evaluation values that are counts, not scores: no best-worst spread for them.
@@ -64,7 +111,10 @@ def round_entry(rec: RoundRecord) -> dict[str, Any]:
     entry["epsilon"] = {
         s: m.get(wire.EPSILON) for s, m in rec.train.items() if m.get(wire.DP_ENABLED)
     }
-    return _clean(entry)
+    safe = safe_entry(entry)
+    if safe is None:
+        raise ValueError(f"round {rec.round!r} is not a round number")
+    return safe
 
 
 def append_metrics(run_dir: Path, entry: dict[str, Any]) -> None:
@@ -83,25 +133,28 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
     A torn last line is ignored, and so are lines that are not rounds (the
     privacy audit of ``simulate --audit-canaries`` is appended after them).
+    Every entry is a :func:`safe_entry`: whatever a line holds, its reader can
+    show it.
     """
     path = run_dir / METRICS_FILE
     if not path.exists():
         return []
     out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    text = path.read_text(encoding="utf-8", errors="replace")
+    for line in text.splitlines():
         try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
+            entry = safe_entry(json.loads(line))
+        except (ValueError, RecursionError):  # torn, or nested past any parser
             continue
-        if isinstance(entry, dict) and "round" in entry:
+        if entry is not None:
             out.append(entry)
     return out
 
 
-def _fmt(v: Any, width: int = 7) -> str:
-    if v is None:
+def _fmt(v: Any, width: int = 7, digits: int = 3) -> str:
+    if not isinstance(v, int | float) or not math.isfinite(v):
         return "-".rjust(width)
-    return f"{v:.3f}".rjust(width)
+    return f"{v:.{digits}f}".rjust(width)
 
 
 def headline(entry: dict[str, Any]) -> tuple[str, tuple[str, ...], str, str]:
@@ -140,39 +193,62 @@ def read_start(run_dir: Path) -> dict[str, Any] | None:
     """The run's ``start-evaluation.json``, or None (no pretrained start, or
     an unreadable file: the summary then compares with round 1)."""
     try:
-        entry = json.loads((run_dir / START_FILE).read_text())
-    except (OSError, ValueError):
+        entry = safe_entry(json.loads((run_dir / START_FILE).read_text()))
+    except (OSError, ValueError, RecursionError):
         return None
-    return entry if isinstance(entry, dict) and "evaluate" in entry else None
+    return entry if entry is not None and "evaluate" in entry else None
 
 
 def round_line(entry: dict[str, Any]) -> str:
     """One line per round for the terminal: the task's headline metric per site
     (Dice, or balanced accuracy for classification) and epsilon per site; round
-    0 is the starting model, before any training."""
+    0 is the starting model, before any training.
+
+    Every name and reason in it is :func:`~server.reporting.text.safe_text`
+    (no escape codes, bounded); at most :data:`MAX_SITES_SHOWN` sites and as
+    many refusals are named, the rest counted.
+
+    Raises
+    ------
+    ValueError
+        If ``entry`` is not a round (no whole-number ``round``).
+    """
+    safe = safe_entry(entry)
+    if safe is None:
+        raise ValueError("not a round entry: no whole-number 'round'")
+    entry = safe
     parts = ["start    " if entry["round"] == 0 else f"round {entry['round']:>3}"]
     w = entry.get("weighted", {})
     title, cols, site_key, label = headline(entry)
     parts.append(title + " " + "/".join(_fmt(w.get(c), 5).strip() for c in cols))
-    if "fp-rate-tumour" in w:  # tumour Dice covers cases with a tumour only
-        parts.append(f"tumour FP {w['fp-rate-tumour']:.2f}")
+    if _is_number(w.get("fp-rate-tumour")):  # tumour Dice: cases with a tumour
+        parts.append(f"tumour FP {_fmt(w.get('fp-rate-tumour'), 0, 2)}")
     sp = entry.get("spread", {})
     if any(c in sp for c in cols):
         parts.append("best-worst " + "/".join(_fmt(sp.get(c), 5).strip() for c in cols))
     start = entry["round"] == 0  # nothing trained yet: no epsilon, no aggregate
-    for site, m in sorted(entry.get("evaluate", {}).items()):
+    sites = sorted(entry["evaluate"].items())
+    for site, m in sites[:MAX_SITES_SHOWN]:
         eps = entry.get("epsilon", {}).get(site)
-        eps_txt = f" eps={eps:.2f}" if eps is not None else " eps=off"
+        eps_txt = f" eps={_fmt(eps, 0, 2)}" if eps is not None else " eps=off"
         eps_txt = "" if start else eps_txt
         if m.get(wire.METRICS_WITHHELD):
             parts.append(f"{site}: metrics withheld (site choice){eps_txt}")
-        elif site_key in m:
-            parts.append(f"{site}: {label} {m[site_key]:.3f}{eps_txt}")
+        elif _is_number(m.get(site_key)) and site_key in m:
+            parts.append(f"{site}: {label} {_fmt(m[site_key], 0)}{eps_txt}")
         else:
             parts.append(f"{site}: {label} n/a{eps_txt}")
-    for kind in ("refused", "rejected", "failed"):
-        for site, why in entry.get(kind, {}).items():
-            parts.append(f"{site} {kind.upper()} ({why[:80]})")
+    if len(sites) > MAX_SITES_SHOWN:
+        parts.append(f"+{len(sites) - MAX_SITES_SHOWN} more sites")
+    events = [
+        (site, kind, why)
+        for kind in _SITE_TEXT
+        for site, why in entry.get(kind, {}).items()
+    ]
+    for site, kind, why in events[:MAX_SITES_SHOWN]:
+        parts.append(f"{site} {kind.upper()} ({safe_text(why, 80)})")
+    if len(events) > MAX_SITES_SHOWN:
+        parts.append(f"+{len(events) - MAX_SITES_SHOWN} more refused/rejected/failed")
     if not entry.get("aggregated", True) and not start:
         parts.append("NOT AGGREGATED")
     return " | ".join(parts)
@@ -184,27 +260,31 @@ def summary_table(
     """Per-site and weighted table of the last round, with the starting
     model's metrics in brackets when the run has ``start`` (a pretrained
     start, :func:`read_start`), else the first round's."""
-    if not entries:
+    safe = [e for e in map(safe_entry, entries) if e is not None]
+    if not safe:
         return "no rounds completed"
-    first, last = start or entries[0], entries[-1]
+    begin = safe_entry(start)
+    first, last = begin or safe[0], safe[-1]
     cols = list(headline(last)[1])
     head = f"{'site':<16}" + "".join(f"{c:>14}" for c in cols)
     head += f"{'val cases':>10}{'epsilon':>9}{'delta':>9}"
-    what = "the starting model" if start else "first round"
+    what = "the starting model" if begin else "first round"
     lines = [f"Summary after round {last['round']} ({what} in brackets)", head]
-    sites = sorted(set(last.get("evaluate", {})) | set(last.get("train", {})))
-    for site in sites:
-        m = last.get("evaluate", {}).get(site, {})
-        m0 = first.get("evaluate", {}).get(site, {})
-        t = last.get("train", {}).get(site, {})
+    sites = sorted(set(last["evaluate"]) | set(last["train"]))
+    for site in sites[:MAX_SITES_SHOWN]:
+        m = last["evaluate"].get(site, {})
+        m0 = first["evaluate"].get(site, {})
+        t = last["train"].get(site, {})
         row = f"{site:<16}"
         for c in cols:
             row += f"{_fmt(m.get(c), 6)} ({_fmt(m0.get(c), 5).strip()})".rjust(14)
         eps = last.get("epsilon", {}).get(site)
-        row += f"{int(m.get(wire.NUM_VAL_CASES, 0)):>10}"
+        row += _fmt(m.get(wire.NUM_VAL_CASES, 0), 10, 0)
         row += f"{_fmt(eps, 9) if eps is not None else 'off'.rjust(9)}"
-        row += f"{t.get(wire.DELTA, 0) or 0:>9.0e}" if t else "-".rjust(9)
+        row += f"{t.get(wire.DELTA) or 0:>9.0e}" if t else "-".rjust(9)
         lines.append(row)
+    if len(sites) > MAX_SITES_SHOWN:
+        lines.append(f"+{len(sites) - MAX_SITES_SHOWN} more sites in metrics.jsonl")
     w, w0 = last.get("weighted", {}), first.get("weighted", {})
     row = f"{'weighted mean':<16}"
     for c in cols:

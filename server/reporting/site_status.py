@@ -9,7 +9,8 @@ Two sources, joined by site:
   its last refusal and why, its cumulative epsilon).
 
 Either source may be missing (no run yet, SuperLink unreachable); the table
-says so rather than failing.
+says so rather than failing. Site names and refusal reasons are the sites'
+own text: every cell passes :func:`server.reporting.text.safe_text`.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from server.reporting.metrics_log import read_metrics
+from server.reporting.metrics_log import read_metrics, safe_entry
 from server.reporting.status import read_status
+from server.reporting.text import NAME_LIMIT, TEXT_LIMIT, safe_text
 
 
 class ListingError(RuntimeError):
@@ -86,10 +88,13 @@ def site_rows(
         )
 
     for node in nodes or []:
-        node_id = str(node.get("node-id"))
-        r = row(node_names.get(node_id, f"node {node_id}"))
-        r["node"], r["superlink"] = node_id, str(node.get("status", "?"))
-    for e in entries:
+        if not isinstance(node, dict):
+            continue
+        node_id = safe_text(node.get("node-id"), NAME_LIMIT)
+        name = node_names.get(node_id)
+        r = row(safe_text(name, NAME_LIMIT) if name else f"node {node_id}")
+        r["node"], r["superlink"] = node_id, safe_text(node.get("status", "?"), 40)
+    for e in filter(None, map(safe_entry, entries)):
         rnd = int(e["round"])
         for site in e.get("train", {}):
             row(site)["last_round"] = rnd
@@ -97,7 +102,7 @@ def site_rows(
             row(site)["epsilon"] = eps
         for kind in ("refused", "rejected", "failed"):
             for site, why in e.get(kind, {}).items():
-                row(site)["last_refusal"] = f"round {rnd} {kind}: {why}"
+                row(site)["last_refusal"] = f"round {rnd} {kind}: {why}"[:TEXT_LIMIT]
     return sorted(rows.values(), key=lambda r: r["site"])
 
 
@@ -110,7 +115,7 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
             r["node"],
             r["superlink"],
             "-" if r["last_round"] is None else str(r["last_round"]),
-            "-" if r["epsilon"] is None else f"{r['epsilon']:.2f}",
+            f"{r['epsilon']:.2f}" if isinstance(r["epsilon"], int | float) else "-",
             r["last_refusal"] or "-",
         )
         for r in rows
