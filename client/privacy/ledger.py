@@ -36,8 +36,14 @@ from common.atomic import atomic_write_json
 
 log = logging.getLogger(__name__)
 
-LEDGER_FORMAT = "kidneyfl-privacy-ledger/2"
-LEDGER_FORMATS_READ = ("kidneyfl-privacy-ledger/1", LEDGER_FORMAT)
+# Format 3 (issue 27): a run's calibration records the schedule it is bound to.
+# Formats 1 (RDP) and 2 are read; their calibrations bind target and delta only.
+LEDGER_FORMAT = "kidneyfl-privacy-ledger/3"
+LEDGER_FORMATS_READ = (
+    "kidneyfl-privacy-ledger/1",
+    "kidneyfl-privacy-ledger/2",
+    LEDGER_FORMAT,
+)
 LEDGER_NAME = "privacy-ledger.json"
 LOCK_NAME = "privacy-ledger.lock"
 

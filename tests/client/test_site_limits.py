@@ -297,3 +297,23 @@ def test_a_run_id_never_names_a_file_as_given(tmp_path, run):
     assert folder.parent == site.state_dir / "personal"
     assert folder.name == run_key(run) == hashlib.sha256(run.encode()).hexdigest()[:24]
     assert (folder / "run-id.txt").read_text().strip() == run
+
+
+def test_a_format_2_ledger_keeps_its_run_bound_to_target_and_delta(tmp_path):
+    """Ledgers written before the schedule was recorded still read, and their
+    runs keep the target and delta they were calibrated for."""
+    ledger = PrivacyLedger(tmp_path, "h")
+    _spend(ledger)
+    path = tmp_path / LEDGER_NAME
+    doc = json.loads(path.read_text())
+    doc.pop("sha256")
+    doc["format"] = "kidneyfl-privacy-ledger/2"
+    for cal in doc["calibrations"].values():
+        del cal["schedule"]
+    doc["sha256"] = PrivacyLedger._digest(doc)
+    path.write_text(json.dumps(doc))
+    old = PrivacyLedger(tmp_path, "h")
+    _spend(old, rnd=2)  # same target and delta: the same run goes on
+    other = RunSchedule(**{**SCHEDULE.__dict__, "target_epsilon": 9.0})
+    with pytest.raises(RequestRefused):
+        _spend(PrivacyLedger(tmp_path, "h"), schedule=other, rnd=3)
