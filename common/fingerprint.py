@@ -35,6 +35,8 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from common.contract import capped_shares
+
 HIST_LO, HIST_HI, HIST_BINS = -1024.0, 3072.0, 1024  # 4 HU per bin
 EDGES = np.linspace(HIST_LO, HIST_HI, HIST_BINS + 1)
 SPACING_QUANTILES = (0.1, 0.5, 0.9)
@@ -180,6 +182,7 @@ def hist_percentile(counts: np.ndarray, q: float) -> float:
 def combine(
     fingerprints: Mapping[str, Mapping[str, object]],
     max_patch: Sequence[int] = (128, 128, 128),
+    cap: float = 1.0,
 ) -> dict[str, object]:
     """One preprocessing plan from all sites' fingerprints.
 
@@ -189,27 +192,42 @@ def combine(
     foreground intensities for normalisation (nnU-Net's CT scheme); patch
     size: the median image extent at the target spacing, in multiples of 16,
     at most ``max_patch``.
+
+    A fingerprint is a site's claim, so no site's share of the plan is more
+    than ``cap`` (``max-site-weight``, :func:`common.contract.capped_shares`):
+    of the case weights of the medians, and of the pooled foreground voxels.
+    Where the cap does not bind this is the plain pooling above, to rounding.
+    The coordinator has checked every value's range (``common/contract.py``);
+    a site without cases weighs nothing.
+
+    Raises
+    ------
+    ValueError
+        No fingerprint, no site with cases, or no foreground voxels at all.
     """
     if not fingerprints:
         raise ValueError("no site sent a fingerprint")
-    hist = np.sum(
-        [np.asarray(f["fg-hist"], float) for f in fingerprints.values()], axis=0
-    )
-    weights = np.array([float(f["n-cases"]) for f in fingerprints.values()])
+    prints = list(fingerprints.values())
+    cases = [float(f["n-cases"]) for f in prints]  # type: ignore[arg-type]
+    if not any(n > 0 for n in cases):
+        raise ValueError("no site sent a fingerprint of any case")
+    weights = np.array(capped_shares(cases, cap))
+    hist = _pooled_histogram(prints, cases, cap)
+    keep = weights > 0
     medians = np.array(
         [
-            [f["spacing-q"][a * len(SPACING_QUANTILES) + 1] for a in range(3)]
-            for f in fingerprints.values()
+            [f["spacing-q"][a * len(SPACING_QUANTILES) + 1] for a in range(3)]  # type: ignore[index]
+            for f in prints
         ]
-    )
-    spacing = [_weighted_median(medians[:, a], weights) for a in range(3)]
-    extents = np.array([f["extent-mm"] for f in fingerprints.values()], float)
-    extent = [_weighted_median(extents[:, a], weights) for a in range(3)]
+    )[keep]
+    extents = np.array([f["extent-mm"] for f in prints], float)[keep]
+    spacing = [_weighted_median(medians[:, a], weights[keep]) for a in range(3)]
+    extent = [_weighted_median(extents[:, a], weights[keep]) for a in range(3)]
     # nnU-Net-style: the patch covers the median image, in multiples of 16 voxels
     # (the U-Nets downsample by 8-16), capped by the plan's largest patch.
     patch = [
-        int(max(16, min(cap, (e / s) // 16 * 16)))
-        for e, s, cap in zip(extent, spacing, max_patch, strict=True)
+        int(max(16, min(cap_, (e / s) // 16 * 16)))
+        for e, s, cap_ in zip(extent, spacing, max_patch, strict=True)
     ]
     centres = (EDGES[:-1] + EDGES[1:]) / 2
     mean = float((hist * centres).sum() / hist.sum())
@@ -217,13 +235,37 @@ def combine(
     lo, hi = (hist_percentile(hist, q) for q in CLIP_PERCENTILES)
     return {
         "sites": sorted(fingerprints),
-        "cases": int(weights.sum()),
+        "cases": int(sum(cases)),
         "spacing-mm": [round(s, 3) for s in spacing],
         "hu-window": [round(lo, 1), round(hi, 1)],
         "patch-size": patch,
         "foreground-mean": round(mean, 2),
         "foreground-std": round(std, 2),
     }
+
+
+def _pooled_histogram(
+    prints: list[Mapping[str, object]], cases: list[float], cap: float
+) -> np.ndarray:
+    """The sites' foreground histograms pooled, each as its share of all
+    foreground voxels, no share above ``cap`` (sites without cases: none).
+
+    Without a binding cap this is the sum of the histograms, divided by the
+    total: the same percentiles, mean and std.
+    """
+    hists = [np.asarray(f["fg-hist"], float) for f in prints]
+    voxels = [
+        float(h.sum()) if n > 0 else 0.0 for h, n in zip(hists, cases, strict=True)
+    ]
+    if not any(v > 0 for v in voxels):
+        raise ValueError("empty histogram: no foreground voxels at any site")
+    shares = capped_shares(voxels, cap)
+    parts = [
+        share * h / v
+        for share, h, v in zip(shares, hists, voxels, strict=True)
+        if share > 0
+    ]
+    return np.sum(parts, axis=0)
 
 
 def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:

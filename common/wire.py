@@ -162,7 +162,10 @@ def unpack_arrays(record: "ArrayRecord") -> "ArrayRecord":
         size = math.prod(shape) * dtype.itemsize
         if offset + size > blob.size:
             raise PackError(f"packed model: buffer ends inside array {name!r}")
-        chunk = blob[offset : offset + size].view(dtype).reshape(shape)
+        try:  # e.g. a shape of [0, 10**30]: no bytes, but no numpy array either
+            chunk = blob[offset : offset + size].view(dtype).reshape(shape)
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise PackError(f"packed model: array {name!r} cannot be shaped") from exc
         out[name] = Array(np.array(chunk))
         offset += size
     if offset != blob.size:
@@ -207,6 +210,12 @@ def unpack_models(replies: Iterable[Any]) -> list[Any]:
                 msg.content[name] = unpack_arrays(rec)
             except PackError as exc:
                 log.warning("node %s: %s", msg.metadata.src_node_id, exc)
+            except Exception as exc:  # noqa: BLE001 - one reply never ends a run
+                log.warning(
+                    "node %s: packed model unreadable (%s)",
+                    msg.metadata.src_node_id,
+                    type(exc).__name__,
+                )
     return out
 
 

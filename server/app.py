@@ -23,6 +23,7 @@ from common import wire
 from common.artifacts import effective_preprocessing
 from common.atomic import atomic_write_json
 from common.config import Plan, load_plan
+from common.contract import ReplyRules
 from common.logs import setup_logging
 from common.scans import SEEN_SCANS_KEY
 from server.checkpoint import save_checkpoint
@@ -274,6 +275,7 @@ def _strategy(
         training=LocalTraining.from_plan(plan),
         ema_decay=plan.ema_decay,
         learning_rates=learning_rates(plan),
+        rules=ReplyRules.from_plan(plan),
     )
     strategy.import_state(start.server_state)
     strategy.import_ema(start.ema)

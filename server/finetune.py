@@ -5,8 +5,11 @@ After the federated rounds, every site is sent the final global model in a
 accounted in its ledger like any round), keeps the fine-tuned model in its
 ``state_dir``, and answers with that model's validation metrics only. Nothing
 is aggregated; the coordinator writes the per-site results to
-``fine-tune.json`` beside the run. Like server/strategy/wrapper.py this module talks
-Flower's Message API, because it sends one round of its own.
+``fine-tune.json`` beside the run. Every reply is read as every round's are
+(``server/strategy/reply_filter.py``): one that breaks the wire contract is
+listed under ``rejected`` with the reason, and the others are kept. Like
+server/strategy/wrapper.py this module talks Flower's Message API, because it
+sends one round of its own.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from flwr.serverapp import Grid
 from common import wire
 from common.atomic import atomic_write_json
 from common.config import Plan
+from common.contract import ReplyRules
+from server.strategy.reply_filter import Intake, sort_replies
 
 log = logging.getLogger("kidneyfl.server")
 
@@ -45,27 +50,22 @@ def fine_tune_messages(
 
 
 def collect_fine_tune(
-    replies: list[Message], site_of: Callable[[Message], str]
+    replies: list[Message],
+    site_of: Callable[[Message], str],
+    rules: ReplyRules | None = None,
 ) -> dict[str, Any]:
-    """Per-site metrics, refusals and failures of the fine-tune round."""
-    out: dict[str, Any] = {"sites": {}, "refused": {}, "failed": {}}
-    for msg in replies:
-        site = site_of(msg)
-        if msg.has_error():
-            out["failed"][site] = str(msg.error.reason)[:500]
-            continue
-        metrics = msg.content.metric_records.get(wire.METRICS)
-        values = {
-            k: float(v)
-            for k, v in (metrics or {}).items()
-            if isinstance(v, int | float)
-        }
-        if values.get(wire.REFUSED, 0):
-            reason = msg.content.config_records.get(wire.SITE, {})
-            out["refused"][site] = str(reason.get(wire.REFUSAL_REASON, "refused"))
-        else:
-            out["sites"][site] = values
-    return out
+    """Per-site metrics, refusals, rejections and failures of the fine-tune
+    round; ``rules`` are the plan's (:meth:`ReplyRules.from_plan`)."""
+    intake = Intake(
+        f"{MessageType.TRAIN}.{wire.FINE_TUNE_ACTION}", rules or ReplyRules()
+    )
+    result = sort_replies(replies, site_of, intake)
+    return {
+        "sites": {site: metrics for site, _, metrics in result.accepted},
+        "refused": result.refused,
+        "rejected": result.rejected,
+        "failed": result.failed,
+    }
 
 
 def run_fine_tune(
@@ -85,7 +85,7 @@ def run_fine_tune(
     }
     messages = fine_tune_messages(list(grid.get_node_ids()), arrays, config)
     replies = list(grid.send_and_receive(messages, timeout=plan.round_timeout))
-    result = collect_fine_tune(replies, site_of)
+    result = collect_fine_tune(replies, site_of, ReplyRules.from_plan(plan))
     result.update(steps=plan.fine_tune_steps, after_round=plan.num_server_rounds)
     atomic_write_json(run_dir / FINE_TUNE_FILE, _finite(result))
     for site, m in sorted(result["sites"].items()):
@@ -97,7 +97,8 @@ def run_fine_tune(
                 f"{k} {v:.3f}" for k, v in sorted(m.items()) if k.startswith("dice-")
             ),
         )
-    for site, why in {**result["refused"], **result["failed"]}.items():
+    not_run = {**result["refused"], **result["rejected"], **result["failed"]}
+    for site, why in not_run.items():
         log.warning("fine-tune at %s did not run: %s", site, why)
     return result
 

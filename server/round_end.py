@@ -4,7 +4,9 @@ After each round's evaluation :class:`RoundEnd` checkpoints the global model
 with a self-describing sidecar (``server/checkpoint.py``; with ``ema-decay``
 also the moving average the round evaluated), appends the round's
 line to ``metrics.jsonl``, updates ``status.json`` and asks for a fresh
-``report.html``. No Flower here: the model arrives as anything with
+``report.html``. A round whose aggregate was not kept (``aggregate_failed``)
+checkpoints the model it started from, the last good one, and ``status.json``
+says so. No Flower here: the model arrives as anything with
 ``to_torch_state_dict()``.
 """
 
@@ -124,6 +126,11 @@ class RoundEnd:
         )
         append_metrics(self.run_dir, entry)
         self.status.round_done(rec.round)
+        if rec.aggregate_failed:  # the checkpoint above is the last good model
+            self.status.update(
+                message=f"round {rec.round}: aggregate not kept "
+                f"({rec.aggregate_failed}); the global model is the last good one"
+            )
         log.info("%s", round_line(entry))
         self.reports.request()
 

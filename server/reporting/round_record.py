@@ -9,10 +9,12 @@ importing Flower.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from common import wire
+from common.contract import capped_shares, safe_text
 
 if TYPE_CHECKING:
     from flwr.app import Message
@@ -35,39 +37,92 @@ class RoundRecord:
     # and the sites whose share the cap lowered
     weights: dict[str, float] = field(default_factory=dict)
     capped: list[str] = field(default_factory=list)
+    # why the round's aggregate was not kept (not finite, outside the guard's
+    # bounds, or the strategy failed); empty when it was, or none was made.
+    # The round's checkpoint then holds the last good model.
+    aggregate_failed: str = ""
+    # max-site-weight: the largest share one site has in any case-weighted
+    # mean of this round, evaluation means included (:meth:`eval_means`)
+    weight_cap: float = 1.0
+
+    def eval_means(self) -> dict[str, float]:
+        """The round's case-weighted evaluation means, under its weight cap."""
+        return weighted_eval_means(self.evaluate, self.weight_cap)
 
 
 def refusal_text(msg: Message) -> str:
-    """A refusal's sentence and its stable code, as the site sent them."""
+    """A refusal's sentence and its stable code, as the site sent them, with
+    control characters and non-ASCII escaped (:func:`common.contract.safe_text`)."""
     site = msg.content.config_records.get(wire.SITE, {})
-    reason = str(site.get(wire.REFUSAL_REASON, "refused"))[:500]
+    reason = safe_text(site.get(wire.REFUSAL_REASON, "refused"), 500)
     code = site.get(wire.REFUSAL_CODE)
-    return f"{reason} [{code}]" if code else reason
+    return f"{reason} [{safe_text(code, 40)}]" if code else reason
 
 
-def weighted_eval_means(per_site: dict[str, dict[str, float]]) -> dict[str, float]:
+def weighted_eval_means(
+    per_site: dict[str, dict[str, float]], cap: float = 1.0
+) -> dict[str, float]:
     """Case-weighted mean of each evaluation metric over sites.
 
     Each metric is averaged over the sites that released it, weighted by the
     cases it is a mean over (``wire.weight_key``: the cases with a region for
     its Dice, the cases without it for its false positives, else all
     validation cases). A site that withholds its validation metrics (its own
-    choice, ``metrics-withheld``) neither counts nor drags the others' means.
-    Case counts are summed.
+    choice, ``metrics-withheld``) neither counts nor drags the others' means;
+    nor does a value that is not a finite number (an undefined score), or one
+    whose weight is not a finite count >= 0. Case counts are summed.
+
+    No site's share of a mean is more than ``cap`` (``max-site-weight``, as in
+    the aggregate: :func:`common.contract.capped_shares`), so a site that claims
+    a huge validation set moves the means no more than the cap allows. Where
+    the cap does not bind, the mean is ``sum(w x v) / sum(w)`` as before.
     """
     skip = {wire.NUM_VAL_CASES, wire.NUM_EXAMPLES, wire.METRICS_WITHHELD}
     skip |= {wire.REFUSED}
     keys = set().union(*(set(m) for m in per_site.values())) - skip
     out = {}
     for k in sorted(keys):
-        have = [m for m in per_site.values() if k in m]
         if k.startswith("cases-"):
-            out[k] = float(sum(m[k] for m in have))
+            total = math.fsum(
+                float(m[k]) for m in per_site.values() if _count(m.get(k)) is not None
+            )
+            if math.isfinite(total):
+                out[k] = total
             continue
-        weights = [
-            m.get(wire.weight_key(k), m.get(wire.NUM_VAL_CASES, 0.0)) for m in have
+        pairs = [
+            (float(m[k]), w)
+            for m in per_site.values()
+            if k in m
+            and _finite(m[k])
+            and (w := _count(m.get(wire.weight_key(k), m.get(wire.NUM_VAL_CASES, 0.0))))
+            is not None
         ]
-        total = sum(weights)
-        if total > 0:
-            out[k] = sum(m[k] * w for m, w in zip(have, weights, strict=True)) / total
+        mean = _capped_mean(pairs, cap)
+        if mean is not None:
+            out[k] = mean
     return out
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def _count(value: object) -> float | None:
+    """A weight: a finite number >= 0, else None (the value is left out)."""
+    return float(value) if _finite(value) and value >= 0 else None  # type: ignore[operator]
+
+
+def _capped_mean(pairs: list[tuple[float, float]], cap: float) -> float | None:
+    """Mean of values by weights, no share above ``cap``; None without weight."""
+    values = [v for v, _ in pairs]
+    weights = [w for _, w in pairs]
+    total = sum(weights)
+    if not total > 0 or not math.isfinite(total):
+        return None
+    mean = sum(v * w for v, w in pairs) / total
+    shares = capped_shares(weights, cap)
+    if any(s != w / total for s, w in zip(shares, weights, strict=True)) or not (
+        math.isfinite(mean)
+    ):
+        mean = sum(s * v for s, v in zip(shares, values, strict=True))
+    return mean if math.isfinite(mean) else None

@@ -222,3 +222,27 @@ def import_strategy_state(strategy: Strategy, state: dict[str, np.ndarray]) -> N
             setattr(base, attr, values)
     if grouped:
         log.info("restored %s server state: %s", type(base).__name__, sorted(grouped))
+
+
+# Everything a strategy's aggregate_train may change between rounds: the
+# moments and momentum above, and the model FedAvgM keeps as its current one.
+# Flower replaces these attributes, never updates them in place, so holding
+# the old references is a snapshot.
+_ROUND_STATE = (*_DICT_STATE, *_LIST_STATE, "current_arrays")
+
+
+def snapshot_state(strategy: Strategy) -> dict[str, Any]:
+    """The strategy's between-round attributes as they are now (references).
+
+    :func:`restore_state` puts them back after an aggregate that is not kept,
+    so a failed round leaves no trace in the server optimiser.
+    """
+    base = base_strategy(strategy)
+    return {a: getattr(base, a) for a in _ROUND_STATE if hasattr(base, a)}
+
+
+def restore_state(strategy: Strategy, snapshot: dict[str, Any]) -> None:
+    """Undo every change to the attributes :func:`snapshot_state` saw."""
+    base = base_strategy(strategy)
+    for attr, value in snapshot.items():
+        setattr(base, attr, value)

@@ -9,12 +9,18 @@ round goes on with the rest.
 
 For FedAvg and FedProx the same pass also computes the case-weighted mean
 (``server/strategy/capped_mean.py`` gives the weights), so the replies are decoded once.
+
+The aggregate itself is held to the same rules before it is kept
+(:func:`aggregate_problem`): the global model's keys, shapes and dtypes, finite
+values, and, for strategies that only average or select the accepted updates,
+no further from the global model than those updates allow.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from flwr.app import Array, ArrayRecord, Message
@@ -24,7 +30,12 @@ from server.reporting.round_record import RoundRecord
 from server.strategy.influence import LocalTraining, norm_outliers
 from server.strategy.replies import part
 from server.strategy.reply_filter import Candidate
-from server.strategy.updates import scan_updates
+from server.strategy.updates import (
+    check_update,
+    model_scale,
+    scan_updates,
+    update_norm,
+)
 
 log = logging.getLogger("kidneyfl.server")
 
@@ -100,3 +111,43 @@ class UpdateGuard:
     def _reject(rec: RoundRecord, site: str, why: str) -> None:
         rec.rejected[site] = why
         log.warning("update from %s rejected in round %d: %s", site, rec.round, why)
+
+
+def aggregate_problem(
+    sent: ArrayRecord | None,
+    aggregate: ArrayRecord,
+    norms: Sequence[float] | None,
+) -> str | None:
+    """Why a round's aggregate may not become the global model (None: it may).
+
+    Parameters
+    ----------
+    sent : ArrayRecord or None
+        The global model the round's updates were made from.
+    aggregate : ArrayRecord
+        The strategy's result, in the global model's dtypes.
+    norms : sequence of float, optional
+        Distances from ``sent`` of the accepted updates, when the strategy
+        only averages or selects them coordinate by coordinate (FedAvg,
+        FedProx, FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan): each
+        coordinate of the aggregate then lies between the updates' own, so
+        ``||aggregate - sent||^2 <= sum_k ||update_k - sent||^2``, to rounding.
+        None for server optimisers and central DP, whose steps are their own.
+    """
+    problem = check_update(sent if sent is not None else aggregate, aggregate)
+    if problem is not None:
+        return f"the aggregate is not a model like the global one: {problem}"
+    if sent is None or not norms:
+        return None
+    bound = math.sqrt(math.fsum(n * n for n in norms))
+    moved = update_norm(sent, aggregate)
+    # rounding: a few ulps per site and coordinate, of the values' own size
+    size, eps = model_scale(sent)
+    scale = size + bound
+    slack = 4 * (len(norms) + 1) * eps * scale + 1e-12
+    if not moved <= bound + slack:
+        return (
+            f"the aggregate moved the model by {moved:.4g}, more than the "
+            f"accepted updates allow ({bound:.4g})"
+        )
+    return None

@@ -3,12 +3,14 @@
 Two bounds, applied by ``server/strategy/capped_mean.py`` (the cap) and
 ``server/strategy/guard.py`` (the norm rule):
 
-- **the weight cap** (:func:`capped_shares`): the case-weighted shares of the
-  round's updates (``num-examples`` / total) are capped at ``max-site-weight``,
-  and what a capped site loses goes to the others in proportion to their cases
-  (water-filling, repeated until no share is over the cap). With K updates and
-  ``max-site-weight <= 1/K`` every share is 1/K. ``num-examples`` is a site's
-  claim; the cap bounds what a false one can buy.
+- **the weight cap** (:func:`capped_shares`, in ``common/contract.py`` because
+  the evaluation means and the preprocessing plan use it too): the
+  case-weighted shares of the round's updates (``num-examples`` / total) are
+  capped at ``max-site-weight``, and what a capped site loses goes to the
+  others in proportion to their cases (water-filling, repeated until no share
+  is over the cap). With K updates and ``max-site-weight <= 1/K`` every share
+  is 1/K. ``num-examples`` is a site's claim, bounded by ``max-site-examples``
+  before it gets here; the cap bounds what a false one can buy.
 - **the norm rule** (:func:`norm_outliers`): an update is rejected when its
   distance from the global model is more than ``guard-norm-factor`` times the
   median distance of the round's other updates. Under DP-SGD a site's update is
@@ -28,6 +30,7 @@ import numpy as np
 
 from common import wire
 from common.config import SGD_MOMENTUM, Plan
+from common.contract import capped_shares
 
 __all__ = [
     "MAX_NOISE_ALLOWANCE",
@@ -39,42 +42,6 @@ __all__ = [
 # The most the norm rule's allowance grows for a site's expected DP noise: the
 # noise a site reports is its own claim, so a claim buys at most this much.
 MAX_NOISE_ALLOWANCE = 10.0
-
-
-def capped_shares(weights: Sequence[float], cap: float) -> list[float]:
-    """Shares ``w_k / sum(w)``, none above ``cap``; the excess goes to the others.
-
-    Parameters
-    ----------
-    weights : sequence of float
-        Each update's weight (training cases), finite and > 0.
-    cap : float
-        Largest share any one update may have, in (0, 1].
-
-    Returns
-    -------
-    list of float
-        Shares summing to 1. Where no share is over ``cap`` they are exactly
-        ``w_k / sum(w)`` (Flower's FedAvg factors, bit for bit); with
-        ``cap <= 1 / len(weights)`` they are all equal.
-    """
-    total = sum(weights)
-    shares = [w / total for w in weights]
-    if not shares or max(shares) <= cap:
-        return shares
-    k = len(shares)
-    if cap * k <= 1.0:
-        return [1.0 / k] * k
-    capped: set[int] = set()
-    while True:
-        free = [i for i in range(k) if i not in capped]
-        mass = 1.0 - cap * len(capped)
-        free_total = sum(weights[i] for i in free)
-        new = {i: mass * weights[i] / free_total for i in free}
-        over = {i for i in free if new[i] > cap}
-        if not over:  # cap * k > 1: some update always stays under the cap
-            return [cap if i in capped else new[i] for i in range(k)]
-        capped |= over
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
-"""Sites' replies on the coordinator: read without copies, and handed on to
-Flower's strategies as the weight cap and the wire contract require."""
+"""Sites' replies on the coordinator: seen as the wire contract sees them, read
+without copies, and handed on to Flower's strategies as the weight cap and the
+wire contract require."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import TypeVar, cast
 
@@ -11,9 +13,22 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.app.message.message import make_message
 
 from common import wire
+from common.contract import ArraySpec, ReplyView
 from server.strategy.influence import capped_shares
 
-__all__ = ["cast_like", "for_inner", "metrics_of", "part", "records_of"]
+__all__ = [
+    "cast_like",
+    "for_inner",
+    "metrics_of",
+    "part",
+    "received_view",
+    "records_of",
+]
+
+# The most elements one array of a reply may claim: far above any model here,
+# far below what numpy's shape arithmetic overflows on.
+MAX_ELEMENTS = 1 << 40
+_KINDS = ((ArrayRecord, "arrays"), (MetricRecord, "metrics"), (ConfigRecord, "config"))
 
 _R = TypeVar("_R", ArrayRecord, MetricRecord, ConfigRecord)
 
@@ -28,6 +43,61 @@ def part(msg: Message, name: str, kind: type[_R]) -> _R | None:
 def records_of(content: RecordDict, kind: type[_R]) -> Iterator[_R]:
     """The records of one kind, in order (``content.<kind>_records.values()``)."""
     return (r for r in content.values() if isinstance(r, kind))
+
+
+def received_view(msg: Message, message_type: str) -> tuple[ReplyView, list[str]]:
+    """What a reply carries, as the contract sees it, and what in its arrays
+    cannot be read at all.
+
+    ``message_type`` is what the coordinator asked for (a reply's own metadata
+    is the site's to set). Every record is classified by its class, never by
+    its name; anything but Flower's three record kinds is ``other``. Each
+    array is decoded once (:func:`common.wire.array_view`, no copy): its
+    storage type must be numpy's, its shape whole numbers whose product is
+    bounded, and its bytes must hold exactly the shape and dtype its metadata
+    claims. May raise on a malformed message; the caller's catch-all rejects it.
+    """
+    if msg.has_error():
+        return ReplyView(message_type, {}, is_error=True), []
+    records: dict[str, str] = {}
+    problems: list[str] = []
+    arrays: dict[str, ArraySpec] = {}
+    for name, record in msg.content.items():
+        kind = next((k for cls, k in _KINDS if isinstance(record, cls)), "other")
+        records[str(name)] = kind
+        if kind == "arrays":
+            for key, arr in record.items():
+                arrays[str(key)] = (tuple(arr.shape), str(arr.dtype))
+                problems += _array_problem(str(key), arr)
+    metrics = part(msg, wire.METRICS, MetricRecord)
+    site = part(msg, wire.SITE, ConfigRecord)
+    view = ReplyView(
+        message_type,
+        records,
+        arrays,
+        dict(metrics) if metrics is not None else {},
+        dict(site) if site is not None else {},
+    )
+    return view, problems[:1]
+
+
+def _array_problem(key: str, arr: Array) -> list[str]:
+    """Why one array cannot be read as what its metadata says (empty: it can)."""
+    name = repr(key[:64])
+    if arr.stype != wire.NUMPY_STYPE:
+        return [f"array {name} is not stored as a numpy array"]
+    shape = arr.shape
+    if not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+        return [f"array {name} has a shape that is not whole numbers"]
+    if (
+        any(not 0 <= d <= MAX_ELEMENTS for d in shape)
+        or math.prod(shape) > MAX_ELEMENTS
+    ):
+        return [f"array {name} has a negative or oversized shape"]
+    view = wire.array_view(arr)
+    if view.shape != tuple(shape) or str(view.dtype) != str(arr.dtype):
+        return [f"array {name}: its bytes do not hold its shape and dtype"]
+    return []
 
 
 def metrics_of(msg: Message) -> dict[str, float]:

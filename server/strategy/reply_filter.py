@@ -1,22 +1,36 @@
-"""Replies that never reach aggregation: failures, refusals, bad case counts.
+"""Replies the coordinator will not use: failures, refusals, and every reply
+that breaks the wire contract.
 
-A site that fails (an error reply), refuses (privacy budget, unusable data;
-``refused`` in its metrics) or claims no positive number of training cases is
-left out of the round, and the round record says why. What is left goes on to
-the update guard (``server/strategy/guard.py``).
+The coordinator trusts nothing a site sends. Every reply of every request
+(train, evaluate, the start evaluation, the fingerprint query, the fine-tune
+round) is read inside its own catch-all (:func:`sort_replies`) and checked
+against the contract (:func:`common.contract.check_received`): the records its
+message type carries and no others, metric keys on the list and bounded in
+number and length, counts that are whole numbers of patients up to
+``max-site-examples``, arrays stored as numpy arrays whose bytes hold the
+shape and dtype they claim (the update guard then holds them to the global
+model's names, shapes and dtypes), a refusal code from the list. A reply that
+fails any check, or raises anything while it is read, is rejected with a short
+reason of our own (the site's text escaped), and the request goes on with the
+others. Two replies that name one site are both rejected: neither can be told
+from the other. What is left goes on to the update guard
+(``server/strategy/guard.py``) or into the round record.
 """
 
 from __future__ import annotations
 
 import logging
-import math
+from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
-from flwr.app import Message
+from flwr.app import Message, MetricRecord
 
 from common import wire
+from common.contract import ReplyRules, check_received, safe_text
 from server.reporting.round_record import RoundRecord, refusal_text
-from server.strategy.replies import metrics_of
+from server.strategy.replies import metrics_of, part, received_view
 
 log = logging.getLogger("kidneyfl.server")
 
@@ -24,52 +38,130 @@ log = logging.getLogger("kidneyfl.server")
 Candidate = tuple[str, Message, dict[str, float]]
 SiteOf = Callable[[Message], str]
 
+MAX_REASON = 300  # characters of a rejection reason in metrics.jsonl
+DUPLICATE = "more than one reply in this request names this site"
+
+
+@dataclass(frozen=True)
+class Intake:
+    """How the replies to one request are read.
+
+    Parameters
+    ----------
+    message_type : str
+        What the coordinator asked for (``train``, ``evaluate``, ``query``,
+        ``train.finetune``): a reply's own metadata is the site's to set.
+    rules : ReplyRules
+        The plan's task, class count and ``max-site-examples``.
+    """
+
+    message_type: str
+    rules: ReplyRules = field(default_factory=ReplyRules)
+
+
+@dataclass
+class Sorted:
+    """The replies to one request, by what became of them."""
+
+    accepted: list[Candidate] = field(default_factory=list)
+    refused: dict[str, str] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+def sort_replies(replies: list[Message], site_of: SiteOf, intake: Intake) -> Sorted:
+    """Each reply accepted, refused, rejected or failed, each in its own
+    catch-all, so no reply can stop the others being read."""
+    out = Sorted()
+    names = [_name(msg, site_of) for msg in replies]
+    twice = {name for name, n in Counter(names).items() if n > 1}
+    for site, msg in zip(names, replies, strict=True):
+        if site in twice:
+            out.rejected[site] = DUPLICATE
+            continue
+        try:
+            _sort_one(out, site, msg, intake)
+        except Exception as exc:  # noqa: BLE001 - one site never ends a run
+            out.rejected[site] = f"reply could not be read ({type(exc).__name__})"
+    for site, why in out.rejected.items():
+        log.warning("%s reply from %s rejected: %s", intake.message_type, site, why)
+    return out
+
+
+def _name(msg: Message, site_of: SiteOf) -> str:
+    """The reply's site (``site_of``), or its node when even that fails."""
+    try:
+        return site_of(msg)
+    except Exception:  # noqa: BLE001 - the reply is rejected under its node
+        return f"node-{safe_text(getattr(msg.metadata, 'src_node_id', '?'), 24)}"
+
+
+def _sort_one(out: Sorted, site: str, msg: Message, intake: Intake) -> None:
+    if msg.has_error():
+        out.failed[site] = safe_text(msg.error.reason, MAX_REASON)
+        return
+    view, problems = received_view(msg, intake.message_type)
+    problems += check_received(view, site, intake.rules)
+    if problems:
+        out.rejected[site] = safe_text(
+            "breaks the reply contract: " + "; ".join(problems[:3]), MAX_REASON
+        )
+        return
+    metrics = metrics_of(msg)
+    if metrics.get(wire.REFUSED, 0) == 1:
+        out.refused[site] = refusal_text(msg)
+        return
+    out.accepted.append((site, msg, metrics))
+
 
 def train_candidates(
-    rec: RoundRecord, replies: list[Message], site_of: SiteOf
+    rec: RoundRecord,
+    replies: list[Message],
+    site_of: SiteOf,
+    intake: Intake | None = None,
 ) -> list[Candidate]:
     """The train replies that may enter the aggregate; the others are recorded
     in ``rec`` as failed, refused or rejected."""
-    candidates: list[Candidate] = []
-    for msg in replies:
-        site = site_of(msg)
-        if msg.has_error():
-            rec.failed[site] = str(msg.error.reason)[:500]
-            log.warning(
-                "site %s failed round %d: %s", site, rec.round, msg.error.reason
-            )
-            continue
-        metrics = metrics_of(msg)
-        if metrics.get(wire.REFUSED, 0):
-            reason = refusal_text(msg)
-            rec.refused[site] = reason
-            log.warning("site %s refused round %d: %s", site, rec.round, reason)
-            continue
-        n = metrics.get(wire.NUM_EXAMPLES, math.nan)
-        if not (math.isfinite(n) and n > 0):
-            why = "num-examples is missing or not a positive number of cases"
-            rec.rejected[site] = why
-            log.warning("update from %s rejected in round %d: %s", site, rec.round, why)
-            continue
-        candidates.append((site, msg, metrics))
-    return candidates
+    result = sort_replies(replies, site_of, intake or Intake(wire.MSG_TRAIN))
+    rec.failed.update(result.failed)
+    rec.refused.update(result.refused)
+    rec.rejected.update(result.rejected)
+    for site, why in {**result.failed, **result.refused}.items():
+        log.warning("site %s did not train in round %d: %s", site, rec.round, why)
+    return result.accepted
 
 
 def record_evaluation(
-    rec: RoundRecord, replies: list[Message], site_of: SiteOf
+    rec: RoundRecord,
+    replies: list[Message],
+    site_of: SiteOf,
+    intake: Intake | None = None,
 ) -> None:
     """Each evaluate reply's metrics into ``rec``, or why the site has none.
 
-    A site that failed or refused training keeps that first reason.
+    A site that failed, refused or was rejected in training keeps that first
+    reason.
     """
-    for msg in replies:
-        site = site_of(msg)
-        if msg.has_error():
-            rec.failed.setdefault(site, str(msg.error.reason)[:500])
-            continue
-        metrics = metrics_of(msg)
-        if metrics.get(wire.REFUSED, 0):
-            rec.refused.setdefault(site, f"evaluation: {refusal_text(msg)}")
-            log.warning("site %s refused evaluation: %s", site, refusal_text(msg))
-            continue
+    result = sort_replies(replies, site_of, intake or Intake(wire.MSG_EVALUATE))
+    for site, why in result.failed.items():
+        rec.failed.setdefault(site, why)
+    for site, why in result.refused.items():
+        rec.refused.setdefault(site, f"evaluation: {why}")
+        log.warning("site %s refused evaluation: %s", site, why)
+    for site, why in result.rejected.items():
+        rec.rejected.setdefault(site, f"evaluation: {why}")
+    for site, _, metrics in result.accepted:
         rec.evaluate[site] = metrics
+
+
+def query_results(
+    replies: list[Message], site_of: SiteOf, intake: Intake
+) -> tuple[dict[str, dict[str, Any]], Sorted]:
+    """The accepted query replies' metrics by site, lists kept (fingerprints),
+    and how every reply was sorted."""
+    result = sort_replies(replies, site_of, intake)
+    found = {}
+    for site, msg, _ in result.accepted:
+        record = part(msg, wire.METRICS, MetricRecord)
+        found[site] = dict(record) if record is not None else {}
+    return found, result

@@ -1,7 +1,9 @@
 """Who was asked in a round, under which name, and who never answered.
 
 A reply names its site by the node's registered name (deployment with
-SuperNode authentication), else by the name the site declares; the SuperLink
+SuperNode authentication), else by the name the site declares, if it is a name
+a site YAML allows (anything else is the site's own text: such a reply is
+known by its node, ``node-<id>``, and the contract rejects it); the SuperLink
 answers for a dead node with an error reply from itself, which is mapped back
 to the node through the request it answers.
 """
@@ -15,6 +17,7 @@ from typing import Any
 from flwr.app import ConfigRecord, Message
 
 from common import wire
+from common.contract import declared_name
 from server.reporting.round_record import RoundRecord
 from server.strategy.replies import part
 
@@ -60,16 +63,17 @@ class RoundSites:
         return asked.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
     def site_of(self, msg: Message) -> str:
-        """The site's name: registered name first, else what the reply declares."""
+        """The site's name: registered name first, else what the reply declares
+        (if a site YAML would allow it), else ``node-<id>``."""
         node = self.node_of(msg)
         if node in self.names:
             return self.names[node]
         site = None if msg.has_error() else part(msg, wire.SITE, ConfigRecord)
         if site is not None:
-            name = str(site.get(wire.SITE_NAME, ""))
+            name = declared_name(site.get(wire.SITE_NAME))
             if name and name != "unknown":
                 return name
-        return f"node-{node}"
+        return f"node-{int(node)}"
 
     def note_silent(self, rec: RoundRecord, replies: list[Message]) -> None:
         """Record, as failed, every asked site without a reply.

@@ -21,7 +21,7 @@ from flwr.app import Array, ArrayRecord
 
 from common import wire
 
-__all__ = ["Scan", "check_update", "scan_updates", "update_norm"]
+__all__ = ["Scan", "check_update", "model_scale", "scan_updates", "update_norm"]
 
 # Elements per chunk: the global model's slice, one site's slice and two scratch
 # slices (4 x 1 MiB of float32) stay in the L2/L3 caches across all sites.
@@ -292,3 +292,17 @@ def update_norm(reference: ArrayRecord, update: ArrayRecord) -> float:
             sq = _sq_diff(u[i:j], r[i:j], buf[: j - i])
             total += math.nan if sq is None else sq
     return math.sqrt(total)
+
+
+def model_scale(record: ArrayRecord) -> tuple[float, float]:
+    """L2 norm of a model's floating-point arrays, and the largest machine
+    epsilon among their dtypes: the size of rounding in any mean of models."""
+    sq, eps = 0.0, 0.0
+    for view in views(record).values():
+        if _floating(view):
+            flat = _flat(view)
+            for i in range(0, flat.size, CHUNK):  # float64, a chunk at a time
+                chunk = flat[i : i + CHUNK].astype(np.float64)
+                sq += float(np.dot(chunk, chunk))
+            eps = max(eps, float(np.finfo(view.dtype).eps))
+    return math.sqrt(sq), eps

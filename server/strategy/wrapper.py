@@ -3,16 +3,25 @@
 ``SiteAwareStrategy`` wraps any ``flwr.serverapp.strategy.Strategy`` (as Flower's
 own DP wrappers do) and adds, without copying Flower's round loop:
 
-- refusals: a site that fails or refuses a round (privacy budget, unusable
-  data), or claims no positive number of cases, is left out of aggregation,
-  and why is recorded (``server/strategy/reply_filter.py``; silent sites:
+- the reply contract on the coordinator's side: every reply is read in its
+  own catch-all and checked (records, metric keys and values, counts up to
+  ``max-site-examples``, the global model's arrays); a site that fails,
+  refuses or breaks the contract is left out, and why is recorded
+  (``server/strategy/reply_filter.py``; silent sites:
   ``server/strategy/round_sites.py``);
 - the update guard (``server/strategy/guard.py``): malformed, non-finite and outlying
   updates are rejected before aggregation; the round goes on with the rest,
   and is skipped (global model unchanged) if too few remain;
 - the weight cap (``server/strategy/capped_mean.py``): no site's share of a
-  case-weighted aggregate is more than ``max_site_weight``; FedAvg and FedProx
-  take their mean from the guard's single pass over the updates;
+  case-weighted aggregate, or of an evaluation mean, is more than
+  ``max_site_weight``; FedAvg and FedProx take their mean from the guard's
+  single pass over the updates;
+- the aggregate checked before it is kept (:func:`guard.aggregate_problem`):
+  one that is not finite, not shaped like the global model or further from it
+  than the accepted updates allow, or a strategy that raises, fails the round
+  (``aggregate_failed`` in ``metrics.jsonl``): Flower keeps the last good
+  model, the server optimiser's state is put back, and the next round starts
+  from there;
 - rounds: the inner strategy sees the round counted across resumes (FedAdam's
   bias correction depends on it), its aggregate keeps the global model's dtypes,
   and its server state (moments, momentum) can be exported for checkpoints;
@@ -36,20 +45,45 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import (
+    Bulyan,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    Krum,
+    MultiKrum,
+    Strategy,
+)
 
 from common import wire
-from server.reporting.round_record import RoundRecord, weighted_eval_means
-from server.strategy.aggregators import export_strategy_state, import_strategy_state
+from common.contract import ReplyRules
+from server.reporting.round_record import RoundRecord
+from server.strategy.aggregators import (
+    export_strategy_state,
+    import_strategy_state,
+    restore_state,
+    snapshot_state,
+)
 from server.strategy.capped_mean import CappedMean
 from server.strategy.ema import ParameterEMA
-from server.strategy.guard import UpdateGuard
+from server.strategy.guard import Accepted, UpdateGuard, aggregate_problem
 from server.strategy.influence import LocalTraining
 from server.strategy.replies import cast_like
-from server.strategy.reply_filter import record_evaluation, train_candidates
+from server.strategy.reply_filter import (
+    Candidate,
+    Intake,
+    record_evaluation,
+    train_candidates,
+)
 from server.strategy.round_sites import RoundSites
 
 log = logging.getLogger("kidneyfl.server")
+
+# Strategies whose aggregate only averages or selects the accepted updates,
+# coordinate by coordinate: their result is bounded by the updates' distances
+# (guard.aggregate_problem). Exact types: FedAvgM and FedOpt subclass FedAvg.
+_WITHIN_UPDATES = (FedAvg, FedProx, FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan)
 
 
 class SiteAwareStrategy(Strategy):
@@ -86,6 +120,9 @@ class SiteAwareStrategy(Strategy):
     learning_rates : callable, optional
         ``learning_rates(global_round)``, the rate sent with each train round
         (``server.lr_schedule.learning_rates``); ``None`` sends none.
+    rules : ReplyRules, optional
+        What a reply may carry (:meth:`common.contract.ReplyRules.from_plan`);
+        without it, either task's metrics and the default ``max-site-examples``.
     """
 
     def __init__(
@@ -101,8 +138,10 @@ class SiteAwareStrategy(Strategy):
         training: LocalTraining | None = None,
         ema_decay: float = 0.0,
         learning_rates: Callable[[int], float] | None = None,
+        rules: ReplyRules | None = None,
     ) -> None:
         self.mean = CappedMean(inner, max_site_weight)
+        self.rules = rules or ReplyRules()
         self.guard = UpdateGuard(min_sites, norm_factor, training)
         self.sites = RoundSites(site_names)
         self.inner = inner
@@ -146,8 +185,12 @@ class SiteAwareStrategy(Strategy):
     def _record(self, server_round: int) -> RoundRecord:
         g = self.global_round(server_round)
         if self._current is None or self._current.round != g:
-            self._current = RoundRecord(round=g)
+            self._current = RoundRecord(round=g, weight_cap=self.mean.max_site_weight)
         return self._current
+
+    def _intake(self, message_type: str) -> Intake:
+        """How the replies to a request of ``message_type`` are read."""
+        return Intake(message_type, self.rules)
 
     # -- Strategy interface ------------------------------------------------------
     def summary(self) -> None:
@@ -174,14 +217,32 @@ class SiteAwareStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Drop refusals and invalid updates, then average the rest."""
+        """Drop refusals and invalid updates, then average the rest.
+
+        Whatever a reply holds, nothing escapes: a round that cannot be
+        aggregated returns no model (Flower keeps the last good one) and says
+        why in ``aggregate_failed``.
+        """
         rec = self._record(server_round)
-        replies = list(replies)
+        snapshot = snapshot_state(self.inner)
+        try:
+            return self._aggregate_train(server_round, rec, list(replies), snapshot)
+        except Exception as exc:  # noqa: BLE001 - one round never ends a run
+            why = f"aggregation failed ({type(exc).__name__})"
+            return self._fail(rec, why, snapshot)
+
+    def _aggregate_train(
+        self,
+        server_round: int,
+        rec: RoundRecord,
+        replies: list[Message],
+        snapshot: dict[str, Any],
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         self.sites.note_silent(rec, replies)
-        candidates = train_candidates(rec, replies, self.site_of)
-        accepted, mean = self.guard.screen(
-            rec, self._sent, candidates, self.mean.guard_factors
+        candidates = train_candidates(
+            rec, replies, self.site_of, self._intake(wire.MSG_TRAIN)
         )
+        accepted, mean = self._screen(rec, candidates)
         if len(accepted) < self.min_sites:
             log.warning(
                 "round %d skipped: %d valid update(s), %d needed; "
@@ -199,12 +260,49 @@ class SiteAwareStrategy(Strategy):
                 "round %d: %s did not aggregate", rec.round, type(self.inner).__name__
             )
             return None, metrics
-        rec.aggregated = True
         if self._sent is not None:
             arrays = cast_like(self._sent, arrays)
+        within = type(self.inner) in _WITHIN_UPDATES
+        norms = [rec.update_norms[site] for site, _ in accepted] if within else None
+        problem = aggregate_problem(self._sent, arrays, norms)
+        if problem is not None:
+            return self._fail(rec, problem, snapshot)
+        rec.aggregated = True
         if self.ema is not None:
             self.ema.update(arrays.to_torch_state_dict())
         return arrays, metrics
+
+    def _screen(
+        self, rec: RoundRecord, candidates: list[Candidate]
+    ) -> tuple[list[Accepted], dict | None]:
+        """The guard's verdict; should its joint pass over the round raise,
+        each update is screened alone and the one that raises is rejected."""
+        try:
+            return self.guard.screen(
+                rec, self._sent, candidates, self.mean.guard_factors
+            )
+        except Exception as exc:  # noqa: BLE001 - find the reply that raised
+            name = type(exc).__name__
+            log.error("round %d: the guard's pass failed (%s)", rec.round, name)
+        usable = []
+        for site, msg, metrics in candidates:
+            try:
+                alone = RoundRecord(round=rec.round)
+                self.guard.screen(alone, self._sent, [(site, msg, metrics)], _none)
+                usable.append((site, msg, metrics))
+            except Exception as exc:  # noqa: BLE001
+                rec.rejected[site] = f"update could not be read ({type(exc).__name__})"
+        return self.guard.screen(rec, self._sent, usable, self.mean.guard_factors)
+
+    def _fail(
+        self, rec: RoundRecord, why: str, snapshot: dict[str, Any]
+    ) -> tuple[None, None]:
+        """Keep nothing of the round's aggregate: no model, no optimiser step."""
+        restore_state(self.inner, snapshot)
+        rec.aggregated = False
+        rec.aggregate_failed = why
+        log.error("round %d: aggregate not kept: %s", rec.round, why)
+        return None, None
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -230,9 +328,15 @@ class SiteAwareStrategy(Strategy):
         """Per-site metrics, the case-weighted mean, then the round's bookkeeping."""
         rec = self._record(server_round)
         replies = list(replies)
-        self.sites.note_silent(rec, replies)
-        record_evaluation(rec, replies, self.site_of)
-        means = weighted_eval_means(rec.evaluate)
+        try:
+            self.sites.note_silent(rec, replies)
+            record_evaluation(
+                rec, replies, self.site_of, self._intake(wire.MSG_EVALUATE)
+            )
+        except Exception as exc:  # noqa: BLE001 - the round's bookkeeping goes on
+            name = type(exc).__name__
+            log.error("round %d: evaluation replies not read (%s)", rec.round, name)
+        means = rec.eval_means()
         if self._sent is not None:
             self.on_round_end(rec, self._sent)
         return MetricRecord(means) if means else None
@@ -254,9 +358,16 @@ class SiteAwareStrategy(Strategy):
             )
         )
         replies = list(grid.send_and_receive(messages, timeout=timeout))
-        rec = RoundRecord(round=self.global_round(0))
-        self.sites.note_silent(rec, replies)
-        record_evaluation(rec, replies, self.site_of)
+        rec = RoundRecord(
+            round=self.global_round(0), weight_cap=self.mean.max_site_weight
+        )
+        try:
+            self.sites.note_silent(rec, replies)
+            record_evaluation(
+                rec, replies, self.site_of, self._intake(wire.MSG_EVALUATE)
+            )
+        except Exception as exc:  # noqa: BLE001 - the start evaluation is a report
+            log.error("start evaluation: replies not read (%s)", type(exc).__name__)
         return rec
 
     # -- server state for checkpoints ---------------------------------------------
@@ -276,3 +387,8 @@ class SiteAwareStrategy(Strategy):
         """Continue the moving average saved with a checkpoint (on resume)."""
         if self.ema is not None and state is not None:
             self.ema = ParameterEMA(self.ema.decay, state)
+
+
+def _none(_: list[Message]) -> None:
+    """No mean weights: a guard pass that only checks."""
+    return None

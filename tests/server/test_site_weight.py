@@ -85,10 +85,13 @@ def _wrap(name="fedavg", cap=0.5, reference=None, **kw):
     return s
 
 
-def _liar_round():
-    # "huge" claims 10^9 cases against two sites of 100
+LIAR_CLAIM = 100_000  # max-site-examples: the most a reply may claim
+
+
+def _liar_round(claim=LIAR_CLAIM):
+    # "huge" claims 100,000 cases against two sites of 100
     return [
-        _site(1, "huge", 1.0, 1e9),
+        _site(1, "huge", 1.0, claim),
         _site(2, "b", 2.0, 100),
         _site(3, "c", 3.0, 100),
     ]
@@ -106,12 +109,21 @@ def test_huge_num_examples_is_capped_in_the_fast_fedavg_mean(monkeypatch):
     assert rec.capped == ["huge"]
     entry = round_entry(rec)  # what metrics.jsonl gets
     assert entry["capped"] == ["huge"] and entry["weights"]["huge"] == 0.5
-    assert rec.train["huge"][wire.NUM_EXAMPLES] == 1e9  # the claim, for reports
+    assert rec.train["huge"][wire.NUM_EXAMPLES] == LIAR_CLAIM  # for reports
     # without the cap the liar takes the model over: the test can fail
     s = _wrap("fedavg", cap=1.0)
     arrays, _ = s.aggregate_train(1, _liar_round())
-    assert np.allclose(arrays["w"].numpy(), 1.0, atol=1e-5)
+    assert np.allclose(arrays["w"].numpy(), 1.0, atol=0.01)
     assert s._current.capped == []
+
+
+@pytest.mark.parametrize("claim", [LIAR_CLAIM + 1, 1e9, 1e308, 2.5])
+def test_a_claim_over_max_site_examples_or_not_whole_is_rejected(claim):
+    s = _wrap("fedavg", cap=0.5)
+    arrays, _ = s.aggregate_train(1, _liar_round(claim))
+    assert "max-site-examples" in s._current.rejected["huge"]
+    assert np.allclose(arrays["w"].numpy(), 2.5)  # b and c, 100 cases each
+    assert set(s._current.weights) == {"b", "c"}
 
 
 def test_huge_num_examples_is_capped_in_flowers_fedavgm(monkeypatch):
