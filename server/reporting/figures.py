@@ -27,10 +27,12 @@ from common import wire
 from server.reporting import plots
 
 COMPARISON_FILE = "comparison.json"
-MAX_SITES_DRAWN = 24  # lines per panel, rows of the final table
+MAX_SITES_DRAWN = 16  # lines per panel, rows of the final table
 MAX_SITE_KEYS = 512  # metrics kept per site and round (20 classes' cm-i-j)
-MAX_KEYS_DRAWN = 24  # score panels, spread lines, final-table columns
-MAX_CONFUSION_SITES = 12  # per-site confusion matrices (all sites: one more)
+# Score panels, spread lines, final-table columns: every score of a
+# segmentation run, or of a classification run with up to 9 classes.
+MAX_KEYS_DRAWN = 12
+MAX_CONFUSION_SITES = 8  # per-site confusion matrices (all sites: one more)
 MAX_CLASSES = 64  # confusion matrix rows and columns, whatever the plan says
 _CM_KEY = re.compile(r"^cm-([a-z0-9_]+)-([a-z0-9_]+)$")
 _COUNTS = {wire.NUM_VAL_CASES, wire.NUM_EXAMPLES, wire.REFUSED, wire.METRICS_WITHHELD}

@@ -142,7 +142,7 @@ class LiveReport:
         asked for after it). True when none is in progress."""
         if self._thread is None:
             return True
-        limit = 2 * self.time_limit_s + 5 if timeout_s is None else timeout_s
+        limit = 2 * self.time_limit_s + 1 if timeout_s is None else timeout_s
         self._thread.join(limit)
         if self._thread.is_alive():
             log.warning(
