@@ -43,6 +43,88 @@ StrategyName = Literal[
 # coordinator's update guard predicts DP noise with it (server/strategy/influence.py).
 SGD_MOMENTUM = 0.9
 
+# A run's name is a folder under out-dir: one path segment of plain characters,
+# never "." or ".." (the first character is a letter or digit), never a path.
+RUN_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}"
+_RUN_NAME_FIX = (
+    "use 1 to 100 letters, digits, '_', '.' or '-', starting with a letter or "
+    "digit, e.g. kidney-2026-05; it names a folder under out-dir"
+)
+_OUT_DIR_MAX = 1024
+
+
+def check_run_name(name: str) -> str:
+    """``name`` if it is a safe run name (:data:`RUN_NAME_PATTERN`).
+
+    Raises
+    ------
+    ValueError
+        Saying what is wrong and the fix (the caller names the key).
+    """
+    if not isinstance(name, str) or not re.fullmatch(RUN_NAME_PATTERN, name):
+        shown = repr(name[:40] + ("..." if len(name) > 40 else ""))
+        raise ValueError(f"{shown} is not a run name: {_RUN_NAME_FIX}")
+    return name
+
+
+def check_out_dir(path: str) -> str:
+    """``path`` if it can be the output folder: not empty, at most 1024
+    characters, no control characters (NUL included) and no ``..`` part, so
+    the folder is the one the plan names and not one it climbs to.
+
+    Raises
+    ------
+    ValueError
+        Saying what is wrong and the fix (the caller names the key).
+    """
+    fix = "give a folder such as runs or /srv/kidneyfl/runs"
+    if not path.strip():
+        raise ValueError(f"the output folder is empty; {fix}")
+    if len(path) > _OUT_DIR_MAX:
+        raise ValueError(f"longer than {_OUT_DIR_MAX} characters; {fix}")
+    if not path.isprintable():
+        raise ValueError(f"holds a control character (NUL, newline...); {fix}")
+    if ".." in re.split(r"[/\\]", path):
+        raise ValueError(f"{path!r} climbs out with '..'; {fix}")
+    return path
+
+
+def run_folder(
+    out_dir: str | Path,
+    run_name: str,
+    source: str = "plan",
+    keys: tuple[str, str] = ("out-dir", "run-name"),
+) -> Path:
+    """The run's folder, ``<out-dir>/<run-name>``, resolved and checked.
+
+    Both names are checked (:func:`check_out_dir`, :func:`check_run_name`),
+    then the resolved folder must lie directly inside the resolved output
+    folder: a link under out-dir that points elsewhere is refused too.
+    Nothing is created or written. ``keys`` are what the error calls the two
+    (the plan's keys, or a command's flags).
+
+    Raises
+    ------
+    ConfigError
+        Naming ``source``, the key and the fix.
+    """
+    where = f"{source}: " if source else ""
+    for key, check, value in zip(
+        keys, (check_out_dir, check_run_name), (str(out_dir), run_name), strict=True
+    ):
+        try:
+            check(value)
+        except ValueError as exc:
+            raise ConfigError(f"{where}{key}: {exc}") from None
+    out = Path(out_dir).expanduser().resolve()
+    run = (out / run_name).resolve()
+    if run.parent != out:
+        raise ConfigError(
+            f"{where}{keys[1]}: {out / run_name} leads to {run}, outside "
+            f"{keys[0]} {out}; remove that link or choose another {keys[1]}"
+        )
+    return out / run_name  # the name as given: it is the run's identity
+
 
 class Plan(BaseModel):
     """The federation plan, shared by the coordinator and every site.
@@ -190,6 +272,16 @@ class Plan(BaseModel):
                 "(they become metric keys such as recall-<name>)"
             )
         return tuple(names)
+
+    @field_validator("run_name")
+    @classmethod
+    def _run_name(cls, v: str) -> str:
+        return check_run_name(v) if v else v  # "": the coordinator names it
+
+    @field_validator("out_dir")
+    @classmethod
+    def _out_dir(cls, v: str) -> str:
+        return check_out_dir(v)
 
     @field_validator("class_weights", mode="before")
     @classmethod
@@ -369,6 +461,7 @@ from common.site_config import (  # noqa: E402
 )
 
 __all__ = [
+    "RUN_NAME_PATTERN",
     "SGD_MOMENTUM",
     "ConfigError",
     "DataConfig",
@@ -378,6 +471,9 @@ __all__ = [
     "Plan",
     "PrivacyConfig",
     "SiteConfig",
+    "check_out_dir",
+    "check_run_name",
     "load_plan",
     "load_site_config",
+    "run_folder",
 ]

@@ -22,7 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 from common import wire
 from common.artifacts import effective_preprocessing
 from common.atomic import atomic_write_json
-from common.config import Plan, load_plan
+from common.config import Plan, load_plan, run_folder
 from common.contract import ReplyRules
 from common.logs import setup_logging
 from common.scans import SEEN_SCANS_KEY
@@ -52,9 +52,10 @@ app = ServerApp()
 
 
 def run_dir_for(plan: Plan, context: Context) -> Path:
-    """``<out-dir>/<run-name>``; the run name defaults to Flower's run id."""
-    name = plan.run_name or f"run-{context.run_id}"
-    return Path(plan.out_dir).expanduser().resolve() / name
+    """``<out-dir>/<run-name>``, checked to lie inside out-dir before anything
+    is written (``common.config.run_folder``); the run name defaults to
+    Flower's run id."""
+    return run_folder(plan.out_dir, plan.run_name or f"run-{context.run_id}")
 
 
 def _site_names(grid: Grid) -> dict[int, str]:
