@@ -85,6 +85,7 @@ def audit_finish(run_dir: Path) -> str:
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    from common.config import run_folder
     from server.reporting.metrics_log import read_metrics, read_start, summary_table
     from sim.runner import simulate
 
@@ -98,15 +99,17 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.resume:
         overrides["resume"] = True
     name = args.run_name or time.strftime("sim-%Y%m%d-%H%M%S")
+    # before anything is written: a name that is a path never becomes a folder
+    # (the operator's own --out-dir may climb with '..': it is resolved first)
+    out_dir = Path(args.out_dir).expanduser().resolve()
+    run_folder(out_dir, name, source="", keys=("--out-dir", "--run-name"))
     sim_sites = [Path(p) for p in args.sites.split(",") if p]
     if args.audit_canaries:  # canary patients at the first site (issue 21)
-        sim_sites = audit_prepare(
-            sim_sites, args.audit_canaries, Path(args.out_dir) / name
-        )
+        sim_sites = audit_prepare(sim_sites, args.audit_canaries, out_dir / name)
     run_dir = simulate(
         sim_sites,
         run_name=name,
-        out_dir=Path(args.out_dir),
+        out_dir=out_dir,
         overrides=overrides,
         flwr_home=Path(args.flwr_home) if args.flwr_home else None,
         cpus_per_site=args.cpus_per_site,
@@ -196,7 +199,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="comma-separated site YAMLs (default: the three example sites)",
     )
     p.add_argument("--rounds", type=int, default=None)
-    p.add_argument("--run-name", default=None)
+    p.add_argument(
+        "--run-name",
+        default=None,
+        help="the run's folder under --out-dir: letters, digits, '_', '.', '-' "
+        "(default: sim-<date>-<time>)",
+    )
     p.add_argument("--out-dir", default=str(PROJECT_DIR / "runs"))
     p.add_argument(
         "--set",

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from common.config import ConfigError, load_plan, load_site_config
+from common.config import ConfigError, load_plan, load_site_config, run_folder
 from sim.runner import default_plan
 
 
@@ -141,3 +141,59 @@ def test_plan_defaults_are_the_pyproject_plan_key_for_key():
     }
     assert not differ, f"pyproject value vs Plan default: {differ}"
     assert load_plan(section) == default
+
+
+BAD_RUN_NAMES = [
+    "..",
+    ".",
+    "../escape",
+    "a/b",
+    "a\\b",
+    "/etc",
+    "/tmp/x",
+    "~root",
+    "a\x00b",
+    "a\nb",
+    "-flag",
+    "x" * 101,
+    "run name",
+    "\u202erun",
+]
+
+
+@pytest.mark.parametrize("name", BAD_RUN_NAMES)
+def test_a_run_name_that_is_a_path_is_refused(name, tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_plan({"run-name": name})
+    msg = str(err.value)
+    assert "run-name" in msg and "letters, digits" in msg  # the key and the fix
+    assert "\x00" not in msg and len(msg) < 400  # the bad name is shown cut
+    with pytest.raises(ConfigError, match="run-name"):
+        run_folder(tmp_path / "runs", name)
+    assert not (tmp_path / "runs").exists()  # nothing written
+
+
+@pytest.mark.parametrize("name", ["a", "kidney-2026-05", "run.1_b", "x" * 100, "a.."])
+def test_honest_run_names_are_one_folder_under_out_dir(name, tmp_path):
+    assert load_plan({"run-name": name}).run_name == name
+    assert run_folder(tmp_path, name) == tmp_path.resolve() / name
+    assert load_plan({"run-name": ""}).run_name == ""  # the coordinator names it
+
+
+@pytest.mark.parametrize("out", ["", "  ", "runs/../..", "../runs", "a\x00b", "r\n"])
+def test_an_out_dir_that_climbs_or_hides_is_refused(out):
+    with pytest.raises(ConfigError) as err:
+        load_plan({"out-dir": out})
+    assert "out-dir" in str(err.value) and "give a folder" in str(err.value)
+    with pytest.raises(ConfigError, match="out-dir"):
+        load_plan({"out-dir": "x" * 1025})
+
+
+def test_a_run_folder_linked_outside_out_dir_is_refused(tmp_path):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "runs" / "linked").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ConfigError) as err:
+        run_folder(tmp_path / "runs", "linked")
+    assert "outside out-dir" in str(err.value) and "another run-name" in str(err.value)
+    assert load_plan({"out-dir": str(tmp_path / "runs"), "run-name": "linked"})
