@@ -49,20 +49,19 @@ def safe_entry(entry: Any) -> dict[str, Any] | None:
     if isinstance(rnd, bool) or not isinstance(rnd, int) or not 0 <= rnd <= 2**31:
         return None
     out = safe_record(entry)
-    for part in _PER_SITE:
+    for part in set(out) & set(_PER_SITE):
         out[part] = {
             site: {k: v for k, v in m.items() if _is_number(v)}
-            for site, m in _mapping(out.get(part)).items()
+            for site, m in _mapping(out[part]).items()
             if isinstance(m, dict)
         }
-    for part in _SITE_TEXT:
+    for part in set(out) & set(_SITE_TEXT):
         out[part] = {
             site: why if isinstance(why, str) else safe_text(why)
-            for site, why in _mapping(out.get(part)).items()
+            for site, why in _mapping(out[part]).items()
         }
-    for part in (*_SITE_NUMBER, *_KEY_NUMBER):
-        if part in out:
-            out[part] = {k: v for k, v in _mapping(out[part]).items() if _is_number(v)}
+    for part in set(out) & {*_SITE_NUMBER, *_KEY_NUMBER}:
+        out[part] = {k: v for k, v in _mapping(out[part]).items() if _is_number(v)}
     if "capped" in out:
         capped = out["capped"]
         out["capped"] = (
@@ -227,7 +226,7 @@ def round_line(entry: dict[str, Any]) -> str:
     if any(c in sp for c in cols):
         parts.append("best-worst " + "/".join(_fmt(sp.get(c), 5).strip() for c in cols))
     start = entry["round"] == 0  # nothing trained yet: no epsilon, no aggregate
-    sites = sorted(entry["evaluate"].items())
+    sites = sorted(entry.get("evaluate", {}).items())
     for site, m in sites[:MAX_SITES_SHOWN]:
         eps = entry.get("epsilon", {}).get(site)
         eps_txt = f" eps={_fmt(eps, 0, 2)}" if eps is not None else " eps=off"
@@ -270,11 +269,11 @@ def summary_table(
     head += f"{'val cases':>10}{'epsilon':>9}{'delta':>9}"
     what = "the starting model" if begin else "first round"
     lines = [f"Summary after round {last['round']} ({what} in brackets)", head]
-    sites = sorted(set(last["evaluate"]) | set(last["train"]))
+    sites = sorted(set(last.get("evaluate", {})) | set(last.get("train", {})))
     for site in sites[:MAX_SITES_SHOWN]:
-        m = last["evaluate"].get(site, {})
-        m0 = first["evaluate"].get(site, {})
-        t = last["train"].get(site, {})
+        m = last.get("evaluate", {}).get(site, {})
+        m0 = first.get("evaluate", {}).get(site, {})
+        t = last.get("train", {}).get(site, {})
         row = f"{site:<16}"
         for c in cols:
             row += f"{_fmt(m.get(c), 6)} ({_fmt(m0.get(c), 5).strip()})".rjust(14)
