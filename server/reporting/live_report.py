@@ -84,9 +84,12 @@ def _work(run_dir: Path, draw: Callable[[], Any], state: dict[str, Any]) -> None
     with _lock:
         state["done"], state["error"] = True, error
         if error is None:  # drawn, on time or late: no note says otherwise
-            note_report(run_dir, None)
             if state["late"]:
                 log.info("the report of %s was drawn after all", run_dir.name)
+            try:
+                note_report(run_dir, None)
+            except OSError:
+                log.warning("could not clear the note in status.json", exc_info=True)
 
 
 def _not_drawn(run_dir: Path, why: str, error: Exception | None) -> None:
