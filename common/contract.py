@@ -460,15 +460,11 @@ def capped_shares(weights: Sequence[float], cap: float) -> list[float]:
         raise ValueError(f"cap must be in (0, 1], got {cap}")
     if not all(math.isfinite(x) and x >= 0 for x in w) or max(w) <= 0:
         raise ValueError("weights must be finite, >= 0 and not all 0")
-    total = sum(w)
-    if not math.isfinite(total):  # e.g. two claims of 1e308: scale first
-        top = max(w)
-        w = [x / top for x in w]
-        total = sum(w)
-    shares = [x / total for x in w]
+    everyone = list(range(len(w)))
+    shares = [_proportional(w, everyone)[i] for i in everyone]
     if max(shares) <= cap:
         return shares
-    positive = [i for i, x in enumerate(w) if x > 0]
+    positive = [i for i in everyone if w[i] > 0]
     if cap * len(positive) <= 1.0:
         even = 1.0 / len(positive)
         return [even if x > 0 else 0.0 for x in w]
@@ -476,9 +472,22 @@ def capped_shares(weights: Sequence[float], cap: float) -> list[float]:
     while True:
         free = [i for i in positive if i not in capped]
         mass = 1.0 - cap * len(capped)
-        free_total = sum(w[i] for i in free)
-        new = {i: mass * w[i] / free_total for i in free}
+        part = _proportional(w, free)
+        new = {i: mass * part[i] for i in free}
         over = {i for i in free if new[i] > cap}
         if not over:  # cap * k > 1: some weight always stays under the cap
-            return [cap if i in capped else new.get(i, 0.0) for i in range(len(w))]
+            return [cap if i in capped else new.get(i, 0.0) for i in everyone]
         capped |= over
+
+
+def _proportional(w: list[float], among: list[int]) -> dict[int, float]:
+    """``w_i / sum(w)`` over the indices ``among``; when the sum overflows
+    (two claims of 1e308), the weights are divided by the largest first, so no
+    share becomes 0 or NaN for the overflow's sake."""
+    total = sum(w[i] for i in among)
+    if math.isfinite(total):
+        return {i: w[i] / total for i in among}  # Flower's factors, exactly
+    top = max(w[i] for i in among)
+    scaled = {i: w[i] / top for i in among}
+    total = sum(scaled.values())
+    return {i: x / total for i, x in scaled.items()}

@@ -313,3 +313,52 @@ def write_run(tmp: Path, rounds: int = 3, **kw: bool) -> Path:
     plan["class-names"] = ["benign", "malignant"]  # the classification task's key
     (run / "plan.json").write_text(json.dumps(plan))
     return run
+
+
+# -- hostile sites (issue 32) ---------------------------------------------------------
+
+
+def eval_reply(node: int, site: str, metrics: dict, **site_keys: str) -> Message:
+    """An evaluate reply of ``site`` carrying ``metrics`` (and ``site_keys`` in
+    its site record, e.g. a refusal's code and reason)."""
+    return fake_reply(
+        node,
+        RecordDict(
+            {
+                wire.METRICS: MetricRecord(metrics),
+                wire.SITE: ConfigRecord({wire.SITE_NAME: site, **site_keys}),
+            }
+        ),
+    )
+
+
+def raw_reply(node: int, records: dict[str, object]) -> Message:
+    """A reply from ``node`` holding exactly ``records``, unchecked: any value,
+    a record or not, as a hostile site's own code could put on the wire.
+
+    Flower's ``RecordDict`` refuses what is not a record; this fills its
+    storage directly, so the coordinator's own checks are what is tested.
+    """
+    content = RecordDict({})
+    content._data.update(records)  # noqa: SLF001 - what a hostile site can send
+    return fake_reply(node, content)
+
+
+class NodeGrid:
+    """A grid of the given nodes, each answering with its reply given in
+    advance (``replies``: node -> reply; a node without one stays silent)."""
+
+    def __init__(self, nodes: list[int], replies: dict | None = None) -> None:
+        self.nodes = list(nodes)
+        self.replies = dict(replies or {})
+
+    def get_node_ids(self) -> list[int]:
+        """The grid's node ids."""
+        return list(self.nodes)
+
+    def send_and_receive(
+        self, messages: list[Message], timeout: float | None = None
+    ) -> list[Message]:
+        """The prepared reply of every node a message goes to."""
+        dst = [m.metadata.dst_node_id for m in messages]
+        return [self.replies[n] for n in dst if n in self.replies]

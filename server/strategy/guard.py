@@ -26,10 +26,11 @@ from dataclasses import dataclass
 from flwr.app import Array, ArrayRecord, Message
 
 from common import wire
+from common.contract import safe_text
 from server.reporting.round_record import RoundRecord
 from server.strategy.influence import LocalTraining, norm_outliers
 from server.strategy.replies import part
-from server.strategy.reply_filter import Candidate
+from server.strategy.reply_filter import MAX_REASON, Candidate
 from server.strategy.updates import (
     check_update,
     model_scale,
@@ -109,6 +110,8 @@ class UpdateGuard:
 
     @staticmethod
     def _reject(rec: RoundRecord, site: str, why: str) -> None:
+        # array names in a reason are the site's own text: escaped and bounded
+        why = safe_text(why, MAX_REASON)
         rec.rejected[site] = why
         log.warning("update from %s rejected in round %d: %s", site, rec.round, why)
 

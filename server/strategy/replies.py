@@ -94,7 +94,10 @@ def _array_problem(key: str, arr: Array) -> list[str]:
         or math.prod(shape) > MAX_ELEMENTS
     ):
         return [f"array {name} has a negative or oversized shape"]
-    view = wire.array_view(arr)
+    try:
+        view = wire.array_view(arr)
+    except (ValueError, TypeError, EOFError, OverflowError):
+        return [f"array {name}: its bytes are not a numpy array"]
     if view.shape != tuple(shape) or str(view.dtype) != str(arr.dtype):
         return [f"array {name}: its bytes do not hold its shape and dtype"]
     return []

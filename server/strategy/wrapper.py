@@ -261,6 +261,9 @@ class SiteAwareStrategy(Strategy):
             )
             return None, metrics
         if self._sent is not None:
+            if set(arrays.keys()) != set(self._sent.keys()):
+                why = "the aggregate's array keys differ from the global model's"
+                return self._fail(rec, why, snapshot)
             arrays = cast_like(self._sent, arrays)
         within = type(self.inner) in _WITHIN_UPDATES
         norms = [rec.update_norms[site] for site, _ in accepted] if within else None

@@ -10,6 +10,8 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import FedAvg
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from common import wire
 from common.config import Plan
@@ -44,6 +46,45 @@ def test_capped_shares_hand_computed(weights, cap, want):
 def test_capped_shares_are_flowers_factors_where_the_cap_does_not_bind():
     weights = [2.0, 3.0, 4.0]  # largest share 4/9 < 0.5
     assert capped_shares(weights, 0.5) == [w / 9.0 for w in weights]  # exact
+
+
+WEIGHTS = st.one_of(
+    st.floats(min_value=0.0, max_value=1e308),  # overflow, subnormals, zeros
+    st.integers(min_value=1, max_value=10_000_000).map(float),  # case counts
+    st.sampled_from([1e308, 1.7e308, 5e-324, 160.0, 1.0]),
+)
+
+
+@settings(max_examples=1000, derandomize=True, database=None, deadline=None)
+@given(
+    weights=st.lists(WEIGHTS, min_size=1, max_size=40).filter(lambda w: max(w) > 0),
+    cap=st.one_of(st.floats(min_value=1e-6, max_value=1.0), st.just(1.0)),
+)
+def test_capped_shares_hold_for_any_weights(weights, cap):
+    shares = capped_shares(weights, cap)
+    k = sum(w > 0 for w in weights)
+    assert len(shares) == len(weights)
+    assert all(math.isfinite(x) and x >= 0 for x in shares)
+    assert abs(math.fsum(shares) - 1.0) <= 1e-9
+    assert max(shares) <= max(cap, 1.0 / k) + 1e-12
+    assert all(x == 0 for x, w in zip(shares, weights, strict=True) if w == 0)
+    total = sum(weights)
+    if math.isfinite(total) and max(w / total for w in weights) <= cap:
+        # Flower's FedAvg factors (aggregate_arrayrecords), bit for bit
+        assert shares == [w / total for w in weights]
+
+
+@pytest.mark.parametrize(
+    "weights, cap", [([], 0.5), ([1.0, -1.0], 0.5), ([0.0], 0.5), ([1.0], 0.0)]
+)
+def test_capped_shares_refuse_what_is_not_a_weight(weights, cap):
+    if not weights:
+        assert capped_shares(weights, cap) == []
+        return
+    with pytest.raises(ValueError):
+        capped_shares(weights, cap)
+    with pytest.raises(ValueError):
+        capped_shares([1.0, math.nan], 0.5)
 
 
 # -- the cap in the aggregate ------------------------------------------------------
