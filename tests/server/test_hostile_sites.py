@@ -312,31 +312,40 @@ def _mutations(train: bool) -> st.SearchStrategy:
     count_keys = [wire.NUM_EXAMPLES, wire.NUM_VAL_CASES]
     if not train:
         count_keys += ["cases-kidney", "cases-no-kidney", "cm-normal-stone"]
-    muts = [
-        st.tuples(st.sampled_from(count_keys), NUMBERS).map(
+    kinds = {
+        "count": st.tuples(st.sampled_from(count_keys), NUMBERS).map(
             lambda kv: functools.partial(set_count, key=kv[0], value=kv[1], train=train)
         ),
-        st.integers(100, 10_000).map(lambda n: functools.partial(many_keys, n=n)),
-        st.tuples(  # keys off the list: odd, or over 128 characters
+        # a lie within the bounds: used, and held to the cap
+        "claim": st.integers(1, MAX).map(
+            lambda n: functools.partial(
+                set_count, key=wire.NUM_EXAMPLES, value=n, train=train
+            )
+        ),
+        "many": st.integers(100, 10_000).map(
+            lambda n: functools.partial(many_keys, n=n)
+        ),
+        "odd-key": st.tuples(  # keys off the list: odd, or over 128 characters
             st.one_of(
                 ODD_TEXT.map("zz-{}".format), st.text(min_size=129, max_size=400)
             ),
             st.one_of(NUMBERS, st.lists(st.floats(), max_size=4)),
         ).map(lambda kv: functools.partial(metric, key=kv[0], value=kv[1])),
-        st.tuples(
+        "odd-value": st.tuples(
             st.sampled_from(
                 [wire.REFUSED, wire.DP_ENABLED, wire.EPSILON, "dice-kidney"]
                 + [wire.METRICS_WITHHELD, "accuracy", wire.TRAIN_LOSS]
             ),
             st.sampled_from([2, -1, 0.5, math.nan, -math.inf, 7.0, "text", [1.0]]),
         ).map(lambda kv: functools.partial(metric, key=kv[0], value=kv[1])),
-        st.one_of(
+        "name": st.one_of(
             ODD_TEXT, st.sampled_from(HONEST), st.integers(), st.just(b"\x1b")
         ).map(lambda name: functools.partial(set_name, name=name)),
-        st.tuples(
-            st.one_of(st.sampled_from(sorted(wire.REFUSAL_CODES)), ODD_TEXT), ODD_TEXT
+        "refuse": st.tuples(
+            st.sampled_from(sorted(wire.REFUSAL_CODES) + ["evil\x1b[2J", "", "x"]),
+            st.one_of(st.sampled_from(sorted(wire.REFUSAL_CODES.values())), ODD_TEXT),
         ).map(lambda cr: functools.partial(refuse, code=cr[0], reason=cr[1])),
-        st.sampled_from(
+        "record": st.sampled_from(
             [
                 ("arrays2", fake_arrays(1.0)),
                 ("extra", MetricRecord({"x": 1.0})),
@@ -349,16 +358,20 @@ def _mutations(train: bool) -> st.SearchStrategy:
                 (wire.SITE, "alpha"),
             ]
         ).map(lambda nv: functools.partial(set_record, name=nv[0], value=nv[1])),
-        st.sampled_from(
+        "drop": st.sampled_from(
             [wire.METRICS, wire.SITE] + ([wire.ARRAYS] if train else [])
         ).map(lambda n: functools.partial(drop_record, name=n)),
-        ODD_TEXT.map(lambda r: functools.partial(set_error, reason=r)),
-    ]
-    if train:
-        muts.append(st.sampled_from(ARRAY_KINDS).map(lambda k: ("arrays", k)))
-    else:
-        muts.append(st.just(functools.partial(set_arrays, arrays=fake_arrays(1.0))))
-    return st.one_of(muts)
+        "error": ODD_TEXT.map(lambda r: functools.partial(set_error, reason=r)),
+        "arrays": (
+            st.sampled_from(ARRAY_KINDS).map(lambda k: ("arrays", k))
+            if train
+            else st.just(functools.partial(set_arrays, arrays=fake_arrays(1.0)))
+        ),
+    }
+    # how often each kind is drawn (hypothesis' one_of leans to some branches)
+    weights = {"arrays": 4, "count": 2, "refuse": 2, "claim": 2}
+    drawn = [k for k in kinds for _ in range(weights.get(k, 1))]
+    return st.sampled_from(drawn).flatmap(kinds.__getitem__)
 
 
 def _late(mut: object) -> int:
@@ -462,6 +475,7 @@ def test_no_generated_reply_breaks_a_round(tmp_path, monkeypatch):
     )
     state = {"round": 0, "g": 0.0, "replies": 0, "aggregated": 0, "rejected": 0}
     raised: Counter[str] = Counter()  # rejections for an exception while read
+    reached: Counter[str] = Counter()  # what became of the hostile replies
     started = time.monotonic()
 
     @SETTINGS
@@ -516,6 +530,7 @@ def test_no_generated_reply_breaks_a_round(tmp_path, monkeypatch):
         state["replies"] += len(train) + len(evaluate)
         state["aggregated"] += int(rec.aggregated)
         state["rejected"] += len(rec.rejected)
+        reached.update(_outcomes(rec, train))
         raised.update(w for w in rec.rejected.values() if "could not be read" in w)
         raised.update(
             [f"aggregate failed: {rec.aggregate_failed}"] * bool(rec.aggregate_failed)
@@ -530,7 +545,33 @@ def test_no_generated_reply_breaks_a_round(tmp_path, monkeypatch):
     )
     assert state["replies"] >= 1000 or N_ROUNDS < 150
     assert state["aggregated"] > N_ROUNDS // 4  # honest rounds still aggregate
+    # the generator reaches every outcome, not only the first check
+    print(dict(reached))
+    assert set(reached) == {"used", "refused", "contract", "guard", "failed", "twice"}
     assert len(read_metrics(run_dir)) == state["round"]
+
+
+def _outcomes(rec, train: list[Parts]) -> list[str]:
+    """What became of each hostile train reply (honest ones are ``h``-less)."""
+    out = []
+    for p in train:
+        if p.node < 10:
+            continue
+        name = p.name()
+        why = rec.rejected.get(name, "")
+        if name in rec.train:
+            out.append("used")
+        elif name in rec.refused:
+            out.append("refused")
+        elif name in rec.failed:
+            out.append("failed")
+        elif "more than one reply" in why:
+            out.append("twice")
+        elif why.startswith("breaks the reply contract") or "could not" in why:
+            out.append("contract")
+        elif why:
+            out.append("guard")
+    return out
 
 
 def _arrays_of(msg: Message) -> dict | None:
