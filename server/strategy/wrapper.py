@@ -287,6 +287,9 @@ class SiteAwareStrategy(Strategy):
         except Exception as exc:  # noqa: BLE001 - find the reply that raised
             name = type(exc).__name__
             log.error("round %d: the guard's pass failed (%s)", rec.round, name)
+        for site, _, _ in candidates:  # whatever the failed pass wrote
+            rec.train.pop(site, None)
+            rec.update_norms.pop(site, None)
         usable = []
         for site, msg, metrics in candidates:
             try:

@@ -933,3 +933,31 @@ def test_the_fine_tune_round_rejects_what_a_round_would():
     out = collect_fine_tune(replies, RoundSites().site_of, ReplyRules())
     assert set(out["sites"]) == {"a"}
     assert set(out["rejected"]) == {"b", "c"}
+
+
+def test_an_update_that_breaks_the_guards_joint_pass_is_found_and_rejected(
+    monkeypatch,
+):
+    import server.strategy.guard as guard
+
+    real = guard.scan_updates
+
+    def scan(reference, updates, factors=None):
+        # an update the checks passed but numpy cannot read (a stand-in for
+        # whatever the next numpy release raises on)
+        if any(u is not None and float(u["b"].numpy()[0]) == 13.0 for u in updates):
+            raise OverflowError("stand-in")
+        return real(reference, updates, factors)
+
+    monkeypatch.setattr(guard, "scan_updates", scan)
+    s = _wrapper()
+    replies = [
+        train_reply(1, "a", 2.0, 10),
+        train_reply(2, "odd", 13.0, 10),
+        train_reply(3, "b", 4.0, 10),
+    ]
+    arrays, _ = s.aggregate_train(1, replies)
+    rec = s._current
+    assert rec.rejected == {"odd": "update could not be read (OverflowError)"}
+    assert set(rec.train) == {"a", "b"} and rec.aggregated
+    assert np.allclose(arrays["w"].numpy(), 3.0)
