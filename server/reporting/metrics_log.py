@@ -105,7 +105,7 @@ def round_entry(rec: RoundRecord) -> dict[str, Any]:
     """The ``metrics.jsonl`` line for a round: per site, weighted mean, and the
     best-worst site spread of every evaluation metric."""
     entry = asdict(rec)
-    entry["weighted"] = weighted_eval_means(rec.evaluate)
+    entry["weighted"] = rec.eval_means()  # capped as the strategy's means are
     entry["spread"] = site_spread(rec.evaluate)
     entry["epsilon"] = {
         s: m.get(wire.EPSILON) for s, m in rec.train.items() if m.get(wire.DP_ENABLED)
