@@ -13,7 +13,7 @@ from typing import Any
 from common import wire
 from common.atomic import atomic_write_json
 from common.metrics import KITS_REGIONS
-from server.reporting.round_record import RoundRecord, weighted_eval_means
+from server.reporting.round_record import RoundRecord
 from server.reporting.text import safe_record, safe_text
 
 METRICS_FILE = "metrics.jsonl"
