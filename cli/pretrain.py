@@ -55,6 +55,7 @@ def pretrain(
     FileExistsError
         If ``out_dir`` already holds a checkpoint (nothing is overwritten).
     """
+    from cli.progress import StepProgress
     from client.privacy.accounting import poisson_schedule
     from client.tasks.registry import get_task
     from client.train import local_train, select_device
@@ -87,19 +88,22 @@ def pretrain(
     _, per_epoch = poisson_schedule(data.n_train, plan.batch_size)
     data.train.set_seed(plan.seed)
     started = time.perf_counter()
-    stats = local_train(
-        model,
-        data.train,
-        task.loss(plan),
-        epochs=-(-steps // per_epoch),
-        batch_size=plan.batch_size,
-        learning_rate=plan.learning_rate,
-        optimizer=plan.optimizer,
-        device=device,
-        seed=plan.seed,
-        max_steps=steps,
-        multiplicity=plan.augmentation_multiplicity,
-    )
+    what = f"pretraining {plan.model} on {data.n_train} cases ({device.type})"
+    with StepProgress(steps, what) as progress:
+        stats = local_train(
+            model,
+            data.train,
+            task.loss(plan),
+            epochs=-(-steps // per_epoch),
+            batch_size=plan.batch_size,
+            learning_rate=plan.learning_rate,
+            optimizer=plan.optimizer,
+            device=device,
+            seed=plan.seed,
+            max_steps=steps,
+            multiplicity=plan.augmentation_multiplicity,
+            on_step=progress,
+        )
     metrics = task.evaluate(model, data, plan, device) if data.n_val else {}
     state = OrderedDict((k, v.detach().cpu()) for k, v in model.state_dict().items())
     sidecar = {

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -103,6 +103,7 @@ def local_train(
     max_steps: int | None = None,
     multiplicity: int = 1,
     trainable: str = "all",
+    on_step: Callable[[int, float], None] | None = None,
 ) -> TrainStats:
     """Train ``model`` in place for ``epochs`` epochs; returns aggregate stats.
 
@@ -128,6 +129,10 @@ def local_train(
     trainable : str
         ``all``, ``biases`` or ``norms-biases`` (:func:`trainable_names`): the
         others are frozen for this call (no gradient, no noise, unchanged).
+    on_step : callable, optional
+        Called after every optimiser step with the steps taken so far and that
+        step's loss (NaN for an empty Poisson batch): a progress display. It
+        sees nothing per patient.
     """
     torch.manual_seed(seed)
     model.to(device).train()
@@ -161,6 +166,7 @@ def local_train(
                 proximal_mu,
                 max_steps,
                 multiplicity,
+                on_step,
             )
         finally:
             if net is not model:
@@ -226,6 +232,7 @@ def _epochs(
     mu: float = 0.0,
     max_steps: int | None = None,
     multiplicity: int = 1,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> tuple[float, int, int]:
     # With ``max_steps`` the loop runs exactly that many optimiser steps, the
     # steps the ledger recorded before training: Opacus' Poisson sampler runs
@@ -240,6 +247,7 @@ def _epochs(
             if max_steps is not None and steps >= max_steps:
                 return total, batches, steps
             opt.zero_grad(set_to_none=True)
+            step_loss = math.nan
             if images.shape[0] == 0:
                 _empty_step(model)
             else:
@@ -249,10 +257,13 @@ def _epochs(
                 loss.backward()
                 if multiplicity > 1 and isinstance(opt, DPOptimizer):
                     _average_per_patient(model, multiplicity)
-                total += float(loss.detach())
+                step_loss = float(loss.detach())
+                total += step_loss
                 batches += 1
             _step(opt, prox or [], mu)
             steps += 1
+            if on_step is not None:
+                on_step(steps, step_loss)
         if steps == before:  # an empty loader: nothing more will run
             break
     return total, batches, steps
