@@ -1,10 +1,10 @@
 """Progress of a long step loop (pretraining): what it will take, and where it is.
 
 On a terminal a live line shows the steps, the rate, the time left and the
-current loss (rich, which comes with flwr); everywhere, plain log lines say
-the same at the start, once the first steps give a rate (the expected time),
-every ``every_s`` seconds and at the end, so a log file or CI output shows
-progress too.
+current loss (rich, which comes with flwr), with the start, the expected time
+and the end printed above it. Anywhere else (a pipe, a log file, CI) plain log
+lines say the same at the start, once the first steps give a rate (the
+expected time), every ``every_s`` seconds and at the end.
 """
 
 from __future__ import annotations
@@ -71,25 +71,31 @@ class StepProgress:
         self.warm_at: tuple[int, float] | None = None
         self.loss = math.nan
 
+    def _say(self, text: str) -> None:
+        """A line above the live bar on a terminal; a log line elsewhere."""
+        if self._bar is not None:
+            self._bar.console.print(text, markup=False, highlight=False)
+        else:
+            log.info("%s", text)
+
     def __enter__(self) -> StepProgress:
         self.start = self.last_line = self.clock()
-        log.info(
-            "%s: %d steps; the expected time follows the first steps",
-            self.what,
-            self.total,
-        )
         if self.live:
             self._bar = _rich_bar(self.out)
             if self._bar is not None:
                 self._bar.start()
                 self._task = self._bar.add_task(self.what, total=self.total, loss="-")
+        self._say(
+            f"{self.what}: {self.total} steps; the expected time follows the "
+            "first steps"
+        )
         return self
 
     def __exit__(self, *exc: object) -> None:
+        done = "stopped" if exc[0] is not None else "done"
+        self._say(f"{self.what}: {done} in {duration(self.clock() - self.start)}")
         if self._bar is not None:
             self._bar.stop()
-        done = "stopped" if exc[0] is not None else "done"
-        log.info("%s: %s in %s", self.what, done, duration(self.clock() - self.start))
 
     def rate(self, steps: int, now: float) -> float:
         """Steps per second since the warm-up steps (or since the start)."""
@@ -106,16 +112,13 @@ class StepProgress:
         if steps == self.warm_steps and self.warm_at is None:
             self.warm_at = (steps, now)
             per_step = (now - self.start) / steps
-            log.info(
-                "%s: about %s in all (%.2f s a step over the first %d)",
-                self.what,
-                duration(per_step * self.total),
-                per_step,
-                steps,
+            self._say(
+                f"{self.what}: about {duration(per_step * self.total)} in all "
+                f"({per_step:.2f} s a step over the first {steps})"
             )
-        if self._bar is not None:
+        if self._bar is not None:  # the bar shows where it is
             self._bar.update(self._task, completed=steps, loss=f"{self.loss:.4f}")
-        if steps >= self.total or now - self.last_line >= self.every_s:
+        elif steps >= self.total or now - self.last_line >= self.every_s:
             self.last_line = now
             log.info("%s", self.line(steps, now))
 
