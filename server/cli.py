@@ -12,7 +12,7 @@ def _status(args: argparse.Namespace) -> int:
     from server.reporting.metrics_log import (
         read_metrics,
         read_start,
-        round_line,
+        round_lines,
         summary_table,
     )
     from server.reporting.status import progress_text, read_status, status_line
@@ -25,8 +25,8 @@ def _status(args: argparse.Namespace) -> int:
     status, entries = read_status(run_dir), read_metrics(run_dir)
     print(f"run {run_dir.name}: {status_line(status)}")
     start = read_start(run_dir)
-    for e in [start] * (start is not None) + entries:
-        print(round_line(e))
+    for line in round_lines(entries, start):
+        print(line)
     progress = progress_text(status)
     if progress:
         print(progress)
@@ -43,7 +43,7 @@ def _report(args: argparse.Namespace) -> int:
     from server.reporting.metrics_log import (
         read_metrics,
         read_start,
-        round_line,
+        round_lines,
         summary_table,
     )
 
@@ -51,8 +51,8 @@ def _report(args: argparse.Namespace) -> int:
     if not entries:
         raise FileNotFoundError(f"{args.run_dir}: no metrics.jsonl with rounds")
     start = read_start(Path(args.run_dir))
-    for e in [start] * (start is not None) + entries:
-        print(round_line(e))
+    for line in round_lines(entries, start):
+        print(line)
     print()
     print(summary_table(entries, start))
     samples = None if args.no_samples else args.samples

@@ -25,7 +25,12 @@ import threading
 from pathlib import Path
 from typing import IO, Any
 
-from server.reporting.metrics_log import read_metrics, read_start, round_line
+from server.reporting.metrics_log import (
+    last_known_privacy,
+    read_metrics,
+    read_start,
+    round_line,
+)
 from server.reporting.status import progress_text, read_status
 from server.reporting.text import safe_text
 
@@ -184,9 +189,10 @@ class RunConsole:
             self._start_seen = True  # the pretrained start, before round 1
             if not self.verbose:
                 self.say(round_line(start))
-        for entry in entries[self._rounds_seen :]:
+        for i in range(self._rounds_seen, len(entries)):
             if not self.verbose:  # verbose: the coordinator's own line is shown
-                self.say(round_line(entry))
+                # a site silent this round shows the epsilon it last reported
+                self.say(round_line(entries[i], last_known_privacy(entries[:i])))
         self._rounds_seen = max(self._rounds_seen, len(entries))
         if self._live is not None:
             self._live.update(progress_text(read_status(self.run_dir)))

@@ -41,7 +41,7 @@ from server.reporting.figures import (
     report_figures,
     score_keys,
 )
-from server.reporting.metrics_log import read_metrics
+from server.reporting.metrics_log import last_known_privacy, read_metrics, site_privacy
 from server.reporting.status import LIVE_STATES, REPORT_NOTE, read_status, status_line
 
 log = logging.getLogger("kidneyfl.server")
@@ -107,14 +107,20 @@ def _final_table(entries: list[dict[str, Any]], keys: list[str]) -> str:
     last = entries[-1]
     head = ["site", *keys, wire.EVAL_LOSS, "val cases", "epsilon", "delta"]
     rows = []
-    sites = sorted(set(last.get("evaluate", {})) | set(last.get("train", {})))
+    # a site silent in the last round shows the epsilon it last reported
+    known = last_known_privacy(entries[:-1])
+    sites = sorted(
+        set(last.get("evaluate", {})) | set(last.get("train", {})) | set(known)
+    )
     for site in sites:
         m = last.get("evaluate", {}).get(site, {})
-        t = last.get("train", {}).get(site, {})
-        eps = last.get("epsilon", {}).get(site)
+        p = site_privacy(last, site, known)
+        eps: Any = p.epsilon if p.dp and p.epsilon is not None else p.epsilon_text()
+        if p.note:
+            eps = f"{p.epsilon_text(3)} ({p.note_text()})"
         rows.append(
             [site, *(m.get(k) for k in keys), m.get(wire.EVAL_LOSS)]
-            + [m.get(wire.NUM_VAL_CASES), "off" if eps is None else eps, t.get("delta")]
+            + [m.get(wire.NUM_VAL_CASES), eps, p.delta]
         )
     w, sp = last.get("weighted", {}), last.get("spread", {})
     rows.append(["weighted mean", *(w.get(k) for k in keys), w.get(wire.EVAL_LOSS)])
@@ -154,8 +160,10 @@ _SECTIONS = [
     (
         "privacy",
         "Privacy",
-        "Cumulative epsilon per site at the site's own delta (Opacus RDP "
-        "accountant over the site's whole ledger).",
+        "Cumulative epsilon per site at the site's own delta, as each site "
+        "reported it: the PRV accountant (Opacus), computed by each site over its "
+        "whole ledger. A site without a reply in a round keeps the epsilon it "
+        "last reported.",
     ),
     ("spread", "Best-worst site spread", "Best minus worst site, per metric, round."),
     (

@@ -8,7 +8,7 @@ import os
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from common import wire
 from common.atomic import atomic_write_json
@@ -198,10 +198,113 @@ def read_start(run_dir: Path) -> dict[str, Any] | None:
     return entry if entry is not None and "evaluate" in entry else None
 
 
-def round_line(entry: dict[str, Any]) -> str:
+class SitePrivacy(NamedTuple):
+    """What is known of a site's privacy spend at some round.
+
+    ``dp`` is None when nothing is known (the site never answered a training
+    request in the rounds read); ``epsilon`` is the cumulative epsilon of the
+    site's last training reply (None with DP off or unknown); ``as_of`` is the
+    round of that reply; ``note`` is empty when the site answered training in
+    the round shown, else why it did not ("no reply", "refused", "rejected").
+    """
+
+    dp: bool | None
+    epsilon: float | None
+    delta: float | None
+    as_of: int | None
+    note: str = ""
+
+    def epsilon_text(self, digits: int = 2) -> str:
+        """``3.43``, ``off`` (the last reply said DP is off) or ``?`` (unknown)."""
+        if self.dp is None:
+            return "?"
+        if not self.dp:
+            return "off"
+        return (
+            _fmt(self.epsilon, 0, digits).strip() if self.epsilon is not None else "?"
+        )
+
+    def note_text(self) -> str:
+        """``no reply; as of round 2``: why the epsilon shown is an older one."""
+        if not self.note:
+            return ""
+        return self.note + (f"; as of round {self.as_of}" if self.as_of else "")
+
+
+def _replied(entry: dict[str, Any], site: str) -> SitePrivacy | None:
+    """The site's privacy from its training reply in ``entry``; None if it sent
+    none. A site is known by its train metrics or its epsilon (entries written
+    by hand or by older coordinators may carry only the latter)."""
+    eps = entry.get("epsilon", {})
+    train = entry.get("train", {})
+    if site not in train and site not in eps:
+        return None
+    t = train.get(site, {})
+    dp = site in eps or bool(t.get(wire.DP_ENABLED))
+    delta = t.get(wire.DELTA, 0.0) if t else None
+    return SitePrivacy(dp, eps.get(site) if dp else None, delta, entry["round"])
+
+
+def last_known_privacy(entries: list[dict[str, Any]]) -> dict[str, SitePrivacy]:
+    """Per site, its privacy as its latest training reply in ``entries`` said.
+
+    A site that fails or refuses a round keeps its budget spent so far: its
+    cumulative epsilon is the one it last reported, not "off" (it may be
+    higher, if the lost round trained before the reply was lost; the site's
+    own ledger has the exact figure).
+    """
+    known: dict[str, SitePrivacy] = {}
+    for e in filter(None, map(safe_entry, entries)):
+        for site in {*e.get("train", {}), *e.get("epsilon", {})}:
+            p = _replied(e, site)
+            if p is not None:
+                known[site] = p
+    return known
+
+
+def site_privacy(
+    entry: dict[str, Any], site: str, known: dict[str, SitePrivacy] | None = None
+) -> SitePrivacy:
+    """What the round ``entry`` shows of ``site``'s privacy: its reply's
+    epsilon, or, when it sent no training reply this round, the last one
+    ``known`` from earlier rounds with a note saying why (refused, rejected,
+    no reply). ``eps=off`` is never shown for a site whose DP is on."""
+    own = _replied(entry, site)
+    if own is not None:
+        return own
+    why = "no reply"
+    for kind in ("refused", "rejected"):
+        if site in entry.get(kind, {}):
+            why = kind
+    last = (known or {}).get(site)
+    if last is None:
+        return SitePrivacy(None, None, None, None, why)
+    return last._replace(note=why)
+
+
+def round_lines(
+    entries: list[dict[str, Any]], start: dict[str, Any] | None = None
+) -> list[str]:
+    """:func:`round_line` of the start (if any) and of every round, each with
+    what earlier rounds said of sites that did not answer it."""
+    lines = [round_line(start)] if start is not None else []
+    known: dict[str, SitePrivacy] = {}
+    for e in filter(None, map(safe_entry, entries)):
+        lines.append(round_line(e, known))
+        known = {**known, **last_known_privacy([e])}
+    return lines
+
+
+def round_line(
+    entry: dict[str, Any], known: dict[str, SitePrivacy] | None = None
+) -> str:
     """One line per round for the terminal: the task's headline metric per site
     (Dice, or balanced accuracy for classification) and epsilon per site; round
     0 is the starting model, before any training.
+
+    A site without a training reply this round shows the epsilon ``known``
+    from earlier rounds (:func:`last_known_privacy`) and why: ``eps=5.60 (no
+    reply; as of round 2)``, or ``eps=?`` when nothing is known.
 
     Every name and reason in it is :func:`~server.reporting.text.safe_text`
     (no escape codes, bounded); at most :data:`MAX_SITES_SHOWN` sites and as
@@ -228,9 +331,7 @@ def round_line(entry: dict[str, Any]) -> str:
     start = entry["round"] == 0  # nothing trained yet: no epsilon, no aggregate
     sites = sorted(entry.get("evaluate", {}).items())
     for site, m in sites[:MAX_SITES_SHOWN]:
-        eps = entry.get("epsilon", {}).get(site)
-        eps_txt = f" eps={_fmt(eps, 0, 2)}" if eps is not None else " eps=off"
-        eps_txt = "" if start else eps_txt
+        eps_txt = "" if start else _eps_text(site_privacy(entry, site, known))
         if m.get(wire.METRICS_WITHHELD):
             parts.append(f"{site}: metrics withheld (site choice){eps_txt}")
         elif _is_number(m.get(site_key)) and site_key in m:
@@ -244,13 +345,22 @@ def round_line(entry: dict[str, Any]) -> str:
         for kind in _SITE_TEXT
         for site, why in entry.get(kind, {}).items()
     ]
+    shown = {site for site, _ in sites[:MAX_SITES_SHOWN]}
     for site, kind, why in events[:MAX_SITES_SHOWN]:
-        parts.append(f"{site} {kind.upper()} ({safe_text(why, 80)})")
+        text = f"{site} {kind.upper()} ({safe_text(why, 80)})"
+        if site not in shown and not start and site in (known or {}):
+            text += _eps_text(site_privacy(entry, site, known))
+        parts.append(text)
     if len(events) > MAX_SITES_SHOWN:
         parts.append(f"+{len(events) - MAX_SITES_SHOWN} more refused/rejected/failed")
     if not entry.get("aggregated", True) and not start:
         parts.append("NOT AGGREGATED")
     return " | ".join(parts)
+
+
+def _eps_text(p: SitePrivacy) -> str:
+    note = p.note_text()
+    return f" eps={p.epsilon_text()}" + (f" ({note})" if note else "")
 
 
 def summary_table(
@@ -269,18 +379,24 @@ def summary_table(
     head += f"{'val cases':>10}{'epsilon':>9}{'delta':>9}"
     what = "the starting model" if begin else "first round"
     lines = [f"Summary after round {last['round']} ({what} in brackets)", head]
-    sites = sorted(set(last.get("evaluate", {})) | set(last.get("train", {})))
+    known = last_known_privacy(safe[:-1])
+    # a site that answered earlier but not the last round is still in the run
+    sites = sorted(
+        set(last.get("evaluate", {})) | set(last.get("train", {})) | set(known)
+    )
     for site in sites[:MAX_SITES_SHOWN]:
         m = last.get("evaluate", {}).get(site, {})
         m0 = first.get("evaluate", {}).get(site, {})
-        t = last.get("train", {}).get(site, {})
         row = f"{site:<16}"
         for c in cols:
             row += f"{_fmt(m.get(c), 6)} ({_fmt(m0.get(c), 5).strip()})".rjust(14)
-        eps = last.get("epsilon", {}).get(site)
+        p = site_privacy(last, site, known)
         row += _fmt(m.get(wire.NUM_VAL_CASES, 0), 10, 0)
-        row += f"{_fmt(eps, 9) if eps is not None else 'off'.rjust(9)}"
-        row += f"{t.get(wire.DELTA) or 0:>9.0e}" if t else "-".rjust(9)
+        eps = p.epsilon if p.dp and p.epsilon is not None else None
+        row += _fmt(eps, 9) if eps is not None else p.epsilon_text().rjust(9)
+        row += f"{p.delta or 0:>9.0e}" if p.delta is not None else "-".rjust(9)
+        if p.note:
+            row += f"  {p.note_text()}"
         lines.append(row)
     if len(sites) > MAX_SITES_SHOWN:
         lines.append(f"+{len(sites) - MAX_SITES_SHOWN} more sites in metrics.jsonl")

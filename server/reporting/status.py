@@ -209,14 +209,34 @@ def progress_text(status: dict[str, Any], now: float | None = None) -> str:
 
 
 def status_line(status: dict[str, Any]) -> str:
-    """One sentence: state, rounds, last update (``round 3 of 10, updated 12:04``)."""
+    """One sentence: state, rounds, last update.
+
+    The round in progress and the rounds completed are named apart (``round
+    4 of 10 in progress (training), 3 completed, updated 12:04``): during a
+    round, ``rounds_done`` is the round before it, and "round 3 of 10" alone
+    read as the round running. Between rounds, or once the run is over, the
+    last completed round is shown (``round 3 of 10, updated 12:04``), and a
+    live run says the next round has not started.
+    """
     if not status:
         return "no status.json: the run has not started"
     state = safe_text(status.get("state", "unknown"), 40)
     done = _int(status.get("rounds_done", 0))
     total = _int(status.get("rounds_total"))
-    rounds = f"round {done} of {total}" if total else f"{done} round(s) done"
-    text = f"{state}: {rounds}, updated {_clock(status.get('time'))}"
+    of_total = f" of {total}" if total else ""
+    live = status.get("state") in LIVE_STATES
+    updated = f"updated {_clock(status.get('time'))}"
+    if live and status.get("phase"):
+        phase = safe_text(status["phase"], 80)
+        text = (
+            f"{state}: round {done + 1}{of_total} in progress ({phase}), "
+            f"{done} completed, {updated}"
+        )
+    else:
+        rounds = f"round {done}{of_total}" if total else f"{done} round(s) done"
+        text = f"{state}: {rounds}, {updated}"
+        if live and (not total or done < total):
+            text += f"; round {done + 1} not started yet"
     if status.get("message"):
         text += f" ({safe_text(status['message'], MESSAGE_LIMIT)})"
     if status.get(REPORT_NOTE):

@@ -138,7 +138,7 @@ def test_status_command_prints_state_rounds_and_progress(tmp_path, capsys):
     status.asked("evaluate", 2)
     assert kidneyfl(["status", str(run)]) == 0
     out = capsys.readouterr().out
-    assert "run run: running: round 1 of 4, updated" in out
+    assert "run run: running: round 2 of 4 in progress (evaluating), 1 completed" in out
     assert "round   1 |" in out and "round 2 of 4: evaluating, 0 of 2" in out
     assert "Summary" not in out  # the run is not over
     status.update(state="finished", rounds_done=4, phase="")
