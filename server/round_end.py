@@ -30,7 +30,13 @@ from common.config import Plan
 from common.scans import SEEN_SCANS_KEY
 from server.checkpoint import INITIAL_KEY, MAX_EPSILON_SPENT_KEY, save_checkpoint
 from server.reporting.live_report import LiveReport
-from server.reporting.metrics_log import append_metrics, round_entry, round_line
+from server.reporting.metrics_log import (
+    append_metrics,
+    last_known_privacy,
+    read_metrics,
+    round_entry,
+    round_line,
+)
 from server.reporting.round_record import RoundRecord
 from server.reporting.status import RunStatus
 
@@ -124,6 +130,8 @@ class RoundEnd:
             server_state=self.server_state(),
             ema_state=None if ema is None else OrderedDict(ema),
         )
+        # what earlier rounds said of each site, for a site with no reply now
+        known = last_known_privacy(read_metrics(self.run_dir))
         append_metrics(self.run_dir, entry)
         self.status.round_done(rec.round)
         if rec.aggregate_failed:  # the checkpoint above is the last good model
@@ -131,7 +139,7 @@ class RoundEnd:
                 message=f"round {rec.round}: aggregate not kept "
                 f"({rec.aggregate_failed}); the global model is the last good one"
             )
-        log.info("%s", round_line(entry))
+        log.info("%s", round_line(entry, known))
         self.reports.request()
 
     def _sidecar(self, rec: RoundRecord, entry: dict[str, Any]) -> dict[str, Any]:
