@@ -193,7 +193,7 @@ def register_audit_privacy(ssub: argparse._SubParsersAction) -> None:
 def _approve(args: argparse.Namespace) -> int:
     from client.governance import approve
 
-    digest, new = approve(args.site_yaml, args.bundle)
+    digest, new = approve(args.site_yaml, args.bundle, sha256=args.sha256)
     state = "approved" if new else "already approved"
     print(f"sha256:{digest} {state} in {args.site_yaml}")
     return 0
@@ -241,7 +241,19 @@ def register_governance(ssub: argparse._SubParsersAction) -> None:
         allow_abbrev=False,
     )
     a.add_argument("site_yaml")
-    a.add_argument("bundle", help="the .fab file `flwr build` wrote, or its hash")
+    a.add_argument(
+        "bundle",
+        nargs="?",
+        default=None,
+        help="the .fab file `flwr build` wrote, or its hash",
+    )
+    a.add_argument(
+        "--sha256",
+        default=None,
+        metavar="HEX",
+        help="the hash the consortium published; with a bundle too, the bundle "
+        "must have this hash or nothing is approved",
+    )
     a.set_defaults(func=_approve)
     p = ssub.add_parser(
         "approvals", help="list the site's approved app bundles", allow_abbrev=False

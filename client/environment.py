@@ -1,5 +1,6 @@
 """The readiness check's environment part: device, disk, state directory,
-privacy ledger, the federation block and the coordinator's address and TLS.
+privacy ledger, bundle approval, the federation block and the coordinator's
+address and TLS.
 """
 
 from __future__ import annotations
@@ -86,6 +87,48 @@ def check_environment(site: SiteConfig, report: SiteCheck) -> None:
                     "setup-ledger", FATAL, str(state), str(exc), "restore the ledger"
                 )
             )
+
+
+def check_governance(site: SiteConfig, report: SiteCheck) -> None:
+    """Whether the site's gate would run any bundle at all.
+
+    Approval is on by default, and with it on and no hash approved the gate
+    refuses every bundle the coordinator sends: the site would connect, be
+    sampled and answer every round with a refusal. That is an ERROR here, so
+    ``site check`` does not say READY for a site that cannot train. Approval
+    switched off is allowed (development) but named, since the site then runs
+    whatever code the coordinator ships.
+    """
+    gov = site.governance
+    env = report.environment
+    env["require_approval"] = gov.require_approval
+    env["approved_apps"] = list(gov.approved_apps)
+    if not gov.require_approval:
+        report.findings.append(
+            Finding(
+                "approval-off",
+                WARN,
+                str(site.source),
+                "governance.require_approval is false: any app bundle the "
+                "coordinator sends will run here, reviewed or not",
+                "for a real federation remove `require_approval: false` and "
+                "approve the consortium's bundle",
+            )
+        )
+    elif not gov.approved_apps:
+        report.findings.append(
+            Finding(
+                "setup-approval",
+                FATAL,
+                str(site.source),
+                "governance.require_approval is on and governance.approved_apps is "
+                "empty: the site's gate will refuse every app bundle, so no round "
+                "can train here",
+                f"review the consortium's bundle and run `kidneyfl site approve "
+                f"{site.source} BUNDLE.fab`, or approve its published hash with "
+                f"`kidneyfl site approve {site.source} --sha256 HASH`",
+            )
+        )
 
 
 def check_node_command(site: SiteConfig, report: SiteCheck) -> None:

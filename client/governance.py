@@ -117,17 +117,52 @@ def check_approved(site: SiteConfig, fab_hash: str, content: bytes) -> None:
         )
 
 
-def approve(site_yaml: str | Path, bundle: str | Path) -> tuple[str, bool]:
+def approved_digest(bundle: str | Path | None, sha256: str | None) -> str:
+    """The hash to approve: a bundle's, the consortium's published one, or both
+    when they agree.
+
+    Giving both is how a site checks that the ``.fab`` it reviewed is the one
+    the consortium published, so a mismatch approves neither.
+
+    Raises
+    ------
+    ValueError
+        Neither given, ``sha256`` not a SHA-256 hex digest, or the bundle's hash
+        differs from ``sha256`` (naming both).
+    """
+    if bundle is None and sha256 is None:
+        raise ValueError("give the bundle (.fab) to approve, its --sha256, or both")
+    published = None
+    if sha256 is not None:
+        published = str(sha256).strip().lower().removeprefix("sha256:")
+        if not re.fullmatch(SHA256_HEX, published):
+            raise ValueError(
+                f"--sha256 {sha256}: not a SHA-256 hex digest (64 hex characters)"
+            )
+    digest = published if bundle is None else bundle_hash(bundle)
+    if published is not None and digest != published:
+        raise ValueError(
+            f"{bundle} has sha256:{digest}, not the published sha256:{published}; "
+            "nothing approved: this is not the bundle the consortium published"
+        )
+    return digest
+
+
+def approve(
+    site_yaml: str | Path, bundle: str | Path | None = None, sha256: str | None = None
+) -> tuple[str, bool]:
     """Add a bundle's hash to the site YAML's ``governance.approved_apps``.
 
-    Returns the hash and whether it was new. The hash is written into the
-    file's own text, so the operator's comments and layout stay; only if the
-    YAML is laid out in a way that edit cannot follow (e.g. an inline list of
-    hashes) is it rewritten without comments, with a warning. Either way the
-    result must parse to the old settings plus the hash and pass validation
-    before it replaces the file.
+    ``bundle`` is the ``.fab`` file (or its hash as text) and ``sha256`` the
+    hash the consortium published; either, or both when they must agree
+    (:func:`approved_digest`). Returns the hash and whether it was new. The
+    hash is written into the file's own text, so the operator's comments and
+    layout stay; only if the YAML is laid out in a way that edit cannot follow
+    (e.g. an inline list of hashes) is it rewritten without comments, with a
+    warning. Either way the result must parse to the old settings plus the hash
+    and pass validation before it replaces the file.
     """
-    digest = bundle_hash(bundle)
+    digest = approved_digest(bundle, sha256)
     site = load_site_config(site_yaml)  # a broken YAML is never rewritten
     assert site.source is not None
     text = site.source.read_text()

@@ -7,7 +7,9 @@ overall and per split), warns when the site has too few patients for DP-SGD
 to learn or for its validation metrics to be released, and checks the
 environment: device, free disk and write access for the state directory, the
 privacy ledger, and optionally that the coordinator's address answers and its
-TLS certificate verifies. Its output is for the site's own terminal and never
+TLS certificate verifies, and that the site's gate would run a bundle: with
+``governance.require_approval`` on (the default) at least one approved hash,
+listed by its short form. Its output is for the site's own terminal and never
 leaves the site.
 
 The verdict (``ok``, the last line): training refuses a site with a setup
@@ -27,7 +29,12 @@ from client.data.case_check import FATAL, WARN, Finding
 from client.data.check_report import MIN_CASES, DataCheck
 from client.data.errors import SiteDataError
 from client.data.patients import KINDS as PATIENT_KINDS
-from client.environment import check_environment, check_node_command, check_superlink
+from client.environment import (
+    check_environment,
+    check_governance,
+    check_node_command,
+    check_superlink,
+)
 from client.tasks.registry import site_task
 from common.config import ConfigError, SiteConfig, load_site_config
 
@@ -137,6 +144,7 @@ def check_site(
         return report
     report.site = site.name
     check_environment(site, report)
+    check_governance(site, report)
     fed = site.federation
     if superlink is None and fed is not None:
         # The YAML's federation block: what `kidneyfl site start` will dial.
@@ -219,8 +227,14 @@ def format_check(report: SiteCheck) -> str:
         lines.append(f"  cases per class: {_counts(report.class_cases)}")
     for side, counts in sorted(report.class_cases_by_split.items()):
         lines.append(f"  {side} cases per class: {_counts(counts)}")
-    for k, v in sorted(report.environment.items()):
+    env = dict(report.environment)
+    approval = _approval_line(
+        env.pop("require_approval", None), env.pop("approved_apps", [])
+    )
+    for k, v in sorted(env.items()):
         lines.append(f"  {k}: {v}")
+    if approval:
+        lines.append(approval)
     by_kind: dict[str, list[Finding]] = {}
     for f in report.findings:
         by_kind.setdefault(f.kind, []).append(f)
@@ -232,6 +246,15 @@ def format_check(report: SiteCheck) -> str:
             lines.append(f"    {f.file}: {f.message}")
     lines.append(report.verdict)
     return "\n".join(lines)
+
+
+def _approval_line(required: bool | None, approved: list[str]) -> str:
+    """The approvals as one OK line (short hashes; ``site approvals`` prints
+    them in full); empty where a finding already says what is wrong."""
+    if not required or not approved:
+        return ""
+    short = ", ".join(f"sha256:{h[:12]}" for h in approved)
+    return f"OK approval: required; {len(approved)} approved bundle(s): {short}"
 
 
 def _counts(counts: dict[str, int]) -> str:

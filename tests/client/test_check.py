@@ -8,9 +8,20 @@ import numpy as np
 import yaml
 
 from cli.main import main as kidneyfl
+from client.governance import approve
 from client.readiness import check_site, format_check
 from common.config import load_site_config
-from tests.fakes import write_site_yaml
+from tests.fakes import write_site_yaml as _write_site_yaml
+
+PUBLISHED = "ab" * 32  # the consortium's published bundle hash
+
+
+def write_site_yaml(tmp, name, **kw):
+    """A site that approved the consortium's bundle by its published hash, as
+    a site does before its readiness check (the data checks are the point)."""
+    path = _write_site_yaml(tmp, name, **kw)
+    approve(path, sha256=PUBLISHED)
+    return path
 
 
 def _save(path, data, affine=None):
@@ -301,6 +312,7 @@ def test_classification_site_is_checked_by_patient(tmp_path, capsys):
     from tests.fakes import write_cls_yaml
 
     yaml_path = write_cls_yaml(tmp_path, "c", cases=12)
+    approve(yaml_path, sha256=PUBLISHED)
     write_site_phantom(load_site_config(yaml_path))
     report = check_site(yaml_path)
     assert report.task == "classification" and report.cases_usable == 12
@@ -316,3 +328,55 @@ def test_classification_site_is_checked_by_patient(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "ERROR patient-in-train-and-validation" in out
     assert "patient pat is in both training and validation" in out
+
+
+# -- governance: the gate must have something it would run ----------------------
+def test_no_approval_is_not_ready(tmp_path, capsys):
+    yaml_path = _write_site_yaml(tmp_path, "h", cases=3)  # approval on, none given
+    report = check_site(yaml_path)
+    assert not report.ok and [f.kind for f in report.blocking] == ["setup-approval"]
+    assert report.environment["require_approval"] is True
+    assert kidneyfl(["site", "check", str(yaml_path)]) == 1
+    out = capsys.readouterr().out
+    assert "ERROR setup-approval (1)" in out
+    assert f"kidneyfl site approve {yaml_path} BUNDLE.fab" in out
+    assert "--sha256" in out
+    assert (
+        out.strip()
+        .splitlines()[-1]
+        .startswith("NOT READY: training would refuse (setup-approval)")
+    )
+    assert kidneyfl(["site", "check", str(yaml_path), "--json"]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["ok"] is False and doc["blocking"] == ["setup-approval"]
+    assert doc["verdict"].startswith("NOT READY")
+
+
+def test_approved_site_is_ready_and_lists_the_approval(tmp_path, capsys):
+    yaml_path = _write_site_yaml(tmp_path, "h", cases=3)
+    assert kidneyfl(["site", "approve", str(yaml_path), "--sha256", PUBLISHED]) == 0
+    capsys.readouterr()
+    assert kidneyfl(["site", "check", str(yaml_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"OK approval: required; 1 approved bundle(s): sha256:{PUBLISHED[:12]}" in (
+        out
+    )
+    assert "setup-approval" not in out and out.strip().splitlines()[-1].startswith(
+        "READY"
+    )
+    assert kidneyfl(["site", "check", str(yaml_path), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["ok"] is True and doc["blocking"] == []
+    assert doc["environment"]["approved_apps"] == [PUBLISHED]
+
+
+def test_approval_off_warns_but_is_ready(tmp_path, capsys):
+    yaml_path = _write_site_yaml(tmp_path, "h", cases=3)
+    doc = yaml.safe_load(yaml_path.read_text())
+    doc["governance"] = {"require_approval": False}
+    yaml_path.write_text(yaml.safe_dump(doc))
+    assert kidneyfl(["site", "check", str(yaml_path)]) == 0
+    out = capsys.readouterr().out
+    assert "WARNING approval-off (1)" in out
+    assert "any app bundle the coordinator sends will run" in out
+    assert "OK approval" not in out

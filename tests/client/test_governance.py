@@ -175,6 +175,36 @@ def test_approve_into_an_inline_list_falls_back_to_a_valid_rewrite(
     assert load_site_config(site_yaml).governance.approved_apps == [OLD, digest]
 
 
+def test_approve_the_published_hash(site_yaml: Path, fab: Path, capsys) -> None:
+    """A site may approve the consortium's published hash before the bundle
+    arrives; with the bundle too, the two must agree."""
+    published = bundle_hash(fab)
+    args = ["site", "approve", str(site_yaml), "--sha256", f"sha256:{published}"]
+    assert cli(args) == 0
+    assert f"sha256:{published} approved" in capsys.readouterr().out
+    assert load_site_config(site_yaml).governance.approved_apps == [published]
+    assert cli([*args[:3], str(fab), *args[3:]]) == 0  # bundle and hash agree
+    assert "already approved" in capsys.readouterr().out
+    assert cli(["site", "approve", str(site_yaml), "--sha256", "beef"]) == 2
+    assert "not a SHA-256 hex digest" in capsys.readouterr().err
+    assert cli(["site", "approve", str(site_yaml)]) == 2
+    assert "--sha256" in capsys.readouterr().err
+
+
+def test_a_bundle_that_is_not_the_published_one_is_refused(
+    site_yaml: Path, fab: Path, capsys
+) -> None:
+    before = site_yaml.read_text()
+    args = ["site", "approve", str(site_yaml), str(fab), "--sha256", OLD]
+    assert cli(args) == 2
+    err = capsys.readouterr().err
+    assert f"sha256:{bundle_hash(fab)}" in err and f"published sha256:{OLD}" in err
+    assert str(fab) in err and "nothing approved" in err
+    assert site_yaml.read_text() == before  # neither hash was written
+    with pytest.raises(ValueError, match="not the bundle the consortium published"):
+        approve(site_yaml, fab, sha256=OLD)
+
+
 def test_bad_hash_in_yaml_names_key(site_yaml: Path) -> None:
     doc = yaml.safe_load(site_yaml.read_text())
     doc["governance"] = {"approved_apps": ["abc"]}

@@ -12,6 +12,7 @@ import yaml
 from cli.main import main as kidneyfl
 from client.data.errors import SiteDataError
 from client.data.split import validation_count
+from client.governance import approve
 from client.readiness import check_site, format_check
 from client.tasks.classification.data import load_site_slices
 from client.tasks.registry import get_task, site_task
@@ -20,15 +21,22 @@ from common.config import load_site_config
 from sim.phantoms.sites import write_site_phantom
 from tests.fakes import cls_plan, write_cls_yaml, write_site_yaml
 
+# The consortium's published bundle hash: every site here approved it, as a
+# site does before its readiness check, so the checks below are about data.
+PUBLISHED = "cd" * 32
+
 
 def _cls_site(tmp_path: Path, cases: int = 12) -> Path:
     yaml_path = write_cls_yaml(tmp_path, "c", cases=cases)
+    approve(yaml_path, sha256=PUBLISHED)
     write_site_phantom(load_site_config(yaml_path))
     return yaml_path
 
 
 def _seg_site(tmp_path: Path, cases: int = 6) -> Path:
-    return write_site_yaml(tmp_path, "s", cases=cases)
+    yaml_path = write_site_yaml(tmp_path, "s", cases=cases)
+    approve(yaml_path, sha256=PUBLISHED)
+    return yaml_path
 
 
 def _edit(yaml_path: Path, **data: object) -> Path:

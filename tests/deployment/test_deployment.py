@@ -150,9 +150,14 @@ def test_runbook_status_and_site_check(dep):
         env=dep.env,
         check=False,
     )
-    env = json.loads(res.stdout)["environment"]
+    doc = json.loads(res.stdout)
+    env = doc["environment"]
     assert env["superlink_reachable"] and env["tls_verified"]
     assert env["supernode_command"] == "ok"
+    # These sites run with approval off (the harness' development setting):
+    # ready, but the check says any bundle would run.
+    assert env["require_approval"] is False and doc["ok"]
+    assert "approval-off" in {f["kind"] for f in doc["findings"]}
 
 
 def test_every_runbook_block_is_exercised():
