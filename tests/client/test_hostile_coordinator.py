@@ -28,7 +28,7 @@ own bound against PLD is ``tests/client/test_privacy.py``. Everything else is
 the site's real path: the handlers, the gate's contract check and audit log,
 the request guard, the ledger, the release rule.
 
-``KIDNEYFL_HOSTILE_EXAMPLES`` sets the number of sequences (default 100 of 20
+``KIDNEYFL_HOSTILE_EXAMPLES`` sets the number of sequences (default 50 of 40
 requests: 2,000 requests in all).
 """
 
@@ -65,8 +65,8 @@ from common.config import load_plan, load_site_config
 from common.models import build_model
 from tests.fakes import TINY_PLAN, site_request
 
-N_SEQUENCES = int(os.environ.get("KIDNEYFL_HOSTILE_EXAMPLES", "100"))
-PER_SEQUENCE = 20
+N_SEQUENCES = int(os.environ.get("KIDNEYFL_HOSTILE_EXAMPLES", "50"))
+PER_SEQUENCE = 40
 N_TRAIN, N_VAL = 40, 12
 FLOOR = 3  # the site's min_cases_for_aggregates
 MIN_NOISE = 0.5
