@@ -33,7 +33,8 @@ is about to load with the approved bytes, file by file
 (:func:`client.governance.check_installed`), and refuses a folder that differs
 as it refuses an unapproved bundle. The bundle's modules are then imported
 only from their sources, each checked again against the approved SHA-256 as it
-is read, never from a bytecode cache in the folder (:func:`_import_approved`).
+is read, never from a bytecode cache in the folder
+(:func:`client.approved_source.import_approved`).
 
 This module imports Flower, like ``client/app.py``: it is the site's other
 Flower boundary.
@@ -45,8 +46,6 @@ import argparse
 import contextlib
 import functools
 import hashlib
-import importlib
-import importlib.machinery
 import json
 import logging
 import os
@@ -57,6 +56,7 @@ from typing import Any, NoReturn
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from client.approved_source import import_approved
 from client.audit_log import AuditLog
 from client.contract import ReplyView, check_reply, expected_arrays
 from client.governance import (
@@ -491,7 +491,7 @@ def _hooks(task: _Task, rc: Any) -> None:
             path = install(content, *args, **kwargs)  # installs, or reuses the folder
             folder = _load_folder(task, digest, path)
             approved = check_installed(task.site, digest, content, folder)
-            _import_approved(folder, approved)
+            import_approved(folder, approved)
         except AppRefused as exc:
             _refuse(task, rc, push, digest, str(exc))  # does not return
         except Exception as exc:  # noqa: BLE001 - the edge answers it
@@ -557,64 +557,6 @@ def _load_folder(task: _Task, digest: str, installed: Any) -> Path:
             "names another app or version than the bundle's"
         )
     return folder
-
-
-class _ApprovedSource(importlib.machinery.SourceFileLoader):
-    """A module of the installed bundle, loaded from its source if that is approved.
-
-    The bytes read are the bytes compiled, and they must hash to the approved
-    bundle's file: a module changed after the folder was checked (a training
-    round imports modules minutes into the task) fails to import. No bytecode
-    cache is read or written: a ``.pyc`` in the folder is not part of the
-    approved bundle, and whoever can write the folder can forge one.
-    """
-
-    def __init__(self, fullname: str, path: str, approved: dict[str, str]) -> None:
-        super().__init__(fullname, path)
-        self.approved = approved
-
-    def get_code(self, fullname: str) -> Any:
-        """The module's code, compiled from its approved source."""
-        path = self.get_filename(fullname)
-        data = self.get_data(path)
-        if hashlib.sha256(data).hexdigest() != self.approved.get(
-            os.path.realpath(path)
-        ):
-            raise ImportError(
-                f"module {fullname} of the app bundle is not the approved code",
-                name=fullname,
-            )
-        return self.source_to_code(data, path)
-
-
-def _import_approved(folder: Path, manifest: dict[str, str]) -> None:
-    """Import the bundle's modules only through :class:`_ApprovedSource`.
-
-    A path hook for the folder and every package in it: only ``.py`` sources
-    are found there (no extension module, no bare ``.pyc``), each checked
-    against ``manifest`` (path in the bundle to SHA-256) as it is read. Other
-    folders keep Python's own finders (the site's libraries and their caches).
-    """
-    root = os.path.realpath(folder)
-    approved = {
-        os.path.join(root, *rel.split("/")): sha for rel, sha in manifest.items()
-    }
-
-    def loader(fullname: str, path: str) -> _ApprovedSource:
-        return _ApprovedSource(fullname, path, approved)
-
-    def finder(path: str) -> importlib.machinery.FileFinder:
-        real = os.path.realpath(path)
-        if real != root and not real.startswith(root + os.sep):
-            raise ImportError("not the app bundle's folder")  # the next hook's
-        return importlib.machinery.FileFinder(path, (loader, [".py"]))
-
-    sys.path_hooks.insert(0, finder)
-    for entry in list(sys.path_importer_cache):
-        real = os.path.realpath(entry)
-        if real == root or real.startswith(root + os.sep):
-            del sys.path_importer_cache[entry]
-    importlib.invalidate_caches()
 
 
 def _refuse(task: _Task, rc: Any, push: Callable, digest: str, reason: str) -> NoReturn:

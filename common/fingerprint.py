@@ -35,7 +35,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from common.contract import capped_shares
+from common.shares import capped_shares
 
 HIST_LO, HIST_HI, HIST_BINS = -1024.0, 3072.0, 1024  # 4 HU per bin
 EDGES = np.linspace(HIST_LO, HIST_HI, HIST_BINS + 1)
@@ -194,7 +194,7 @@ def combine(
     at most ``max_patch``.
 
     A fingerprint is a site's claim, so no site's share of the plan is more
-    than ``cap`` (``max-site-weight``, :func:`common.contract.capped_shares`):
+    than ``cap`` (``max-site-weight``, :func:`common.shares.capped_shares`):
     of the case weights of the medians, and of the pooled foreground voxels.
     Where the cap does not bind this is the plain pooling above, to rounding.
     The coordinator has checked every value's range (``common/contract.py``);

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from common import wire
-from common.contract import capped_shares, safe_text
+from common.contract import safe_text
+from common.shares import capped_shares
 
 if TYPE_CHECKING:
     from flwr.app import Message
@@ -73,7 +74,7 @@ def weighted_eval_means(
     whose weight is not a finite count >= 0. Case counts are summed.
 
     No site's share of a mean is more than ``cap`` (``max-site-weight``, as in
-    the aggregate: :func:`common.contract.capped_shares`), so a site that claims
+    the aggregate: :func:`common.shares.capped_shares`), so a site that claims
     a huge validation set moves the means no more than the cap allows. Where
     the cap does not bind, the mean is ``sum(w x v) / sum(w)`` as before.
     """

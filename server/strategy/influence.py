@@ -3,7 +3,7 @@
 Two bounds, applied by ``server/strategy/capped_mean.py`` (the cap) and
 ``server/strategy/guard.py`` (the norm rule):
 
-- **the weight cap** (:func:`capped_shares`, in ``common/contract.py`` because
+- **the weight cap** (:func:`capped_shares`, in ``common/shares.py`` because
   the evaluation means and the preprocessing plan use it too): the
   case-weighted shares of the round's updates (``num-examples`` / total) are
   capped at ``max-site-weight``, and what a capped site loses goes to the
@@ -30,7 +30,7 @@ import numpy as np
 
 from common import wire
 from common.config import SGD_MOMENTUM, Plan
-from common.contract import capped_shares
+from common.shares import capped_shares
 
 __all__ = [
     "MAX_NOISE_ALLOWANCE",

@@ -48,8 +48,9 @@ from hypothesis import strategies as st
 
 from common import wire
 from common.config import Plan
-from common.contract import SITE_NAME_PATTERN, ReplyRules, capped_shares
+from common.contract import SITE_NAME_PATTERN, ReplyRules
 from common.fingerprint import EDGES
+from common.shares import capped_shares
 from server.finetune import collect_fine_tune
 from server.preprocessing_round import PREPROCESSING_FILE, federated_preprocessing
 from server.reporting.metrics_log import METRICS_FILE, read_metrics
