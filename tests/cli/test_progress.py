@@ -21,24 +21,25 @@ def test_the_log_says_the_expected_time_then_progress_then_the_end(caplog):
     clock = Clock()
     with caplog.at_level(logging.INFO, logger="kidneyfl.progress"):
         with StepProgress(
-            100, "pretraining m", out=io.StringIO(), every_s=10, clock=clock
+            100, "pretraining m", out=io.StringIO(), every_s=20, clock=clock
         ) as p:
             for step in range(1, 101):
-                clock.t += 0.5  # two steps a second
+                clock.t += 3.0 if step <= 5 else 0.5  # slow first steps (caches)
                 p(step, 1.0 / step)
     lines = [r.getMessage() for r in caplog.records]
     assert lines[0] == (
         "pretraining m: 100 steps; the expected time follows the first steps"
     )
-    assert (
-        lines[1] == "pretraining m: about 50 s in all (0.50 s a step over the first 5)"
+    # said after step 10, from steps 6-10: the first steps' one-off costs left out
+    expected = (
+        "pretraining m: about 1 min 02 s in all (0.50 s a step after the first 5)"
     )
-    progress = [x for x in lines if "step " in x and "/100" in x]
-    # one line every 10 s of a 50 s loop, and the last step
-    assert len(progress) == 5 and progress[-1].startswith("step 100/100 (100%)")
-    assert "2.00 steps/s" in progress[0] and "about 40 s left" in progress[0]
-    assert "loss 0.0100" in progress[-1]
-    assert lines[-1] == "pretraining m: done in 50 s"
+    assert lines[1] == expected
+    progress = [x for x in lines if x.startswith("step ")]
+    # one line every 20 s of a 62.5 s loop, and the last step
+    assert len(progress) == 4 and progress[-1].startswith("step 100/100 (100%)")
+    assert "2.00 steps/s" in progress[1] and "loss 0.0100" in progress[-1]
+    assert lines[-1] == "pretraining m: done in 1 min 02 s"
 
 
 def test_no_live_line_off_a_terminal_and_a_live_one_on_it():
