@@ -15,7 +15,13 @@ from server.superlink_db import check_state_database
 
 def _superlink(args: argparse.Namespace) -> int:
     cmd = superlink_command(
-        Path(args.certs), Path(args.state), args.host, args.port, auth=not args.no_auth
+        Path(args.certs),
+        Path(args.state),
+        args.host,
+        args.port,
+        auth=not args.no_auth,
+        operator_host=args.operator_host,
+        operator_port=args.operator_port,
     )
     if args.print:
         print(shlex.join(cmd))
@@ -79,13 +85,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     csub = co.add_subparsers(dest="coordinator_command", required=True)
     s = csub.add_parser(
         "superlink",
-        help="start flower-superlink with TLS, node auth and a database",
+        help="start the SuperLink: TLS, node auth, a database; hospitals reach "
+        "the Fleet API only, operators the control API on a second address",
         allow_abbrev=False,
     )
     s.add_argument("--certs", required=True, help="folder from docker/make-certs.sh")
     s.add_argument("--state", required=True, help="folder for the SuperLink database")
-    s.add_argument("--host", default="0.0.0.0")
+    s.add_argument(
+        "--host", default="0.0.0.0", help="the hospitals' address (Fleet API only)"
+    )
     s.add_argument("--port", type=int, default=9092)
+    s.add_argument(
+        "--operator-host",
+        default="127.0.0.1",
+        help="the consortium operators' address for flwr run / supernode register "
+        "(Control API): loopback or the consortium's own network, never the "
+        "hospitals' (default 127.0.0.1)",
+    )
+    s.add_argument("--operator-port", type=int, default=9093)
     s.add_argument(
         "--no-auth", action="store_true", help="let any node join (testing only)"
     )

@@ -1,7 +1,10 @@
 """The coordinator's deployment commands: the SuperLink and the CLI connection.
 
-``superlink_command`` is the exact ``flower-superlink`` command the runbook and
-the coordinator's Docker image use:
+``superlink_command`` is the exact command the runbook and the coordinator's
+Docker image use: Flower's SuperLink behind two listeners
+(``server/fleet_gate.py``): the hospitals' port serves the Fleet API only, the
+operators' address (127.0.0.1:9093 by default) the Control and Runtime APIs,
+with ``flower-superlink``'s own settings:
 
 - TLS with the consortium's certificate (``docker/make-certs.sh``);
 - SuperNode authentication on: only hospitals whose public key the consortium
@@ -16,7 +19,6 @@ the coordinator's Docker image use:
 
 from __future__ import annotations
 
-import shutil
 import sys
 import tomllib
 from pathlib import Path
@@ -28,24 +30,28 @@ from common.atomic import atomic_write_text
 STATE_DB = "superlink.db"  # the SuperLink's database, in the --state folder
 
 
-def _bin(name: str) -> str:
-    local = Path(sys.executable).parent / name
-    return str(local) if local.exists() else (shutil.which(name) or name)
-
-
 def superlink_command(
     certs: Path,
     state: Path,
     host: str = "0.0.0.0",
     port: int = 9092,
     auth: bool = True,
+    operator_host: str = "127.0.0.1",
+    operator_port: int = 9093,
 ) -> list[str]:
-    """``flower-superlink`` with TLS, node authentication and a database.
+    """The SuperLink with TLS, node authentication, a database and two doors.
+
+    ``host``/``port`` is where the hospitals' SuperNodes connect (Fleet API
+    only); ``operator_host``/``operator_port`` where the consortium's ``flwr``
+    CLI and the ServerApp connect (Control and Runtime APIs): keep it on
+    loopback or the consortium's own network.
 
     Raises
     ------
     FileNotFoundError
         If a certificate file is missing (make them with docker/make-certs.sh).
+    ValueError
+        If both listeners are given the same port.
     """
     certs = Path(certs)
     files = {n: certs / n for n in ("ca.crt", "server.pem", "server.key")}
@@ -54,8 +60,12 @@ def superlink_command(
             raise FileNotFoundError(
                 f"{path} not found; run `docker/make-certs.sh {certs} SAN` first"
             )
-    cmd = [
-        _bin("flower-superlink"),
+    if int(port) == int(operator_port):
+        raise ValueError(
+            f"--port and --operator-port are both {port}: the hospitals' Fleet "
+            "port and the operators' control port must differ"
+        )
+    flower = [
         "--ssl-ca-certfile",
         str(files["ca.crt"]),
         "--ssl-certfile",
@@ -66,13 +76,23 @@ def superlink_command(
         str(Path(state) / STATE_DB),
         "--disable-runtime-dependency-installation",
         "--host",
-        host,
+        operator_host,
         "--port",
-        str(port),
+        str(operator_port),
     ]
     if auth:
-        cmd.insert(1, "--enable-supernode-auth")
-    return cmd
+        flower.insert(0, "--enable-supernode-auth")
+    return [
+        sys.executable,
+        "-m",
+        "server.fleet_gate",
+        "--fleet-host",
+        host,
+        "--fleet-port",
+        str(port),
+        "--",
+        *flower,
+    ]
 
 
 def write_connection(

@@ -90,6 +90,7 @@ class Deployment:
     tls: bool = True
     auth: bool = True
     port: int = 0
+    operator_port: int = 0
     procs: dict[str, Proc] = field(default_factory=dict)
     sites: dict[str, Path] = field(default_factory=dict)
     node_ids: dict[str, str] = field(default_factory=dict)
@@ -97,6 +98,7 @@ class Deployment:
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()
+        self.operator_port = self.operator_port or free_port()
         self.certs = self.root / "certs"
         self.state = self.root / "coordinator"
         self.home = self.root / "flwr-cli"
@@ -108,11 +110,14 @@ class Deployment:
             PYTHONUNBUFFERED="1",
             PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
             CERTS=str(self.certs),
+            CA_DIR=str(self.root / "ca-offline"),
             STATE=str(self.state),
             SAN="IP:127.0.0.1,DNS:localhost",
             SUPERLINK=f"127.0.0.1:{self.port}",
             BIND="127.0.0.1",
             PORT=str(self.port),
+            OPERATOR_PORT=str(self.operator_port),
+            OPERATOR=f"127.0.0.1:{self.operator_port}",
         )
         self.book = runbook()
         if self.tls and not (self.certs / "server.pem").exists():
@@ -152,7 +157,13 @@ class Deployment:
 
     @property
     def address(self) -> str:
+        """The hospitals' door (Fleet API)."""
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def operator_address(self) -> str:
+        """The operators' door (Control API; TLS deployments)."""
+        return f"127.0.0.1:{self.operator_port}"
 
     def _start(
         self, name: str, cmd: list[str], env: dict, cwd: Path = PROJECT_DIR
@@ -183,7 +194,12 @@ class Deployment:
         env = dict(self.env, FLWR_HOME=str(self.state / "flwr"))
         if self.tls:
             cmd = superlink_command(
-                self.certs, self.state, "127.0.0.1", self.port, auth=self.auth
+                self.certs,
+                self.state,
+                "127.0.0.1",
+                self.port,
+                auth=self.auth,
+                operator_port=self.operator_port,
             )
         else:
             cmd = [
@@ -203,7 +219,7 @@ class Deployment:
         write_connection(
             self.home,
             CONNECTION,
-            self.address,
+            self.operator_address if self.tls else self.address,
             self.certs / "ca.crt" if self.tls else None,
             insecure=not self.tls,
         )

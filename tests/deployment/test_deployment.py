@@ -17,6 +17,7 @@ import urllib.request
 import pytest
 
 from client.node import make_node_key
+from server.deploy import write_connection
 from sim.superlink import free_port
 from tests.deployment.harness import (
     BIN,
@@ -69,6 +70,77 @@ def test_tls_only_plaintext_refused(dep):
     bad = ssl.create_default_context()  # system CAs only: must not verify
     with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
         urllib.request.urlopen(f"https://{url}", timeout=5, context=bad)
+
+
+def _signed_as(key_path):
+    """Headers a SuperNode signs with its private key (Flower's own signer)."""
+    from base64 import b64encode
+
+    from cryptography.hazmat.primitives import serialization
+    from flwr.common.constant import TIMESTAMP_HEADER
+    from flwr.supercore.constant import (
+        FLEET_HTTP_PUBLIC_KEY_HEADER,
+        FLEET_HTTP_SIGNATURE_HEADER,
+    )
+    from flwr.supercore.date import now
+    from flwr.supercore.primitives.asymmetric import (
+        public_key_to_bytes,
+        sign_message,
+    )
+
+    key = serialization.load_ssh_private_key(key_path.read_bytes(), password=None)
+    stamp = now().isoformat()
+    return {
+        FLEET_HTTP_PUBLIC_KEY_HEADER: b64encode(
+            public_key_to_bytes(key.public_key())
+        ).decode(),
+        TIMESTAMP_HEADER: stamp,
+        FLEET_HTTP_SIGNATURE_HEADER: b64encode(
+            sign_message(key, stamp.encode("ascii"))
+        ).decode(),
+    }
+
+
+def test_hospital_node_cannot_reach_control_api(dep, tmp_path):
+    """A registered hospital, with its valid key and the consortium's CA, calls
+    every Control and Runtime path on the port it connects to: each is refused
+    before Flower sees it, while the operators' address serves them."""
+    import httpx
+    from flwr.supercore.routers.runtime.router import create_runtime_router
+    from flwr.superlink.routers.control import router as control_router
+
+    paths = [r.path for r in control_router.routes] + [
+        r.path for r in create_runtime_router("SuperLink").routes
+    ]
+    assert len(paths) > 20 and "/v1/control/register-node" in paths
+    paths += ["/docs", "/openapi.json", "/v1/fleet/../control/list-nodes"]
+    key = dep.root / "keys" / "hospital-a"
+    ca = str(dep.certs / "ca.crt")
+    with httpx.Client(verify=ca, timeout=10) as http:
+        for path in paths:
+            res = http.post(f"https://{dep.address}{path}", headers=_signed_as(key))
+            assert res.status_code == 403, (path, res.status_code)
+            assert "Fleet API only" in res.text
+        # The same signed headers do reach Flower on a Fleet path.
+        res = http.post(
+            f"https://{dep.address}/v1/fleet/get-run", headers=_signed_as(key)
+        )
+        assert res.status_code != 403
+        # The operators' door serves the Control API (to whoever reaches it).
+        res = http.post(
+            f"https://{dep.operator_address}/v1/control/list-nodes",
+            headers={"content-type": "application/protobuf"},
+        )
+        assert res.status_code == 200
+    # The flwr CLI, pointed at the hospitals' port, cannot administer either.
+    home = tmp_path / "hospital-flwr"
+    write_connection(home, "sneaky", dep.address, dep.certs / "ca.crt")
+    res = run_cli(
+        [str(BIN / "flwr"), "supernode", "list", "sneaky", "--format", "json"],
+        {**dep.env, "FLWR_HOME": str(home)},
+    )
+    assert res.returncode != 0, res.stdout
+    assert set(dep.online()) == set(SITES)  # nothing changed
 
 
 def test_unregistered_node_is_refused(dep, tmp_path):

@@ -123,6 +123,13 @@ def test_superlink_command_and_connection(tmp_path):
     for name in ("ca.crt", "server.pem", "server.key"):
         (tmp_path / name).write_text("x")
     cmd = superlink_command(tmp_path, tmp_path / "state", "127.0.0.1", 9999)
+    # Hospitals' door: the Fleet API only; Flower's own --host/--port is the
+    # operators' door, on loopback by default.
+    assert cmd[cmd.index("--fleet-port") + 1] == "9999"
+    assert cmd[cmd.index("--port") + 1] == "9093"
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
+    with pytest.raises(ValueError, match="must differ"):
+        superlink_command(tmp_path, tmp_path / "state", port=9093, operator_port=9093)
     assert "--enable-supernode-auth" in cmd
     assert "--disable-runtime-dependency-installation" in cmd
     assert "--insecure" not in cmd

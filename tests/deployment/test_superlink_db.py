@@ -135,6 +135,7 @@ def test_superlink_starts_on_a_141_database_and_migrates_it(tmp_path):
     cmd = [sys.executable, "-m", "cli.main", "coordinator", "superlink"]
     cmd += ["--certs", str(certs), "--state", str(state)]
     cmd += ["--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--operator-port", str(free_port())]
     with open(log, "ab") as fh:
         popen = subprocess.Popen(  # exec's flower-superlink: same PID
             cmd,
