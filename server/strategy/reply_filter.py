@@ -13,7 +13,10 @@ model's names, shapes and dtypes), a refusal code from the list. A reply that
 fails any check, or raises anything while it is read, is rejected with a short
 reason of our own (the site's text escaped), and the request goes on with the
 others. Two replies that name one site are both rejected: neither can be told
-from the other. What is left goes on to the update guard
+from the other. A reply whose node is bound to a site (registered by the
+consortium) but which declares another site's name, and every reply from a
+node whose registered name another node also holds, is rejected
+(:class:`SiteIdentityError`, raised by ``site_of``). What is left goes on to the update guard
 (``server/strategy/guard.py``) or into the round record.
 """
 
@@ -40,6 +43,24 @@ SiteOf = Callable[[Message], str]
 
 MAX_REASON = 300  # characters of a rejection reason in metrics.jsonl
 DUPLICATE = "more than one reply in this request names this site"
+
+
+class SiteIdentityError(ValueError):
+    """A reply whose site cannot be trusted to be who it says.
+
+    Parameters
+    ----------
+    site : str
+        The name the reply is recorded under (its node's registered name, or
+        ``node-<id>``).
+    reason : str
+        Why, in the coordinator's own words.
+    """
+
+    def __init__(self, site: str, reason: str) -> None:
+        super().__init__(reason)
+        self.site = site
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -73,9 +94,13 @@ def sort_replies(replies: list[Message], site_of: SiteOf, intake: Intake) -> Sor
     """Each reply accepted, refused, rejected or failed, each in its own
     catch-all, so no reply can stop the others being read."""
     out = Sorted()
-    names = [_name(msg, site_of) for msg in replies]
+    identities = [_identity(msg, site_of) for msg in replies]
+    names = [site for site, _ in identities]
     twice = {name for name, n in Counter(names).items() if n > 1}
-    for site, msg in zip(names, replies, strict=True):
+    for (site, impostor), msg in zip(identities, replies, strict=True):
+        if impostor:
+            out.rejected[site] = safe_text(impostor, MAX_REASON)
+            continue
         if site in twice:
             out.rejected[site] = DUPLICATE
             continue
@@ -88,12 +113,15 @@ def sort_replies(replies: list[Message], site_of: SiteOf, intake: Intake) -> Sor
     return out
 
 
-def _name(msg: Message, site_of: SiteOf) -> str:
-    """The reply's site (``site_of``), or its node when even that fails."""
+def _identity(msg: Message, site_of: SiteOf) -> tuple[str, str | None]:
+    """The reply's site (``site_of``) and, for a reply that cannot be trusted
+    to be that site, why; its node when even ``site_of`` fails."""
     try:
-        return site_of(msg)
+        return site_of(msg), None
+    except SiteIdentityError as err:
+        return err.site, err.reason
     except Exception:  # noqa: BLE001 - the reply is rejected under its node
-        return f"node-{safe_text(getattr(msg.metadata, 'src_node_id', '?'), 24)}"
+        return f"node-{safe_text(getattr(msg.metadata, 'src_node_id', '?'), 24)}", None
 
 
 def _sort_one(out: Sorted, site: str, msg: Message, intake: Intake) -> None:

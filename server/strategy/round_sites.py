@@ -1,11 +1,19 @@
 """Who was asked in a round, under which name, and who never answered.
 
-A reply names its site by the node's registered name (deployment with
-SuperNode authentication), else by the name the site declares, if it is a name
-a site YAML allows (anything else is the site's own text: such a reply is
-known by its node, ``node-<id>``, and the contract rejects it); the SuperLink
-answers for a dead node with an error reply from itself, which is mapped back
-to the node through the request it answers.
+Identity comes from the connection, not from the reply. In deployment each
+node authenticates with the key the consortium registered under a site name
+(``flwr supernode register KEY.pub --name SITE``): that registration binds the
+node to its name, and the reply is known by it whatever it declares. A reply
+that declares another name is rejected (a node cannot speak for another site);
+so is every reply from a node whose registered name another node also holds
+(Flower does not keep registered names unique), until the consortium
+unregisters one. Nodes without a registered name (the simulation) are known by
+the name the site declares, if it is a name a site YAML allows (anything else
+is the site's own text: such a reply is known by its node, ``node-<id>``, and
+the contract rejects it); two replies that declare one name are both rejected
+(``server/strategy/reply_filter.py``). The SuperLink answers for a dead node
+with an error reply from itself, which is mapped back to the node through the
+request it answers.
 """
 
 from __future__ import annotations
@@ -18,7 +26,9 @@ from flwr.app import ConfigRecord, Message
 
 from common import wire
 from common.contract import declared_name
+from common.contract import safe_text
 from server.reporting.round_record import RoundRecord
+from server.strategy.reply_filter import SiteIdentityError
 from server.strategy.replies import part
 
 log = logging.getLogger("kidneyfl.server")
@@ -37,6 +47,14 @@ class RoundSites:
     def __init__(self, names: dict[int, str] | None = None) -> None:
         self.names = dict(names or {})
         self._asked: list[Message] = []
+        self._warned: set[str] = set()
+
+    def shared_names(self) -> dict[str, list[int]]:
+        """Registered names held by more than one node, with their nodes."""
+        nodes: dict[str, list[int]] = {}
+        for node, name in self.names.items():
+            nodes.setdefault(name, []).append(int(node))
+        return {n: sorted(ids) for n, ids in nodes.items() if len(ids) > 1}
 
     def refresh(self, grid: Any) -> None:
         """Learn the registered names of the grid's nodes.
@@ -46,10 +64,23 @@ class RoundSites:
         get_nodes = getattr(grid, "get_nodes", None)
         if get_nodes is None:
             return
+        # Kept for the whole run (Flower lists online nodes only): a name two
+        # nodes held at any time in this run stays shared until a new run,
+        # so a second node cannot speak for a site while the first is away.
         for node in get_nodes():
             name = getattr(node, "name", None)
             if name:
                 self.names[node.node_id] = str(name)
+        for name, ids in self.shared_names().items():
+            if name not in self._warned:
+                self._warned.add(name)
+                log.error(
+                    "nodes %s are all registered as site %s: their replies are "
+                    "rejected until the consortium unregisters all but one "
+                    "(flwr supernode unregister NODE_ID)",
+                    ", ".join(map(str, ids)),
+                    safe_text(name, 64),
+                )
 
     def ask(self, messages: Iterable[Message]) -> list[Message]:
         """Remember the messages of this request (as a list) and return them."""
@@ -64,10 +95,35 @@ class RoundSites:
 
     def site_of(self, msg: Message) -> str:
         """The site's name: registered name first, else what the reply declares
-        (if a site YAML would allow it), else ``node-<id>``."""
+        (if a site YAML would allow it), else ``node-<id>``.
+
+        Raises
+        ------
+        SiteIdentityError
+            If the node's registered name is held by another node too (at
+            any time in this run), or the
+            reply declares a name other than its node's registered name.
+        """
         node = self.node_of(msg)
         if node in self.names:
-            return self.names[node]
+            name = self.names[node]
+            shared = self.shared_names().get(name)
+            if shared:
+                raise SiteIdentityError(
+                    f"node-{int(node)}",
+                    f"{len(shared)} nodes are registered as site {name}; the "
+                    "consortium must unregister all but one",
+                )
+            declared = _declared(msg)
+            if declared is not None and declared != name:
+                raise SiteIdentityError(
+                    name,
+                    f"declares site {safe_text(declared, 64)!r} but its node is "
+                    f"registered as {name}: a node speaks only for its own site "
+                    "(if this is the site's own YAML name, make it match its "
+                    "registration)",
+                )
+            return name
         site = None if msg.has_error() else part(msg, wire.SITE, ConfigRecord)
         if site is not None:
             name = declared_name(site.get(wire.SITE_NAME))
@@ -86,3 +142,15 @@ class RoundSites:
             site = self.names.get(node, f"node-{node}")
             rec.failed.setdefault(site, "no reply within round-timeout")
             log.warning("site %s did not answer in round %d", site, rec.round)
+
+
+def _declared(msg: Message) -> object:
+    """The name a reply declares (any value), or None; a reply whose records
+    cannot even be read declares nothing here (the contract rejects it)."""
+    if msg.has_error():
+        return None
+    try:
+        site = part(msg, wire.SITE, ConfigRecord)
+        return None if site is None else site.get(wire.SITE_NAME)
+    except Exception:  # noqa: BLE001 - judged by the contract, not here
+        return None
