@@ -165,8 +165,10 @@ FLOWER_MODULES = {
     "client.executor",
     # packing a model into an ArrayRecord, inside functions only
     "common.wire",
-    # launchers: Flower's migration chain; the bundle's files as flwr builds them
+    # launchers: Flower's migration chain; the bundle's files as flwr builds them;
+    # Flower's SuperLink app behind the hospitals' Fleet-only listener
     "server.superlink_db",
+    "server.fleet_gate",
     "sim.runner",
 }
 
