@@ -6,18 +6,31 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kidneyfl-installed
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint lock clean
+
+# Every install is hash-checked against requirements/*.lock (docs/builds.md):
+# pip first (pip.lock), then every distribution at its locked version and
+# sha256 (dev.lock: the runtime lock plus the dev tools; torch is the CPU build),
+# then hatchling (build.lock) to install the project itself, which resolves and
+# downloads nothing. A changed lock rebuilds .venv from scratch ($? holds the
+# prerequisites newer than the stamp), so it holds exactly the locked set.
+LOCKS := requirements/pip.lock requirements/dev.lock requirements/build.lock
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCKS)
 	$(PY) -c 'import sys; assert sys.version_info[:2] == (3, 11), "kidneyfl needs Python 3.11"'
-	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	# torch first and pinned: an unpinned resolver would pull a multi-GB CUDA build
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(PY) -m venv $(if $(filter %.lock,$?),--clear) $(VENV)
+	$(BIN)/python -m pip install --quiet --require-hashes -r requirements/pip.lock
+	$(BIN)/pip install --quiet --require-hashes -r requirements/dev.lock
+	$(BIN)/pip install --quiet --require-hashes -r requirements/build.lock
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+# Re-lock after a change to pyproject.toml's dependencies; for a security fix,
+# requirements/update.sh -P <package> (docs/builds.md).
+lock:
+	requirements/update.sh
 
 # The demo's recipe (docs/utility.md): a model pretrained centrally, without DP,
 # on a public stand-in (sites/public-phantoms.yaml; KiTS23 in a real
