@@ -254,10 +254,22 @@ def test_flower_flags_used_exist_in_installed_flower(tmp_path):
     for name in ("ca.crt", "server.pem", "server.key"):
         (certs / name).write_text("x")
     cmd = superlink_command(certs, tmp_path / "state")
+    # kidneyfl's Fleet gate (server/fleet_gate.py) takes its own flags, then
+    # passes everything after "--" to Flower's SuperLink.
+    split = cmd.index("--")
+    assert cmd[1:3] == ["-m", "server.fleet_gate"]
+    gate_help = subprocess.run(
+        [sys.executable, "-m", "server.fleet_gate", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    ).stdout
+    for flag in (a for a in cmd[3:split] if a.startswith("--")):
+        assert flag in gate_help, flag
     help_text = subprocess.run(
         [str(BIN / "flower-superlink"), "--help"], capture_output=True, text=True
     ).stdout
-    for flag in (a for a in cmd if a.startswith("--")):
+    for flag in (a for a in cmd[split + 1 :] if a.startswith("--")):
         assert flag in help_text, flag
     node_help = subprocess.run(
         [str(BIN / "flower-supernode"), "--help"], capture_output=True, text=True
@@ -273,7 +285,8 @@ def test_compose_matches_images_sites_and_certificates():
     coord = services["coordinator"]
     assert coord["build"]["target"] == "coordinator"
     assert "9092:9092" in coord["ports"]
-    assert "./certs:/certs:ro" in coord["volumes"]
+    for name in ("ca.crt", "server.pem", "server.key"):  # never the CA's key
+        assert f"./certs/{name}:/certs/{name}:ro" in coord["volumes"]
     hospitals = [s for s in services if s.startswith("hospital-")]
     assert len(hospitals) == 3
     for name in hospitals:
