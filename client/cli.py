@@ -1,16 +1,19 @@
-"""Commands hospital IT runs: ``site check|privacy|keygen|start``."""
+"""Commands hospital IT runs: ``site check|privacy|keygen|start|service``."""
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
 
-from client.privacy.ledger import PrivacyLedger
 from common.config import load_site_config
 
 
 def privacy_report(site_yaml: str) -> str:
     """The ledger as a table: spent, delta, ceiling, remaining, and per run."""
+    # Imported here: it brings torch, which `site start` (running for months
+    # beside the SuperNode) has no use for.
+    from client.privacy.ledger import PrivacyLedger
+
     site = load_site_config(site_yaml)
     if not site.privacy.enabled:
         return f"site {site.name}: differential privacy is disabled in {site.source}"
@@ -78,8 +81,12 @@ def _start(args: argparse.Namespace) -> int:
     import shlex
 
     from client.node import exec_supernode, supernode_command
+    from client.supervise import Backoff
 
     site = load_site_config(args.site_yaml)
+    restart = None
+    if args.restart == "on-failure":
+        restart = Backoff(first=args.restart_delay, most=args.restart_max_delay)
     if site.governance.require_approval:
         # Approved bundles only: the SuperNode hands ClientApps to the site's
         # gate executor, which checks the bundle's hash before any of it runs.
@@ -93,12 +100,124 @@ def _start(args: argparse.Namespace) -> int:
             print(shlex.join(isolated_supernode_command(site)))
             print(shlex.join(executor_command(site)))
             return 0
-        return run_governed(args.site_yaml)
+        return run_governed(args.site_yaml, restart, args.stop_timeout)
     if args.print:
         print(shlex.join(supernode_command(site)))
         return 0
-    exec_supernode(site)  # approval explicitly off in the site YAML
-    return 0  # not reached
+    # Approval explicitly off in the site YAML.
+    return exec_supernode(site, restart, args.stop_timeout)
+
+
+def _service(args: argparse.Namespace) -> int:
+    import getpass
+    import os
+    import sys
+    from pathlib import Path
+
+    from client.supervise import SYSTEMD_BACKOFF, systemd_unit, systemd_version
+
+    site = load_site_config(args.site_yaml)
+    if site.federation is None:  # the same refusal as `site start`
+        from client.node import supernode_command
+
+        supernode_command(site)
+    backoff = args.backoff
+    if backoff is None:
+        version = systemd_version()
+        backoff = "systemd" if (version or 0) >= SYSTEMD_BACKOFF else "kidneyfl"
+    user = args.user or getpass.getuser()
+    text = systemd_unit(site, user, backoff, args.stop_timeout)
+    if args.write is None:
+        print(text, end="")
+        return 0
+    path = Path(args.write)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    print(
+        f"wrote {path} ({backoff} restarts with backoff); then: systemctl "
+        f"daemon-reload && systemctl enable --now {path.stem}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _add_start(ssub: argparse._SubParsersAction) -> None:
+    s = ssub.add_parser(
+        "start",
+        help="start the site's SuperNode from the federation block of its YAML "
+        "and keep it supervised",
+        allow_abbrev=False,
+    )
+    s.add_argument("site_yaml")
+    s.add_argument("--print", action="store_true", help="print the command only")
+    s.add_argument(
+        "--restart",
+        choices=("no", "on-failure"),
+        default="no",
+        help="on-failure: start the site again when its SuperNode or executor "
+        "ends (exit 3 otherwise); for use without systemd or Docker restarts",
+    )
+    s.add_argument(
+        "--restart-delay",
+        type=_seconds,
+        default=5.0,
+        metavar="SECONDS",
+        help="first delay before a restart; doubles each time (default 5)",
+    )
+    s.add_argument(
+        "--restart-max-delay",
+        type=_seconds,
+        default=300.0,
+        metavar="SECONDS",
+        help="longest delay between restarts (default 300); it starts over "
+        "after an hour without failure",
+    )
+    s.add_argument(
+        "--stop-timeout",
+        type=_seconds,
+        default=20.0,
+        metavar="SECONDS",
+        help="how long processes get to stop after SIGTERM before SIGKILL (default 20)",
+    )
+    s.set_defaults(func=_start)
+    v = ssub.add_parser(
+        "service",
+        help="print (or --write) a systemd unit that runs `site start` and "
+        "restarts it with backoff",
+        epilog="example: kidneyfl site service sites/hospital-a.yaml --user kidneyfl "
+        "--write /etc/systemd/system/kidneyfl-site-hospital-a.service",
+        allow_abbrev=False,
+    )
+    v.add_argument("site_yaml")
+    v.add_argument("--write", default=None, metavar="PATH", help="write it here")
+    v.add_argument(
+        "--user", default=None, help="account to run as (default: the current one)"
+    )
+    v.add_argument(
+        "--backoff",
+        choices=("systemd", "kidneyfl"),
+        default=None,
+        help="who delays restarts: systemd (needs systemd >= 254) or kidneyfl "
+        "(`site start --restart on-failure`); default: systemd where this "
+        "host's systemd is 254 or later",
+    )
+    v.add_argument(
+        "--stop-timeout",
+        type=_seconds,
+        default=20.0,
+        metavar="SECONDS",
+        help="passed to `site start` (default 20)",
+    )
+    v.set_defaults(func=_service)
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1e6:
+        raise argparse.ArgumentTypeError(f"{text}: give a number of seconds > 0")
+    return value
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -145,14 +264,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     k.add_argument("key", help="path of the private key; KEY.pub is written too")
     k.add_argument("--comment", default="", help="e.g. the site name")
     k.set_defaults(func=_keygen)
-    s = ssub.add_parser(
-        "start",
-        help="start the site's SuperNode from the federation block of its YAML",
-        allow_abbrev=False,
-    )
-    s.add_argument("site_yaml")
-    s.add_argument("--print", action="store_true", help="print the command only")
-    s.set_defaults(func=_start)
+    _add_start(ssub)
     register_governance(ssub)
     register_audit_privacy(ssub)
 

@@ -7,8 +7,8 @@ with :class:`GateExecutor` in place of Flower's ``SubprocessExecutor``: it
 launches only ClientApp tasks, each as ``python -m client.executor task``,
 which is Flower's ClientApp runner behind the approval check
 (:func:`client.gate.run_task`). :func:`run_governed` starts the SuperNode and
-the executor together (what ``kidneyfl site start`` should run when
-``governance.require_approval`` is on).
+the executor together and keeps them together (what ``kidneyfl site start``
+runs when ``governance.require_approval`` is on; :mod:`client.supervise`).
 
 Warm start: Flower starts a fresh interpreter per message, which spends
 seconds of CPU importing torch, MONAI and Opacus before any work. With
@@ -32,9 +32,12 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from common.config import ConfigError, SiteConfig, load_site_config
+
+if TYPE_CHECKING:
+    from client.supervise import Backoff
 
 log = logging.getLogger("kidneyfl.executor")
 
@@ -290,44 +293,43 @@ def run_executor(site_yaml: str | Path, parent_pid: int | None = None) -> None:
     )
 
 
-def run_governed(site_yaml: str | Path) -> int:
+def run_governed(
+    site_yaml: str | Path,
+    restart: Backoff | None = None,
+    stop_timeout: float = 20.0,
+) -> int:
     """The site's SuperNode (``--isolation process``) and its gate executor.
 
-    What ``kidneyfl site start`` runs when ``governance.require_approval`` is on:
-    both processes, stopped together (SIGTERM/SIGINT reach both; if one exits
-    the other is stopped). Returns the exit code of the one that ended first.
-    """
-    import signal
-    import time
+    What ``kidneyfl site start`` runs when ``governance.require_approval`` is on,
+    under :class:`client.supervise.Supervisor`: both processes and the
+    ClientApps the executor starts are stopped together on SIGTERM/SIGINT/SIGHUP
+    (exit 0); if the SuperNode or the executor ends on its own, one line says
+    which and why, everything else is stopped, and the exit code is 3, unless
+    ``restart`` starts the site again after a delay.
 
-    from client.node import start_logged
+    Raises
+    ------
+    ConfigError
+        If the YAML is incomplete, or the ClientAppIo port is taken.
+    """
+    from client.node import clientappio_port_problem
+    from client.supervise import Supervisor
 
     site = load_site_config(site_yaml)
     env = supernode_env_for(site)
     Path(env["FLWR_HOME"]).mkdir(parents=True, exist_ok=True)
-    # Output to the terminal and <state_dir>/logs/supernode.log (client/node.py).
-    node = start_logged(isolated_supernode_command(site), env, site)
-    cmd = [*executor_command(site), "--parent-pid", str(os.getpid())]
-    execu = start_logged(cmd, env, site)
-    procs = (node, execu)
-
-    def stop(*_: Any) -> None:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.terminate()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    while all(proc.poll() is None for proc in procs):
-        time.sleep(0.5)
-    stop()
-    for proc in procs:
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    first = node if node.returncode is not None else execu
-    return int(first.returncode or 0)
+    children = [
+        ("SuperNode", isolated_supernode_command(site)),
+        # Flower's own parent check as well: the executor ends if we die.
+        ("executor", [*executor_command(site), "--parent-pid", str(os.getpid())]),
+    ]
+    return Supervisor(
+        site,
+        children,
+        env,
+        stop_timeout=stop_timeout,
+        ready=lambda: clientappio_port_problem(site),
+    ).run(restart)
 
 
 def supernode_env_for(site: SiteConfig) -> dict[str, str]:
