@@ -55,7 +55,8 @@ if fake.get("node") is not None:
     node.supernode_command = lambda site: list(fake["node"])
 else:
     node.supernode_command = lambda site: [*real(site), *fake.get("node_extra", [])]
-ex.executor_command = lambda site: list(fake["executor"])
+if fake.get("executor") is not None:
+    ex.executor_command = lambda site: list(fake["executor"])
 setup_logging()
 parser = argparse.ArgumentParser()
 register(parser.add_subparsers(dest="command"))
@@ -101,7 +102,9 @@ def _spawner(then: str, marker: str) -> list[str]:
 FAKE_EXECUTOR = _spawner("time.sleep(600)", "fake-executor")
 
 
-def _site(tmp_path: Path, approval: bool = True, port: int | None = None) -> Path:
+def _site(
+    tmp_path: Path, approval: bool = True, port: int | None = None, warm: bool = False
+) -> Path:
     tmp_path.mkdir(parents=True, exist_ok=True)
     yml = write_site_yaml(tmp_path, "hospital-a", generate=False)
     doc = yaml.safe_load(yml.read_text())
@@ -109,7 +112,7 @@ def _site(tmp_path: Path, approval: bool = True, port: int | None = None) -> Pat
         "superlink": f"127.0.0.1:{free_port()}",  # nothing listens there
         "insecure": True,
         "clientappio_port": port or free_port(),
-        "warm_clientapp": False,
+        "warm_clientapp": warm,
     }
     doc["governance"] = {"require_approval": approval}
     yml.write_text(yaml.safe_dump(doc))
@@ -334,6 +337,31 @@ def test_a_real_supernode_that_gives_up_is_reported(tmp_path):
         in (line[0])
     )
     assert "stopping the executor;" in line[0]
+
+
+def test_real_supernode_and_executor_killed_node_stops_the_fork_server(tmp_path):
+    # The real pair, with the executor's warm fork server, started at once
+    # (it is stopped while it still imports torch).
+    yml = _site(tmp_path, warm=True)
+    site = _start(tmp_path, yml, {})
+    with _cleanup([site]):
+        deadline = time.monotonic() + 50
+        while time.monotonic() < deadline:
+            pids = [p for p in descendants(site.pid) if alive(p)]
+            cmds = {p: _cmdline(p) for p in pids}
+            node = [p for p, c in cmds.items() if "flower-supernode" in c]
+            if node and any("--forkserver" in c for c in cmds.values()):
+                break
+            assert site.poll() is None, site.communicate()[1]
+            time.sleep(0.2)
+        os.kill(node[0], signal.SIGKILL)
+        assert site.wait(40) == 3
+        assert _all_gone(pids) == []
+        err = site.stderr.read()
+    line = _lines(err, "SuperNode was killed by SIGKILL")
+    assert (
+        len(line) == 1 and "stopping the executor and 1 ClientApp process;" in (line[0])
+    ), err
 
 
 # -- one port per site ------------------------------------------------------------
