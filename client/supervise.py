@@ -148,7 +148,11 @@ class Supervisor:
 
         if self.ready is not None and (problem := self.ready()):
             raise ConfigError(problem)
+        from common.logs import LOG_FILE, add_log_file, remove_log_file
+
         adopt_orphans()
+        before = list(logging.getLogger("kidneyfl").handlers)
+        handler = add_log_file(self.site.state_dir / "logs" / LOG_FILE)
         previous = {s: signal.signal(s, self._on_signal) for s in _STOP_SIGNALS}
         try:
             code = self._loop(backoff)
@@ -156,8 +160,10 @@ class Supervisor:
                 self._say(logging.INFO, "stopped")
             return code
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+            if handler not in before:
+                remove_log_file(handler)
 
     def _loop(self, backoff: Backoff | None) -> int:
         delay: float | None = None

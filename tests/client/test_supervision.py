@@ -207,6 +207,9 @@ def test_supernode_death_is_one_line_exit_3_and_no_orphan(tmp_path):
     # The one that ignored SIGTERM was killed after --stop-timeout.
     assert len(_lines(err, "still running 1 s after SIGTERM; killing them")) == 1
     assert "SuperNode was killed by SIGKILL" in logs.read_text()
+    assert (
+        "SuperNode was killed by SIGKILL" in (logs.parent / "kidneyfl.log").read_text()
+    )
     assert "connected to 127.0.0.1" in logs.read_text()  # its output was copied
 
 
