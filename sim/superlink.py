@@ -41,6 +41,25 @@ class SuperLink:
 
     process: subprocess.Popen
     http_port: int  # Fleet, Control and Runtime APIs share this port in 1.41 and 1.42
+    log_file: Path | None = None
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Wait until the SuperLink accepts connections; stops it and raises
+        :class:`SimulationError` if it exits or does not start in time."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SimulationError(
+                    f"flower-superlink exited with code {self.process.returncode}; "
+                    f"see {self.log_file}"
+                )
+            try:
+                with socket.create_connection(("127.0.0.1", self.http_port), 0.5):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise SimulationError(f"flower-superlink did not start within {timeout:g} s")
 
     def stop(self, timeout: float = 20.0) -> None:
         """Stop the SuperLink and every process it started, by PID.
@@ -110,6 +129,17 @@ def start_superlink(
 ) -> SuperLink:
     """Start ``flower-superlink --simulation`` on free 127.0.0.1 ports; its log
     goes to ``logdir/superlink.log`` (default: under ``flwr_home``)."""
+    link = launch_superlink(flwr_home, env, logdir)
+    link.wait_ready()
+    return link
+
+
+def launch_superlink(
+    flwr_home: Path, env: Mapping[str, str], logdir: Path | None = None
+) -> SuperLink:
+    """:func:`start_superlink` without waiting: the process is started and
+    :meth:`SuperLink.wait_ready` waits for its port (the caller can do other
+    work while the SuperLink imports Flower, about 1.5 s)."""
     http = free_port()
     logdir = logdir or flwr_home / "sim-superlink"
     logdir.mkdir(parents=True, exist_ok=True)
@@ -134,21 +164,7 @@ def start_superlink(
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    link = SuperLink(proc, http)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SimulationError(
-                f"flower-superlink exited with code {proc.returncode}; see "
-                f"{logdir / 'superlink.log'}"
-            )
-        try:
-            with socket.create_connection(("127.0.0.1", http), timeout=0.5):
-                return link
-        except OSError:
-            time.sleep(0.3)
-    link.stop()
-    raise SimulationError("flower-superlink did not start within 60 s")
+    return SuperLink(proc, http, logdir / "superlink.log")
 
 
 def write_flwr_config(flwr_home: Path, http_port: int) -> None:
