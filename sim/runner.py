@@ -19,25 +19,43 @@ import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import tomli_w
 
 from common.config import SiteConfig, load_plan, load_site_config
 from common.runtime import flower_process_env
-from server.reporting.console import RunConsole, banner
+from sim import rayhead
+from sim.rayhead import RayHead
 from sim.superlink import (
     CONNECTION,
     SimulationError,
     SuperLink,
     bin_path,
-    start_superlink,
+    launch_superlink,
     write_flwr_config,
 )
+
+if TYPE_CHECKING:  # imported in simulate(): torch and monai, ~3 s
+    from server.reporting.console import RunConsole
 
 log = logging.getLogger("kidneyfl.simulate")
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
+
+# "0" runs a simulation the way kidneyfl did before the start-up work of
+# issue 31 (one step after the other, Flower's own Ray), for comparison
+# (benchmarks/startup.py); anything else, or unset, is the fast start.
+FAST_START_ENV = "KIDNEYFL_FAST_START"
+
+
+def fast_start() -> bool:
+    """Whether :func:`simulate` starts fast (docs/benchmarks.md, "Simulation
+    start-up"): Ray and the SuperLink start first and boot while this
+    process prepares the run, Ray without the workers it would start ahead
+    for nobody and without metrics collection, and the processes stop while
+    the report is redrawn."""
+    return os.environ.get(FAST_START_ENV, "1").strip() != "0"
 
 
 def default_plan() -> dict[str, Any]:
@@ -119,8 +137,10 @@ def simulate(
     SimulationError
         If Flower fails or the run leaves no metrics.
     """
+    fast = fast_start()
     sites = _load_sites(site_paths)
-    prepare_phantoms(sites)
+    if not fast:
+        prepare_phantoms(sites)
     out_dir = out_dir.resolve()
     run_dir = out_dir / run_name
     run_config = _run_config(sites, run_name, out_dir, overrides)
@@ -131,17 +151,32 @@ def simulate(
     overrides_file.write_text(tomli_w.dumps(run_config))
     flwr_home = (flwr_home or PROJECT_DIR / ".flwr-home").resolve()
     flwr_home.mkdir(parents=True, exist_ok=True)
-    env = _flower_env(flwr_home)
-    fed = _federation_config(len(sites), cpus_per_site)
-    link = start_superlink(flwr_home, env, log_dir)
+    # the run's own Ray folder, unless the operator chose Ray's folder or cluster
+    ray_tmp = rayhead.ray_tmpdir() if fast and _ray_is_ours() else None
+    env = _flower_env(flwr_home, fast, ray_tmp)
+    link = launch_superlink(flwr_home, env, log_dir)
+    head: RayHead | None = None
+    stopping: Stopping | None = None
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_exit) if in_main else None
     try:
+        if fast:
+            # Ray and the SuperLink boot while this process writes the
+            # phantoms, stages the app and imports what it needs.
+            head = _launch_ray_head(env) if ray_tmp else None
+            prepare_phantoms(sites)
+        else:
+            link.wait_ready()
+        fed = _federation_config(len(sites), cpus_per_site, ray_head=head is not None)
+        app = stage_app(flwr_home / "app")
+        from server.reporting.console import RunConsole, banner  # torch, monai
+
+        link.wait_ready()
         write_flwr_config(flwr_home, link.http_port)
         # Always `--stream`: it is what makes `flwr run` wait for the run to
         # end; the stream goes to the run's log and, filtered, to the terminal.
-        cmd = [bin_path("flwr"), "run", str(stage_app(flwr_home / "app"))]
-        cmd += [CONNECTION, "--federation-config", fed]
+        cmd = [bin_path("flwr"), "run", str(app), CONNECTION]
+        cmd += ["--federation-config", fed]
         cmd += ["--run-config", str(overrides_file), "--stream"]
         term = (out or sys.stdout) if stream else None
         with RunConsole(run_dir, log_dir / "flwr.log", term, verbose) as console:
@@ -153,16 +188,23 @@ def simulate(
                     f"{log_dir / 'flwr.log'}"
                 )
             _wait_for_final(run_dir, link)
+        # The run is over: with the fast start, its processes stop while the
+        # report is redrawn.
+        stopping = Stopping(link, head, ray_tmp, background=fast)
     finally:
-        link.stop()
+        if stopping is None:  # failed or interrupted: stop everything first
+            Stopping(link, head, ray_tmp, background=False)
         if in_main:
             signal.signal(signal.SIGTERM, previous)
-    if not (run_dir / "metrics.jsonl").exists():
-        raise SimulationError(
-            f"run {run_name} wrote no metrics; see {log_dir}/flwr.log and "
-            f"{log_dir}/superlink.log"
-        )
-    redraw_report(run_dir)
+    try:
+        if not (run_dir / "metrics.jsonl").exists():
+            raise SimulationError(
+                f"run {run_name} wrote no metrics; see {log_dir}/flwr.log and "
+                f"{log_dir}/superlink.log"
+            )
+        redraw_report(run_dir)
+    finally:
+        stopping.join()  # (set: the try above ended without an exception)
     return run_dir
 
 
@@ -197,9 +239,13 @@ def _run_config(
     return run_config
 
 
-def _flower_env(flwr_home: Path) -> dict[str, str]:
+def _flower_env(
+    flwr_home: Path, fast: bool = False, ray_tmp: Path | None = None
+) -> dict[str, str]:
     """The environment of every Flower process: no runtime installs, no
-    update check, unbuffered, this interpreter's entry points first."""
+    update check, unbuffered, this interpreter's entry points first; with
+    ``fast``, Ray's settings for a quick start (:func:`_ray_env`), and with
+    ``ray_tmp`` Ray's folder for this run (``RAY_TMPDIR``)."""
     env = dict(os.environ)
     env.update(
         FLWR_HOME=str(flwr_home),
@@ -211,20 +257,93 @@ def _flower_env(flwr_home: Path) -> dict[str, str]:
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     )
     flower_process_env(env)
+    if fast:
+        for key, value in _ray_env().items():
+            env.setdefault(key, value)  # the operator's own value wins
+    if ray_tmp is not None:
+        env["RAY_TMPDIR"] = str(ray_tmp)
     return env
 
 
-def _federation_config(n_sites: int, cpus_per_site: int | None) -> str:
+def _ray_is_ours() -> bool:
+    """Whether this run may give Ray its own folder (and start its cluster
+    ahead): not when the operator set Ray's folder or a cluster to join."""
+    return not (os.environ.get("RAY_TMPDIR") or os.environ.get("RAY_ADDRESS"))
+
+
+def _ray_env() -> dict[str, str]:
+    """Ray's settings (its ``RAY_<config>`` variables) for the simulation.
+
+    - ``RAY_prestart_worker_first_driver=0``: Ray starts one idle worker per
+      core when the first driver connects, for tasks; the simulation runs
+      actors, which get workers of their own, so those are started for
+      nobody (about 0.5 s of CPU each, while the actors start).
+    - ``RAY_enable_metrics_collection=0``: no metrics recorded or exported
+      (there is no dashboard to read them).
+    """
+    return {
+        "RAY_prestart_worker_first_driver": "0",
+        "RAY_enable_metrics_collection": "0",
+    }
+
+
+def _launch_ray_head(env: Mapping[str, str]) -> RayHead | None:
+    """Start the run's Ray cluster ahead of Flower (:mod:`sim.rayhead`);
+    None, and Flower starts Ray as before, if the helper cannot start."""
+    try:
+        return rayhead.launch(env, os.cpu_count() or 2)
+    except OSError:
+        log.warning("could not start Ray ahead of Flower", exc_info=True)
+        return None
+
+
+class Stopping:
+    """Stops the run's SuperLink and Ray (each by PID, with every process it
+    started), in the background or at once; :meth:`join` waits for both and
+    removes the run's Ray folder."""
+
+    def __init__(
+        self,
+        link: SuperLink,
+        head: RayHead | None,
+        ray_tmp: Path | None,
+        background: bool,
+    ) -> None:
+        self._ray_tmp = ray_tmp
+        stops = [link.stop] + ([head.stop] if head is not None else [])
+        self._threads = [threading.Thread(target=f, daemon=True) for f in stops]
+        for t in self._threads:
+            t.start()
+        if not background:
+            self.join()
+
+    def join(self) -> None:
+        for t in self._threads:
+            t.join()
+        if self._ray_tmp is not None:
+            shutil.rmtree(self._ray_tmp, ignore_errors=True)
+
+
+def _federation_config(
+    n_sites: int, cpus_per_site: int | None, ray_head: bool = False
+) -> str:
     """Flower's ``--federation-config``: one virtual node per site, the cores
-    (and GPUs) shared out among them."""
+    (and GPUs) shared out among them.
+
+    With ``ray_head`` the simulation joins the cluster :mod:`sim.rayhead`
+    started with the cores, and Ray refuses ``num_cpus`` from a driver that
+    joins a cluster: ``init-args-num-cpus`` is left out.
+    """
     cores = os.cpu_count() or 2
     if cpus_per_site is None:
         cpus_per_site = default_cpus_per_site(n_sites, cores)
-    return (
+    cfg = (
         f"num-supernodes={n_sites} client-resources-num-cpus={int(cpus_per_site)} "
-        f"client-resources-num-gpus={_gpus_per_site()} init-args-num-cpus={cores} "
-        f'init-args-logging-level="ERROR"'
+        f"client-resources-num-gpus={_gpus_per_site()} "
     )
+    if not ray_head:
+        cfg += f"init-args-num-cpus={cores} "
+    return cfg + 'init-args-logging-level="ERROR"'
 
 
 def redraw_report(run_dir: Path) -> None:
