@@ -33,11 +33,27 @@ def privacy_report(site_yaml: str) -> str:
             f"{r['run_id']:<28}{r['rounds']:>7}{r['steps']:>7}"
             f"{r['noise_multiplier']:>8.3f}{r['epsilon_alone']:>17.4f}{when:>22}"
         )
+        if r["unused_rounds"]:
+            lines.append(
+                f"  spent, not used: round(s) {_ranges(r['unused_rounds'])} "
+                "(the coordinator did not use this site's update)"
+            )
     if not ledger.entries:
         lines.append("(no rounds recorded yet)")
     name = {"prv": "Opacus PRV accountant, tight", "rdp": "Opacus RDP accountant"}
     lines.append(f"epsilon composes over all runs ({name[ledger.accountant]}).")
     return "\n".join(lines)
+
+
+def _ranges(rounds: list[int]) -> str:
+    """``[1, 2, 3, 7]`` as ``1-3, 7``."""
+    out: list[str] = []
+    for r in sorted(rounds):
+        if out and out[-1].split("-")[-1] == str(r - 1):
+            out[-1] = f"{out[-1].split('-')[0]}-{r}"
+        else:
+            out.append(str(r))
+    return ", ".join(out)
 
 
 def _check(args: argparse.Namespace) -> int:

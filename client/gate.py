@@ -58,6 +58,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from client.approved_source import import_approved
 from client.audit_log import AuditLog
+from client.unused_rounds import note_unused
 from client.contract import ReplyView, check_reply, expected_arrays
 from client.governance import (
     SIMULATION_HASH,
@@ -397,7 +398,18 @@ def _governed(
     except ConfigError:
         return handler(msg, context)  # no state directory to record in
     edge.site = site
+    # Written when the request arrives, before any work (the ledger's read
+    # included): a site that dies mid-round still has the request on record.
+    record(site, msg, context, "app", "arrived", "", None, 0, strict=False)
     edge.eps0 = spent_epsilon(site)
+    cfg = msg.content.config_records.get(wire.CONFIG) if msg.has_content() else None
+    note_unused(
+        site,
+        cfg,
+        msg.metadata.message_id,
+        os.environ.get(APP_HASH_ENV, SIMULATION_HASH),
+        edge.eps0,
+    )
     reply = handler(msg, context)
     reply, decision, why, nbytes = enforce(site, plan, msg, reply)
     record(site, msg, context, "app", decision, why, edge.eps0, nbytes)

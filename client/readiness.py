@@ -35,6 +35,7 @@ from client.environment import (
     check_node_command,
     check_superlink,
 )
+from client.node import check_clientappio_port
 from client.tasks.registry import site_task
 from common.config import ConfigError, SiteConfig, load_site_config
 
@@ -151,6 +152,7 @@ def check_site(
         superlink = fed.superlink
         root_certificates = None if fed.insecure else fed.root_certificates
         check_node_command(site, report)
+        check_clientappio_port(site, report)
     if superlink:
         check_superlink(superlink, root_certificates, report)
     try:

@@ -28,6 +28,7 @@ per-run and lifetime epsilon) is in
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -131,6 +132,33 @@ class Checked:
     learning_rate: float | None = None
     proximal_mu: float = 0.0
     floor: int = 0  # the floor the coordinator asks for (the site may use more)
+    # rounds of this run the coordinator says it did not use this site's
+    # update of (the site marks only those its own ledger spent on)
+    unused_rounds: tuple[int, ...] = ()
+
+
+def unused_rounds(cfg: Mapping[str, Any]) -> tuple[int, ...]:
+    """The ``unused-rounds`` a request carries: at most ``MAX_UNUSED_ROUNDS``
+    integers in [1, MAX_ROUND]; absent is none.
+
+    Raises
+    ------
+    RequestRefused
+        ``request-invalid`` for anything else.
+    """
+    value = cfg.get(wire.UNUSED_ROUNDS)
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > wire.MAX_UNUSED_ROUNDS:
+        raise refuse(
+            wire.UNUSED_ROUNDS,
+            value,
+            f"must be a list of at most {wire.MAX_UNUSED_ROUNDS} round numbers",
+        )
+    for r in value:
+        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= MAX_ROUND:
+            raise refuse(wire.UNUSED_ROUNDS, value, "must hold round numbers only")
+    return tuple(sorted(set(value)))
 
 
 def check_request(
@@ -159,13 +187,16 @@ def check_request(
     rid = run_id(cfg)
     floor_keys = (wire.MIN_CASES_FOR_AGGREGATES, wire.FINGERPRINT_MIN_CASES)
     floor = max(integer(cfg, k, 0, MAX_FLOOR, required=False) or 0 for k in floor_keys)
+    unused = unused_rounds(cfg)
     if kind == TRAIN:
-        return _train(cfg, plan, site, rid, floor)
-    if kind == FINE_TUNE:
-        return _fine_tune(cfg, plan, site, rid, floor)
-    if kind in ("evaluate", "query"):
-        return Checked(rid, round_number(cfg, required=False), floor=floor)
-    raise refuse("message-type", kind, "the site answers train, evaluate and query")
+        checked = _train(cfg, plan, site, rid, floor)
+    elif kind == FINE_TUNE:
+        checked = _fine_tune(cfg, plan, site, rid, floor)
+    elif kind in ("evaluate", "query"):
+        checked = Checked(rid, round_number(cfg, required=False), floor=floor)
+    else:
+        raise refuse("message-type", kind, "the site answers train, evaluate and query")
+    return dataclasses.replace(checked, unused_rounds=unused)
 
 
 def _schedule_limits(cfg: Mapping[str, Any], plan: Plan, site: SiteConfig) -> int:

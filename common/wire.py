@@ -227,6 +227,12 @@ TOTAL_ROUNDS: Final = "total-rounds"
 # The learning rate of this train round under the plan's lr-schedule; absent
 # with the constant schedule (the site uses the plan's learning-rate).
 LEARNING_RATE: Final = "learning-rate"
+# Rounds of this run whose train request this site was sent but whose update
+# did not enter a kept aggregate (the round was discarded, or the site's update
+# was rejected or never arrived): a list of ints, at most MAX_UNUSED_ROUNDS.
+# The site marks the ones its ledger spent on as "spent, not used".
+UNUSED_ROUNDS: Final = "unused-rounds"
+MAX_UNUSED_ROUNDS: Final = 200
 # The fewest patients any released aggregate may describe, as the coordinator
 # asks; a site uses the larger of this and its own floor.
 MIN_CASES_FOR_AGGREGATES: Final = "min-cases-for-aggregates"

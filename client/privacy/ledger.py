@@ -98,6 +98,8 @@ class PrivacyLedger:
         self.accountant = ACCOUNTANT
         self.entries: list[LedgerEntry] = []
         self.calibrations: dict[str, Calibration] = {}
+        # run id -> rounds spent on whose update the coordinator did not use
+        self.unused: dict[str, list[int]] = {}
         self._load()
 
     # -- persistence ---------------------------------------------------------
@@ -110,6 +112,7 @@ class PrivacyLedger:
                 k: asdict(v) for k, v in sorted(self.calibrations.items())
             },
             "entries": [asdict(e) for e in self.entries],
+            "unused": {k: sorted(v) for k, v in sorted(self.unused.items())},
         }
 
     @staticmethod
@@ -119,6 +122,7 @@ class PrivacyLedger:
 
     def _load(self) -> None:
         self.accountant, self.entries, self.calibrations = ACCOUNTANT, [], {}
+        self.unused = {}
         if not self.path.exists():
             return
         try:
@@ -127,6 +131,9 @@ class PrivacyLedger:
             self.entries = self._entries(doc["entries"])
             self.calibrations = {
                 k: Calibration(**v) for k, v in doc["calibrations"].items()
+            }
+            self.unused = {  # absent before the key existed
+                str(k): [int(r) for r in v] for k, v in doc.get("unused", {}).items()
             }
         except LedgerError:
             raise
@@ -461,6 +468,24 @@ class PrivacyLedger:
             run_id, schedule.target_epsilon, schedule.delta, q, planned, noise, bound
         )
 
+    def mark_unused(self, run_id: str, rounds: list[int]) -> list[int]:
+        """Record that the coordinator did not use this site's update of
+        ``rounds`` of ``run_id``: spent, not used. Returns the rounds newly
+        marked.
+
+        Only rounds this ledger spent on in that run are marked, and a mark is
+        never removed: it changes no epsilon (what was spent stays spent); it
+        tells the site which spends bought nothing. Saved under the lock.
+        """
+        with self.locked():
+            spent = {e.round for e in self.entries if e.run_id == run_id}
+            have = set(self.unused.get(run_id, []))
+            new = sorted({r for r in rounds if r in spent} - have)
+            if new:
+                self.unused[run_id] = sorted(have | set(new))
+                self._save()
+        return new
+
     def runs_summary(self, delta: float) -> list[dict]:
         """Per run: rounds, steps and the epsilon that run alone would have spent."""
         out: dict[str, dict] = {}
@@ -475,6 +500,7 @@ class PrivacyLedger:
             r["last_time"] = e.time
         for r in out.values():
             r["epsilon_alone"] = epsilon_for(r.pop("hist"), delta, self.accountant)
+            r["unused_rounds"] = list(self.unused.get(r["run_id"], []))
         return list(out.values())
 
 

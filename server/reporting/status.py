@@ -15,6 +15,8 @@ When the report could not be drawn in time (``live_report.draw_bounded``),
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import threading
 import time
@@ -120,6 +122,10 @@ class ProgressGrid:
     def push_messages(self, messages: Iterable[Any]) -> Iterable[str]:
         """Push, then record how many requests of which kind went out."""
         messages = list(messages)
+        for msg in messages:  # the SuperNode then logs [RUN r, ROUND n]
+            with contextlib.suppress(AttributeError, KeyError, TypeError, ValueError):
+                rnd = int(msg.content.config_records["config"]["server-round"])
+                msg.metadata.group_id = msg.metadata.group_id or str(rnd)
         ids = list(self._grid.push_messages(messages))
         if messages:
             self._status.asked(str(messages[0].metadata.message_type), len(messages))

@@ -22,7 +22,7 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-from flwr.app import ConfigRecord, Message
+from flwr.app import ConfigRecord, Message, RecordDict
 
 from common import wire
 from common.contract import declared_name
@@ -48,6 +48,8 @@ class RoundSites:
         self.names = dict(names or {})
         self._asked: list[Message] = []
         self._warned: set[str] = set()
+        # node -> rounds whose update was not used (told to the site)
+        self.unused: dict[int, list[int]] = {}
 
     def shared_names(self) -> dict[str, list[int]]:
         """Registered names held by more than one node, with their nodes."""
@@ -83,8 +85,9 @@ class RoundSites:
                 )
 
     def ask(self, messages: Iterable[Message]) -> list[Message]:
-        """Remember the messages of this request (as a list) and return them."""
-        self._asked = list(messages)
+        """Remember the messages of this request (as a list) and return them,
+        each telling its node which of its rounds were not used."""
+        self._asked = self.tell_unused(messages)
         return self._asked
 
     def node_of(self, reply: Message) -> int:
@@ -130,6 +133,57 @@ class RoundSites:
             if name and name != "unknown":
                 return name
         return f"node-{int(node)}"
+
+    def note_unused(
+        self, rnd: int, replies: list[Message], used: Iterable[str], kept: bool
+    ) -> None:
+        """Remember, per asked node, that round ``rnd``'s update was not used:
+        the round's aggregate was not kept (``kept`` False), or the node's
+        update is not among ``used`` (rejected, refused, failed, silent).
+
+        Over-telling is harmless: a site marks only rounds its own ledger
+        spent on (``client.privacy.ledger.PrivacyLedger.mark_unused``).
+        """
+        used_nodes: set[int] = set()
+        if kept:
+            used = set(used)
+            for msg in replies:
+                try:
+                    if self.site_of(msg) in used:
+                        used_nodes.add(int(self.node_of(msg)))
+                except Exception:  # noqa: BLE001 - a reply without a site is unused
+                    continue
+        for m in self._asked:
+            node = int(m.metadata.dst_node_id)
+            if node not in used_nodes:
+                rounds = self.unused.setdefault(node, [])
+                if rnd not in rounds:
+                    rounds.append(rnd)
+                    del rounds[: -wire.MAX_UNUSED_ROUNDS]
+
+    def tell_unused(self, messages: Iterable[Message]) -> list[Message]:
+        """The messages, each to a node with unused rounds carrying them in its
+        own copy of the config record (Flower's strategies send every node the
+        same record dict)."""
+        out = []
+        for m in messages:
+            rounds = self.unused.get(int(m.metadata.dst_node_id))
+            if not rounds or not m.has_content():
+                out.append(m)
+                continue
+            content = RecordDict(dict(m.content.items()))
+            config = ConfigRecord(dict(content.get(wire.CONFIG, ConfigRecord())))
+            config[wire.UNUSED_ROUNDS] = list(rounds)
+            content[wire.CONFIG] = config
+            out.append(
+                Message(
+                    content=content,
+                    dst_node_id=m.metadata.dst_node_id,
+                    message_type=m.metadata.message_type,
+                    group_id=m.metadata.group_id,
+                )
+            )
+        return out
 
     def note_silent(self, rec: RoundRecord, replies: list[Message]) -> None:
         """Record, as failed, every asked site without a reply.

@@ -225,11 +225,19 @@ class SiteAwareStrategy(Strategy):
         """
         rec = self._record(server_round)
         snapshot = snapshot_state(self.inner)
+        replies = list(replies)
         try:
-            return self._aggregate_train(server_round, rec, list(replies), snapshot)
+            return self._aggregate_train(server_round, rec, replies, snapshot)
         except Exception as exc:  # noqa: BLE001 - one round never ends a run
             why = f"aggregation failed ({type(exc).__name__})"
             return self._fail(rec, why, snapshot)
+        finally:
+            # Each site is told, with its next request, which of its rounds'
+            # updates were not used (docs/privacy.md, "Spent, not used").
+            try:
+                self.sites.note_unused(rec.round, replies, rec.train, rec.aggregated)
+            except Exception as exc:  # noqa: BLE001 - bookkeeping never ends a run
+                log.error("round %d: unused rounds not noted (%s)", rec.round, exc)
 
     def _aggregate_train(
         self,

@@ -112,7 +112,19 @@ def _ask(kind: str, yaml_path: Path) -> Message:
 
 
 def _entries(yaml_path: Path) -> list[dict]:
-    return AuditLog(load_site_config(yaml_path).state_dir).entries()
+    """The audit log's outcomes; each outcome of the app's handlers follows the
+    entry written when its request arrived, before any work."""
+    entries = AuditLog(load_site_config(yaml_path).state_dir).entries()
+    out = []
+    for i, e in enumerate(entries):
+        if e["decision"] == "arrived":
+            continue
+        if e["where"] == "app":
+            before = entries[i - 1] if i else {}
+            assert before.get("decision") == "arrived", entries
+            assert before["message_id"] == e["message_id"]
+        out.append(e)
+    return out
 
 
 @pytest.fixture

@@ -159,16 +159,19 @@ def test_approved_kidneyfl_bundle_trains_through_the_gate(tmp_path: Path) -> Non
     log = AuditLog(site.state_dir)
     entries = log.entries()
     assert log.verify().ok
+    # Each request is recorded when it arrives, before any work, then its outcome.
     assert [(e["message_type"], e["decision"], e["where"]) for e in entries] == [
+        ("train", "arrived", "app"),
         ("train", "ran", "app"),
+        ("evaluate", "arrived", "app"),
         ("evaluate", "ran", "app"),
     ], entries
     assert {e["app_hash"] for e in entries} == {bundle_hash(fab)}
     ledger = PrivacyLedger(site.state_dir, site.name)
-    assert entries[0]["epsilon_after"] == pytest.approx(
-        ledger.epsilon(site.privacy.delta)
-    )
-    assert entries[0]["epsilon_before"] == 0.0 < entries[0]["epsilon_after"]
+    ran = entries[1]
+    assert ran["epsilon_after"] == pytest.approx(ledger.epsilon(site.privacy.delta))
+    assert ran["epsilon_before"] == 0.0 < ran["epsilon_after"]
+    assert entries[0]["epsilon_after"] == 0.0  # nothing spent when it arrived
     # Flower 1.42 ships uv for runtime dependency installation: it stays off at
     # the coordinator and at the site (no per-run environment was made).
     assert not list(tmp_path.rglob("runtime-envs")), "Flower installed packages"
