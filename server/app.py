@@ -24,7 +24,7 @@ from common.artifacts import effective_preprocessing
 from common.atomic import atomic_write_json
 from common.config import Plan, load_plan, run_folder
 from common.contract import ReplyRules
-from common.logs import setup_logging
+from common.logs import add_log_file, remove_log_file, setup_logging
 from common.scans import SEEN_SCANS_KEY
 from server.checkpoint import save_checkpoint
 from server.deliver import deliver
@@ -76,6 +76,34 @@ def main(grid: Grid, context: Context) -> None:
     plan = load_plan(context.run_config)
     run_dir = run_dir_for(plan, context)
     run_dir.mkdir(parents=True, exist_ok=True)
+    handler = _run_logs(run_dir, context)
+    try:
+        _main(grid, plan, run_dir, context)
+    finally:
+        logging.getLogger("flwr").removeHandler(handler)
+        remove_log_file(handler)
+
+
+def _run_logs(run_dir: Path, context: Context) -> logging.Handler:
+    """What a deployed run keeps beside its results, as a simulated one does:
+    ``logs/serverapp.log`` (the ServerApp's log, kidneyfl's and Flower's, with
+    times) and ``run-config.toml`` (the run config Flower gave the ServerApp;
+    a simulation writes its own first, which is kept)."""
+    handler = add_log_file(run_dir / "logs" / "serverapp.log")
+    logging.getLogger("flwr").addHandler(handler)
+    config = run_dir / "run-config.toml"
+    if not config.exists():
+        import tomli_w
+
+        from common.atomic import atomic_write_text
+
+        values = {str(k): v for k, v in dict(context.run_config).items()}
+        atomic_write_text(config, tomli_w.dumps(values))
+    return handler
+
+
+def _main(grid: Grid, plan: Plan, run_dir: Path, context: Context) -> None:
+    """The run, once its folder and logs exist (see :func:`main`)."""
     start = start_point(plan, run_dir)
     atomic_write_json(
         run_dir / "plan.json", plan.model_dump(by_alias=True, mode="json")

@@ -51,6 +51,29 @@ def _connect(args: argparse.Namespace) -> int:
         insecure=args.insecure,
     )
     print(f"connection {args.name!r} -> {args.address} written to {path}")
+    if args.flwr_home or os.environ.get("FLWR_HOME"):
+        print(
+            f"flwr finds it only with FLWR_HOME set: `export FLWR_HOME={home}` in "
+            "every shell (or service) that runs flwr or kidneyfl coordinator status"
+        )
+    else:
+        print("flwr finds it with no variable set (Flower's default home, ~/.flwr)")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from server.plan_template import write_plan
+
+    path = write_plan(
+        Path(args.path),
+        run_name=args.run_name,
+        out_dir=args.out_dir,
+        rounds=args.rounds,
+        min_sites=args.min_sites,
+        expected=args.expected_sites,
+        epsilon=args.epsilon,
+    )
+    print(f"plan written to {path}; edit it, then: flwr run . consortium -c {path}")
     return 0
 
 
@@ -119,6 +142,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--insecure", action="store_true", help="plaintext (local tests)")
     c.add_argument("--flwr-home", default=None)
     c.set_defaults(func=_connect)
+    pl = csub.add_parser(
+        "plan",
+        help="write a deployment plan to edit (run name, out-dir, sites, rounds, "
+        "epsilon), validated as the ServerApp will",
+        allow_abbrev=False,
+        epilog="example: kidneyfl coordinator plan plans/kits-2027.toml --run-name "
+        "kits-2027 --out-dir /srv/kidneyfl/runs --expected-sites 4",
+    )
+    pl.add_argument("path")
+    pl.add_argument("--run-name", default=None)
+    pl.add_argument("--out-dir", default=None, help="absolute, on the coordinator")
+    pl.add_argument("--expected-sites", type=int, default=None)
+    pl.add_argument("--min-sites", type=int, default=None)
+    pl.add_argument("--rounds", type=int, default=None)
+    pl.add_argument("--epsilon", type=float, default=None)
+    pl.set_defaults(func=_plan)
     st = csub.add_parser(
         "status",
         help="registered sites, which are online, their last round, last refusal "

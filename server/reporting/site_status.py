@@ -45,6 +45,9 @@ def list_supernodes(
     env = dict(os.environ)
     if flwr_home is not None:
         env["FLWR_HOME"] = str(flwr_home)
+    missing = missing_connection(connection, env.get("FLWR_HOME"))
+    if missing:
+        raise ListingError(missing)
     cmd = [flwr, "supernode", "list", connection, "--format", "json"]
     try:
         res = subprocess.run(
@@ -63,6 +66,34 @@ def list_supernodes(
             f"connection with `kidneyfl coordinator connect {connection} ...`"
         )
     return list(doc.get("nodes", []))
+
+
+def flower_home(flwr_home: str | None = None) -> Path:
+    """Where the ``flwr`` CLI keeps its connections: ``FLWR_HOME``, else
+    Flower's default ``~/.flwr``."""
+    return Path(flwr_home or os.environ.get("FLWR_HOME") or Path.home() / ".flwr")
+
+
+def missing_connection(connection: str, flwr_home: str | None = None) -> str:
+    """Why ``flwr`` will not find ``connection``, with the fix; "" if it will."""
+    import tomllib
+
+    home = flower_home(flwr_home)
+    config = home / "config.toml"
+    try:
+        links = tomllib.loads(config.read_text()).get("superlink", {})
+    except (OSError, ValueError):
+        links = {}
+    if connection in links:
+        return ""
+    where = "FLWR_HOME" if flwr_home or os.environ.get("FLWR_HOME") else "default"
+    return (
+        f"connection {connection!r} is not in {config} (the {where} Flower home); "
+        f"run `kidneyfl coordinator connect {connection} --address HOST:PORT "
+        "--root-certificates CA.CRT` as this user, or, if it was written "
+        "elsewhere, `export FLWR_HOME=<that folder>` in this shell (the folder "
+        "`kidneyfl coordinator connect` printed)"
+    )
 
 
 def site_rows(

@@ -11,6 +11,7 @@ import json
 import ssl
 import subprocess
 import time
+import tomllib
 import urllib.error
 import urllib.request
 
@@ -283,6 +284,11 @@ def test_site_killed_mid_round_then_coordinator_crash_and_resume(dep):
     assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
     res = dep.step("report", RUN_DIR=str(run_dir))
     assert res.returncode == 0 and "hospital-c" in res.stdout, res.stderr
+    # A deployed run keeps its ServerApp log and run config, as a simulation does.
+    served = (run_dir / "logs" / "serverapp.log").read_text()
+    assert "resumed faults from round 2" in served and "round 1" in served
+    config = tomllib.loads((run_dir / "run-config.toml").read_text())
+    assert config["num-server-rounds"] == 3 and config["run-name"] == "faults"
 
 
 def test_run_stops_cleanly_when_sites_are_gone(dep):
