@@ -125,6 +125,7 @@ def site_rows(
         name = node_names.get(node_id)
         r = row(safe_text(name, NAME_LIMIT) if name else f"node {node_id}")
         r["node"], r["superlink"] = node_id, safe_text(node.get("status", "?"), 40)
+        r["superlink"] += _since(node)
     for e in filter(None, map(safe_entry, entries)):
         rnd = int(e["round"])
         for site in e.get("train", {}):
@@ -135,6 +136,17 @@ def site_rows(
             for site, why in e.get(kind, {}).items():
                 row(site)["last_refusal"] = f"round {rnd} {kind}: {why}"[:TEXT_LIMIT]
     return sorted(rows.values(), key=lambda r: r["site"])
+
+
+def _since(node: dict[str, Any]) -> str:
+    """" since <time>": when the SuperLink last saw the node come online or
+    marked it offline (Flower 1.42 marks a silent node offline after two
+    missed 30 s heartbeats, so within about 60 s)."""
+    key = {"online": "online-at", "offline": "offline-at"}.get(node.get("status"))
+    when = node.get(key) if key else None
+    if not isinstance(when, str) or not when:
+        return ""
+    return f" since {safe_text(when.replace('T', ' ')[:19], 19)}"
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:

@@ -42,3 +42,21 @@ def test_connect_says_what_to_export(tmp_path):
         [*base, "--flwr-home", str(home)], env=env, capture_output=True, text=True, check=True
     )
     assert f"export FLWR_HOME={home}" in res.stdout
+
+
+def test_status_shows_when_each_site_was_last_seen_online_or_went_offline():
+    from server.reporting.site_status import format_rows, site_rows
+
+    nodes = [
+        {"node-id": "11", "status": "online", "online-at": "2026-12-07T09:01:02.5+00:00"},
+        {"node-id": "12", "status": "offline", "offline-at": "2026-12-07T09:05:00Z"},
+        {"node-id": "13", "status": "registered"},
+    ]
+    names = {"11": "hospital-a", "12": "hospital-b", "13": "hospital-c"}
+    rows = {r["site"]: r["superlink"] for r in site_rows(nodes, [], names)}
+    assert rows == {
+        "hospital-a": "online since 2026-12-07 09:01:02",
+        "hospital-b": "offline since 2026-12-07 09:05:00",
+        "hospital-c": "registered",
+    }
+    assert "offline since 2026-12-07 09:05:00" in format_rows(site_rows(nodes, [], names))
