@@ -58,7 +58,6 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from client.approved_source import import_approved
 from client.audit_log import AuditLog
-from client.unused_rounds import note_unused
 from client.contract import ReplyView, check_reply, expected_arrays
 from client.governance import (
     SIMULATION_HASH,
@@ -69,6 +68,7 @@ from client.governance import (
     epsilon_or_none,
     spent_epsilon,
 )
+from client.unused_rounds import note_unused
 from common import wire
 from common.config import ConfigError, Plan, SiteConfig, load_plan, load_site_config
 

@@ -308,6 +308,8 @@ def _strategy(
     )
     strategy.import_state(start.server_state)
     strategy.import_ema(start.ema)
+    if start.done:  # a resumed run: earlier unused updates are still told
+        strategy.sites.seed_unused(read_metrics(round_end.run_dir))
     return strategy
 
 

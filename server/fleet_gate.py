@@ -180,7 +180,8 @@ async def _serve(servers: list[Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m server.fleet_gate --fleet-host H --fleet-port P -- <flower-superlink args>``."""
+    """``python -m server.fleet_gate --fleet-host H --fleet-port P -- ARGS``,
+    ARGS being ``flower-superlink``'s own."""
     parser = argparse.ArgumentParser(prog="kidneyfl-superlink", allow_abbrev=False)
     parser.add_argument("--fleet-host", default="0.0.0.0")
     parser.add_argument("--fleet-port", type=int, default=9092)

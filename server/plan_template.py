@@ -18,14 +18,14 @@ from common.config import load_plan
 
 TEMPLATE = """\
 # The consortium's plan for a deployed run: overrides of pyproject.toml's
-# [tool.flwr.app.config], passed with `flwr run . consortium --run-config sites/plan.toml`.
+# [tool.flwr.app.config], passed with `flwr run . consortium -c PLAN.toml`.
 # Every key is validated by common.config.Plan before anything starts.
 run-name = "{run_name}"
-out-dir = "{out_dir}"   # absolute: the ServerApp runs beside the SuperLink
+out-dir = "{out_dir}"   # absolute: the ServerApp runs by the SuperLink
 num-server-rounds = {rounds}
-min-sites = {min_sites}                    # a round aggregates with at least this many sites
-expected-sites = {expected}               # round 1 waits up to site-wait-timeout for all of them
-site-wait-timeout = 600.0        # then starts with those present, or stops cleanly
+min-sites = {min_sites}                    # a round needs this many sites
+expected-sites = {expected}               # round 1 waits for all of them...
+site-wait-timeout = 600.0        # ...up to this, then starts or stops cleanly
 round-timeout = 900.0            # a site that has not answered by then is left out
 dp-target-epsilon = {epsilon}
 resume = false                   # true: continue run-name from its last checkpoint

@@ -16,7 +16,6 @@ When the report could not be drawn in time (``live_report.draw_bounded``),
 from __future__ import annotations
 
 import contextlib
-
 import json
 import threading
 import time

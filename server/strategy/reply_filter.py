@@ -16,8 +16,8 @@ others. Two replies that name one site are both rejected: neither can be told
 from the other. A reply whose node is bound to a site (registered by the
 consortium) but which declares another site's name, and every reply from a
 node whose registered name another node also holds, is rejected
-(:class:`SiteIdentityError`, raised by ``site_of``). What is left goes on to the update guard
-(``server/strategy/guard.py``) or into the round record.
+(:class:`SiteIdentityError`, raised by ``site_of``). What is left goes on to
+the update guard (``server/strategy/guard.py``) or into the round record.
 """
 
 from __future__ import annotations

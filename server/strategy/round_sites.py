@@ -25,11 +25,10 @@ from typing import Any
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from common import wire
-from common.contract import declared_name
-from common.contract import safe_text
+from common.contract import declared_name, safe_text
 from server.reporting.round_record import RoundRecord
-from server.strategy.reply_filter import SiteIdentityError
 from server.strategy.replies import part
+from server.strategy.reply_filter import SiteIdentityError
 
 log = logging.getLogger("kidneyfl.server")
 
@@ -48,8 +47,10 @@ class RoundSites:
         self.names = dict(names or {})
         self._asked: list[Message] = []
         self._warned: set[str] = set()
-        # node -> rounds whose update was not used (told to the site)
+        # node -> rounds whose update was not used (told to the site), and the
+        # same by site name, for a node known by name (a resumed run's rounds)
         self.unused: dict[int, list[int]] = {}
+        self.unused_by_name: dict[str, list[int]] = {}
 
     def shared_names(self) -> dict[str, list[int]]:
         """Registered names held by more than one node, with their nodes."""
@@ -156,10 +157,28 @@ class RoundSites:
         for m in self._asked:
             node = int(m.metadata.dst_node_id)
             if node not in used_nodes:
-                rounds = self.unused.setdefault(node, [])
-                if rnd not in rounds:
-                    rounds.append(rnd)
-                    del rounds[: -wire.MAX_UNUSED_ROUNDS]
+                _add(self.unused.setdefault(node, []), rnd)
+
+    def seed_unused(self, entries: Iterable[dict[str, Any]]) -> None:
+        """On resume: the earlier rounds' unused updates by site name, from the
+        run's ``metrics.jsonl`` (a round not aggregated: every site it names;
+        else the sites that failed or were rejected). The sites reconnect as
+        new nodes, so they are told by name once their registered name is
+        known."""
+        for e in entries:
+            rnd = int(e["round"])
+            kinds = ("failed", "rejected")
+            if not e.get("aggregated"):
+                kinds += ("train", "refused")
+            for kind in kinds:
+                for site in e.get(kind, {}):
+                    _add(self.unused_by_name.setdefault(str(site), []), rnd)
+
+    def _unused_for(self, node: int) -> list[int]:
+        rounds = list(self.unused.get(node, []))
+        for rnd in self.unused_by_name.get(self.names.get(node, ""), []):
+            _add(rounds, rnd)
+        return sorted(rounds)[-wire.MAX_UNUSED_ROUNDS :]
 
     def tell_unused(self, messages: Iterable[Message]) -> list[Message]:
         """The messages, each to a node with unused rounds carrying them in its
@@ -167,7 +186,7 @@ class RoundSites:
         same record dict)."""
         out = []
         for m in messages:
-            rounds = self.unused.get(int(m.metadata.dst_node_id))
+            rounds = self._unused_for(int(m.metadata.dst_node_id))
             if not rounds or not m.has_content():
                 out.append(m)
                 continue
@@ -208,3 +227,10 @@ def _declared(msg: Message) -> object:
         return None if site is None else site.get(wire.SITE_NAME)
     except Exception:  # noqa: BLE001 - judged by the contract, not here
         return None
+
+
+def _add(rounds: list[int], rnd: int) -> None:
+    """Add ``rnd`` once, keeping the last ``MAX_UNUSED_ROUNDS``."""
+    if rnd not in rounds:
+        rounds.append(rnd)
+        del rounds[: -wire.MAX_UNUSED_ROUNDS]

@@ -124,12 +124,14 @@ class Deployment:
             res = self.step("certs")
             assert res.returncode == 0, res.stdout + res.stderr
 
-    def step(self, tag: str, **env: str) -> subprocess.CompletedProcess:
+    def step(
+        self, tag: str, cwd: Path = PROJECT_DIR, **env: str
+    ) -> subprocess.CompletedProcess:
         """Run one runbook block to completion (from the repository root)."""
         return subprocess.run(
             ["bash", "-euo", "pipefail", "-c", self.book[tag]],
             env={**self.env, **env},
-            cwd=PROJECT_DIR,
+            cwd=cwd,
             capture_output=True,
             text=True,
             timeout=300,
@@ -260,6 +262,27 @@ class Deployment:
         yml.write_text(yaml.safe_dump(doc))
         self.sites[name] = yml
         return yml
+
+    def publish(self) -> tuple[Path, str]:
+        """The runbook's bundle and its published SHA-256, built from the app
+        exactly as `flwr run .` will ship it (moved out of the app folder)."""
+        res = self.step("publish", cwd=self.app)
+        assert res.returncode == 0, res.stdout + res.stderr
+        digest, name = res.stdout.strip().splitlines()[-1].split()
+        bundle = self.root / Path(name).name
+        (self.app / name).replace(bundle)
+        return bundle, digest
+
+    def approve(self, name: str, bundle: Path, digest: str) -> None:
+        """The runbook's approval of ``bundle`` at site ``name``."""
+        res = self.step(
+            "approve",
+            SITE_YAML=str(self.sites[name]),
+            BUNDLE=str(bundle),
+            PUBLISHED_SHA256=digest,
+        )
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert digest in res.stdout, res.stdout
 
     def register(self, name: str) -> subprocess.CompletedProcess:
         """`flwr supernode register` of the site's public key, as the consortium."""

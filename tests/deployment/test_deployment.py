@@ -8,18 +8,24 @@ as the runbook (docs/deployment.md) starts them; each test submits runs with
 from __future__ import annotations
 
 import json
+import os
+import signal
 import ssl
 import subprocess
 import time
 import tomllib
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
+from client.audit_log import AuditLog
 from client.node import make_node_key
+from client.privacy.ledger import PrivacyLedger
+from common.config import load_site_config
 from server.deploy import write_connection
-from sim.superlink import free_port
+from sim.superlink import descendants, free_port
 from tests.deployment.harness import (
     BIN,
     Deployment,
@@ -49,8 +55,10 @@ def dep(tmp_path_factory):
     d = Deployment(tmp_path_factory.mktemp("deploy"))
     try:
         d.start_superlink()
+        bundle, digest = d.publish()  # the consortium publishes the bundle
         for i, name in enumerate(SITES):
-            d.add_site(name, cases=5, seed=i)
+            d.add_site(name, cases=5, seed=i, approval=True)
+            d.approve(name, bundle, digest)  # each hospital approves its hash
             res = d.register(name)
             assert res.returncode == 0, res.stdout + res.stderr
         for name in SITES:
@@ -212,21 +220,30 @@ def test_runbook_status_and_site_check(dep):
     env = doc["environment"]
     assert env["superlink_reachable"] and env["tls_verified"]
     assert env["supernode_command"] == "ok"
-    # These sites run with approval off (the harness' development setting):
-    # ready, but the check says any bundle would run.
-    assert env["require_approval"] is False and doc["ok"]
-    assert "approval-off" in {f["kind"] for f in doc["findings"]}
+    # The sites run only the approved bundle (the runbook's publish and approve).
+    assert env["require_approval"] is True and doc["ok"]
+    assert "approval-off" not in {f["kind"] for f in doc["findings"]}
 
 
 def test_every_runbook_block_is_exercised():
     used = {"certs", "superlink", "connect", "register", "status", "run", "resume"}
-    used |= {"report", "keygen", "check", "supernode"}
+    used |= {"report", "keygen", "check", "supernode", "publish", "approve"}
     assert set(runbook()) == used
 
 
-def _clientapp_started(dep, site: str, after: int) -> bool:
-    text = dep.procs[f"site-{site}"].text()[after:]
-    return "Receiving: train message" in text and "flwr-clientapp" in text
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 def test_site_killed_mid_round_then_coordinator_crash_and_resume(dep):
@@ -236,12 +253,28 @@ def test_site_killed_mid_round_then_coordinator_crash_and_resume(dep):
     out = dep.root / "runs"
     run_dir = out / "faults"
     plan = {**PLAN, "num-server-rounds": 3, "round-timeout": 120.0}
-    mark = len(dep.procs["site-hospital-c"].text())
     run = dep.submit("faults", out, plan)
 
-    # Hospital C crashes while it trains in round 1.
-    wait_for(lambda: _clientapp_started(dep, "hospital-c", mark), 300, "C training")
-    dep.procs["site-hospital-c"].kill_tree()
+    # Hospital C's SuperNode crashes once C's train request has arrived (its
+    # audit log records a request when it arrives, before any work).
+    c_site = load_site_config(dep.sites["hospital-c"])
+    c_audit = AuditLog(c_site.state_dir)
+    wait_for(
+        lambda: any(
+            e["message_type"] == "train" and e["decision"] == "arrived"
+            for e in c_audit.entries()
+        ),
+        300,
+        "C's train request",
+    )
+    c_start = dep.procs["site-hospital-c"]
+    tree = descendants(c_start.popen.pid)
+    (node,) = [p for p in tree if "flower-supernode" in _cmdline(p)]
+    os.kill(node, signal.SIGKILL)
+    # `kidneyfl site start` says so in one line, stops the rest, exits 3.
+    assert c_start.popen.wait(60) == 3
+    assert "SuperNode was killed by SIGKILL" in c_start.text()
+    assert not [p for p in tree if _alive(p)], "an orphan survived"
     wait_for(lambda: len(metrics(run_dir)) >= 1, 400, "round 1 to complete")
     first = metrics(run_dir)[0]
     assert set(first["train"]) == {"hospital-a", "hospital-b"}
@@ -282,6 +315,13 @@ def test_site_killed_mid_round_then_coordinator_crash_and_resume(dep):
     assert json.loads((ckpt / "latest.json").read_text())["round"] == 3
     assert (run_dir / "final" / "latest.json").exists()
     assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
+    # Spent, not used: if C spent on round 1 before its crash, it was told.
+    c_ledger = PrivacyLedger(c_site.state_dir, c_site.name)
+    spent_1 = [e.run_id for e in c_ledger.entries if e.round == 1]
+    for run_id in spent_1:
+        assert 1 in c_ledger.unused.get(run_id, []), c_ledger.unused
+    a_site = load_site_config(dep.sites["hospital-a"])
+    assert not PrivacyLedger(a_site.state_dir, a_site.name).unused  # all used
     res = dep.step("report", RUN_DIR=str(run_dir))
     assert res.returncode == 0 and "hospital-c" in res.stdout, res.stderr
     # A deployed run keeps its ServerApp log and run config, as a simulation does.

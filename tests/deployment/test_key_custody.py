@@ -43,7 +43,13 @@ def test_ca_key_is_written_only_to_the_ca_folder(tmp_path):
     assert _is_private_key(ca / "ca.key")
     assert (ca / "ca.key").stat().st_mode & 0o077 == 0  # owner-only
     verify = subprocess.run(
-        ["openssl", "verify", "-CAfile", str(certs / "ca.crt"), str(certs / "server.pem")],
+        [
+            "openssl",
+            "verify",
+            "-CAfile",
+            str(certs / "ca.crt"),
+            str(certs / "server.pem"),
+        ],
         capture_output=True,
         text=True,
         check=False,

@@ -6,7 +6,11 @@ import subprocess
 import sys
 
 from server.deploy import write_connection
-from server.reporting.site_status import ListingError, list_supernodes, missing_connection
+from server.reporting.site_status import (
+    ListingError,
+    list_supernodes,
+    missing_connection,
+)
 
 
 def test_a_missing_connection_names_the_file_and_the_fix(tmp_path, monkeypatch):
@@ -16,7 +20,9 @@ def test_a_missing_connection_names_the_file_and_the_fix(tmp_path, monkeypatch):
     assert str(tmp_path / "operator" / ".flwr" / "config.toml") in why
     assert "default Flower home" in why and "export FLWR_HOME" in why
     # written where flwr looks by default: found with no variable set
-    write_connection(tmp_path / "operator" / ".flwr", "consortium", "127.0.0.1:9093", insecure=True)
+    write_connection(
+        tmp_path / "operator" / ".flwr", "consortium", "127.0.0.1:9093", insecure=True
+    )
     assert missing_connection("consortium") == ""
     # kept elsewhere: found only with FLWR_HOME
     other = tmp_path / "srv"
@@ -39,7 +45,11 @@ def test_connect_says_what_to_export(tmp_path):
     assert "no variable set" in res.stdout
     home = tmp_path / "elsewhere"
     res = subprocess.run(
-        [*base, "--flwr-home", str(home)], env=env, capture_output=True, text=True, check=True
+        [*base, "--flwr-home", str(home)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert f"export FLWR_HOME={home}" in res.stdout
 
@@ -48,7 +58,11 @@ def test_status_shows_when_each_site_was_last_seen_online_or_went_offline():
     from server.reporting.site_status import format_rows, site_rows
 
     nodes = [
-        {"node-id": "11", "status": "online", "online-at": "2026-12-07T09:01:02.5+00:00"},
+        {
+            "node-id": "11",
+            "status": "online",
+            "online-at": "2026-12-07T09:01:02.5+00:00",
+        },
         {"node-id": "12", "status": "offline", "offline-at": "2026-12-07T09:05:00Z"},
         {"node-id": "13", "status": "registered"},
     ]
@@ -59,4 +73,6 @@ def test_status_shows_when_each_site_was_last_seen_online_or_went_offline():
         "hospital-b": "offline since 2026-12-07 09:05:00",
         "hospital-c": "registered",
     }
-    assert "offline since 2026-12-07 09:05:00" in format_rows(site_rows(nodes, [], names))
+    assert "offline since 2026-12-07 09:05:00" in format_rows(
+        site_rows(nodes, [], names)
+    )

@@ -107,7 +107,8 @@ def test_a_name_once_shared_stays_shared_for_the_run():
     s = _strategy({1: "hospital-a", 3: "hospital-c"})
     s.sites.refresh(RegisteredGrid({2: "hospital-a", 3: "hospital-c"}))
     s.aggregate_train(
-        1, [train_reply(2, "hospital-a", 2.0, 10), train_reply(3, "hospital-c", 2.0, 10)]
+        1,
+        [train_reply(2, "hospital-a", 2.0, 10), train_reply(3, "hospital-c", 2.0, 10)],
     )
     assert "node-2" in s._current.rejected and set(s._current.train) == {"hospital-c"}
 

@@ -32,9 +32,7 @@ def _strategy() -> SiteAwareStrategy:
 
 def _told(messages) -> dict[int, list[int]]:
     return {
-        m.metadata.dst_node_id: list(
-            m.content[wire.CONFIG].get(wire.UNUSED_ROUNDS, [])
-        )
+        m.metadata.dst_node_id: list(m.content[wire.CONFIG].get(wire.UNUSED_ROUNDS, []))
         for m in messages
     }
 
@@ -82,6 +80,50 @@ def test_the_list_is_bounded():
     for rnd in range(1, wire.MAX_UNUSED_ROUNDS + 30):
         list(s.configure_train(rnd, fake_arrays(0.0), ConfigRecord(), NodeGrid([7, 8])))
         s.aggregate_train(rnd, [])
-    msgs = list(s.configure_train(999, fake_arrays(0.0), ConfigRecord(), NodeGrid([7, 8])))
+    msgs = list(
+        s.configure_train(999, fake_arrays(0.0), ConfigRecord(), NodeGrid([7, 8]))
+    )
     told = _told(msgs)[7]
-    assert len(told) == wire.MAX_UNUSED_ROUNDS and told[-1] == wire.MAX_UNUSED_ROUNDS + 29
+    assert (
+        len(told) == wire.MAX_UNUSED_ROUNDS and told[-1] == wire.MAX_UNUSED_ROUNDS + 29
+    )
+
+
+def test_a_resumed_run_still_tells_sites_by_their_registered_name():
+    from dataclasses import dataclass
+
+    @dataclass
+    class Node:
+        node_id: int
+        name: str
+
+    class Registered(NodeGrid):
+        def get_nodes(self):
+            return [Node(21, "hospital-a"), Node(22, "hospital-b")]
+
+    s = _strategy()
+    s.sites.seed_unused(
+        [
+            {
+                "round": 1,
+                "aggregated": False,
+                "train": {"hospital-a": {}},
+                "failed": {"hospital-b": "x"},
+            },
+            {
+                "round": 2,
+                "aggregated": True,
+                "train": {"hospital-a": {}},
+                "rejected": {"hospital-b": "y"},
+            },
+            {
+                "round": 3,
+                "aggregated": True,
+                "train": {"hospital-a": {}, "hospital-b": {}},
+            },
+        ]
+    )
+    msgs = list(
+        s.configure_train(4, fake_arrays(0.0), ConfigRecord(), Registered([21, 22]))
+    )
+    assert _told(msgs) == {21: [1], 22: [1, 2]}
