@@ -139,7 +139,7 @@ def site_rows(
 
 
 def _since(node: dict[str, Any]) -> str:
-    """ " since <time>": when the SuperLink last saw the node come online or
+    """The text `` since <time>``: when the SuperLink saw the node come online or
     marked it offline (Flower 1.42 marks a silent node offline after two
     missed 30 s heartbeats, so within about 60 s)."""
     key = {"online": "online-at", "offline": "offline-at"}.get(node.get("status"))
