@@ -9,6 +9,7 @@ stops the SuperLink by PID afterwards, whatever happened.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -53,8 +54,9 @@ def fast_start() -> bool:
     """Whether :func:`simulate` starts fast (docs/benchmarks.md, "Simulation
     start-up"): Ray and the SuperLink start first and boot while this
     process prepares the run, Ray without the workers it would start ahead
-    for nobody and without metrics collection, and the processes stop while
-    the report is redrawn."""
+    for nobody and without metrics collection; the report's sample slices
+    are drawn as soon as the ServerApp returns (:class:`EarlyReport`) and the
+    processes stop while they are drawn."""
     return os.environ.get(FAST_START_ENV, "1").strip() != "0"
 
 
@@ -157,6 +159,7 @@ def simulate(
     link = launch_superlink(flwr_home, env, log_dir)
     head: RayHead | None = None
     stopping: Stopping | None = None
+    early: EarlyReport | None = None
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_exit) if in_main else None
     try:
@@ -179,9 +182,10 @@ def simulate(
         cmd += ["--federation-config", fed]
         cmd += ["--run-config", str(overrides_file), "--stream"]
         term = (out or sys.stdout) if stream else None
+        early = EarlyReport(run_dir) if fast else None
         with RunConsole(run_dir, log_dir / "flwr.log", term, verbose) as console:
             console.say(banner(run_dir, plan, sites, log_dir, bool(plan.resume)))
-            code = _run_streamed(cmd, env, console)
+            code = _run_streamed(cmd, env, console, early.line if early else None)
             if code != 0:
                 raise SimulationError(
                     f"`flwr run` exited with code {code}; the whole log is "
@@ -202,8 +206,11 @@ def simulate(
                 f"run {run_name} wrote no metrics; see {log_dir}/flwr.log and "
                 f"{log_dir}/superlink.log"
             )
-        redraw_report(run_dir)
+        if early is None or not early.join():
+            redraw_report(run_dir)
     finally:
+        if early is not None:
+            early.join()
         stopping.join()  # (set: the try above ended without an exception)
     return run_dir
 
@@ -363,8 +370,53 @@ def redraw_report(run_dir: Path) -> None:
         log.warning("redrawing the report with sample slices failed", exc_info=True)
 
 
-def _run_streamed(cmd: list[str], env: Mapping[str, str], console: RunConsole) -> int:
-    """Run ``cmd``, handing each line of its output to ``console``."""
+class EarlyReport:
+    """Redraws the report with sample slices (:func:`redraw_report`) as soon
+    as the ServerApp has returned, while Flower stops (about 1.5 s: its
+    workers' 1 s queue timeouts, the actors, the log stream's last polls).
+
+    The ServerApp has returned when Flower logs :data:`MARK` (also after an
+    exception: the run must also be ``finished`` in ``status.json``, with its
+    final model). Nothing writes the report after that. Without the line the
+    report is redrawn after ``flwr run`` ends, as before.
+    """
+
+    MARK = "ServerApp finished running."  # flwr/simulation/run_simulation.py
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self._thread: threading.Thread | None = None
+
+    def line(self, text: str) -> None:
+        """One line of Flower's stream."""
+        if self._thread is not None or self.MARK not in text:
+            return
+        try:
+            state = json.loads((self.run_dir / "status.json").read_text())["state"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return
+        if state == "finished" and (self.run_dir / "final" / "latest.json").is_file():
+            self._thread = threading.Thread(
+                target=redraw_report, args=(self.run_dir,), daemon=True
+            )
+            self._thread.start()
+
+    def join(self) -> bool:
+        """Wait for the redraw; False if it never started."""
+        if self._thread is None:
+            return False
+        self._thread.join()
+        return True
+
+
+def _run_streamed(
+    cmd: list[str],
+    env: Mapping[str, str],
+    console: RunConsole,
+    on_line: Callable[[str], None] | None = None,
+) -> int:
+    """Run ``cmd``, handing each line of its output to ``console`` (and
+    ``on_line``)."""
     with subprocess.Popen(
         cmd,
         env=dict(env),
@@ -379,6 +431,8 @@ def _run_streamed(cmd: list[str], env: Mapping[str, str], console: RunConsole) -
         assert proc.stdout is not None  # PIPE above
         for line in proc.stdout:
             console.stream_line(line)
+            if on_line is not None:
+                on_line(line)
         return proc.wait()
 
 
