@@ -296,23 +296,27 @@ def test_site_killed_mid_round_then_coordinator_crash_and_resume(dep):
     before = (run_dir / "metrics.jsonl").read_text()
 
     # Restart the coordinator on the same database; the hospitals reconnect
-    # with their registered identities, and the run resumes at round 3.
+    # with their registered identities, and the run resumes at round 3. Sites
+    # may have trained round 3 before the crash: under the same schedule they
+    # would refuse to train it again (its steps are spent), so the consortium
+    # resumes with one more round (docs/deployment.md, step 7): a new schedule,
+    # calibrated afresh at each site.
     dep.start_superlink()
     dep.wait_online(SITES, timeout=180)
-    again = dep.submit("faults", out, plan, resume=True)
+    again = dep.submit("faults", out, {**plan, "num-server-rounds": 4}, resume=True)
     wait_for(lambda: again.popen.poll() is not None, 600, "resumed run to finish", 1)
     assert again.popen.returncode == 0, again.text()[-3000:]
     log = again.text()
     assert f"resumed faults from round 2 (global weights sha256 {saved_sha})" in log
     rounds = metrics(run_dir)
-    assert [e["round"] for e in rounds] == [1, 2, 3]
+    assert [e["round"] for e in rounds] == [1, 2, 3, 4]
     assert (run_dir / "metrics.jsonl").read_text().startswith(before)
-    assert "hospital-c" in rounds[2]["train"]  # rejoined after its restart
     # registered names, not node ids (C may still be reconnecting in round 2)
     assert {"hospital-a", "hospital-b"} <= set(rounds[1]["train"]) <= set(SITES)
-    assert set(rounds[2]["train"]) == set(rounds[2]["evaluate"]) == set(SITES)
-    assert not rounds[2]["failed"] and rounds[2]["aggregated"]
-    assert json.loads((ckpt / "latest.json").read_text())["round"] == 3
+    for e in rounds[2:]:  # C rejoined after its restart
+        assert set(e["train"]) == set(e["evaluate"]) == set(SITES), e
+        assert not e["failed"] and not e["refused"] and e["aggregated"]
+    assert json.loads((ckpt / "latest.json").read_text())["round"] == 4
     assert (run_dir / "final" / "latest.json").exists()
     assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
     # Spent, not used: if C spent on round 1 before its crash, it was told.
@@ -329,6 +333,7 @@ def test_site_killed_mid_round_then_coordinator_crash_and_resume(dep):
     assert "resumed faults from round 2" in served and "round 1" in served
     config = tomllib.loads((run_dir / "run-config.toml").read_text())
     assert config["num-server-rounds"] == 3 and config["run-name"] == "faults"
+    # (the first submission's config: a resume keeps it beside the results)
 
 
 def test_run_stops_cleanly_when_sites_are_gone(dep):
