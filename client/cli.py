@@ -96,8 +96,8 @@ def _keygen(args: argparse.Namespace) -> int:
 def _start(args: argparse.Namespace) -> int:
     import shlex
 
-    from client.node import exec_supernode, supernode_command
-    from client.supervise import Backoff
+    from client.node import supernode_command
+    from client.supervise import Backoff, exec_supernode
 
     site = load_site_config(args.site_yaml)
     restart = None

@@ -35,7 +35,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -43,9 +43,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from common.config import ConfigError, SiteConfig
 from common.logs import LOG_DIR_ENV
 from common.runtime import flower_process_env
-
-if TYPE_CHECKING:
-    from client.supervise import Backoff
 
 LOGS = "logs"  # under the site's state_dir
 _NODE_ID = re.compile(r"SuperNode ID: (\d+)")
@@ -301,36 +298,6 @@ def site_note(site: SiteConfig, line: str) -> None:
                 fh.write(f"{stamp} {line}\n")
         except OSError:
             pass  # the terminal and kidneyfl.log have it
-
-
-def exec_supernode(
-    site: SiteConfig, restart: Backoff | None = None, stop_timeout: float = 20.0
-) -> int:
-    """Run the site's SuperNode (approval off), supervised, until stopped.
-
-    Its output is copied to the terminal and the site's log (:func:`start_logged`);
-    :class:`client.supervise.Supervisor` stops it and anything it started
-    together, says in one line if it ends on its own, and restarts it with
-    ``restart``. Returns the exit code: 0 stopped by a signal, 3 the SuperNode
-    ended (without ``restart``).
-
-    Raises
-    ------
-    ConfigError
-        If the YAML is incomplete, or the ClientAppIo port is taken.
-    """
-    from client.supervise import Supervisor
-
-    cmd = supernode_command(site)
-    env = supernode_env(site)
-    Path(env["FLWR_HOME"]).mkdir(parents=True, exist_ok=True)
-    return Supervisor(
-        site,
-        [("SuperNode", cmd)],
-        env,
-        stop_timeout=stop_timeout,
-        ready=lambda: clientappio_port_problem(site),
-    ).run(restart)
 
 
 # -- The SuperNode's local port: one per site on a host ------------------------

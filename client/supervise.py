@@ -499,3 +499,34 @@ def systemd_unit(
 def _unit_text(text: str) -> str:
     """``%`` is systemd's specifier character: a literal one is doubled."""
     return text.replace("%", "%%")
+
+
+def exec_supernode(
+    site: SiteConfig, restart: Backoff | None = None, stop_timeout: float = 20.0
+) -> int:
+    """Run the site's SuperNode (approval off), supervised, until stopped.
+
+    Its output is copied to the terminal and the site's log
+    (:func:`client.node.start_logged`); :class:`Supervisor` stops it and
+    anything it started together, says in one line if it ends on its own, and
+    restarts it with
+    ``restart``. Returns the exit code: 0 stopped by a signal, 3 the SuperNode
+    ended (without ``restart``).
+
+    Raises
+    ------
+    ConfigError
+        If the YAML is incomplete, or the ClientAppIo port is taken.
+    """
+    from client.node import clientappio_port_problem, supernode_command, supernode_env
+
+    cmd = supernode_command(site)
+    env = supernode_env(site)
+    Path(env["FLWR_HOME"]).mkdir(parents=True, exist_ok=True)
+    return Supervisor(
+        site,
+        [("SuperNode", cmd)],
+        env,
+        stop_timeout=stop_timeout,
+        ready=lambda: clientappio_port_problem(site),
+    ).run(restart)

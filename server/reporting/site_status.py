@@ -45,9 +45,6 @@ def list_supernodes(
     env = dict(os.environ)
     if flwr_home is not None:
         env["FLWR_HOME"] = str(flwr_home)
-    missing = missing_connection(connection, env.get("FLWR_HOME"))
-    if missing:
-        raise ListingError(missing)
     cmd = [flwr, "supernode", "list", connection, "--format", "json"]
     try:
         res = subprocess.run(
@@ -61,9 +58,12 @@ def list_supernodes(
         doc = {}
     if res.returncode != 0 or not doc.get("success", False):
         why = (doc.get("error-message") or res.stderr or res.stdout).strip()
+        # Flower's own message does not say where it looked for the connection.
+        fix = missing_connection(connection, env.get("FLWR_HOME")) or (
+            f"check the connection with `kidneyfl coordinator connect {connection} ...`"
+        )
         raise ListingError(
-            f"`flwr supernode list {connection}` failed: {why[-300:]}; check the "
-            f"connection with `kidneyfl coordinator connect {connection} ...`"
+            f"`flwr supernode list {connection}` failed: {why[-300:]}; {fix}"
         )
     return list(doc.get("nodes", []))
 

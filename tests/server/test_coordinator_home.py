@@ -31,7 +31,7 @@ def test_a_missing_connection_names_the_file_and_the_fix(tmp_path, monkeypatch):
     assert missing_connection("lab", str(other)) == ""
     try:
         list_supernodes("lab", flwr_bin="/bin/false")
-    except ListingError as err:  # said before flwr runs, with the fix
+    except ListingError as err:  # flwr failed: the file and the fix are named
         assert "export FLWR_HOME" in str(err)
     else:
         raise AssertionError("a missing connection must be refused")
