@@ -28,14 +28,10 @@ from collections.abc import Iterable, Mapping
 import torch
 from monai.metrics import compute_dice, compute_surface_dice
 
+from common.regions import KITS_REGIONS
+
 # kidneyfl's label values (KiTS21/23); every layout is mapped onto these.
 LABELS: dict[int, str] = {0: "background", 1: "kidney", 2: "tumour", 3: "cyst"}
-
-KITS_REGIONS: dict[str, tuple[int, ...]] = {
-    "kidney": (1, 2, 3),
-    "masses": (2, 3),
-    "tumour": (2,),
-}
 
 # Regions reported per case: KiTS' three nested regions, and cyst on its own.
 REPORT_REGIONS: dict[str, tuple[int, ...]] = {**KITS_REGIONS, "cyst": (3,)}

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from server.deliver import SamplesFn
+if TYPE_CHECKING:
+    from server.deliver import SamplesFn
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 
 from common import wire
 from common.atomic import atomic_write_json
-from common.metrics import KITS_REGIONS
+from common.regions import KITS_REGIONS
 from server.reporting.round_record import RoundRecord
 from server.reporting.text import safe_record, safe_text
 

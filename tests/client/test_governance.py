@@ -746,7 +746,11 @@ def test_train_is_audited_and_agrees_with_ledger(tmp_path: Path, monkeypatch) ->
     msg = request("train", RecordDict({wire.ARRAYS: arrays, wire.CONFIG: cfg}))
     reply = capp.train(msg, context(yml))
     assert reply.content[wire.METRICS][wire.REFUSED] == 0
-    (entry,) = AuditLog(site.state_dir).entries()
+    arrived, entry = AuditLog(site.state_dir).entries()  # on arrival, then done
+    assert (
+        arrived["decision"] == "arrived"
+        and arrived["message_id"] == entry["message_id"]
+    )
     ledger = PrivacyLedger(site.state_dir, site.name)
     assert entry["decision"] == "ran" and entry["run_id"] == "run-eps"
     assert entry["epsilon_before"] == 0.0
