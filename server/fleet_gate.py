@@ -33,6 +33,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -40,10 +41,14 @@ from typing import Any
 
 import uvicorn
 
+from common.logs import setup_logging
+
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+log = logging.getLogger("kidneyfl.server")
 
 # What a SuperNode calls (flwr/supernode/fleet_http_*.py in 1.42: register,
 # activate, heartbeat, pull/push messages and objects, get-run, get-fab), and
@@ -137,10 +142,13 @@ def _servers(flower_argv: list[str], fleet_host: str, fleet_port: int) -> list[A
     hospitals = uvicorn.Config(
         FleetOnly(app), host=fleet_host, port=fleet_port, lifespan="off", **common
     )
-    print(
-        f"kidneyfl: hospitals' Fleet API on {fleet_host}:{fleet_port} (fleet paths "
-        f"only); operators' Control and Runtime APIs on {config.host}:{config.port}",
-        flush=True,
+    log.info(
+        "hospitals' Fleet API on %s:%d (fleet paths only); operators' Control and "
+        "Runtime APIs on %s:%d",
+        fleet_host,
+        fleet_port,
+        config.host,
+        config.port,
     )
     return [_Server(operators), _Server(hospitals)]
 
@@ -188,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("flower_args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     flower_args = [a for a in args.flower_args if a != "--"]
+    setup_logging()
     servers = _servers(flower_args, args.fleet_host, args.fleet_port)
     asyncio.run(_serve(servers))
     return 0
