@@ -32,6 +32,12 @@ Denominators, by key (:func:`denominator`):
   They are withheld, not recomputed over the released classes, so that one
   key means one quantity at every site and in every round (the coordinator
   averages it across sites).
+- lesion level (``common.lesions``): ``lesion-sens-X``, ``detect-sens-X`` and
+  ``froc-X`` over ``cases-X``; ``detect-spec-X`` over ``cases-no-X``;
+  ``fp-lesions-X`` over all validation cases; ``detect-auc-X`` over both
+  groups, so released only when ``cases-X`` and ``cases-no-X`` each reach
+  the floor (an AUC with one tumour-free patient ranks that patient).
+- a post-processing candidate's metric ``pp<i>-<key>``: as ``<key>``.
 - ``eval-loss``: over all validation cases (``num-val-cases``), which the
   caller has already held to the floor.
 
@@ -68,6 +74,12 @@ def class_denominator(name: str) -> str:
     return f"{CLASS_PREFIX}{name}"
 
 
+def both_denominator(region: str) -> str:
+    """The count name for a metric over the cases with *and* without a region
+    (case-level detection AUC): the smaller of the two groups. Not a wire key."""
+    return f"both-{region}"
+
+
 def denominator(key: str) -> str | None:
     """The count a metric key describes, or None for a key the rule does not know.
 
@@ -82,12 +94,22 @@ def denominator(key: str) -> str | None:
         return wire.NUM_VAL_CASES
     if key in _OVER_ALL_CLASSES:
         return ALL_CLASSES
+    if (found := wire.CANDIDATE_KEY.fullmatch(key)) is not None:
+        return denominator(found[2])  # a post-processing candidate: as its metric
     if key.startswith("cases-"):  # cases-X and cases-no-X: their own count
         return key
-    for prefix in (wire.SURFACE_DICE_PREFIX, wire.DICE_PREFIX):
+    if key.startswith(wire.DETECT_AUC_PREFIX):  # both groups: the smaller one
+        return both_denominator(key.removeprefix(wire.DETECT_AUC_PREFIX))
+    if key.startswith(wire.FP_LESIONS_PREFIX):
+        return wire.NUM_VAL_CASES
+    for prefix in (
+        *wire.LESION_PRESENT_PREFIXES,
+        wire.SURFACE_DICE_PREFIX,
+        wire.DICE_PREFIX,
+    ):
         if key.startswith(prefix):
             return wire.cases_key(key.removeprefix(prefix))
-    for prefix in ("fp-rate-", "fp-ml-"):
+    for prefix in ("fp-rate-", "fp-ml-", wire.DETECT_SPEC_PREFIX):
         if key.startswith(prefix):
             return wire.cases_key(key.removeprefix(prefix), present=False)
     if key.startswith(wire.RECALL_PREFIX):
@@ -116,6 +138,11 @@ def denominator_counts(
     counts = {k: int(v) for k, v in metrics.items() if k.startswith("cases-")}
     counts.update({k: int(v) for k, v in task_counts.items()})
     counts[wire.NUM_VAL_CASES] = int(n_val)
+    for key in list(counts):
+        if key.startswith("cases-no-"):
+            region = key.removeprefix("cases-no-")
+            present = counts.get(wire.cases_key(region), 0)
+            counts[both_denominator(region)] = min(present, counts[key])
     classes = [v for k, v in counts.items() if k.startswith(CLASS_PREFIX) and v > 0]
     counts[ALL_CLASSES] = min(classes) if classes else 0
     return counts

@@ -13,10 +13,12 @@ and every fingerprint statistic describes at least the floor of patients
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Any
 
+from client.clinical_round import clinical_values
 from client.disclosure import denominator_counts, release
 from client.prepare import Reply, Request, Round, prepare, setup
 from client.refusals import Declined
@@ -26,8 +28,21 @@ from common import wire
 from common.config import SiteConfig
 from common.fingerprint import site_fingerprint
 from common.logs import log_request
+from common.postprocess import CANDIDATES
 
 log = logging.getLogger("kidneyfl.client")
+
+
+PHANTOM_MARKER = "phantom.json"  # written by `kidneyfl phantom` in its folder
+
+
+def synthetic_data(site: SiteConfig) -> int:
+    """1 when the site's data are phantoms (a ``phantom`` block in its YAML, or
+    a data folder written by ``kidneyfl phantom``), else 0: one fact about the
+    dataset, sent with every evaluation for the final model's provenance."""
+    root = site.data.root
+    marker = root / PHANTOM_MARKER if root is not None else None
+    return int(site.phantom is not None or (marker is not None and marker.is_file()))
 
 
 def aggregate_floor(site: SiteConfig, requested: int = 0) -> int:
@@ -39,7 +54,7 @@ def aggregate_floor(site: SiteConfig, requested: int = 0) -> int:
     return max(site.privacy.min_cases_for_aggregates, int(requested))
 
 
-def validation_metrics(r: Round) -> dict[str, Any]:
+def validation_metrics(r: Round, candidates: bool = False) -> dict[str, Any]:
     """The task's validation metrics, or only a withheld marker.
 
     Validation metrics are means over validation patients, not covered by DP:
@@ -61,7 +76,13 @@ def validation_metrics(r: Round) -> dict[str, Any]:
         )
         values[wire.METRICS_WITHHELD] = 1
         return values
-    metrics = r.task.evaluate(r.model, r.data, r.plan, r.device)
+    options: dict[str, Any] = {}
+    if candidates or r.checked.postprocess:  # segmentation only (request_guard)
+        options = {
+            "candidates": candidates,
+            "postprocess": CANDIDATES[r.checked.postprocess],
+        }
+    metrics = r.task.evaluate(r.model, r.data, r.plan, r.device, **options)
     task_counts = getattr(r.task, "denominators", None)
     # a task without the method: only the counts its metrics carry are known,
     # and release() withholds the keys whose count is not
@@ -74,7 +95,14 @@ def evaluate_round(request: Request) -> Reply:
     """The global model's validation metrics at this site (means only)."""
     r = prepare(request, default_round=0)
     started = time.perf_counter()
-    values = validation_metrics(r)
+    if r.checked.clinical_stage:
+        floor = aggregate_floor(r.site, r.checked.floor)
+        values = clinical_values(
+            r, floor, functools.partial(validation_metrics, r, candidates=True)
+        )
+    else:
+        values = validation_metrics(r)
+    values[wire.DATA_SYNTHETIC] = synthetic_data(r.site)
     work_s = time.perf_counter() - started
     record_timing(r.site, r.run_id, r.number, "evaluate", r.load_s, work_s)
     values[wire.NUM_EXAMPLES] = r.data.n_train

@@ -3,12 +3,24 @@
 Task-agnostic: the checkpoint's sidecar names the task, the model and the
 preprocessing; the task plug-in (``client.tasks.base.Task.predict``) does the rest.
 Runs where the scans are (at a hospital); nothing is sent anywhere.
+
+Every output says what it should not be trusted for, in three places: the
+terminal (:func:`summary_lines`), the JSON summary (``model-warnings`` and
+``warnings``) and each written NIfTI's description (:func:`descrip_text`):
+
+- a scan predicted with ``--force`` despite failing ``client/scan_check.py``;
+- a scan scored unlike the training data (``common/ood.py``: above the
+  threshold calibrated on the sites' validation scans; segmentation only);
+- every scan, when the model was trained on synthetic phantoms only (the
+  sidecar's ``training-data``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +28,21 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from client.scan_check import SEEN_SCANS_KEY, ScanMismatch, scan_problems
+from client.scan_check import SEEN_SCANS_KEY, ScanCheck, ScanMismatch, check_scan
 from client.tasks.registry import get_task
 from client.train import select_device
 from common.artifacts import load_model_dir
 from common.config import Plan
+from common.ood import (
+    OOD_REFERENCE_KEY,
+    TRAINING_DATA_KEY,
+    check_reference,
+    furthest,
+    model_warnings,
+    ood_score,
+    volume_features,
+)
+from common.postprocess import parse_rule
 from common.task_models import build_plan_model
 from common.weights import import_state
 
@@ -29,6 +51,22 @@ log = logging.getLogger(__name__)
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 # KiTS-style case folders hold the scan under this name.
 CASE_IMAGE_NAMES = ("imaging.nii.gz", "imaging.nii")
+# Short codes of a case's warnings (``warning-codes``), in this order, and
+# how each is named in a NIfTI description (80 bytes: codes, not sentences).
+FORCED, OOD, SYNTHETIC = "forced", "ood", "synthetic"
+WARNING_CODES = (FORCED, OOD, SYNTHETIC)
+_DESCRIP_LABELS = {FORCED: "forced", OOD: "ood", SYNTHETIC: "synthetic-phantom model"}
+DESCRIP_BYTES = 80
+# Case-dict keys of the NIfTI files a task writes; each carries the warnings.
+WRITTEN_NIFTI_KEYS = ("output", "uncertainty-output")
+# What of the sidecar's ood-reference the summary repeats (not the means).
+_REFERENCE_SUMMARY_KEYS = (
+    "threshold",
+    "false-alarm-rate",
+    "calibrated-on",
+    "patients",
+    "target",
+)
 
 
 def load_model(checkpoint: Path) -> tuple[torch.nn.Module, Plan, dict[str, Any]]:
@@ -99,8 +137,14 @@ def predict(
     Returns
     -------
     dict
-        ``{"checkpoint", "task", "model", "cases": {name: task summary},
-        "warnings": {name: [reason, ...]}}``.
+        ``{"checkpoint", "task", "model", "round", "preprocessing",
+        "training-data", "model-warnings": [text], "ood-reference": {threshold,
+        false-alarm-rate, calibrated-on, patients, target} or None,
+        "cases": {name: task summary}, "warnings": {name: [text, ...]}}``.
+        A segmentation case adds ``ood-score``, ``ood-threshold`` (None
+        without a calibrated reference) and ``ood-furthest``; a case with
+        warnings adds ``warnings``, ``warning-codes`` (:data:`WARNING_CODES`)
+        and, when forced, ``forced`` (the check's reasons).
 
     Raises
     ------
@@ -123,20 +167,36 @@ def predict(
     else:
         scans = {_stem(source): source}
         outputs = {_stem(source): Path(output) if output is not None else None}
-    warnings = check_scans(scans, plan, meta, force)
-    cases = {}
+    rule = chosen_postprocess(meta)
+    model_warns = model_warnings(meta)
+    for text in model_warns:
+        log.warning("%s: %s", checkpoint, text)
+    checks = check_scans(scans, plan, meta, force)
+    reference = ood_reference(meta) if checks else None
+    cases: dict[str, dict[str, Any]] = {}
+    warnings: dict[str, list[str]] = {}
     for name, path in scans.items():
         log.info("predicting %s", name)
-        cases[name] = task.predict(model, path, plan, dev, outputs[name])
-        if name in warnings:
-            cases[name]["warnings"] = warnings[name]
-            mark_output(outputs[name], warnings[name])
+        options = {"postprocess": rule} if plan.task == "segmentation" else {}
+        res = task.predict(model, path, plan, dev, outputs[name], **options)
+        texts = annotate_case(name, res, checks.get(name), reference, model_warns)
+        if texts:
+            warnings[name] = texts
+        cases[name] = res
     summary = {
         "checkpoint": str(checkpoint),
         "task": plan.task,
         "model": plan.model,
         "round": meta.get("round"),
         "preprocessing": meta.get("preprocessing"),
+        "training-data": meta.get(TRAINING_DATA_KEY),
+        "model-warnings": model_warns,
+        "ood-reference": (
+            {k: reference.get(k) for k in _REFERENCE_SUMMARY_KEYS}
+            if reference is not None
+            else None
+        ),
+        "postprocess": rule,
         "cases": cases,
         "warnings": warnings,
     }
@@ -146,10 +206,41 @@ def predict(
     return summary
 
 
+def chosen_postprocess(meta: dict[str, Any]) -> str:
+    """The post-processing rule the federation chose (sidecar ``postprocess``,
+    ``server/clinical_round.py``), or ``none`` for a model without one.
+
+    Raises
+    ------
+    ValueError
+        If the sidecar names a rule that does not parse (a damaged or
+        hand-edited sidecar): better no prediction than another rule.
+    """
+    chosen = meta.get("postprocess")
+    rule = chosen.get("rule") if isinstance(chosen, dict) else None
+    if rule is None:
+        return "none"
+    try:
+        parse_rule(str(rule))
+    except ValueError as err:
+        raise ValueError(
+            f"the model's sidecar names post-processing {str(rule)[:80]!r}, which "
+            f"is not a rule kidneyfl knows ({err}); restore the sidecar from the run"
+        ) from None
+    return str(rule)
+
+
 def check_scans(
     scans: dict[str, Path], plan: Plan, meta: dict[str, Any], force: bool
-) -> dict[str, list[str]]:
-    """Problems per scan (segmentation models: CT in HU, spacing, field of view).
+) -> dict[str, ScanCheck]:
+    """Check every scan before any is predicted (segmentation models: CT in HU,
+    spacing, field of view); the checks keep each scan's image features.
+
+    Returns
+    -------
+    dict
+        Scan name -> :class:`~client.scan_check.ScanCheck`; empty for tasks
+        other than segmentation.
 
     Raises
     ------
@@ -160,38 +251,162 @@ def check_scans(
         return {}
     found = {}
     for name, path in scans.items():
-        problems = scan_problems(path, plan, meta.get(SEEN_SCANS_KEY))
-        if problems and not force:
+        check = check_scan(path, plan, meta.get(SEEN_SCANS_KEY))
+        if check.problems and not force:
             raise ScanMismatch(
                 f"{path}: refused, not like the scans this model was trained on: "
-                + "; ".join(problems)
+                + "; ".join(check.problems)
                 + ". Nothing was written. If you are sure, pass --force (the "
                 "output and the JSON then carry this warning)."
             )
-        if problems:
-            log.warning("%s: predicting anyway (--force): %s", name, problems)
-            found[name] = problems
+        if check.problems:
+            log.warning("%s: predicting anyway (--force): %s", name, check.problems)
+        found[name] = check
     return found
 
 
-def mark_output(output: Path | None, problems: list[str]) -> None:
-    """Say in a forced output's own header (NIfTI description) that it is one."""
-    if output is None or not Path(output).is_file():
+def annotate_case(
+    name: str,
+    res: dict[str, Any],
+    check: ScanCheck | None,
+    reference: dict[str, Any] | None,
+    model_warns: list[str],
+) -> list[str]:
+    """Add a predicted case's warnings to its summary ``res`` and its NIfTIs.
+
+    The reasons it was forced, its out-of-distribution score (segmentation),
+    the model's own warnings; in ``res`` as ``warnings`` and
+    ``warning-codes``, in each written NIfTI's description. Returns the
+    warnings (empty: none).
+    """
+    codes: list[str] = []
+    texts: list[str] = []
+    if check is not None and check.problems:
+        res["forced"] = check.problems
+        codes.append(FORCED)
+        texts += check.problems
+    if check is not None and "volumes-ml" in res:
+        unlike = score_case(res, check, reference)
+        if unlike is not None:
+            log.warning("%s: %s", name, unlike)
+            codes.append(OOD)
+            texts.append(unlike)
+    if model_warns:
+        codes.append(SYNTHETIC)
+        texts += model_warns
+    if texts:
+        res["warnings"], res["warning-codes"] = texts, codes
+        for key in WRITTEN_NIFTI_KEYS:
+            mark_output(res.get(key), codes)
+    return texts
+
+
+def ood_reference(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The sidecar's calibrated out-of-distribution reference, checked; None
+    (said once in the log) when the model has none or an unusable one."""
+    raw = meta.get(OOD_REFERENCE_KEY)
+    if raw is None:
+        log.warning(
+            "this model's sidecar has no calibrated out-of-distribution reference "
+            "(%s; older models): scans are not scored against the training data",
+            OOD_REFERENCE_KEY,
+        )
+        return None
+    try:
+        ref = check_reference(raw)
+        if "threshold" not in ref:
+            raise ValueError("it has no calibrated threshold")
+    except ValueError as exc:
+        log.warning(
+            "this model's %s is unusable (%s): scans are not scored against the "
+            "training data",
+            OOD_REFERENCE_KEY,
+            exc,
+        )
+        return None
+    return ref
+
+
+def score_case(
+    res: dict[str, Any], check: ScanCheck, reference: dict[str, Any] | None
+) -> str | None:
+    """Score a predicted segmentation case against the training data.
+
+    Records ``ood-score``, ``ood-threshold`` and ``ood-furthest`` in ``res``
+    (the scores None without a reference); returns the warning when the score
+    is above the calibrated threshold, else None.
+    """
+    res["ood-score"], res["ood-threshold"] = None, None
+    if reference is None or check.image_features is None:
+        return None
+    try:
+        volumes = volume_features(res["volumes-ml"])
+    except ValueError as exc:
+        log.warning("no out-of-distribution score: %s", exc)
+        return None
+    features = np.concatenate([check.image_features, volumes])
+    score, threshold = ood_score(features, reference), float(reference["threshold"])
+    off = furthest(features, reference)
+    res["ood-score"], res["ood-threshold"], res["ood-furthest"] = score, threshold, off
+    if score <= threshold:
+        return None
+    named = ", ".join(f"{k} z={z:+.1f}" for k, z in off.items())
+    return (
+        f"unlike the training data: score {score:.2f} above the calibrated "
+        f"threshold {threshold:g} (features furthest off: {named})"
+    )
+
+
+def descrip_text(codes: Sequence[str]) -> bytes:
+    """A NIfTI description (at most 80 bytes) naming a case's warning codes.
+
+    ``kidneyfl WARNING: forced; input unlike training data``, ``...: ood; ...``
+    or ``...: synthetic-phantom model; not for real scans``; several codes
+    are listed comma-separated before the one remark.
+    """
+    ordered = [c for c in WARNING_CODES if c in codes]
+    labels = ",".join(_DESCRIP_LABELS[c] for c in ordered)
+    tail = (
+        "not for real scans" if SYNTHETIC in ordered else "input unlike training data"
+    )
+    return f"kidneyfl WARNING: {labels}; {tail}".encode()[:DESCRIP_BYTES]
+
+
+def mark_output(output: Path | str | None, codes: Sequence[str]) -> None:
+    """Say in a written NIfTI's own header (its description) which warnings
+    its case carries; rewritten atomically (temp file, rename)."""
+    if output is None or not codes or not Path(output).is_file():
         return
-    img = nib.load(str(output))
-    img = nib.Nifti1Image(np.asarray(img.dataobj), img.affine, img.header)
-    img.header["descrip"] = b"kidneyfl WARNING: forced; input unlike training data"
-    nib.save(img, str(output))
+    output = Path(output)
+    src = nib.load(str(output))
+    # The stored values and their scaling as they are: a quantised map
+    # (uint8 with a slope) would otherwise be rescaled by nibabel.
+    img = nib.Nifti1Image(src.dataobj.get_unscaled(), src.affine, src.header)
+    img.header.set_slope_inter(src.dataobj.slope, src.dataobj.inter)
+    img.header["descrip"] = descrip_text(codes)
+    tmp = output.with_name(f".tmp-{os.getpid()}-{output.name}")
+    try:
+        nib.save(img, str(tmp))
+        os.replace(tmp, output)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def summary_lines(summary: dict[str, Any]) -> list[str]:
-    """One line per case for the terminal: volumes in mL, or the task's
-    scalar outputs."""
-    lines = []
+    """Lines for the terminal: the model's warnings, then one line per case
+    (volumes in mL, or the task's scalar outputs) with its warnings."""
+    model_warns = summary.get("model-warnings") or []
+    head = [f"WARNING (model): {w}" for w in model_warns]
+    lines = list(head)
     for name, res in summary["cases"].items():
         values = res.get("volumes-ml")
         if values is not None:
             text = ", ".join(f"{k} {v:.1f} mL" for k, v in values.items())
+            if res.get("ood-score") is not None:
+                text += (
+                    f"; unlike-training score {res['ood-score']:.2f} "
+                    f"(threshold {res['ood-threshold']:g})"
+                )
         else:
             text = ", ".join(
                 f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
@@ -200,6 +415,10 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
             )
         out = res.get("output")
         lines.append(f"{name}: {text}" + (f" -> {out}" if out else ""))
+        forced = res.get("forced", [])
         for why in res.get("warnings", []):
-            lines.append(f"  WARNING (forced): {why}")
+            if why not in model_warns:
+                lines.append(f"  WARNING{' (forced)' if why in forced else ''}: {why}")
+    if head and len(summary["cases"]) > 1:  # a long listing: say it again last
+        lines += head
     return lines

@@ -43,6 +43,7 @@ from client.request_refused import RequestRefused
 from common import wire
 from common.atomic import atomic_write_json
 from common.config import Plan, SiteConfig
+from common.postprocess import CANDIDATES
 
 # A run id names the run in the site's ledger, audit log and state: a short
 # plain name. It never names a file as given (see run_key).
@@ -135,6 +136,13 @@ class Checked:
     # rounds of this run the coordinator says it did not use this site's
     # update of (the site marks only those its own ledger spent on)
     unused_rounds: tuple[int, ...] = ()
+    # evaluate: the post-run clinical calibration's stage (0: a plain
+    # evaluation), the post-processing rule to apply (an index into
+    # common.postprocess.CANDIDATES), and stage 2's OOD reference
+    clinical_stage: int = 0
+    postprocess: int = 0
+    ood_mean: tuple[float, ...] | None = None
+    ood_std: tuple[float, ...] | None = None
 
 
 def unused_rounds(cfg: Mapping[str, Any]) -> tuple[int, ...]:
@@ -192,7 +200,9 @@ def check_request(
         checked = _train(cfg, plan, site, rid, floor)
     elif kind == FINE_TUNE:
         checked = _fine_tune(cfg, plan, site, rid, floor)
-    elif kind in ("evaluate", "query"):
+    elif kind == "evaluate":
+        checked = _evaluate(cfg, rid, floor)
+    elif kind == "query":
         checked = Checked(rid, round_number(cfg, required=False), floor=floor)
     else:
         raise refuse("message-type", kind, "the site answers train, evaluate and query")
@@ -258,6 +268,43 @@ def _fine_tune(
             "was calibrated for no more",
         )
     return Checked(rid, rnd, total_rounds=total, fine_tune_steps=steps, floor=floor)
+
+
+def _evaluate(cfg: Mapping[str, Any], rid: str, floor: int) -> Checked:
+    """An evaluate request: its round, the post-processing rule, and the
+    clinical calibration's stage with its out-of-distribution reference."""
+    stage = integer(cfg, wire.CLINICAL_STAGE, 0, 2, required=False) or 0
+    rule = integer(cfg, wire.POSTPROCESS, 0, len(CANDIDATES) - 1, required=False)
+    mean = std = None
+    if stage == 2:
+        mean = float_list(cfg, wire.OOD_MEAN, wire.OOD_N_FEATURES)
+        std = float_list(cfg, wire.OOD_STD, wire.OOD_N_FEATURES)
+        if min(std) <= 0:
+            raise refuse(wire.OOD_STD, std, "every standard deviation must be > 0")
+    return Checked(
+        rid,
+        round_number(cfg, required=False),
+        floor=floor,
+        clinical_stage=stage,
+        postprocess=rule or 0,
+        ood_mean=mean,
+        ood_std=std,
+    )
+
+
+def float_list(cfg: Mapping[str, Any], key: str, length: int) -> tuple[float, ...]:
+    """``cfg[key]`` as exactly ``length`` finite floats of magnitude at most 1e6."""
+    value = cfg.get(key)
+    if not isinstance(value, list) or len(value) != length:
+        raise refuse(key, value, f"must be a list of {length} numbers")
+    out = []
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise refuse(key, v, "must hold numbers only")
+        if not (math.isfinite(float(v)) and abs(float(v)) <= 1e6):
+            raise refuse(key, v, "must hold finite numbers up to 1e6")
+        out.append(float(v))
+    return tuple(out)
 
 
 # -- how many releases a run has asked for --------------------------------------

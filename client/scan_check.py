@@ -18,12 +18,18 @@ prediction each scan is checked against the checkpoint:
 
 Each problem is a sentence saying what is wrong; ``predict`` refuses unless
 forced.
+
+Beyond these refusals, a continuous "unlike the training data" score
+(``common/ood.py``) needs the predicted volumes, so ``predict`` computes it
+after each case; :func:`check_scan` keeps the image half of its features
+(:class:`ScanCheck`), so that the scan is not read a second time for them.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +37,17 @@ import nibabel as nib
 import numpy as np
 
 from common.config import Plan
+from common.ood import image_features
 from common.scans import SEEN_SCANS_KEY
 
-__all__ = ["SEEN_SCANS_KEY", "ScanMismatch", "scan_problems"]
+__all__ = [
+    "SEEN_SCANS_KEY",
+    "ScanCheck",
+    "ScanMismatch",
+    "check_scan",
+    "ras_view",
+    "scan_problems",
+]
 
 AIR_HU = -500.0  # below any soft tissue or fat; air and lung only
 MIN_AIR_FRACTION = 0.005  # of voxels; an abdominal CT field of view has far more
@@ -47,6 +61,24 @@ _MR_DESCRIP = re.compile(r"(^|[;\s])TE=|\bMRI?\b|\bT[12]w?\b", re.IGNORECASE)
 
 class ScanMismatch(ValueError):
     """A scan is not like the model's training data (the message says how)."""
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: == on an array field would raise
+class ScanCheck:
+    """What checking one scan found.
+
+    Attributes
+    ----------
+    problems : list of str
+        Every way the scan differs from the training data (empty: none).
+    image_features : numpy.ndarray or None
+        ``common.ood.image_features`` of the scan (RAS axes), for its
+        out-of-distribution score once the volumes are predicted; None when
+        the header's spacing makes them meaningless (zero or not finite).
+    """
+
+    problems: list[str]
+    image_features: np.ndarray | None
 
 
 def _sidecar_modality(path: Path) -> str | None:
@@ -128,8 +160,22 @@ def geometry_problems(
     return out
 
 
-def scan_problems(path: Path, plan: Plan, seen: dict[str, Any] | None) -> list[str]:
-    """Every way ``path`` differs from the model's training data, as sentences.
+def ras_view(img: nib.Nifti1Image, data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``data`` and its voxel spacing with the axes in RAS order (a view, no copy).
+
+    Flips are left alone: the features are the same either way; only which
+    axis is left-right, anterior-posterior and inferior-superior matters.
+    """
+    world = nib.orientations.io_orientation(img.affine)[:, 0]
+    order = [int(a) for a in np.argsort(world, kind="stable")]
+    order += list(range(3, data.ndim))
+    zooms = np.asarray(img.header.get_zooms()[:3], dtype=float)
+    return np.transpose(data, order), zooms[order[:3]]
+
+
+def check_scan(path: Path, plan: Plan, seen: dict[str, Any] | None) -> ScanCheck:
+    """Every way ``path`` differs from the model's training data, and the
+    image features of its out-of-distribution score (one read of the scan).
 
     Parameters
     ----------
@@ -151,4 +197,14 @@ def scan_problems(path: Path, plan: Plan, seen: dict[str, Any] | None) -> list[s
     problems += intensity_problems(data)
     spacing = np.asarray(img.header.get_zooms()[:3], dtype=float)
     problems += geometry_problems(spacing, img.shape, plan, seen or {})
-    return problems
+    try:
+        features = image_features(*ras_view(img, data))
+    except ValueError:  # a broken spacing: the problems above already say so
+        features = None
+    return ScanCheck(problems, features)
+
+
+def scan_problems(path: Path, plan: Plan, seen: dict[str, Any] | None) -> list[str]:
+    """Every way ``path`` differs from the model's training data, as sentences
+    (:func:`check_scan` without the features)."""
+    return check_scan(path, plan, seen).problems

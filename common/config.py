@@ -223,6 +223,10 @@ class Plan(BaseModel):
     )
     fedbn: bool = False
     fine_tune_steps: int = Field(0, alias="fine-tune-steps", ge=0, le=100_000)
+    # After the last round of a segmentation run: the post-processing rule and
+    # the out-of-distribution threshold, chosen from the sites' aggregates
+    # (server/clinical_round.py; two evaluate requests per site).
+    clinical_calibration: bool = Field(True, alias="clinical-calibration")
     # Start from a pretrained model (``kidneyfl pretrain``; a checkpoint folder)
     # instead of the seeded initialisation; its provenance goes into every
     # checkpoint's sidecar.

@@ -128,6 +128,9 @@ def allowed_metric(key: str, message_type: str, task: str | None) -> bool:
     return False
 
 
+MAX_CANDIDATES = 16  # post-processing candidates a reply may carry metrics for
+
+
 def max_metric_keys(message_type: str, task: str | None, n_classes: int) -> int:
     """The most metric keys a reply of this type may carry.
 
@@ -147,8 +150,14 @@ def max_metric_keys(message_type: str, task: str | None, n_classes: int) -> int:
     if mtype not in (wire.MSG_EVALUATE, wire.MSG_TRAIN):
         return fixed
     # segmentation: six keys per region (Dice, surface Dice, two false-positive
-    # figures, two case counts), eight regions at most
-    per_task = 6 * 8 if task == "segmentation" else 3 + n_classes + n_classes**2
+    # figures, two case counts), eight regions at most; six lesion-level keys per
+    # lesion region, four at most; five keys per post-processing candidate
+    # (common.postprocess.CANDIDATES, at most MAX_CANDIDATES)
+    per_task = (
+        6 * 8 + 6 * 4 + 5 * MAX_CANDIDATES
+        if task == "segmentation"
+        else 3 + n_classes + n_classes**2
+    )
     return fixed + per_task
 
 
@@ -279,16 +288,29 @@ class ReplyRules:
 # Whole numbers of patients: the weights of every case-weighted mean
 # (num-examples, num-val-cases, cases-<region>, cases-no-<region>, the
 # fingerprint's n-cases) and the confusion counts.
-_COUNT_KEYS = frozenset({wire.NUM_EXAMPLES, wire.NUM_VAL_CASES, wire.FP_N_CASES})
+_COUNT_KEYS = frozenset(
+    {wire.NUM_EXAMPLES, wire.NUM_VAL_CASES, wire.FP_N_CASES, wire.OOD_N}
+)
 _COUNT = re.compile(r"cases-(no-)?[a-z]+|cm-[a-z0-9_]+-[a-z0-9_]+")
 _FLAGS = frozenset(
-    {wire.REFUSED, wire.DP_ENABLED, wire.METRICS_WITHHELD, wire.FINE_TUNED}
+    {
+        wire.REFUSED,
+        wire.DP_ENABLED,
+        wire.METRICS_WITHHELD,
+        wire.FINE_TUNED,
+        wire.DATA_SYNTHETIC,
+    }
 )
 # Scores that are shares: NaN (undefined at the site) or in [0, 1].
 _UNIT = re.compile(
     r"(surface-)?dice-[a-z]+|fp-rate-[a-z]+|accuracy|balanced-accuracy"
     r"|auc-macro|recall-[a-z0-9_]+"
+    r"|(?:lesion-sens|detect-sens|detect-spec|detect-auc|froc)-[a-z]+"
+    r"|pp[0-9]{1,2}-(?:dice|fp-rate|lesion-sens)-[a-z]+"
 )
+# False-positive lesions per case: not NaN, from 0 to a bound no scan reaches.
+_PER_CASE = re.compile(r"(?:pp[0-9]{1,2}-)?fp-lesions-[a-z]+")
+MAX_FP_LESIONS = 10_000.0
 # Privacy figures: not NaN, not negative (epsilon is infinite without DP).
 _NON_NEGATIVE = frozenset({wire.EPSILON, wire.DELTA, wire.NOISE_MULTIPLIER})
 # Fingerprint lists: spacing in mm and extents in mm (at most 100 mm voxels,
@@ -336,6 +358,15 @@ def value_problems(metrics: Mapping[str, object], max_examples: int) -> list[str
                 math.isnan(value) or 0 <= value <= 1  # type: ignore[arg-type]
             ):
                 problems.append(f"metric {key!r} is not NaN or in [0, 1]")
+        elif _PER_CASE.fullmatch(key):
+            if _is_number(value) and not 0 <= value <= MAX_FP_LESIONS:  # type: ignore[operator]
+                problems.append(f"metric {key!r} is not in [0, {MAX_FP_LESIONS:g}]")
+        elif key == wire.OOD_EXCEED and isinstance(value, list):
+            if not all(_is_number(v) and 0 <= v <= 1 for v in value):
+                problems.append(f"metric {key!r} has shares outside [0, 1]")
+        elif key in (wire.OOD_SUM, wire.OOD_SUMSQ) and isinstance(value, list):
+            if not all(_is_number(v) and math.isfinite(v) for v in value):
+                problems.append(f"metric {key!r} has values that are not finite")
         elif key in _NON_NEGATIVE:
             if _is_number(value) and not value >= 0:  # type: ignore[operator]
                 problems.append(f"metric {key!r} is NaN or negative")

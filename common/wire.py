@@ -9,6 +9,7 @@ import functools
 import io
 import logging
 import math
+import re
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Final
 
@@ -312,17 +313,64 @@ def cases_key(region: str, present: bool = True) -> str:
 def weight_key(metric: str) -> str:
     """The count a site-level metric is a mean over, for averaging across sites.
 
-    Region Dice and surface Dice are means over the cases with the region,
-    false-positive rates and volumes over the cases without it; any other
-    metric over all validation cases.
+    Region Dice and surface Dice, per-lesion and case-level detection
+    sensitivity and the FROC summary are means over the cases with the region;
+    false-positive rates and volumes and case-level specificity over the cases
+    without it; any other metric (false-positive lesions per case, detection
+    AUC) over all validation cases. A post-processing candidate's metric
+    (``pp<i>-<key>``) is weighted as ``<key>``.
     """
-    for prefix in (SURFACE_DICE_PREFIX, DICE_PREFIX):
+    if (found := CANDIDATE_KEY.fullmatch(metric)) is not None:
+        return weight_key(found[2])
+    for prefix in (*LESION_PRESENT_PREFIXES, SURFACE_DICE_PREFIX, DICE_PREFIX):
         if metric.startswith(prefix):
             return cases_key(metric.removeprefix(prefix))
-    for prefix in ("fp-rate-", "fp-ml-"):
+    for prefix in ("fp-rate-", "fp-ml-", DETECT_SPEC_PREFIX):
         if metric.startswith(prefix):
             return cases_key(metric.removeprefix(prefix), present=False)
     return NUM_VAL_CASES
+
+
+# Clinical outputs (issue 28; docs/evaluation.md, docs/clinical-outputs.md).
+# Lesion-level metrics per lesion region (common.lesions): over the cases with
+# the region (sensitivities, FROC), the cases without it (specificity), or all
+# validation cases (false-positive lesions per case, AUC: released only when
+# both kinds of case reach the floor).
+LESION_SENS_PREFIX: Final = "lesion-sens-"
+DETECT_SENS_PREFIX: Final = "detect-sens-"
+DETECT_SPEC_PREFIX: Final = "detect-spec-"
+DETECT_AUC_PREFIX: Final = "detect-auc-"
+FP_LESIONS_PREFIX: Final = "fp-lesions-"
+FROC_PREFIX: Final = "froc-"
+LESION_PRESENT_PREFIXES: Final = (LESION_SENS_PREFIX, DETECT_SENS_PREFIX, FROC_PREFIX)
+# A post-processing candidate's metric: pp<i>-<key>, i its index in
+# common.postprocess.CANDIDATES
+CANDIDATE_KEY: Final = re.compile(
+    r"pp([0-9]{1,2})-((?:dice|fp-rate|lesion-sens|fp-lesions)-[a-z]+)"
+)
+# Evaluate config: the post-run clinical calibration (server/clinical_round.py).
+# Stage 1: every post-processing candidate on the validation patients and the
+# out-of-distribution reference sums over training patients; stage 2: the
+# share of validation patients above each OOD threshold, against the
+# reference sent in OOD_MEAN / OOD_STD.
+CLINICAL_STAGE: Final = "clinical-stage"
+# Evaluate config: the post-processing rule every evaluation applies, as its
+# index into common.postprocess.CANDIDATES (absent: none)
+POSTPROCESS: Final = "postprocess"
+OOD_MEAN: Final = "ood-mean"
+OOD_STD: Final = "ood-std"
+# Evaluate metrics: whether the site's data are synthetic (its YAML has a
+# phantom block or its data folder was written by `kidneyfl phantom`): one
+# fact about the dataset, for the model's provenance (sidecar training-data).
+DATA_SYNTHETIC: Final = "data-synthetic"
+OOD_N: Final = "ood-n"  # training patients behind the sums
+OOD_SUM: Final = "ood-sum"  # list, one per common.ood.FEATURES
+OOD_SUMSQ: Final = "ood-sumsq"
+OOD_EXCEED: Final = "ood-exceed"  # list, one per common.ood.THRESHOLDS
+# Their lengths (len(common.ood.FEATURES), len(common.ood.THRESHOLDS); a test
+# holds them equal): the contract checks a list's length.
+OOD_N_FEATURES: Final = 11
+OOD_N_THRESHOLDS: Final = 9
 
 
 def surface_dice_key(region: str) -> str:
@@ -375,13 +423,22 @@ REPLY_METRICS: Final = {
     # a fine-tune reply ("train.finetune") carries validation metrics instead
     | frozenset({FINE_TUNED, NUM_VAL_CASES, EVAL_LOSS, METRICS_WITHHELD})
     | REFUSAL_METRICS,
-    MSG_EVALUATE: frozenset({NUM_EXAMPLES, NUM_VAL_CASES, EVAL_LOSS, METRICS_WITHHELD})
+    MSG_EVALUATE: frozenset(
+        {NUM_EXAMPLES, NUM_VAL_CASES, EVAL_LOSS, METRICS_WITHHELD, DATA_SYNTHETIC}
+    )
+    | frozenset({OOD_N})
     | REFUSAL_METRICS,
     MSG_QUERY: frozenset({FP_N_CASES}) | REFUSAL_METRICS,
 }
 # List-valued aggregates (fingerprint query only): key -> allowed length.
 REPLY_LIST_METRICS: Final = {
     MSG_QUERY: {FP_SPACING_Q: 9, FP_EXTENT: 3, FP_HIST: 1024, FP_LABEL_ML: 3},
+    # the post-run clinical calibration (server/clinical_round.py)
+    MSG_EVALUATE: {
+        OOD_SUM: OOD_N_FEATURES,
+        OOD_SUMSQ: OOD_N_FEATURES,
+        OOD_EXCEED: OOD_N_THRESHOLDS,
+    },
 }
 # Task metrics in evaluate replies, by task, as full-match regular expressions.
 TASK_METRIC_PATTERNS: Final = {
@@ -395,6 +452,9 @@ TASK_METRIC_PATTERNS: Final = {
         r"fp-ml-[a-z]+",
         r"cases-[a-z]+",
         r"cases-no-[a-z]+",
+        # lesion level (common.lesions) and post-processing candidates
+        r"(?:lesion-sens|detect-sens|detect-spec|detect-auc|fp-lesions|froc)-[a-z]+",
+        CANDIDATE_KEY.pattern,
     ),
     "classification": (
         r"accuracy",

@@ -27,11 +27,13 @@ from common.contract import ReplyRules
 from common.logs import add_log_file, remove_log_file, setup_logging
 from common.scans import SEEN_SCANS_KEY
 from server.checkpoint import save_checkpoint
+from server.clinical_round import run_clinical
 from server.deliver import deliver
 from server.finetune import run_fine_tune
 from server.liveness import LivenessGrid, SitesGone, wait_for_sites
 from server.lr_schedule import learning_rates
 from server.preprocessing_round import federated_preprocessing, preprocessing_config
+from server.reporting.clinical import clinical_lines
 from server.reporting.live_report import LiveReport, live_report
 from server.reporting.metrics_log import (
     read_metrics,
@@ -161,12 +163,19 @@ def _federate(
     strategy, final = run_rounds(
         grid, plan, run_dir, start, base_config, meta, status, reports
     )
-    save_checkpoint(
-        run_dir / "final",
-        plan.num_server_rounds,
-        final.to_torch_state_dict(),
-        meta.sidecar(),
-    )
+    state = final.to_torch_state_dict()
+    save_checkpoint(run_dir / "final", plan.num_server_rounds, state, meta.sidecar())
+    if plan.clinical_calibration and plan.task == "segmentation":
+        status.update(phase="choosing post-processing and the OOD threshold")
+        try:
+            extra = run_clinical(
+                grid, plan, run_dir, final, base_config, strategy.site_of, start.origin
+            )
+        except Exception:  # the run's model is saved; this only adds to it
+            log.exception("the clinical calibration failed; the final model is kept")
+        else:
+            sidecar = {**meta.sidecar(), **extra}
+            save_checkpoint(run_dir / "final", plan.num_server_rounds, state, sidecar)
     if plan.fine_tune_steps > 0:
         run_fine_tune(grid, plan, run_dir, final, base_config, strategy.site_of)
     _finish(run_dir, plan, status, reports)
@@ -321,5 +330,7 @@ def _finish(run_dir: Path, plan: Plan, status: RunStatus, reports: LiveReport) -
         state="finished", rounds_done=plan.num_server_rounds, phase="", message=""
     )
     log.info("\n%s", summary_table(entries, read_start(run_dir)))
+    for line in clinical_lines(run_dir, entries):
+        log.info("%s", line)
     log.info("final model: %s", run_dir / "final")
     deliver(run_dir)

@@ -4,6 +4,14 @@
 (no kidneyfl, no MONAI); ``final/preprocessing.json`` beside it says what input
 it expects: RAS orientation, the voxel spacing, the HU window and normalisation,
 the patch size for sliding-window inference, and the output classes.
+
+What the model must not be used for travels with it: a model trained on
+synthetic phantoms only (sidecar ``training-data``) says so in the
+preprocessing JSON (``warnings``), inside the TorchScript file itself (the
+extra file :data:`EXTRA_FILE`, read with ``torch.jit.load(path,
+_extra_files={"kidneyfl.json": ""})``) and in the log of the export. The
+JSON also carries the calibrated "unlike the training data" reference
+(``common/ood.py``), so that tools outside kidneyfl can score scans the same way.
 """
 
 from __future__ import annotations
@@ -20,6 +28,13 @@ import torch
 from common.artifacts import load_model_dir
 from common.atomic import atomic_write_bytes
 from common.metrics import LABELS
+from common.ood import (
+    FEATURES,
+    OOD_REFERENCE_KEY,
+    TRAINING_DATA_KEY,
+    check_reference,
+    model_warnings,
+)
 from common.task_models import build_plan_model
 from common.weights import import_state
 
@@ -27,6 +42,7 @@ log = logging.getLogger("kidneyfl.server")
 
 TORCHSCRIPT_NAME = "model.torchscript.pt"
 PREPROCESSING_NAME = "preprocessing.json"
+EXTRA_FILE = "kidneyfl.json"  # inside the TorchScript archive: provenance
 
 
 def export_model(checkpoint: Path, out_dir: Path | None = None) -> dict[str, Path]:
@@ -42,7 +58,8 @@ def export_model(checkpoint: Path, out_dir: Path | None = None) -> dict[str, Pat
     Returns
     -------
     dict
-        ``{"model": path, "preprocessing": path}``.
+        ``{"model": path, "preprocessing": path}``. A synthetic-only model's
+        warning is logged, and written into both.
     """
     checkpoint = Path(checkpoint)
     out_dir = Path(out_dir) if out_dir is not None else checkpoint
@@ -50,6 +67,10 @@ def export_model(checkpoint: Path, out_dir: Path | None = None) -> dict[str, Pat
     model = build_plan_model(plan)
     import_state(model, state)
     model.eval()
+    description = _describe(meta, plan.task)
+    provenance = {
+        k: description[k] for k in ("warnings", "training-data", "weights-sha256")
+    }
     example = torch.zeros((1, 1, *plan.patch_size), dtype=torch.float32)
     path = out_dir / TORCHSCRIPT_NAME
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -65,12 +86,14 @@ def export_model(checkpoint: Path, out_dir: Path | None = None) -> dict[str, Pat
             log.info("torch.jit.script failed (%s); tracing instead", exc)
             with torch.no_grad():
                 scripted = torch.jit.trace(model, example, check_trace=False)
-        torch.jit.save(scripted, buf)
+        extra = {EXTRA_FILE: json.dumps(provenance, indent=2)}
+        torch.jit.save(scripted, buf, _extra_files=extra)
     atomic_write_bytes(path, buf.getvalue())
-    description = _describe(meta, plan.task)
     prep_path = out_dir / PREPROCESSING_NAME
     atomic_write_bytes(prep_path, json.dumps(description, indent=2).encode())
     log.info("exported %s and %s", path, prep_path)
+    for text in description["warnings"]:
+        log.warning("exported model %s: %s (said in %s)", path, text, prep_path.name)
     return {"model": path, "preprocessing": prep_path}
 
 
@@ -82,7 +105,13 @@ def _describe(meta: dict[str, Any], task: str) -> dict[str, Any]:
         if prep.get("intensity-mean") is not None
         else "clip to hu-window, then scale linearly to [0, 1]"
     )
+    try:
+        reference = check_reference(meta[OOD_REFERENCE_KEY])
+    except (KeyError, ValueError):  # older model, or unusable: none to pass on
+        reference = None
     return {
+        "warnings": model_warnings(meta),
+        "training-data": meta.get(TRAINING_DATA_KEY),
         "task": task,
         "model": meta.get("model"),
         "round": meta.get("round"),
@@ -99,5 +128,13 @@ def _describe(meta: dict[str, Any], task: str) -> dict[str, Any]:
         "input": "float32 tensor (batch, 1, x, y, z), RAS, after the steps above",
         "output-classes": {str(k): v for k, v in LABELS.items()}
         if task == "segmentation"
+        else None,
+        "ood-reference": reference,
+        "ood-score": (
+            "root-mean-square z-score of the features "
+            f"({', '.join(FEATURES)}; kidneyfl common/ood.py) against mean and "
+            "std; above threshold: unlike the training data"
+        )
+        if reference is not None
         else None,
     }

@@ -86,6 +86,7 @@ def audit_finish(run_dir: Path) -> str:
 
 def _simulate(args: argparse.Namespace) -> int:
     from common.config import run_folder
+    from server.reporting.clinical import clinical_lines
     from server.reporting.metrics_log import read_metrics, read_start, summary_table
     from sim.runner import simulate
 
@@ -118,6 +119,8 @@ def _simulate(args: argparse.Namespace) -> int:
     entries = read_metrics(run_dir)
     print()
     print(summary_table(entries, read_start(run_dir)))
+    for line in clinical_lines(run_dir, entries):  # lesions, post-processing, OOD
+        print(line)
     print(f"\nreport: {run_dir / 'report.html'}")
     if kinds:
         path = simulate_baselines(

@@ -151,6 +151,7 @@ FLOWER_MODULES = {
     "server.app",
     "server.preprocessing_round",
     "server.finetune",
+    "server.clinical_round",
     # the strategy wrapper: a Flower Strategy reading Flower's replies in place
     "server.strategy.wrapper",
     "server.strategy.aggregators",

@@ -34,6 +34,7 @@ from typing import Any
 
 from common import wire
 from common.atomic import atomic_write_bytes
+from server.reporting.clinical import clinical_html
 from server.reporting.figures import (
     MAX_KEYS_DRAWN,
     MAX_SITES_DRAWN,
@@ -263,6 +264,7 @@ def _body(
             f"({max(len(keys) - MAX_KEYS_DRAWN, 0)} more); metrics.jsonl holds "
             "them all.</p>"
         )
+    body += clinical_html(run_dir, entries)
     for key, title, note in _SECTIONS:
         items = figs.get(key)
         if not items:

@@ -325,6 +325,11 @@ def round_line(
     parts.append(title + " " + "/".join(_fmt(w.get(c), 5).strip() for c in cols))
     if _is_number(w.get("fp-rate-tumour")):  # tumour Dice: cases with a tumour
         parts.append(f"tumour FP {_fmt(w.get('fp-rate-tumour'), 0, 2)}")
+    if _is_number(w.get("lesion-sens-tumour")):  # lesion level (common.lesions)
+        text = f"lesions {_fmt(w.get('lesion-sens-tumour'), 0, 2)}"
+        if _is_number(w.get("fp-lesions-tumour")):
+            text += f" found, {_fmt(w.get('fp-lesions-tumour'), 0, 1)} FP/case"
+        parts.append(text)
     sp = entry.get("spread", {})
     if any(c in sp for c in cols):
         parts.append("best-worst " + "/".join(_fmt(sp.get(c), 5).strip() for c in cols))

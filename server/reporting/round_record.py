@@ -79,7 +79,7 @@ def weighted_eval_means(
     the cap does not bind, the mean is ``sum(w x v) / sum(w)`` as before.
     """
     skip = {wire.NUM_VAL_CASES, wire.NUM_EXAMPLES, wire.METRICS_WITHHELD}
-    skip |= {wire.REFUSED}
+    skip |= {wire.REFUSED, wire.DATA_SYNTHETIC, wire.OOD_N}
     keys = set().union(*(set(m) for m in per_site.values())) - skip
     out = {}
     for k in sorted(keys):

@@ -95,7 +95,9 @@ def test_task_evaluate_returns_aggregates_only(tiny_site, tiny_plan):
     regions = ("kidney", "masses", "tumour")
     # one value per region and kind (docs/evaluation.md), never one per case
     prefixes = ("dice-", "surface-dice-", "cases-", "fp-rate-", "fp-ml-")
+    prefixes += ("lesion-sens-", "detect-", "fp-lesions-", "froc-")
     assert all(k == "eval-loss" or k.startswith(prefixes) for k in out), out
+    assert "fp-lesions-tumour" in out  # lesion level over every case
     assert {f"surface-dice-{r}" for r in regions} | {"eval-loss"} <= set(out)
     assert all(0.0 <= out[f"surface-dice-{r}"] <= 1.0 for r in regions)
     assert out["cases-kidney"] + out["cases-no-kidney"] == data.n_val
@@ -162,3 +164,27 @@ def test_patient_in_training_and_validation_is_refused(tmp_path):
     (load_site_config(site_yaml).data.root / "manifest.csv").unlink()
     with pytest.raises(SiteDataError, match="case_00001 is in both training"):
         load_site_cases(load_site_config(site_yaml))
+
+
+def test_evaluate_candidates_are_on_the_contract(tiny_site, tiny_plan):
+    """Every post-processing candidate's metrics, each a key the site's own
+    contract lets leave and the coordinator's weights by its denominator."""
+    from common.contract import allowed_metric, max_metric_keys, value_problems
+    from common.postprocess import CANDIDATES, CHOICE_KEYS
+    from common.task_models import build_plan_model
+
+    task = SegmentationTask()
+    data = task.load_data(tiny_site, tiny_plan)
+    model = build_plan_model(tiny_plan)
+    out = task.evaluate(model, data, tiny_plan, torch.device("cpu"), candidates=True)
+    for i in range(len(CANDIDATES)):
+        assert f"pp{i}-dice-kidney" in out
+        assert f"pp{i}-fp-lesions-tumour" in out
+    assert all(allowed_metric(k, "evaluate", "segmentation") for k in out), out
+    assert len(out) <= max_metric_keys("evaluate", "segmentation", 4)
+    assert value_problems(out, 1000) == []
+    # "none" is the plain evaluation, key for key
+    plain = task.evaluate(model, data, tiny_plan, torch.device("cpu"))
+    for key in CHOICE_KEYS:
+        if key in plain:
+            assert out[f"pp0-{key}"] == pytest.approx(plain[key])

@@ -9,7 +9,10 @@ from cli.pretrain import pretrain
 from client.cli import privacy_report
 from client.timings import read_timings
 from common.config import load_site_config
+from common.ood import FEATURES, THRESHOLDS
+from common.postprocess import CANDIDATES
 from server.checkpoint import load_checkpoint
+from server.reporting.clinical import clinical_lines
 from server.reporting.metrics_log import summary_table
 from sim.runner import simulate
 from tests.fakes import TINY_PLAN, write_site_yaml
@@ -115,6 +118,24 @@ def test_federation_with_dp_refusal_checkpoints_and_resume(tmp_path):
     assert side["initial_checkpoint"]["dataset"] == "public phantoms"
     assert side["initial_checkpoint"]["sha256"] == load_checkpoint(pre)[1]["sha256"]
     assert "epsilon spent" in privacy_report(str(sites[0]))
+    # What a clinician needs of the final model (issue 28): the federation's
+    # post-processing, the OOD threshold and the provenance, in its sidecar.
+    clinical = json.loads((run / "clinical.json").read_text())
+    assert clinical["training-data"] == {
+        "synthetic-only": True,
+        "sites": dict.fromkeys(("site-a", "site-b", "site-c"), "synthetic"),
+        "pretrained-on": "synthetic",
+    }
+    assert set(clinical["candidates"]) == set(CANDIDATES)  # every rule, every site
+    assert clinical["postprocess"]["rule"] in CANDIDATES
+    ood = clinical["ood-reference"]
+    assert len(ood["mean"]) == len(ood["std"]) == len(FEATURES)
+    assert ood["threshold"] in THRESHOLDS and ood["calibrated-on"] >= 3
+    final = json.loads((run / "final" / "latest.json").read_text())
+    for key in ("postprocess", "ood-reference", "training-data"):
+        assert final[key] == clinical[key]
+    assert any("Post-processing chosen" in x for x in clinical_lines(run, lines))
+    assert 'id="postprocessing"' in (run / "report.html").read_text()
     # Each site keeps its own timings (load and work per message), locally.
     state = load_site_config(sites[0]).state_dir
     kinds = [(t["round"], t["kind"]) for t in read_timings(state)]
@@ -123,6 +144,8 @@ def test_federation_with_dp_refusal_checkpoints_and_resume(tmp_path):
         (1, "train"),
         (1, "evaluate"),
         (2, "train"),
+        (2, "evaluate"),
+        (2, "evaluate"),  # the clinical calibration's two requests
         (2, "evaluate"),
     ]
     start = json.loads((run / "start-evaluation.json").read_text())

@@ -35,8 +35,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from client.data.check_report import DataCheck
+from client.data.class_layouts import PNG_SUFFIXES
 from client.disclosure import class_denominator
 from client.tasks.base import TaskData
+from client.tasks.classification import saliency
 from client.tasks.classification.check import check_cases
 from client.tasks.classification.data import (
     SliceDataset,
@@ -46,6 +48,7 @@ from client.tasks.classification.data import (
     load_slice,
 )
 from common import wire
+from common.atomic import atomic_write_text
 from common.cls_metrics import class_weights_from_counts, classification_metrics
 from common.config import Plan, SiteConfig
 
@@ -164,8 +167,20 @@ class ClassificationTask:
         device: torch.device,
         output: Path | None = None,
     ) -> dict[str, Any]:
-        """Class and probabilities of one image; written as JSON to ``output``
-        (a ``.json`` file, or a folder that gets ``<image name>.json``)."""
+        """Class and probabilities of one image; with ``output``, also a
+        saliency map.
+
+        ``output`` is a ``.json`` file, or a folder that gets ``<image
+        name>.json``. Beside the JSON goes ``<image name>_saliency.png``: the
+        slice as the model saw it with the predicted class's occlusion
+        sensitivity over it (:mod:`client.tasks.classification.saliency`); the
+        summary names it under ``saliency`` and the method under
+        ``saliency-method``. The map is computed after the probabilities, from
+        forward passes without gradients: the class and probabilities are the
+        same with or without it, and the model's ``requires_grad`` flags are
+        untouched. The PNG is written before the JSON that names it, each
+        atomically.
+        """
         model.to(device).eval()
         x = load_slice(Path(image), plan)[None].to(device)
         prob = torch.softmax(model(x), 1)[0].cpu().tolist()
@@ -178,10 +193,21 @@ class ClassificationTask:
         }
         if output is not None:
             output = Path(output)
+            stem = Path(image).name.split(".")[0]
             if output.suffix.lower() != ".json":
-                output = output / f"{Path(image).name.split('.')[0]}.json"
-            output.parent.mkdir(parents=True, exist_ok=True)
-            output.write_text(json.dumps(summary, indent=2) + "\n")
+                output = output / f"{stem}.json"
+            png = output.parent / f"{stem}_saliency.png"
+            saliency.write_saliency_png(
+                x[0, 0].cpu().numpy(),
+                saliency.saliency_map(model, x, best),
+                png,
+                f"{plan.class_names[best]}  p = {prob[best]:.2f}  (occlusion)",
+                # NIfTI slices are (x, y); PNG slices rows and columns
+                xy_axes=not Path(image).name.lower().endswith(PNG_SUFFIXES),
+            )
+            summary["saliency"] = str(png)
+            summary["saliency-method"] = saliency.METHOD
+            atomic_write_text(output, json.dumps(summary, indent=2) + "\n")
             summary["output"] = str(output)
         return summary
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
@@ -24,6 +25,7 @@ from client.tasks.segmentation.pipeline import (
 from client.tasks.segmentation.predict import predict_scan
 from common import wire
 from common.config import Plan, SiteConfig
+from common.lesions import case_lesions, summarise_lesions
 from common.metrics import (
     case_rows,
     present_mean,
@@ -31,6 +33,12 @@ from common.metrics import (
     region_surface_dice,
     summarise_cases,
 )
+from common.postprocess import CANDIDATES, CHOICE_KEYS, apply_rule, candidate_key
+
+
+def lesion_probs(probs: np.ndarray) -> dict[str, np.ndarray]:
+    """Each lesion region's probability map, from softmax ``(C, *spatial)``."""
+    return {"tumour": probs[2], "cyst": probs[3]}
 
 
 class SegmentationTask:
@@ -66,20 +74,41 @@ class SegmentationTask:
 
     @torch.no_grad()
     def evaluate(
-        self, model: nn.Module, data: TaskData, plan: Plan, device: torch.device
+        self,
+        model: nn.Module,
+        data: TaskData,
+        plan: Plan,
+        device: torch.device,
+        candidates: bool = False,
+        postprocess: str = "none",
     ) -> dict[str, float]:
-        """Dice and surface Dice per region, KiTS-style, and the mean loss over
-        the validation volumes (whole volumes, sliding-window inference).
+        """Dice and surface Dice per region, KiTS-style, lesion-level detection,
+        and the mean loss over the validation volumes (whole volumes,
+        sliding-window inference).
 
         A region's Dice and surface Dice are means over the cases whose
         reference contains it; the other cases give its false-positive rate
-        and mean predicted volume (``common.metrics.summarise_cases``).
-        Surface distances are measured on the evaluated grid, the plan's
-        ``spacing-mm`` (after the federated preprocessing plan, if any).
+        and mean predicted volume (``common.metrics.summarise_cases``). Lesions
+        (tumour, cyst) are connected components (``common.lesions``): per-lesion
+        sensitivity, false-positive lesions per case, case-level detection and
+        its AUC, and an FROC summary. Surface distances are measured on the
+        evaluated grid, the plan's ``spacing-mm`` (after the federated
+        preprocessing plan, if any).
+
+        Parameters
+        ----------
+        candidates : bool
+            Also evaluate every post-processing candidate
+            (``common.postprocess.CANDIDATES``) on the same predictions:
+            ``pp<i>-<key>`` for each of ``CHOICE_KEYS`` (the post-run
+            clinical calibration, ``server/clinical_round.py``).
+        postprocess : str
+            The rule applied before every metric (the run's chosen rule).
         """
         model.to(device).eval()
         loss_fn = self.loss(plan)
-        rows, nsd_rows, present, losses = [], [], [], []
+        rows, nsd_rows, present, losses, lesions = [], [], [], [], []
+        cand: list[tuple[list, list]] = [([], []) for _ in CANDIDATES]
         for i in range(len(data.validation)):
             item = data.validation[i]
             image = item[IMAGE].unsqueeze(0).to(device)
@@ -88,23 +117,37 @@ class SegmentationTask:
                 image, plan.patch_size, sw_batch_size=16, predictor=model, overlap=0.25
             )
             losses.append(float(loss_fn(logits, label)))
-            pred = logits.argmax(1, keepdim=True)
-            rows += case_rows(pred, label, plan.spacing_mm)
+            probs = torch.softmax(logits.float(), 1)[0].cpu().numpy()
+            truth = label[0, 0].cpu().numpy()
+            raw = probs.argmax(0).astype(np.uint8)
+            labels = apply_rule(raw, probs, plan.spacing_mm, postprocess)
+            pred = torch.from_numpy(labels.astype(np.int64))[None, None]
+            rows += case_rows(pred, label.cpu(), plan.spacing_mm)
+            lesions.append(case_lesions(labels, truth, lesion_probs(probs)))
             nsd_rows.append(
                 region_surface_dice(
-                    pred.cpu(),
-                    label.cpu(),
-                    plan.spacing_mm,
-                    plan.surface_dice_tolerance_mm,
+                    pred, label.cpu(), plan.spacing_mm, plan.surface_dice_tolerance_mm
                 )
             )
             present.append(region_masks(label.cpu()).flatten(2).sum(-1) > 0)
+            if candidates:
+                for (c_rows, c_lesions), rule in zip(cand, CANDIDATES, strict=True):
+                    c_lab = apply_rule(raw, probs, plan.spacing_mm, rule)
+                    c_pred = torch.from_numpy(c_lab.astype(np.int64))[None, None]
+                    c_rows += case_rows(c_pred, label.cpu(), plan.spacing_mm)
+                    c_lesions.append(case_lesions(c_lab, truth, lesion_probs(probs)))
         out = summarise_cases(rows)
+        out.update(summarise_lesions(lesions))
         if nsd_rows:
             nsd = present_mean(torch.cat(nsd_rows), torch.cat(present))
             for k, v in nsd.items():
                 out[wire.surface_dice_key(k)] = v
         out[wire.EVAL_LOSS] = sum(losses) / len(losses) if losses else float("nan")
+        for index, (c_rows, c_lesions) in enumerate(cand if candidates else []):
+            summary = summarise_cases(c_rows) | summarise_lesions(c_lesions)
+            for key in CHOICE_KEYS:
+                if key in summary:
+                    out[candidate_key(index, key)] = summary[key]
         return out
 
     def denominators(self, data: TaskData, plan: Plan) -> dict[str, int]:
@@ -123,7 +166,11 @@ class SegmentationTask:
         plan: Plan,
         device: torch.device,
         output: Path | None,
+        postprocess: str = "none",
     ) -> dict[str, Any]:
-        """Label map in the scan's own grid (written to ``output``) and the
-        volume of kidney, tumour and cyst in mL."""
-        return predict_scan(model, image, plan, device, output)
+        """Label map in the scan's own grid (written to ``output``) with its
+        uncertainty map and summary image, the volumes of kidney, tumour and
+        cyst in mL, each lesion with its confidence, and each tumour's
+        measures for surgical planning; ``postprocess`` is the rule the
+        federation chose (the model's sidecar)."""
+        return predict_scan(model, image, plan, device, output, postprocess=postprocess)
