@@ -75,6 +75,7 @@ CANDIDATES: tuple[str, ...] = (
     "tumour-prob-0.85",
     "min-mass-ml-5",
     "kidney-largest-2+tumour-touches-kidney+min-mass-ml-2+tumour-prob-0.85",
+    "kidney-largest-2+tumour-touches-kidney+min-mass-ml-5",
 )
 
 CHOICE_KEYS: tuple[str, ...] = (

@@ -205,8 +205,8 @@ def test_both_warnings_fit_every_written_nifti(weights, scan, tmp_path, monkeypa
         def __init__(self, task: Any) -> None:
             self.task = task
 
-        def predict(self, model, image, plan, device, output) -> dict:
-            res = self.task.predict(model, image, plan, device, output)
+        def predict(self, model, image, plan, device, output, **options) -> dict:
+            res = self.task.predict(model, image, plan, device, output, **options)
             unc = Path(output).with_name("scan_uncertainty.nii.gz")
             src = nib.load(str(image))
             data = np.linspace(0, 1, int(np.prod(src.shape)), dtype=np.float32)

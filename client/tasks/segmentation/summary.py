@@ -130,14 +130,14 @@ def measure_text(measures: list[dict[str, Any]]) -> str:
         lines = [
             f"Tumour {i}: {m.get('side', '?')} kidney, "
             f"{m.get('polar-location') or 'pole n/a'}",
-            f"  volume {_fmt(m.get('volume-ml'), ' mL')}, "
-            f"max diameter {_fmt(m.get('max-diameter-mm'), ' mm')}",
+            f"  volume {_fmt(m.get('volume-ml'), ' mL')}",
+            f"  max diameter {_fmt(m.get('max-diameter-mm'), ' mm')}",
             f"  exophytic {_fmt(None if exo is None else 100 * exo, '%', 0)}",
-            f"  to renal sinus (estimate) {_fmt(m.get('distance-to-sinus-mm'), ' mm')}",
+            f"  to sinus {_fmt(m.get('distance-to-sinus-mm'), ' mm')} (estimate)",
         ]
         apart = m.get("distance-to-kidney-mm")
         if apart:
-            lines.append(f"  not touching the kidney: {_fmt(apart, ' mm')} away")
+            lines.append(f"  {_fmt(apart, ' mm')} from the kidney")
         blocks.append("\n".join(lines))
     if len(measures) > MAX_LISTED:
         blocks.append(f"... and {len(measures) - MAX_LISTED} smaller tumour(s)")
