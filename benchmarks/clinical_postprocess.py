@@ -24,10 +24,43 @@ import torch
 from client.disclosure import denominator_counts, release
 from client.predict import load_model
 from client.tasks.registry import get_task
+from client.tasks.segmentation.pipeline import IMAGE, LABEL
+from client.tasks.segmentation.predict import infer_probs
 from common.config import load_site_config
-from common.postprocess import CANDIDATES, CHOICE_KEYS, choose
+from common.postprocess import CANDIDATES, CHOICE_KEYS, apply_rule, choose
 from server.clinical_round import candidate_table
 from server.reporting.clinical import lesion_line
+
+CPU = torch.device("cpu")
+
+
+@torch.no_grad()
+def explain(site, model, plan, rule: str) -> str:  # noqa: ANN001
+    """Where the chosen rule's remaining tumour false positives lie: in
+    tumour-free validation cases, how many keep predicted tumour, and how many
+    of those overlap a reference cyst (a cyst taken for a tumour). Stays here:
+    per-case detail a site would never send."""
+    data = get_task(plan.task).load_data(site, plan)
+    free = kept = on_cyst = 0
+    for i in range(len(data.validation)):
+        item = data.validation[i]
+        truth = item[LABEL][0].numpy()
+        if (truth == 2).any():
+            continue
+        free += 1
+        probs = infer_probs(model, item[IMAGE].unsqueeze(0), plan, CPU, tta=0)
+        probs = probs.cpu().numpy()
+        labels = apply_rule(
+            probs.argmax(0).astype("uint8"), probs, plan.spacing_mm, rule
+        )
+        tumour = labels == 2
+        if tumour.any():
+            kept += 1
+            on_cyst += int((tumour & (truth == 3)).any())
+    return (
+        f"{site.name}: {free} tumour-free validation cases; after {rule}, {kept} "
+        f"keep predicted tumour, {on_cyst} of them on a reference cyst"
+    )
 
 
 def main() -> None:
@@ -73,6 +106,8 @@ def main() -> None:
     print(f"\nchosen: {choice.reason}")
     for site, m in per_site.items():
         print(f"{site}: {lesion_line(m)}")
+    for path in args.sites:
+        print(explain(load_site_config(path), model, plan, choice.rule))
     if args.json:
         args.json.write_text(
             json.dumps(

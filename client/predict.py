@@ -160,10 +160,15 @@ def predict(
     dev = select_device(device)
     if source.is_dir():
         scans = find_scans(source)
+        # a segmentation writes <name>.nii.gz; other tasks name their own
+        # files inside the output folder (classification: <name>.json)
+        suffix = ".nii.gz" if plan.task == "segmentation" else ""
         outputs = {
-            n: (Path(output) / f"{n}.nii.gz" if output is not None else None)
+            n: (Path(output) / f"{n}{suffix}" if output is not None else None)
             for n in scans
         }
+        if suffix == "":
+            outputs = dict.fromkeys(scans, Path(output) if output else None)
     else:
         scans = {_stem(source): source}
         outputs = {_stem(source): Path(output) if output is not None else None}
@@ -392,6 +397,39 @@ def mark_output(output: Path | str | None, codes: Sequence[str]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def lesion_lines(res: dict[str, Any]) -> list[str]:
+    """A segmentation case's tumours with their planning measures, its other
+    lesions with their confidence, and where the uncertainty map and summary
+    image are (nothing for other tasks)."""
+    lines = []
+    if res.get("postprocess") not in (None, "none"):
+        lines.append(
+            f"  post-processing (chosen by the federation): {res['postprocess']}"
+        )
+    for i, t in enumerate(res.get("tumours") or [], 1):
+        sinus = t.get("distance-to-sinus-mm")
+        lines.append(
+            f"  tumour {i}: {t.get('side')} kidney, {t.get('polar-location')}, "
+            f"{t.get('volume-ml', 0):.1f} mL, max diameter "
+            f"{t.get('max-diameter-mm', 0):.0f} mm, exophytic "
+            f"{100 * t.get('exophytic-fraction', 0):.0f}%, to sinus "
+            + (f"{sinus:.0f} mm" if isinstance(sinus, int | float) else "n/a")
+        )
+    for x in res.get("lesions") or []:
+        lines.append(
+            f"  {x.get('region')} lesion {x.get('volume-ml', 0):.1f} mL: confidence "
+            f"{x.get('confidence', 0):.2f}, mean uncertainty "
+            f"{x.get('uncertainty', 0):.2f}"
+        )
+    for key, what in (
+        ("uncertainty-output", "uncertainty"),
+        ("summary-image", "summary"),
+    ):
+        if res.get(key):
+            lines.append(f"  {what}: {res[key]}")
+    return lines
+
+
 def summary_lines(summary: dict[str, Any]) -> list[str]:
     """Lines for the terminal: the model's warnings, then one line per case
     (volumes in mL, or the task's scalar outputs) with its warnings."""
@@ -415,6 +453,7 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
             )
         out = res.get("output")
         lines.append(f"{name}: {text}" + (f" -> {out}" if out else ""))
+        lines += lesion_lines(res)
         forced = res.get("forced", [])
         for why in res.get("warnings", []):
             if why not in model_warns:

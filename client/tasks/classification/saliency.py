@@ -6,11 +6,13 @@ used rather than Grad-CAM, and implemented here rather than through
 ``monai.visualize.OcclusionSensitivity``:
 
 - **Resolution.** Grad-CAM's map has the size of its target layer. At the
-  registered classifiers' last convolutional stage that is 4 x 4 for the
-  ResNets and 2 x 2 for the DenseNets at the default 64-pixel slice, and 1 x 1
-  (a constant map) for ``densenet-small`` at 32 pixels, while a stone is 2-4
-  pixels. Occlusion's resolution is the occluder's, set here to an eighth of
-  the slice whatever the network.
+  registered classifiers' last convolutional stage (the last module with an
+  ``(N, C, h, w)`` output in a forward pass, found with forward hooks on
+  ``named_modules()``: ``layer4`` of the ResNets, ``class_layers.relu`` of the
+  DenseNets) that is 4 x 4 for the ResNets and 2 x 2 for the DenseNets at the
+  default 64-pixel slice, and 1 x 1 (a constant map) for ``densenet-small`` at
+  32 pixels, while a stone is 2-4 pixels. Occlusion's resolution is the
+  occluder's, set here to an eighth of the slice whatever the network.
 - **Faithfulness.** The map is the model's actual change of output when a
   region is hidden, not a first-order (gradient) estimate of it. Its limits:
   the occluder is an input the model never saw in training, and with the
@@ -25,17 +27,18 @@ used rather than Grad-CAM, and implemented here rather than through
   normalise over the whole slice, so hiding a patch also shifts every
   location's statistics a little: the map measures that too, as the model
   would see it.
-- **Cost.** ``(2 / 0.125 + 1)^2 = 289`` forward passes per slice, batched:
-  about 0.1 s for ``resnet-tiny`` at 64 pixels on two CPU cores, 3 s for
-  ``resnet18`` and 6 s for ``densenet121`` (one pass for Grad-CAM), and the
-  same count at any slice size.
+- **Cost.** ``(2 / 0.125 + 1)^2 = 289`` forward passes per slice, batched
+  (Grad-CAM: one forward and one backward), the same count at any slice size.
+  Measured at 64 pixels on one thread of a busy CPU: 0.1-0.2 s for
+  ``resnet-tiny`` and ``densenet-small``, 3-5 s for ``densenet121`` and
+  ``resnet18``; once per slice, at prediction only.
 
 Why not MONAI 1.6.1's implementations: ``GradCAM``'s ``ModelWithHooks``
 registers forward and backward hooks on the model and keeps no handle to
 remove them, its default post-processing maps the largest value to 0, it
-fills the parameters' ``.grad``, and a module called twice per forward (the
-residual block's ReLU) pairs one call's activation with the other call's
-gradient. ``OcclusionSensitivity`` raises ``RuntimeError`` with a callable
+fills the parameters' ``.grad``, and on a module called twice per forward
+(the residual block's ReLU) it pairs one call's activation with the other
+call's gradient. ``OcclusionSensitivity`` raises ``RuntimeError`` with a callable
 fill; its own fills are a hard-edged square (which a network's first layers
 read as a boundary) or a multiplication towards 0, the bottom of the CT window
 (fat or air): a dark blob, much like a cyst.
