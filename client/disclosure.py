@@ -38,6 +38,10 @@ Denominators, by key (:func:`denominator`):
   groups, so released only when ``cases-X`` and ``cases-no-X`` each reach
   the floor (an AUC with one tumour-free patient ranks that patient).
 - a post-processing candidate's metric ``pp<i>-<key>``: as ``<key>``.
+- a subgroup's metric ``sg-<attr>-<value>-<key>``: as ``<key>``, over the
+  group's own count (``sg-<attr>-<value>-cases-X``), so a group smaller than
+  the floor is never released; ``dice2-X`` (mean squared Dice, for the
+  coordinator's confidence interval) as ``dice-X``.
 - ``eval-loss``: over all validation cases (``num-val-cases``), which the
   caller has already held to the floor.
 
@@ -96,6 +100,9 @@ def denominator(key: str) -> str | None:
         return ALL_CLASSES
     if (found := wire.CANDIDATE_KEY.fullmatch(key)) is not None:
         return denominator(found[2])  # a post-processing candidate: as its metric
+    if (group := wire.SUBGROUP_KEY.fullmatch(key)) is not None:
+        inner = denominator(group[2])  # a subgroup: over the group's own cases
+        return None if inner is None else f"{group[1]}{inner}"
     if key.startswith("cases-"):  # cases-X and cases-no-X: their own count
         return key
     if key.startswith(wire.DETECT_AUC_PREFIX):  # both groups: the smaller one
@@ -106,6 +113,7 @@ def denominator(key: str) -> str | None:
         *wire.LESION_PRESENT_PREFIXES,
         wire.SURFACE_DICE_PREFIX,
         wire.DICE_PREFIX,
+        wire.DICE_SQUARED_PREFIX,
     ):
         if key.startswith(prefix):
             return wire.cases_key(key.removeprefix(prefix))
@@ -117,6 +125,13 @@ def denominator(key: str) -> str | None:
     if match := _CONFUSION.fullmatch(key):
         return class_denominator(match[1])  # the true class: the row
     return None
+
+
+def is_count(key: str) -> bool:
+    """Whether ``key`` is a count of patients (``cases-X``, ``cases-no-X``, and
+    a subgroup's ``sg-<attr>-<value>-cases-X``)."""
+    group = wire.SUBGROUP_KEY.fullmatch(key)
+    return (group[2] if group else key).startswith("cases-")
 
 
 def denominator_counts(
@@ -135,7 +150,7 @@ def denominator_counts(
         Counts the metrics do not carry, from the task (classification:
         ``class-c`` patients per class); kept at the site.
     """
-    counts = {k: int(v) for k, v in metrics.items() if k.startswith("cases-")}
+    counts = {k: int(v) for k, v in metrics.items() if is_count(k)}
     counts.update({k: int(v) for k, v in task_counts.items()})
     counts[wire.NUM_VAL_CASES] = int(n_val)
     for key in list(counts):

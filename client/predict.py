@@ -160,15 +160,12 @@ def predict(
     dev = select_device(device)
     if source.is_dir():
         scans = find_scans(source)
-        # a segmentation writes <name>.nii.gz; other tasks name their own
-        # files inside the output folder (classification: <name>.json)
-        suffix = ".nii.gz" if plan.task == "segmentation" else ""
-        outputs = {
-            n: (Path(output) / f"{n}{suffix}" if output is not None else None)
-            for n in scans
-        }
-        if suffix == "":
-            outputs = dict.fromkeys(scans, Path(output) if output else None)
+        if output is None:
+            outputs = dict.fromkeys(scans)
+        elif plan.task == "segmentation":
+            outputs = {n: Path(output) / f"{n}.nii.gz" for n in scans}
+        else:  # other tasks name their files inside the folder (<name>.json)
+            outputs = dict.fromkeys(scans, Path(output))
     else:
         scans = {_stem(source): source}
         outputs = {_stem(source): Path(output) if output is not None else None}

@@ -29,6 +29,7 @@ from client.data.case_check import FATAL, WARN, Finding
 from client.data.check_report import MIN_CASES, DataCheck
 from client.data.errors import SiteDataError
 from client.data.patients import KINDS as PATIENT_KINDS
+from client.data.subgroups import read_subgroups
 from client.environment import (
     check_environment,
     check_governance,
@@ -165,7 +166,42 @@ def check_site(
         )
         return report
     _check_patient_counts(site, report)
+    _check_subgroups(site, report)
     return report
+
+
+def _check_subgroups(site: SiteConfig, report: SiteCheck) -> None:
+    """The subgroup file (``subgroups.csv`` or ``kits.json``), if any: readable,
+    valid values, and which groups are below the floor (never released)."""
+    try:
+        groups = read_subgroups(site.data.root)
+    except SiteDataError as exc:
+        report.findings.append(
+            Finding("subgroups", FATAL, str(site.data.root), str(exc), "fix the file")
+        )
+        return
+    if not groups:
+        return
+    sizes: dict[str, int] = {}
+    for values in groups.values():
+        for attr, value in values.items():
+            sizes[f"{attr} {value}"] = sizes.get(f"{attr} {value}", 0) + 1
+    floor = site.privacy.min_cases_for_aggregates
+    small = sorted(k for k, n in sizes.items() if n < floor)
+    if small:
+        report.findings.append(
+            Finding(
+                "subgroups-small",
+                WARN,
+                str(site.data.root),
+                f"subgroups of {len(groups)} case(s): "
+                + ", ".join(f"{k} ({n})" for k, n in sorted(sizes.items()))
+                + f"; below the floor of {floor} patients (all splits together), "
+                f"so never released: {', '.join(small)}",
+                "nothing to do: their metrics stay at the site; merge values (for "
+                "example scanner models into vendors) to report them",
+            )
+        )
 
 
 def _check_patient_counts(site: SiteConfig, report: SiteCheck) -> None:

@@ -129,6 +129,7 @@ def allowed_metric(key: str, message_type: str, task: str | None) -> bool:
 
 
 MAX_CANDIDATES = 16  # post-processing candidates a reply may carry metrics for
+MAX_SUBGROUPS = 32  # subgroups (attribute, value) a reply may carry metrics for
 
 
 def max_metric_keys(message_type: str, task: str | None, n_classes: int) -> int:
@@ -154,7 +155,7 @@ def max_metric_keys(message_type: str, task: str | None, n_classes: int) -> int:
     # lesion region, four at most; five keys per post-processing candidate
     # (common.postprocess.CANDIDATES, at most MAX_CANDIDATES)
     per_task = (
-        6 * 8 + 6 * 4 + 5 * MAX_CANDIDATES
+        6 * 8 + 6 * 4 + 5 * MAX_CANDIDATES + 9 * MAX_SUBGROUPS
         if task == "segmentation"
         else 3 + n_classes + n_classes**2
     )
@@ -291,7 +292,9 @@ class ReplyRules:
 _COUNT_KEYS = frozenset(
     {wire.NUM_EXAMPLES, wire.NUM_VAL_CASES, wire.FP_N_CASES, wire.OOD_N}
 )
-_COUNT = re.compile(r"cases-(no-)?[a-z]+|cm-[a-z0-9_]+-[a-z0-9_]+")
+_COUNT = re.compile(
+    r"(?:sg-[a-z]+-[a-z0-9_]{1,24}-)?cases-(no-)?[a-z]+|cm-[a-z0-9_]+-[a-z0-9_]+"
+)
 _FLAGS = frozenset(
     {
         wire.REFUSED,
@@ -307,6 +310,7 @@ _UNIT = re.compile(
     r"|auc-macro|recall-[a-z0-9_]+"
     r"|(?:lesion-sens|detect-sens|detect-spec|detect-auc|froc)-[a-z]+"
     r"|pp[0-9]{1,2}-(?:dice|fp-rate|lesion-sens)-[a-z]+"
+    r"|sg-[a-z]+-[a-z0-9_]{1,24}-(?:dice2?|fp-rate|lesion-sens)-[a-z]+"
 )
 # False-positive lesions per case: not NaN, from 0 to a bound no scan reaches.
 _PER_CASE = re.compile(r"(?:pp[0-9]{1,2}-)?fp-lesions-[a-z]+")

@@ -322,7 +322,14 @@ def weight_key(metric: str) -> str:
     """
     if (found := CANDIDATE_KEY.fullmatch(metric)) is not None:
         return weight_key(found[2])
-    for prefix in (*LESION_PRESENT_PREFIXES, SURFACE_DICE_PREFIX, DICE_PREFIX):
+    if (group := SUBGROUP_KEY.fullmatch(metric)) is not None:
+        return f"{group[1]}{weight_key(group[2])}"
+    for prefix in (
+        *LESION_PRESENT_PREFIXES,
+        SURFACE_DICE_PREFIX,
+        DICE_PREFIX,
+        DICE_SQUARED_PREFIX,
+    ):
         if metric.startswith(prefix):
             return cases_key(metric.removeprefix(prefix))
     for prefix in ("fp-rate-", "fp-ml-", DETECT_SPEC_PREFIX):
@@ -347,6 +354,16 @@ LESION_PRESENT_PREFIXES: Final = (LESION_SENS_PREFIX, DETECT_SENS_PREFIX, FROC_P
 # common.postprocess.CANDIDATES
 CANDIDATE_KEY: Final = re.compile(
     r"pp([0-9]{1,2})-((?:dice|fp-rate|lesion-sens|fp-lesions)-[a-z]+)"
+)
+# Subgroups (issue 29; client/data/subgroups.py): a group's metrics are
+# sg-<attribute>-<value>-<key>, over the group's own cases, released only for
+# groups of at least the site's floor. dice2-<region> is the mean of squared
+# per-case Dice, so the coordinator can give each group's Dice a confidence
+# interval from aggregates alone.
+DICE_SQUARED_PREFIX: Final = "dice2-"
+SUBGROUP_KEY: Final = re.compile(
+    r"(sg-(?:sex|age|scanner|phase)-[a-z0-9_]{1,24}-)"
+    r"((?:dice2?|cases|cases-no|fp-rate|lesion-sens)-[a-z]+)"
 )
 # Evaluate config: the post-run clinical calibration (server/clinical_round.py).
 # Stage 1: every post-processing candidate on the validation patients and the
@@ -455,6 +472,7 @@ TASK_METRIC_PATTERNS: Final = {
         # lesion level (common.lesions) and post-processing candidates
         r"(?:lesion-sens|detect-sens|detect-spec|detect-auc|fp-lesions|froc)-[a-z]+",
         CANDIDATE_KEY.pattern,
+        SUBGROUP_KEY.pattern,
     ),
     "classification": (
         r"accuracy",

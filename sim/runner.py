@@ -71,9 +71,13 @@ def default_plan() -> dict[str, Any]:
 def prepare_phantoms(sites: list[SiteConfig]) -> None:
     """Write synthetic cases for sites whose YAML has a ``phantom`` section."""
     from sim.phantoms.sites import write_site_phantom
+    from sim.subgroups import plant_subgroups
 
     for site in sites:
         write_site_phantom(site)  # the writer of the section's task
+        if site.phantom is not None and site.phantom.task == "segmentation":
+            # age band planted by tumour size, sex at random (sim/subgroups.py)
+            plant_subgroups(site.data.root, site.phantom.profile, site.phantom.seed)
 
 
 def stage_app(dest: Path, root: Path = PROJECT_DIR) -> Path:

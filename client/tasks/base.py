@@ -8,7 +8,7 @@ task means adding one package under ``client/tasks/`` and one entry in
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,6 +29,9 @@ class TaskData:
     n_train: int
     n_val: int
     fingerprint: str
+    # subgroup ("<attribute>-<value>") -> indices of its validation cases
+    # (client/data/subgroups.py); stays at the site
+    groups: dict[str, list[int]] = field(default_factory=dict)
 
 
 class Task(Protocol):

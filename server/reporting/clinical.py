@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from server.reporting.fairness import fairness_lines, fairness_rows, gaps, not_released
 from server.reporting.text import safe_text
 
 CLINICAL_FILE = "clinical.json"
@@ -71,6 +72,8 @@ def clinical_lines(run_dir: Path, entries: list[dict[str, Any]]) -> list[str]:
     lines = []
     if entries and (line := lesion_line(entries[-1].get("weighted", {}))):
         lines.append(f"Last round, {line}")
+    if entries:
+        lines += fairness_lines(entries[-1])
     data = read_clinical(run_dir) or {}
     pp = data.get("postprocess")
     if isinstance(pp, dict):
@@ -161,4 +164,37 @@ def clinical_html(run_dir: Path, entries: list[dict[str, Any]]) -> list[str]:
         body.append(_table(["rule", *cols], rows))
     for line in clinical_lines(run_dir, [])[0:]:
         body.append(f'<p class="note">{html.escape(line)}</p>')
+    return body + fairness_html(last)
+
+
+def fairness_html(last: dict[str, Any]) -> list[str]:
+    """The fairness table: each subgroup's pooled Dice, the best-worst gap per
+    attribute with its 95 % interval, and what each site did not release."""
+    rows = fairness_rows(last)
+    if not rows:
+        return []
+    body = [
+        '<h2 id="subgroups">Subgroups</h2>',
+        '<p class="note">Dice per group of patients, pooled over the sites that '
+        "released the group (each site only for groups of at least its floor of "
+        "patients); standard error from the pooled mean square "
+        "(docs/evaluation.md).</p>",
+        _table(["attribute", "region", "group", "Dice", "std. error", "cases"], rows),
+    ]
+    gap_rows = [
+        [g.attribute, g.region, f"{g.best.value} - {g.worst.value}", g.gap]
+        + [f"{g.low:.3f} to {g.high:.3f}", "yes" if g.found else "no"]
+        for g in gaps(last.get("weighted", {}))
+    ]
+    if gap_rows:
+        head = ["attribute", "region", "best - worst", "gap", "95% CI", "gap found"]
+        body.append(_table(head, gap_rows))
+    missing = not_released(last.get("evaluate", {}))
+    if missing:
+        body.append(
+            '<p class="note">Not released (fewer patients than the site\'s floor '
+            "there, or none): "
+            + html.escape("; ".join(f"{s}: {', '.join(g)}" for s, g in missing.items()))
+            + "</p>"
+        )
     return body

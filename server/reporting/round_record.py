@@ -83,7 +83,10 @@ def weighted_eval_means(
     keys = set().union(*(set(m) for m in per_site.values())) - skip
     out = {}
     for k in sorted(keys):
-        if k.startswith("cases-"):
+        if k.startswith("cases-") or (
+            (g := wire.SUBGROUP_KEY.fullmatch(k)) is not None
+            and g[2].startswith("cases-")
+        ):
             total = math.fsum(
                 float(m[k]) for m in per_site.values() if _count(m.get(k)) is not None
             )

@@ -13,6 +13,7 @@ from torch import nn
 
 from client.data.check_report import DataCheck
 from client.data.layouts import LAYOUTS
+from client.data.subgroups import group_indices, read_subgroups
 from client.tasks.base import TaskData
 from client.tasks.segmentation.cases import load_site_cases
 from client.tasks.segmentation.check import check_cases
@@ -34,6 +35,36 @@ from common.metrics import (
     summarise_cases,
 )
 from common.postprocess import CANDIDATES, CHOICE_KEYS, apply_rule, candidate_key
+
+# What each subgroup reports (wire.SUBGROUP_KEY): Dice and its mean square
+# (for a confidence interval at the coordinator) and case counts for kidney and
+# tumour; the tumour false-positive rate and lesion sensitivity.
+SUBGROUP_REGIONS = ("kidney", "tumour")
+
+
+def subgroup_metrics(
+    groups: dict[str, list[int]], rows: list[dict], lesions: list[dict]
+) -> dict[str, float]:
+    """``sg-<attribute>-<value>-<key>`` for every subgroup of the validation
+    cases (``rows``, ``lesions``: per case, in validation order)."""
+    out: dict[str, float] = {}
+    for group, idx in sorted(groups.items()):
+        summary = summarise_cases(rows[i] for i in idx)
+        summary.update(summarise_lesions(lesions[i] for i in idx))
+        prefix = f"sg-{group}-"
+        for region in SUBGROUP_REGIONS:
+            present = [rows[i][region][0] for i in idx if rows[i][region][1]]
+            out[f"{prefix}cases-{region}"] = float(len(present))
+            if present:
+                out[f"{prefix}dice-{region}"] = summary[f"dice-{region}"]
+                out[f"{prefix}dice2-{region}"] = sum(d * d for d in present) / len(
+                    present
+                )
+        out[f"{prefix}cases-no-tumour"] = summary.get("cases-no-tumour", 0.0)
+        for key in ("fp-rate-tumour", "lesion-sens-tumour"):
+            if key in summary:
+                out[prefix + key] = summary[key]
+    return out
 
 
 def lesion_probs(probs: np.ndarray) -> dict[str, np.ndarray]:
@@ -58,8 +89,16 @@ class SegmentationTask:
         lm = cases.label_map
         train = PatchDataset(volume_dataset(cases.train, site, plan, lm), plan)
         val = volume_dataset(cases.validation, site, plan, lm)
+        groups = group_indices(
+            [c.case_id for c in cases.validation], read_subgroups(site.data.root)
+        )
         return TaskData(
-            train, val, len(cases.train), len(cases.validation), cases.fingerprint()
+            train,
+            val,
+            len(cases.train),
+            len(cases.validation),
+            cases.fingerprint(),
+            groups,
         )
 
     def loss(self, plan: Plan) -> nn.Module:
@@ -143,6 +182,7 @@ class SegmentationTask:
             for k, v in nsd.items():
                 out[wire.surface_dice_key(k)] = v
         out[wire.EVAL_LOSS] = sum(losses) / len(losses) if losses else float("nan")
+        out.update(subgroup_metrics(data.groups, rows, lesions))
         for index, (c_rows, c_lesions) in enumerate(cand if candidates else []):
             summary = summarise_cases(c_rows) | summarise_lesions(c_lesions)
             for key in CHOICE_KEYS:
