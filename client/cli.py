@@ -1,4 +1,5 @@
-"""Commands hospital IT runs: ``site check|privacy|keygen|start|service``."""
+"""Commands hospital IT runs: ``site check|privacy|keygen|start|service``,
+``site import-dicom`` and the governance and audit commands."""
 
 from __future__ import annotations
 
@@ -281,8 +282,76 @@ def register(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--comment", default="", help="e.g. the site name")
     k.set_defaults(func=_keygen)
     _add_start(ssub)
+    register_import_dicom(ssub)
     register_governance(ssub)
     register_audit_privacy(ssub)
+
+
+# -- DICOM in (issue 29): PACS series -> a KiTS-style site ----------------------
+def _import_dicom(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from client.data.dicom_import import format_summary, import_dicom
+
+    summary = import_dicom(
+        Path(args.src),
+        Path(args.out),
+        args.pseudonym_prefix,
+        modality=args.modality,
+        min_slices=args.min_slices,
+        segment_map=Path(args.segment_map) if args.segment_map else None,
+        pseudonym_map=Path(args.pseudonym_map) if args.pseudonym_map else None,
+    )
+    print("\n".join(format_summary(summary)))
+    return 1 if summary.problems else 0
+
+
+def register_import_dicom(ssub: argparse._SubParsersAction) -> None:
+    """``kidneyfl site import-dicom SRC OUT --pseudonym-prefix P``."""
+    d = ssub.add_parser(
+        "import-dicom",
+        help="turn a folder of DICOM series (a PACS export) into a pseudonymised "
+        "KiTS-style dataset that `site check` reads (docs/dicom.md)",
+        epilog="example: kidneyfl site import-dicom /exports/pacs /data/kits "
+        "--pseudonym-prefix HA  (exit 1 when a series or SEG was refused)",
+        allow_abbrev=False,
+    )
+    d.add_argument("src", help="folder of DICOM files, any depth")
+    d.add_argument("out", help="dataset folder to write (the site YAML's data.root)")
+    d.add_argument(
+        "--pseudonym-prefix",
+        required=True,
+        metavar="P",
+        help="case folders are case_<P><nnnnn>: up to 16 letters, digits or '-'",
+    )
+    d.add_argument(
+        "--modality",
+        choices=("CT", "MR"),
+        default="CT",
+        help="series to import (default CT; MR only where the site declared MR)",
+    )
+    d.add_argument(
+        "--min-slices",
+        type=int,
+        default=20,
+        metavar="N",
+        help="fewest slices a series may have (default 20)",
+    )
+    d.add_argument(
+        "--segment-map",
+        default=None,
+        metavar="CSV",
+        help="CSV 'segment,label' mapping DICOM SEG segments (label or SCT:code) "
+        "to background, kidney, tumour or cyst",
+    )
+    d.add_argument(
+        "--pseudonym-map",
+        default=None,
+        metavar="CSV",
+        help="where the case-to-patient map is kept (default OUT/../"
+        "pseudonym-map.csv; never inside OUT); it must stay at the site",
+    )
+    d.set_defaults(func=_import_dicom)
 
 
 # -- Privacy audit (issue 21): membership inference at the site -----------------

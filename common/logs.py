@@ -40,11 +40,22 @@ DEPENDENCY_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
     (UserWarning, r"torch\.", r"Full backward hook is firing"),
     # Ray's tip about accelerator environment variables (we set no GPUs on CPU).
     (FutureWarning, r"ray\._private\.worker", r"Tip: In future versions of Ray"),
+    # MONAI's DICOM reader without NVIDIA's nvImageCodec (pydicom decodes).
+    (UserWarning, r"monai\.data\.image_reader", r"NvImgCodecPydicomReader"),
 )
 
 
+# Dependency loggers that only say an optional accelerator is absent: MONAI's
+# DICOM reader looks for NVIDIA's nvImageCodec whenever pydicom is installed
+# (it is, for `kidneyfl site import-dicom`), on every scan read.
+QUIET_LOGGERS = ("monai.data.nvimgcodec_pydicom_plugin",)
+
+
 def quiet_dependency_warnings() -> None:
-    """Filter :data:`DEPENDENCY_WARNINGS` in this process (idempotent)."""
+    """Filter :data:`DEPENDENCY_WARNINGS` in this process (idempotent); the
+    loggers of :data:`QUIET_LOGGERS` say only errors."""
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     for category, module, message in DEPENDENCY_WARNINGS:
         warnings.filterwarnings(
             "ignore", message=message, category=category, module=module

@@ -178,6 +178,16 @@ def parse_rule(rule: str) -> tuple[RulePart, ...]:
     return parts
 
 
+def without_probability(rule: str) -> str:
+    """``rule`` without its ``tumour-prob`` parts (``none`` if nothing is
+    left): the parts that only need a label map, re-applied after the label
+    map is resampled to the scan's own grid, where resampling can split a
+    thin component into fragments the rule would have removed."""
+    parts = [p for p in rule.split("+") if not _TUMOUR_PROB.fullmatch(p)]
+    parts = [p for p in parts if p != "none"]
+    return "+".join(parts) if parts else "none"
+
+
 def needs_probs(rule: str) -> bool:
     """Whether ``rule`` needs the softmax probabilities (a ``tumour-prob`` part)."""
     return any(p.name == "tumour-prob" for p in parse_rule(rule))

@@ -269,3 +269,16 @@ def test_candidates_never_add_tumour(
         assert not ((out == 2) & (labels != 2)).any()
         assert np.array_equal(out, apply_rule(labels, probs, spacing, rule))
     assert np.array_equal(labels, before)
+
+
+def test_without_probability_keeps_the_label_only_parts():
+    from common.postprocess import without_probability
+
+    assert without_probability("none") == "none"
+    assert without_probability("tumour-prob-0.7") == "none"
+    rule = "kidney-largest-2+tumour-touches-kidney+min-mass-ml-1+tumour-prob-0.7"
+    assert without_probability(rule) == (
+        "kidney-largest-2+tumour-touches-kidney+min-mass-ml-1"
+    )
+    for candidate in CANDIDATES:
+        parse_rule(without_probability(candidate))  # always a valid rule
