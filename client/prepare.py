@@ -34,6 +34,7 @@ from client.request_guard import (
 from client.request_refused import RequestRefused
 from client.tasks.base import Task, TaskData
 from client.tasks.registry import get_task
+from client.tasks.segmentation.pipeline import require_modality
 from client.train import select_device
 from common import wire
 from common.config import ConfigError, Plan, SiteConfig, load_plan, load_site_config
@@ -206,6 +207,8 @@ def setup(request: Request) -> Setup:
     site = load_site_config(site_config_path(request.node_config, plan))
     apply_cpu_threads(site)
     checked = check_request(request.kind, request.config, plan, site)
+    if plan.task == "segmentation":  # a plan for the other modality: refused
+        require_modality(site, plan)  # before any release is counted
     if request.kind != TRAIN:
         QueryCounter(site.state_dir).take(
             checked.run_id, site.privacy.max_queries_per_run

@@ -3,11 +3,15 @@
 A model trained on CT in Hounsfield units segments whatever it is given: an MRI,
 a CT stored without its rescale slope and intercept, or a crop of one organ
 comes back as a confident "kidney" of hundreds of millilitres. Before
-prediction each scan is checked against the checkpoint:
+prediction each scan is checked against the checkpoint, whose plan says the
+modality it was trained on (``plan.modality``, issue 29):
 
-- **intensities are CT in HU**: air (about -1000 HU) surrounds every abdominal
-  CT, so some voxels must lie at or below :data:`AIR_HU`, and the scan must hold
-  more than air; MRI and raw scanner values start at 0;
+- **intensities are CT in HU** (a CT model): air (about -1000 HU) surrounds
+  every abdominal CT, so some voxels must lie at or below :data:`AIR_HU`, and
+  the scan must hold more than air; MRI and raw scanner values start at 0;
+- **intensities are MR magnitudes** (an MR model): no air at -1000 HU, and no
+  more than a trace of negative values (:func:`mr_intensity_problems`); a
+  "mixed" model takes either;
 - **modality**, where the file says it: a BIDS/dcm2niix JSON beside the NIfTI
   (``"Modality": "MR"``) or the NIfTI description (dcm2niix writes ``TE=`` for
   MR);
@@ -45,6 +49,10 @@ __all__ = [
     "ScanCheck",
     "ScanMismatch",
     "check_scan",
+    "intensity_kind",
+    "looks_like_ct",
+    "modality_problems",
+    "mr_intensity_problems",
     "ras_view",
     "scan_problems",
 ]
@@ -56,6 +64,12 @@ COARSER_THAN_SEEN = 2.0
 MIN_EXTENT_MM = 40.0  # thinner than this on any axis: a slab, not a volume
 MIN_INPLANE_MM = 100.0  # an abdomen is 250-450 mm across
 SMALLER_THAN_SEEN = 0.5
+# An MR magnitude image is non-negative; interpolation ringing (resampling)
+# leaves a few slightly negative voxels: at most MR_NEGATIVE_FRACTION of them
+# may lie below 0 by more than MR_NEGATIVE_SHARE of the maximum.
+MR_NEGATIVE_SHARE = 0.05
+MR_NEGATIVE_FRACTION = 0.01
+NO_BODY_AIR_FRACTION = 0.99  # a CT this full of air holds no body
 _MR_DESCRIP = re.compile(r"(^|[;\s])TE=|\bMRI?\b|\bT[12]w?\b", re.IGNORECASE)
 
 
@@ -127,6 +141,73 @@ def intensity_problems(data: np.ndarray) -> list[str]:
     return []
 
 
+def looks_like_ct(data: np.ndarray) -> bool:
+    """Whether ``data`` looks like CT in HU (:func:`intensity_problems` finds
+    nothing: air at about -1000 HU, and a body)."""
+    return not intensity_problems(data)
+
+
+def intensity_kind(finite: np.ndarray) -> str | None:
+    """What finite voxel values look like: ``"CT"`` (in HU: air at about
+    -1000 and a body), ``"MR"`` (a magnitude image: no air at -1000, at most a
+    trace of negative values) or None (neither). Counts only, no sorting, so
+    it is cheap on every case of a site."""
+    if finite.size == 0:
+        return None
+    air = float((finite <= AIR_HU).mean())
+    if air >= MIN_AIR_FRACTION:
+        return "CT" if air < NO_BODY_AIR_FRACTION else None
+    hi = float(finite.max())
+    if hi <= 0:
+        return None
+    negative = float((finite < -MR_NEGATIVE_SHARE * hi).mean())
+    return "MR" if negative <= MR_NEGATIVE_FRACTION else None
+
+
+def mr_intensity_problems(data: np.ndarray) -> list[str]:
+    """Why ``data`` is not an MR magnitude image (empty when it looks like one).
+
+    An MR image in the scanner's units has no air at -1000 (air is dark, about
+    0) and no more than a trace of negative values (:func:`intensity_kind`).
+    """
+    finite = data[np.isfinite(data)]
+    if finite.size == 0:
+        return ["the scan has no finite voxel values"]
+    if intensity_kind(finite) == "MR":
+        return []
+    air = float((finite <= AIR_HU).mean())
+    if air >= MIN_AIR_FRACTION:
+        return [
+            f"this scan looks like CT in HU: {air:.1%} of its voxels are at or "
+            f"below {AIR_HU:.0f} (air in Hounsfield units), which an MR image "
+            "never has"
+        ]
+    lo, hi = (float(v) for v in np.percentile(finite, (1, 99)))
+    if float(finite.max()) <= 0:
+        return ["it holds no signal: no voxel is above 0"]
+    return [
+        f"its intensities run from {lo:.3g} to {hi:.3g} (1st-99th percentile): "
+        "an MR magnitude image is not negative (a normalised, phase or "
+        "subtraction image?)"
+    ]
+
+
+def modality_problems(data: np.ndarray, modality: str) -> list[str]:
+    """Why ``data`` does not look like a scan of ``modality`` (``CT``, ``MR``
+    or ``mixed``, a plan's); empty when it does.
+
+    ``CT``: :func:`intensity_problems`, unchanged; ``MR``:
+    :func:`mr_intensity_problems`; ``mixed``: either must find nothing.
+    """
+    if modality == "CT":
+        return intensity_problems(data)
+    if modality == "MR":
+        return mr_intensity_problems(data)
+    if not (ct := intensity_problems(data)) or not mr_intensity_problems(data):
+        return []
+    return [f"it is neither CT in HU nor MR: {ct[0]}"]
+
+
 def geometry_problems(
     spacing: np.ndarray, shape: tuple[int, ...], plan: Plan, seen: dict[str, Any]
 ) -> list[str]:
@@ -155,9 +236,13 @@ def geometry_problems(
         out.append(
             f"its field of view {ext_txt} mm is smaller than the scans the model "
             f"was trained on (at least {'x'.join(f'{v:.0f}' for v in floor)} mm): "
-            "a crop or a single slab, not an abdominal CT"
+            f"a crop or a single slab, not an abdominal {_scan_name(plan)}"
         )
     return out
+
+
+def _scan_name(plan: Plan) -> str:
+    return plan.modality if plan.modality in ("CT", "MR") else "scan"
 
 
 def ras_view(img: nib.Nifti1Image, data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -182,19 +267,28 @@ def check_scan(path: Path, plan: Plan, seen: dict[str, Any] | None) -> ScanCheck
     path : Path
         A NIfTI scan.
     plan : Plan
-        The checkpoint's effective plan (spacing).
+        The checkpoint's effective plan (spacing, modality).
     seen : dict, optional
         The sidecar's ``seen-scans`` (``spacing-mm-max``, ``extent-mm-min``).
     """
     img = nib.load(str(path))
     modality = header_modality(path, img)
+    trained = plan.modality
     problems = []
-    if modality and modality != "CT":
+    if (
+        modality
+        and modality != trained
+        and not (trained == "mixed" and modality in ("CT", "MR"))
+    ):
+        what = "CT and MR" if trained == "mixed" else trained
         problems.append(
-            f"its header says modality {modality}; the model was trained on CT"
+            f"its header says modality {modality}; the model was trained on {what}"
         )
     data = np.asarray(img.dataobj, dtype=np.float32)
-    problems += intensity_problems(data)
+    found = modality_problems(data, trained)
+    if trained == "MR" and found and looks_like_ct(data):
+        found = [f"the model was trained on MR; {found[0]}"]
+    problems += found
     spacing = np.asarray(img.header.get_zooms()[:3], dtype=float)
     problems += geometry_problems(spacing, img.shape, plan, seen or {})
     try:

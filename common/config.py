@@ -190,6 +190,9 @@ class Plan(BaseModel):
     )
     lr_schedule: Literal["constant", "cosine"] = Field("constant", alias="lr-schedule")
     lr_min_factor: float = Field(0.1, alias="lr-min-factor")
+    # The scans' modality (issue 29, docs/mr.md): each site's data.modality
+    # must equal it, or it is "mixed" (each site preprocesses by its own).
+    modality: Literal["CT", "MR", "mixed"] = "CT"
     # Set by the federated preprocessing plan (not run config): z-score
     # normalisation after clipping to the HU window, as nnU-Net does for CT.
     intensity_mean: float | None = Field(None, alias="intensity-mean")
@@ -435,6 +438,7 @@ RESUME_STRATEGY_KEYS: tuple[str, ...] = (
     "central_dp_noise",
     "central_dp_clip",
     "ema_decay",  # the average saved with a checkpoint belongs to its decay
+    "modality",  # a CT model does not resume as an MR one (issue 29)
 )
 
 

@@ -23,6 +23,9 @@ from pydantic import (
 
 from common.config_base import ConfigError, _explain
 
+# The modalities a site's scans may be (``data.modality``).
+MODALITIES = ("CT", "MR")
+
 
 class PrivacyConfig(BaseModel):
     """The site's own privacy budget. The coordinator cannot raise it."""
@@ -109,6 +112,21 @@ class DataConfig(BaseModel):
     validation_cases: list[str] | None = None
     # cases (or patient ids) the site leaves out of training and validation
     exclude_cases: list[str] | None = None
+    # What the scans are (issue 29, docs/mr.md): CT in Hounsfield units or MR
+    # (arbitrary units). It picks the preprocessing and the scan checks; a plan
+    # for the other modality is refused (a "mixed" plan takes either).
+    modality: Literal["CT", "MR"] = "CT"
+
+    @field_validator("modality", mode="before")
+    @classmethod
+    def _modality(cls, v: Any) -> Any:
+        if v not in MODALITIES:
+            raise ValueError(
+                f"{str(v)[:40]!r} is not a modality kidneyfl reads: write "
+                f"{' or '.join(MODALITIES)} (CT in Hounsfield units; MR in the "
+                "scanner's own units), in capitals"
+            )
+        return v
 
 
 class PhantomConfig(BaseModel):

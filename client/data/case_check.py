@@ -5,6 +5,12 @@ is usable, shared by training (which skips bad cases) and the readiness check
 Each problem has its own kind, so a truncated file, an empty file, a 2D image and
 a label with value 7 each get their own message and fix. Nothing here leaves the
 site: findings name local files and are shown on the site's own terminal only.
+
+The inspection records what an image's intensities look like (CT in HU, an MR
+magnitude image, or neither: :func:`client.scan_check.intensity_kind`);
+:func:`declared_findings` compares that with the site's ``data.modality``
+(issue 29), so a CT among an MR site's scans, or an MR among a CT site's, is an
+error naming the file and the fix.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
+from client.scan_check import AIR_HU, intensity_kind
 
 CT_RANGE = (-1100.0, 4000.0)  # HU a CT volume may plausibly span
 SPACING_RANGE = (0.2, 10.0)  # mm
@@ -46,6 +54,9 @@ class CaseReport:
     # Digest of the image's voxels (shape, type, values): equal digests are the
     # same scan whatever the file's name or compression, so the same patient.
     image_digest: str = ""
+    # What the intensities look like: "CT" (HU), "MR" (magnitudes), "" (neither);
+    # None when they were not looked at (unreadable, empty or non-finite image).
+    looks_like: str | None = None
 
     @property
     def usable(self) -> bool:
@@ -128,7 +139,9 @@ def inspect_case(
     label_values : set of int
         Label values the site's label map accepts.
     modality : str
-        ``CT`` enables the Hounsfield-range check.
+        ``CT`` enables the Hounsfield-range check (``MR``: none). Whether the
+        image looks like the site's modality is :func:`declared_findings`'s
+        question, from the report's ``looks_like``.
     """
     report = CaseReport()
     img = _load(image, "image", report)
@@ -236,6 +249,7 @@ def _check_image(
             )
         )
         return
+    report.looks_like = intensity_kind(data) or ""
     lo, hi = float(data.min()), float(data.max())
     if modality.upper() == "CT" and (
         lo < CT_RANGE[0] or hi > CT_RANGE[1] or hi - lo < 200
@@ -259,3 +273,67 @@ def _check_image(
                 "check the header's pixdim (mm) matches the scan",
             )
         )
+
+
+def declared_findings(report: CaseReport, image: Path, modality: str) -> list[Finding]:
+    """A case's findings for a site whose ``data.modality`` is ``modality``.
+
+    The inspection's own findings (less the Hounsfield-range check for an MR
+    site), and whether the image looks like the declared modality: an image
+    that looks like the other one is an error; one that looks like neither, a
+    warning.
+
+    Parameters
+    ----------
+    report : CaseReport
+        The case's inspection (any ``modality`` argument).
+    image : Path
+        The case's image, as inspected.
+    modality : str
+        The site's ``data.modality``: ``CT`` or ``MR``.
+    """
+    found = [f for f in report.findings if modality == "CT" or f.kind != "ct-range"]
+    kind = report.looks_like
+    if kind is None or kind == modality:  # None: the image's error says why
+        return found
+    where = f"{image.parent.name}/{image.name}"
+    if kind:  # the other modality
+        what = (
+            f"CT in HU (voxels at air, {AIR_HU:.0f} HU or below)"
+            if kind == "CT"
+            else "MR (no air at -1000 HU, no negative values)"
+        )
+        fix = (
+            f"set data.modality: {kind} if the site's scans are {kind}; otherwise "
+            f"remove this scan or export it as {modality}"
+        )
+        if modality == "CT":
+            fix += " in HU (apply the rescale slope and intercept)"
+        found.append(
+            Finding(
+                "modality",
+                FATAL,
+                str(image),
+                f"data.modality says {modality} but {where} looks like {what}",
+                fix,
+            )
+        )
+        return found
+    expected = (
+        "no air at about -1000 HU, or nothing but air: not CT in HU, or a crop "
+        "inside the body"
+        if modality == "CT"
+        else "many negative values: not an MR magnitude image (normalised, phase "
+        "or subtraction?)"
+    )
+    found.append(
+        Finding(
+            "modality-intensities",
+            WARN,
+            str(image),
+            f"data.modality says {modality} but {where} has {expected}",
+            "check how the scans were exported (the scanner's own values: HU for "
+            "CT, magnitudes for MR)",
+        )
+    )
+    return found

@@ -6,6 +6,8 @@ RAS+ (+x patient Left, +y Anterior, +z Superior; origin at the body centre betwe
 the kidneys) and then voxelised, so arrays are indexed (x, y, z) and the affine is
 ``diag(spacing)`` plus an origin. A :class:`SiteProfile` describes one hospital's
 scanner and case mix; everything is deterministic given ``(profile, seed, scale)``.
+Each tissue's value passes through a :data:`Tone`: HU here, unchanged; T2-like MR
+intensities in :mod:`sim.phantoms.mr`, which paints the same anatomy.
 
 ``scale`` multiplies the scanner spacing: ``scale=1.0`` gives the native grid, while
 :data:`DEFAULT_SCALE` uses a coarser one so that demo training on CPU takes seconds.
@@ -17,7 +19,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -32,10 +35,20 @@ from sim.phantoms.profiles import (
 logger = logging.getLogger(__name__)
 
 
+# A tissue's painted value from its name and its CT value in HU (see anatomy).
+Tone = Callable[[str, float], float]
+
+
+def hounsfield(tissue: str, hu: float) -> float:
+    """The CT :data:`Tone`: every tissue keeps its value in HU."""
+    return hu
+
+
 @dataclass(frozen=True, eq=False)  # eq=False: == on array fields would raise
 class PhantomCase:
-    """One case: float32 HU ``image`` and uint8 KiTS ``label``, both (X, Y, Z) along
-    RAS+ axes; ``spacing`` in mm along x, y, z; ``affine`` voxel-to-RAS (nibabel)."""
+    """One case: float32 ``image`` (HU for CT, arbitrary units for MR) and uint8
+    KiTS ``label``, both (X, Y, Z) along RAS+ axes; ``spacing`` in mm along x, y,
+    z; ``affine`` voxel-to-RAS (nibabel)."""
 
     image: np.ndarray
     label: np.ndarray
@@ -213,7 +226,11 @@ def _render_lesion(
 
 
 def _render_spine(
-    img: np.ndarray, grid: _Grid, body: np.ndarray, disc_phase: float
+    img: np.ndarray,
+    grid: _Grid,
+    body: np.ndarray,
+    disc_phase: float,
+    tone: Tone = hounsfield,
 ) -> None:
     """Vertebral bodies with a cortical rim, discs every 32 mm, posterior arch."""
     if (blk := _block(grid, np.array([0.0, -70.0, 0.0]), 45.0)) is None:
@@ -227,24 +244,25 @@ def _render_spine(
     arch &= body[sx, sy]
     disc = ((grid[2] + disc_phase) % 32.0) < 7.0
     block = img[sx, sy]
-    block[arch & (vb > 1.0)] = 450.0
-    block[vb <= 1.0] = 220.0
-    block[(vb <= 1.0) & (vb > 0.85**2)] = 600.0
+    block[arch & (vb > 1.0)] = tone("bone", 450.0)
+    block[vb <= 1.0] = tone("marrow", 220.0)
+    block[(vb <= 1.0) & (vb > 0.85**2)] = tone("cortical-bone", 600.0)
     # At disc levels: a soft disc in the body and ligaments instead of the arch.
-    block[(vb <= 1.0)[..., None] & disc] = 90.0
-    block[(arch & (vb > 1.0))[..., None] & disc] = 45.0
-    block[canal <= 9.0] = 15.0
+    block[(vb <= 1.0)[..., None] & disc] = tone("disc", 90.0)
+    block[(arch & (vb > 1.0))[..., None] & disc] = tone("ligament", 45.0)
+    block[canal <= 9.0] = tone("csf", 15.0)
 
 
 def generate_case(
     profile: SiteProfile, seed: int, scale: float = DEFAULT_SCALE
 ) -> PhantomCase:
-    """Generate one synthetic abdominal CT case.
+    """Generate one synthetic abdominal case (CT, or MR for an MR profile).
 
     Parameters
     ----------
     profile : SiteProfile
-        Scanner and case mix of the site.
+        Scanner and case mix of the site; an MR profile (``modality: MR``) gets
+        :func:`sim.phantoms.mr.mr_image` over the same anatomy in T2 tones.
     seed : int
         Non-negative case seed, mixed with a stable digest of ``profile.name``.
     scale : float
@@ -254,7 +272,47 @@ def generate_case(
     Returns
     -------
     PhantomCase
-        Image (float32 HU), label (uint8 KiTS labels), spacing and RAS affine.
+        Image (float32 HU; MR: arbitrary units), label (uint8 KiTS labels),
+        spacing and RAS affine.
+    """
+    if profile.modality == "MR":
+        from sim.phantoms.mr import mr_image, t2  # mr imports nothing of this module
+
+        vol = anatomy(profile, seed, scale, tone=t2)
+        return PhantomCase(mr_image(vol, profile), vol.label, vol.spacing, vol.affine)
+    vol = anatomy(profile, seed, scale)
+    img = vol.image
+    noise = np.random.default_rng(vol.noise_seq).standard_normal(img.shape, np.float32)
+    noise *= np.float32(profile.noise_hu)
+    img += noise + np.float32(profile.intensity_offset_hu)
+    np.clip(img, -1024.0, 3071.0, out=img)
+    return PhantomCase(img, vol.label, vol.spacing, vol.affine)
+
+
+@dataclass(frozen=True, eq=False)
+class Anatomy:
+    """A case before its scanner: noise-free ``image`` (values from the tone),
+    ``label``, ``spacing``, ``affine``, the voxel-centre coordinates ``grid``
+    (mm, per axis) and the seed of the scanner's own randomness."""
+
+    image: np.ndarray
+    label: np.ndarray
+    spacing: tuple[float, float, float]
+    affine: np.ndarray
+    grid: _Grid
+    noise_seq: np.random.SeedSequence
+
+
+def anatomy(
+    profile: SiteProfile,
+    seed: int,
+    scale: float = DEFAULT_SCALE,
+    tone: Tone = hounsfield,
+) -> Anatomy:
+    """Draw and paint one patient, each tissue's value through ``tone``.
+
+    Every anatomical draw comes from ``(seed, profile.name)`` before rendering,
+    whatever the tone, so a tone changes the intensities, never the anatomy.
     """
     spacing = voxel_spacing(profile, scale)
     if seed < 0:
@@ -310,6 +368,13 @@ def generate_case(
         35.0 if cm else 15.0,
         rng.uniform(20, 35) if t_radius > 22.5 else None,
     )
+    necrosis = tumour.necrosis_hu
+    tumour = replace(
+        tumour,
+        hu=tone("tumour", tumour.hu),
+        hu_amp=tone("tumour-texture", tumour.hu_amp),
+        necrosis_hu=None if necrosis is None else tone("necrosis", necrosis),
+    )
     cyst = None
     if rng.random() < profile.cyst_prevalence:
         c_hu = rng.uniform(2.0, 15.0)
@@ -320,45 +385,42 @@ def generate_case(
             )
             gap = np.linalg.norm(cand.centre - tumour.centre)
             if not has_tumour or gap > 1.15 * (t_radius + c_radius) + 2.0:
-                cyst = cand
+                cyst = replace(cand, hu=tone("cyst", cand.hu))
                 break
 
     shape = tuple(max(1, round(f / s)) for s, f in zip(spacing, FOV_MM, strict=True))
     grid: _Grid = tuple(
         (np.arange(n) - (n - 1) / 2.0) * s for s, n in zip(spacing, shape, strict=True)
     )
-    img = np.full(shape, -1000.0, dtype=np.float32)
+    img = np.full(shape, tone("air", -1000.0), dtype=np.float32)
     lab = np.zeros(shape, dtype=np.uint8)
     x2, y2 = grid[0][:, None], grid[1][None, :]
     body = (x2 / body_a) ** 2 + (y2 / body_b) ** 2 <= 1.0
     inner = (x2 / (body_a - fat_mm)) ** 2 + (y2 / (body_b - fat_mm)) ** 2 <= 1.0
-    img[body] = -100.0  # subcutaneous fat
-    img[inner] = 42.0  # muscle wall and soft tissue
+    img[body] = tone("fat", -100.0)  # subcutaneous fat
+    img[inner] = tone("soft-tissue", 42.0)  # muscle wall and soft tissue
     psoas = ((np.abs(x2) - 35.0) / 18.0) ** 2 + ((y2 + 42.0) / 16.0) ** 2 <= 1.0
-    img[psoas] = 52.0
-    for c, s, hu in organs:
-        _paint_ellipsoid(img, grid, c, s, hu, inner)
+    img[psoas] = tone("muscle", 52.0)
+    for (c, s, hu), organ in zip(organs, ("liver", "spleen"), strict=True):
+        _paint_ellipsoid(img, grid, c, s, tone(organ, hu), inner)
     for k in (left, right):  # perirenal fat separates kidney from liver and spleen
-        _paint_ellipsoid(img, grid, k.centre, k.semi + 12.0, -90.0, inner)
+        _paint_ellipsoid(img, grid, k.centre, k.semi + 12.0, tone("fat", -90.0), inner)
     for c, s in gas:  # bowel gas
-        _paint_ellipsoid(img, grid, c, s, -950.0, inner)
-    img[np.hypot(x2 - 12.0, y2 + 22.0) <= 11.0] = 280.0 if cm else 170.0  # aorta
-    img[((x2 + 26.0) / 14.0) ** 2 + ((y2 + 18.0) / 10.0) ** 2 <= 1.0] = (
-        110.0 if cm else 150.0
+        _paint_ellipsoid(img, grid, c, s, tone("gas", -950.0), inner)
+    aorta = np.hypot(x2 - 12.0, y2 + 22.0) <= 11.0
+    img[aorta] = tone("blood", 280.0 if cm else 170.0)
+    img[((x2 + 26.0) / 14.0) ** 2 + ((y2 + 18.0) / 10.0) ** 2 <= 1.0] = tone(
+        "blood", 110.0 if cm else 150.0
     )  # IVC
-    _render_spine(img, grid, body, disc_phase)
+    _render_spine(img, grid, body, disc_phase, tone)
+    cortex, medulla = tone("cortex", cortex_hu), tone("medulla", medulla_hu)
     for k in (left, right):
-        _render_kidney(img, lab, grid, k, cortex_hu, medulla_hu)
+        _render_kidney(img, lab, grid, k, cortex, medulla)
     # Tumour goes last: in KiTS the tumour label wins over cyst and kidney.
     if cyst is not None:
         _render_lesion(img, lab, grid, cyst, 3, inner)
     if has_tumour:
         _render_lesion(img, lab, grid, tumour, 2, inner)
-
-    noise = np.random.default_rng(noise_seq).standard_normal(shape, np.float32)
-    noise *= np.float32(profile.noise_hu)
-    img += noise + np.float32(profile.intensity_offset_hu)
-    np.clip(img, -1024.0, 3071.0, out=img)
     affine = np.diag([*spacing, 1.0])
     affine[:3, 3] = [ax[0] for ax in grid]
-    return PhantomCase(img, lab, spacing, affine)
+    return Anatomy(img, lab, spacing, affine, grid, noise_seq)

@@ -1,5 +1,9 @@
 """Writing phantom sites to disk in KiTS layout: atomic, resumable, and never
-touching a folder it did not write itself (see ``phantom.json``)."""
+touching a folder it did not write itself (see ``phantom.json``).
+
+An MR profile's images get a BIDS sidecar beside them, ``imaging.json`` with
+``{"Modality": "MR"}``, as dcm2niix writes one (``client/scan_check.py`` reads
+it)."""
 
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from sim.phantoms.profiles import (
     METADATA_NAME,
     PHANTOM_VERSION,
     SEGMENTATION_NAME,
+    SIDECAR_NAME,
     SiteProfile,
     voxel_spacing,
 )
@@ -48,11 +53,22 @@ def _save_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
     _atomic_write(path, img.to_bytes(), compress=True)
 
 
+def _sidecar(profile: SiteProfile) -> bytes:
+    """The BIDS JSON dcm2niix writes beside an image (the keys a check reads)."""
+    side = {
+        "Modality": profile.modality,
+        "SeriesDescription": f"kidneyfl phantom {profile.name}",
+        "ImageType": ["DERIVED", "SYNTHETIC"],
+    }
+    return (json.dumps(side, indent=2) + "\n").encode()
+
+
 def _remove_cases(case_dirs: list[Path]) -> None:
     for case_dir in case_dirs:
         for f in [
             case_dir / IMAGE_NAME,
             case_dir / SEGMENTATION_NAME,
+            case_dir / SIDECAR_NAME,
             *case_dir.glob(".*.tmp"),
         ]:
             f.unlink(missing_ok=True)
@@ -117,6 +133,9 @@ def write_site(
         "case_seeds": [case_seed(seed, i) for i in range(n_cases)],
     }
     case_dirs = [out_dir / f"case_{i:05d}" for i in range(n_cases)]
+    files = (IMAGE_NAME, SEGMENTATION_NAME)
+    if profile.modality != "CT":
+        files += (SIDECAR_NAME,)
     try:
         existing = json.loads(meta_path.read_text())
     except FileNotFoundError:
@@ -131,13 +150,7 @@ def write_site(
 
     todo = list(range(n_cases))
     if existing == meta:
-        todo = [
-            i
-            for i in todo
-            if not all(
-                (case_dirs[i] / n).is_file() for n in (IMAGE_NAME, SEGMENTATION_NAME)
-            )
-        ]
+        todo = [i for i in todo if not all((case_dirs[i] / n).is_file() for n in files)]
         if not todo:
             logger.info("%s: %d cases already up to date", out_dir, n_cases)
             return case_dirs
@@ -169,6 +182,8 @@ def write_site(
         case_dirs[i].mkdir(exist_ok=True)
         _save_nifti(case_dirs[i] / IMAGE_NAME, case.image, case.affine)
         _save_nifti(case_dirs[i] / SEGMENTATION_NAME, case.label, case.affine)
+        if profile.modality != "CT":  # after the image: a rerun rewrites both
+            _atomic_write(case_dirs[i] / SIDECAR_NAME, _sidecar(profile))
     logger.info(
         "%s: wrote %d of %d cases (profile %s, spacing %s mm)",
         out_dir,

@@ -2,8 +2,10 @@
 
 A :class:`SiteProfile` describes one hospital's scanner (slice thickness,
 in-plane spacing, noise, contrast phase, intensity offset) and case mix
-(tumour and cyst prevalence); :data:`PROFILES` holds the three built-ins and
-:func:`load_profile` reads a custom one from YAML/JSON.
+(tumour and cyst prevalence); :data:`PROFILES` holds the three built-in CT
+scanners, :data:`MR_PROFILES` the MR one (issue 29, ``modality: MR``: T2-like
+intensities, :mod:`sim.phantoms.mr`), and :func:`load_profile` reads a custom
+one from YAML/JSON.
 """
 
 from __future__ import annotations
@@ -37,12 +39,21 @@ _TUMOUR_SIZE_DEFAULTS = {
     "tumour_median_diameter_mm": 40.0,
     "tumour_min_diameter_mm": 15.0,
 }
+# The modality field came later too: a CT profile's dump leaves it out.
+_DUMP_DEFAULTS = {**_TUMOUR_SIZE_DEFAULTS, "modality": "CT"}
 IMAGE_NAME, SEGMENTATION_NAME = "imaging.nii.gz", "segmentation.nii.gz"
+# dcm2niix's BIDS sidecar beside an MR image: {"Modality": "MR", ...}
+SIDECAR_NAME = "imaging.json"
 METADATA_NAME = "phantom.json"
 
 
 class SiteProfile(BaseModel):
-    """Scanner and case-mix description of one (simulated) hospital site."""
+    """Scanner and case-mix description of one (simulated) hospital site.
+
+    For an MR profile (``modality: MR``) ``noise_hu`` is the Rician noise's sigma
+    in the image's arbitrary units, and ``phase`` and ``intensity_offset_hu``
+    are not used (contrast phases are CT's).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -52,6 +63,7 @@ class SiteProfile(BaseModel):
     noise_hu: float = Field(ge=0.0, le=50.0)
     phase: Literal["corticomedullary", "nephrographic"]
     intensity_offset_hu: float = Field(default=0.0, ge=-50.0, le=50.0)
+    modality: Literal["CT", "MR"] = "CT"
     tumour_prevalence: float = Field(default=0.9, ge=0.0, le=1.0)
     cyst_prevalence: float = Field(default=0.3, ge=0.0, le=1.0)
     # The tumour's diameter is log-normal around the median (sigma 0.4),
@@ -72,7 +84,7 @@ class SiteProfile(BaseModel):
     @model_serializer(mode="wrap")
     def _dump(self, handler: SerializerFunctionWrapHandler) -> dict:
         out = handler(self)
-        for key, default in _TUMOUR_SIZE_DEFAULTS.items():
+        for key, default in _DUMP_DEFAULTS.items():
             if out.get(key) == default:
                 del out[key]
         return out
@@ -112,6 +124,30 @@ PROFILES: dict[str, SiteProfile] = {
 }
 
 
+# MR sites (issue 29): a T2-weighted, fat-suppressed abdominal series (the
+# kidney's MR protocol), 4 mm slices. Kept apart from PROFILES, which lists the
+# CT scanners whose dumps (phantom.json) must stay as they were.
+MR_PROFILES: dict[str, SiteProfile] = {
+    p.name: p
+    for p in (
+        SiteProfile(
+            name="mr-t2",
+            modality="MR",
+            slice_thickness_mm=4.0,
+            inplane_spacing_mm=1.0,
+            noise_hu=12.0,
+            phase="nephrographic",
+            cyst_prevalence=0.4,
+        ),
+    )
+}
+
+
+def builtin_profiles() -> dict[str, SiteProfile]:
+    """Every built-in profile by name: the CT scanners, then the MR ones."""
+    return {**PROFILES, **MR_PROFILES}
+
+
 def voxel_spacing(
     profile: SiteProfile, scale: float = DEFAULT_SCALE
 ) -> tuple[float, float, float]:
@@ -141,8 +177,9 @@ def load_profile(name_or_path: str) -> SiteProfile:
     Parameters
     ----------
     name_or_path : str
-        A key of :data:`PROFILES`, or a ``.yaml``/``.yml``/``.json`` file with the
-        :class:`SiteProfile` fields (``name`` defaults to the file stem).
+        A key of :data:`PROFILES` or :data:`MR_PROFILES`, or a
+        ``.yaml``/``.yml``/``.json`` file with the :class:`SiteProfile` fields
+        (``name`` defaults to the file stem).
 
     Raises
     ------
@@ -150,13 +187,14 @@ def load_profile(name_or_path: str) -> SiteProfile:
         Unknown name (the message lists the built-ins), or invalid file contents
         (the message names the offending field).
     """
-    if name_or_path in PROFILES:
-        return PROFILES[name_or_path]
+    builtin = builtin_profiles()
+    if name_or_path in builtin:
+        return builtin[name_or_path]
     path = Path(name_or_path)
     if not path.is_file():
         raise ValueError(
             f"{name_or_path!r} is neither a built-in site profile "
-            f"({', '.join(sorted(PROFILES))}) nor an existing YAML/JSON file"
+            f"({', '.join(sorted(builtin))}) nor an existing YAML/JSON file"
         )
     try:
         text = path.read_text()

@@ -15,9 +15,17 @@ from sim.phantoms.slices import write_cls_site_from_config
 def _segmentation_phantom(site: SiteConfig) -> None:
     if site.phantom is None:
         return
+    profile = site_profile(site)
+    if profile.modality != site.data.modality:
+        raise ValueError(
+            f"site {site.name}: phantom.profile {profile.name} writes "
+            f"{profile.modality} scans but data.modality is {site.data.modality}; "
+            f"set data.modality: {profile.modality} or choose a "
+            f"{site.data.modality} profile"
+        )
     write_site(
         site.data.root,
-        site_profile(site),
+        profile,
         site.phantom.cases,
         seed=site.phantom.seed,
         scale=site.phantom.scale or DEFAULT_SCALE,
@@ -69,6 +77,12 @@ def write_site_phantom(site: SiteConfig) -> None:
 
     Idempotent: complete cases written earlier with the same settings are kept.
     Does nothing for a site without a ``phantom`` section.
+
+    Raises
+    ------
+    ValueError
+        An unknown profile or a bad override, or a profile whose modality is
+        not the site's ``data.modality``.
     """
     if site.phantom is not None:
         PHANTOM_WRITERS[site.phantom.task](site)

@@ -246,9 +246,16 @@ def write_cls_site(
     FileExistsError
         ``out_dir`` holds a manifest not written here, or phantoms made with
         other settings and ``overwrite`` is False.
+    ValueError
+        Fewer than one case, or an MR profile (the slices are CT).
     """
     if n_cases < 1:
         raise ValueError(f"n_cases must be at least 1, got {n_cases}")
+    if profile.modality != "CT":
+        raise ValueError(
+            f"profile {profile.name} is {profile.modality}: classification "
+            "phantoms are CT slices only; choose a CT profile"
+        )
     out_dir = Path(out_dir)
     labels = case_classes(n_cases, class_mix, seed)
     meta: dict[str, Any] = {

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import nibabel as nib
 import numpy as np
 
-from client.data.case_check import CaseReport, inspect_case
+from client.data.case_check import CaseReport, declared_findings, inspect_case
 from client.data.errors import SiteDataError
 from client.data.label_map import remap_labels
 from client.data.layouts import Case, discover
@@ -83,7 +83,7 @@ def load_site_cases(site: SiteConfig) -> SiteCases:
     labels = frozenset(found.label_map)
     usable = []
     for case in leave_out(found.cases, d.exclude_cases, skipped):
-        if (problem := _problem(case, labels)) is None:
+        if (problem := _problem(case, labels, site.data.modality)) is None:
             usable.append(case)
         else:
             skipped[case.case_id] = problem
@@ -98,14 +98,17 @@ def load_site_cases(site: SiteConfig) -> SiteCases:
     return SiteCases(train, val, skipped, found.label_map)
 
 
-def _problem(case: Case, labels: frozenset[int]) -> str | None:
-    """Why a case cannot train (None: it can)."""
+def _problem(case: Case, labels: frozenset[int], modality: str = "CT") -> str | None:
+    """Why a case cannot train (None: it can): the same findings as ``kidneyfl
+    site check`` for the site's ``data.modality`` (an MR site's scans are not
+    held to the CT range; a scan of the other modality is an error)."""
     if case.label is None:
         return "no segmentation (prediction only)"
-    report = inspect(case, labels)
-    if report.usable:
+    findings = declared_findings(inspect(case, labels), case.image, modality)
+    errors = [f for f in findings if f.severity == "error"]
+    if not errors:
         return None
-    first = next(f for f in report.findings if f.severity == "error")
+    first = errors[0]
     problem = f"{first.file}: {first.message}; {first.fix}"
     log.warning("skipping case %s: %s", case.case_id, problem)
     return problem

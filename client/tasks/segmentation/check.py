@@ -2,12 +2,15 @@
 
 Every listed case is inspected (:mod:`client.data.case_check`: readable, 3D,
 Hounsfield range, spacing, label grid and values against the layout's label
-map); regions are counted per case and in voxels; the usable cases are split
-as training would split them and the patient rules are applied.
+map) and its intensities are compared with the site's ``data.modality`` (a
+CT-looking scan at an MR site, or the reverse, is an error naming the file);
+regions are counted per case and in voxels; the usable cases are split as
+training would split them and the patient rules are applied.
 """
 
 from __future__ import annotations
 
+from client.data.case_check import FATAL, declared_findings
 from client.data.check_report import MIN_CASES, DataCheck
 from client.data.layouts import Case, Discovered, discover
 from client.data.split import leave_out
@@ -32,7 +35,7 @@ def check_cases(site: SiteConfig, report: DataCheck) -> None:
     left_out: dict[str, str] = {}
     kept = leave_out(found.cases, d.exclude_cases, left_out)
     report.cases_excluded = sorted(left_out)
-    usable = _inspect_all(kept, found, report)
+    usable = _inspect_all(kept, found, report, d.modality)
     report.cases_usable = len(usable)
     if len(usable) < MIN_CASES:
         return
@@ -46,15 +49,19 @@ def check_cases(site: SiteConfig, report: DataCheck) -> None:
     report.add_patient_problems(split_problems(train, val, labels))
 
 
-def _inspect_all(cases: list[Case], found: Discovered, report: DataCheck) -> list:
-    """The usable labelled cases; every finding of every case into ``report``."""
+def _inspect_all(
+    cases: list[Case], found: Discovered, report: DataCheck, modality: str
+) -> list:
+    """The usable labelled cases; every finding of every case, for a site of
+    ``modality``, into ``report``."""
     usable = []
     for case in cases:
         if case.label is None:
             report.cases_unlabelled.append(case.case_id)
         result = inspect(case, frozenset(found.label_map))
-        report.findings.extend(result.findings)
-        if not result.usable:
+        findings = declared_findings(result, case.image, modality)
+        report.findings.extend(findings)
+        if any(f.severity == FATAL for f in findings):
             report.cases_with_errors.append(case.case_id)
         elif case.label is not None:
             usable.append(case)

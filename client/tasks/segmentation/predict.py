@@ -1,7 +1,8 @@
 """Segmentation prediction on one NIfTI scan, in the scan's own grid.
 
 The plan's preprocessing (RAS reorientation, resampling to ``spacing-mm``, HU
-window, crop to the body, normalisation) is applied with MONAI transforms that
+window, crop to the body, normalisation; for an MR model, no window and each
+scan normalised within its body) is applied with MONAI transforms that
 record what they did; after sliding-window inference the label map is taken back
 through the inverse of each spatial step (MONAI ``Invertd``, nearest neighbour),
 so it lands exactly on the input's voxel grid and affine, whatever the input's
@@ -45,11 +46,11 @@ from torch import nn
 
 from client.tasks.segmentation.measures import kidney_measures, tumour_measures
 from client.tasks.segmentation.pipeline import IMAGE, window_crop_normalise
-from client.tasks.segmentation.summary import write_summary_png
+from client.tasks.segmentation.summary import HU_WINDOW, write_summary_png
 from common.config import Plan
 from common.lesions import components
 from common.metrics import LABELS
-from common.postprocess import apply_rule
+from common.postprocess import apply_rule, without_probability
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +218,10 @@ def predict_maps(
     out = inverse(data)
     shape = tuple(nib.load(str(image)).shape[:3])
     labels = np.rint(np.asarray(out[PRED][0])).astype(np.uint8)
+    if (structural := without_probability(postprocess)) != "none":
+        # resampling can split a thin component: the rule again, on this grid
+        zooms = nib.load(str(image)).header.get_zooms()[:3]
+        labels = apply_rule(labels, None, [float(z) for z in zooms], structural)
     back = np.clip(np.asarray(out[MAPS], np.float32), 0, 1) if maps else None
     for got in (labels, *([] if back is None else back)):
         if got.shape != shape:  # a MONAI change would show up here, loudly
@@ -329,9 +334,16 @@ def _save_like(
     nib.save(out, str(path))
 
 
-def _scan_hu(src: nib.Nifti1Image) -> np.ndarray:
+def _scan_hu(src: nib.Nifti1Image, modality: str = "CT") -> np.ndarray:
     data = np.asarray(src.dataobj, dtype=np.float32)
-    return data.reshape(*data.shape[:3], -1)[..., 0] if data.ndim > 3 else data
+    data = data.reshape(*data.shape[:3], -1)[..., 0] if data.ndim > 3 else data
+    if modality != "MR":
+        return data
+    # The summary's grey scale is a HU window; MR has no HU: its 1st-99th
+    # percentiles are stretched onto that window, for display only.
+    lo, hi = (float(v) for v in np.percentile(data, (1, 99)))
+    scale = (HU_WINDOW[1] - HU_WINDOW[0]) / max(hi - lo, 1e-6)
+    return (data - lo) * scale + HU_WINDOW[0]
 
 
 def predict_scan(
@@ -409,7 +421,12 @@ def predict_scan(
     if summary_image:
         png = output.parent / f"{_stem(output)}{SUMMARY_SUFFIX}"
         write_summary_png(
-            _scan_hu(src), labels, affine, tumours, png, uncertainty=uncertainty
+            _scan_hu(src, plan.modality),
+            labels,
+            affine,
+            tumours,
+            png,
+            uncertainty=uncertainty,
         )
         result["summary-image"] = str(png)
     return result
