@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,44 @@ from sim.phantoms.profiles import (
 )
 
 logger = logging.getLogger(__name__)
+# Progress goes where pretraining's does: shown by every kidneyfl command.
+progress_log = logging.getLogger("kidneyfl.progress")
+PROGRESS_EVERY_S = 10.0
+
+
+class _Progress:
+    """Plain progress lines while phantom cases are written: the start, every
+    :data:`PROGRESS_EVERY_S` seconds (cases, rate, time left) and the end."""
+
+    def __init__(self, total: int, what: str) -> None:
+        self.total, self.what = total, what
+        self.start = self.last = time.monotonic()
+        if total:
+            progress_log.info("writing %d phantom cases for %s", total, what)
+
+    def __call__(self, done: int) -> None:
+        now = time.monotonic()
+        if not self.total or (done < self.total and now - self.last < PROGRESS_EVERY_S):
+            return
+        self.last = now
+        elapsed = now - self.start
+        if done >= self.total:
+            progress_log.info(
+                "phantom cases for %s: %d written in %.0f s", self.what, done, elapsed
+            )
+            return
+        rate = done / elapsed if elapsed > 0 else 0.0
+        left = (self.total - done) / rate if rate > 0 else float("nan")
+        progress_log.info(
+            "phantom cases for %s: %d/%d (%.1f cases/s, about %.0f s left)",
+            self.what,
+            done,
+            self.total,
+            rate,
+            left,
+        )
+
+
 _GZIP_LEVEL = 1  # noisy float32 barely compresses; level 1 keeps writes fast
 _CASE_DIR_RE = re.compile(r"case_\d{5}")
 _GENERATOR = "kidneyfl.common.phantom"  # marks folders kidneyfl may overwrite
@@ -177,13 +216,16 @@ def write_site(
     # Metadata goes first: with atomic case files, an interrupted run leaves only
     # complete cases that match it, which a rerun then keeps.
     _atomic_write(meta_path, (json.dumps(meta, indent=2) + "\n").encode())
-    for i in todo:
+    progress = _Progress(len(todo), f"{out_dir.name} ({profile.name})")
+    for done, i in enumerate(todo):
+        progress(done)
         case = generate_case(profile, meta["case_seeds"][i], scale)
         case_dirs[i].mkdir(exist_ok=True)
         _save_nifti(case_dirs[i] / IMAGE_NAME, case.image, case.affine)
         _save_nifti(case_dirs[i] / SEGMENTATION_NAME, case.label, case.affine)
         if profile.modality != "CT":  # after the image: a rerun rewrites both
             _atomic_write(case_dirs[i] / SIDECAR_NAME, _sidecar(profile))
+    progress(len(todo))
     logger.info(
         "%s: wrote %d of %d cases (profile %s, spacing %s mm)",
         out_dir,
