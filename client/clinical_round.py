@@ -48,7 +48,7 @@ log = logging.getLogger("kidneyfl.client")
 
 # Training patients whose features make the site's part of the reference: the
 # first ones of the site's own split order (inference on each costs a volume).
-MAX_REFERENCE_CASES = 64
+MAX_REFERENCE_CASES = 32
 
 
 @torch.no_grad()

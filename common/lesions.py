@@ -143,8 +143,9 @@ def _component_scores(
         return np.bincount(labelled.ravel(), minlength=n + 1).astype(float)
     scores = np.zeros(n + 1)
     if n:
-        index = np.arange(1, n + 1)
-        scores[1:] = ndimage.maximum(np.asarray(prob, dtype=float), labelled, index)
+        # over the components' voxels only (scipy's maximum sorts the volume)
+        inside = labelled > 0
+        np.maximum.at(scores, labelled[inside], np.asarray(prob, dtype=float)[inside])
     return scores
 
 
