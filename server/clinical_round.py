@@ -33,7 +33,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, Message, MessageType
 from flwr.serverapp import Grid
 
 from common import wire
@@ -42,6 +42,7 @@ from common.config import Plan
 from common.contract import ReplyRules
 from common.ood import choose_threshold, pooled_reference
 from common.postprocess import CANDIDATES, CHOICE_KEYS, choose
+from server.finetune import model_messages
 from server.reporting.round_record import weighted_eval_means
 from server.strategy.reply_filter import Intake, query_results
 
@@ -53,16 +54,6 @@ OOD_KEY = "ood-reference"
 TRAINING_DATA_KEY = "training-data"
 
 
-def _messages(
-    node_ids: list[int], arrays: ArrayRecord, config: dict[str, Any]
-) -> list[Message]:
-    record = RecordDict({wire.ARRAYS: arrays, wire.CONFIG: ConfigRecord(config)})
-    return [
-        Message(content=record, message_type=MessageType.EVALUATE, dst_node_id=node)
-        for node in node_ids
-    ]
-
-
 def _ask(
     grid: Grid,
     plan: Plan,
@@ -71,7 +62,9 @@ def _ask(
     site_of: Callable[[Message], str],
 ) -> dict[str, dict[str, Any]]:
     """One evaluate request to every site; the accepted replies' metrics."""
-    messages = _messages(list(grid.get_node_ids()), arrays, config)
+    messages = model_messages(
+        list(grid.get_node_ids()), arrays, config, MessageType.EVALUATE
+    )
     replies = list(grid.send_and_receive(messages, timeout=plan.round_timeout))
     found, result = query_results(
         replies, site_of, Intake(MessageType.EVALUATE, ReplyRules.from_plan(plan))

@@ -34,19 +34,24 @@ log = logging.getLogger("kidneyfl.server")
 FINE_TUNE_FILE = "fine-tune.json"
 
 
+def model_messages(
+    node_ids: list[int], arrays: ArrayRecord, config: dict[str, Any], kind: str
+) -> list[Message]:
+    """One ``kind`` message per site, carrying a model and a config record (the
+    extra rounds after the federation: fine-tune, clinical calibration)."""
+    record = RecordDict({wire.ARRAYS: arrays, wire.CONFIG: ConfigRecord(config)})
+    return [
+        Message(content=record, message_type=kind, dst_node_id=node)
+        for node in node_ids
+    ]
+
+
 def fine_tune_messages(
     node_ids: list[int], arrays: ArrayRecord, config: dict[str, Any]
 ) -> list[Message]:
     """One ``train.finetune`` message per site, carrying the final model."""
-    record = RecordDict({wire.ARRAYS: arrays, wire.CONFIG: ConfigRecord(config)})
-    return [
-        Message(
-            content=record,
-            message_type=f"{MessageType.TRAIN}.{wire.FINE_TUNE_ACTION}",
-            dst_node_id=node,
-        )
-        for node in node_ids
-    ]
+    kind = f"{MessageType.TRAIN}.{wire.FINE_TUNE_ACTION}"
+    return model_messages(node_ids, arrays, config, kind)
 
 
 def collect_fine_tune(
