@@ -151,8 +151,9 @@ def test_approved_kidneyfl_bundle_trains_through_the_gate(tmp_path: Path) -> Non
     finally:
         d.stop_all()
     assert run.popen.returncode == 0, run.text()[-3000:]
-    # Both messages ran in warm spares (federation.warm_clientapp, the default).
-    assert node.text().count("handed to the warm ClientApp") == 2, node.text()[-3000:]
+    # Every message ran in a warm spare (federation.warm_clientapp, the
+    # default): train, evaluate and the clinical calibration's two evaluates.
+    assert node.text().count("handed to the warm ClientApp") == 4, node.text()[-3000:]
     rounds = metrics(tmp_path / "runs" / "gov-e2e")
     assert len(rounds) == 1 and rounds[0]["aggregated"], rounds
     site = load_site_config(yml)
@@ -165,7 +166,16 @@ def test_approved_kidneyfl_bundle_trains_through_the_gate(tmp_path: Path) -> Non
         ("train", "ran", "app"),
         ("evaluate", "arrived", "app"),
         ("evaluate", "ran", "app"),
+        # the clinical calibration (server/clinical_round.py): through the
+        # same gate, contract and audit log as every request
+        ("evaluate", "arrived", "app"),
+        ("evaluate", "ran", "app"),
+        ("evaluate", "arrived", "app"),
+        ("evaluate", "ran", "app"),
     ], entries
+    clinical = json.loads((tmp_path / "runs" / "gov-e2e" / "clinical.json").read_text())
+    assert clinical["training-data"]["sites"] == {"hospA": "synthetic"}
+    assert "ood-reference" in clinical  # list metrics passed the site's contract
     assert {e["app_hash"] for e in entries} == {bundle_hash(fab)}
     ledger = PrivacyLedger(site.state_dir, site.name)
     ran = entries[1]

@@ -43,7 +43,7 @@ from flwr.app import (
     Message,
     MetricRecord,
 )
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from common import wire
@@ -463,6 +463,20 @@ def _printable(text: str) -> bool:
     return all(" " <= c <= "~" for c in text)
 
 
+# A round with a hostile train reply under an honest site's name: "twice"
+# is rare among the draws, and which draws a derandomised run makes still
+# depends on the tests before it (seen in CI), so it is also run explicitly.
+TWICE = {
+    "strategy": "fedavg",
+    "honest": [(100, 0.07)] * len(HONEST),
+    "train": [[functools.partial(set_name, name=HONEST[1])]],
+    "evaluate": [
+        [functools.partial(set_count, key=wire.NUM_VAL_CASES, value=5, train=False)]
+    ],
+    "order": list(range(len(HONEST) + 1)),
+}
+
+
 # -- the property suite ---------------------------------------------------------------
 def test_no_generated_reply_breaks_a_round(tmp_path, monkeypatch):
     root = tmp_path / "cwd"
@@ -481,6 +495,7 @@ def test_no_generated_reply_breaks_a_round(tmp_path, monkeypatch):
 
     @SETTINGS
     @given(spec=rounds())
+    @example(spec=TWICE)  # a rare outcome, reached whatever the draws
     def one_round(spec: dict) -> None:
         state["round"] += 1
         r, g = state["round"], state["g"]
