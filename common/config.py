@@ -7,6 +7,7 @@ unknown keys are errors, so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -299,6 +300,20 @@ class Plan(BaseModel):
         return weights
 
     @model_validator(mode="after")
+    def _mixed_without_pooled_intensities(self) -> Plan:
+        # The fingerprint round pools every site's foreground intensities into
+        # one HU window and z-score: with MR sites in the pool, CT sites would
+        # be normalised with MR's arbitrary units (docs/mixed-modality.md).
+        if self.modality == "mixed" and self.fingerprint_round:
+            raise ValueError(
+                "fingerprint-round pools intensity statistics over all sites, "
+                "which mixes CT's HU with MR's arbitrary units under modality = "
+                '"mixed"; set fingerprint-round = false (each MR scan is '
+                "normalised within its own body, CT keeps the plan's hu-window)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _weights_match_classes(self) -> Plan:
         if self.class_weights and len(self.class_weights) != len(self.class_names):
             raise ValueError(
@@ -485,3 +500,19 @@ __all__ = [
     "load_site_config",
     "run_folder",
 ]
+
+
+def privacy_run_id(name: str, plan: Plan) -> str:
+    """The run id the sites account under: the run's name and its schedule.
+
+    A site binds a run's noise to the schedule it was calibrated for and
+    refuses the same id with another (client/privacy/ledger.py). A resume
+    with the same plan keeps the id (and the sites' calibration); one that
+    changes the rounds, epochs, batch size, target or fine-tune steps is a
+    new privacy run at the sites, calibrated for its own schedule.
+    """
+    keys = ("num_server_rounds", "local_epochs", "batch_size", "dp_target_epsilon")
+    schedule = [getattr(plan, k) for k in (*keys, "fine_tune_steps")]
+    digest = hashlib.sha256(repr(schedule).encode()).hexdigest()[:8]
+    plain = re.sub(r"[^A-Za-z0-9_.:@+-]", "_", name[:110]).lstrip("_.:@+-") or "run"
+    return f"{plain}.{digest}"

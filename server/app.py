@@ -10,9 +10,7 @@ moving average of the global model, the model every round evaluated.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import re
 from pathlib import Path
 from typing import Any, cast
 
@@ -22,7 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from common import wire
 from common.artifacts import effective_preprocessing
 from common.atomic import atomic_write_json
-from common.config import Plan, load_plan, run_folder
+from common.config import Plan, load_plan, privacy_run_id, run_folder
 from common.contract import ReplyRules
 from common.logs import add_log_file, remove_log_file, setup_logging
 from common.scans import SEEN_SCANS_KEY
@@ -266,22 +264,6 @@ def _round_config(
     prep = federated_preprocessing(grid, plan, run_dir, base_config[wire.RUN_ID])
     base_config.update(preprocessing_config(prep))
     return base_config, prep
-
-
-def privacy_run_id(name: str, plan: Plan) -> str:
-    """The run id the sites account under: the run's name and its schedule.
-
-    A site binds a run's noise to the schedule it was calibrated for and
-    refuses the same id with another (client/privacy/ledger.py). A resume
-    with the same plan keeps the id (and the sites' calibration); one that
-    changes the rounds, epochs, batch size, target or fine-tune steps is a
-    new privacy run at the sites, calibrated for its own schedule.
-    """
-    keys = ("num_server_rounds", "local_epochs", "batch_size", "dp_target_epsilon")
-    schedule = [getattr(plan, k) for k in (*keys, "fine_tune_steps")]
-    digest = hashlib.sha256(repr(schedule).encode()).hexdigest()[:8]
-    plain = re.sub(r"[^A-Za-z0-9_.:@+-]", "_", name[:110]).lstrip("_.:@+-") or "run"
-    return f"{plain}.{digest}"
 
 
 def _strategy(

@@ -41,7 +41,13 @@ from client.privacy.dpsgd import DPSpec
 from client.tasks.base import TaskData
 from client.tasks.registry import get_task
 from client.train import local_train, select_device
-from common.config import Plan, SiteConfig, load_plan, load_site_config
+from common.config import (
+    Plan,
+    SiteConfig,
+    load_plan,
+    load_site_config,
+    privacy_run_id,
+)
 from common.models import get_model_spec
 from common.task_models import build_plan_model
 from common.weights import import_state
@@ -191,7 +197,8 @@ def run_baselines(
 def _federated(plan: Plan, state: dict, site: SiteConfig, run_dir: Path) -> nn.Module:
     model = build_plan_model(plan)
     if plan.fedbn:
-        state = overlay_local_norm(state, site, run_dir.name)
+        # the sites keep their layers under the run id they account under
+        state = overlay_local_norm(state, site, privacy_run_id(run_dir.name, plan))
     import_state(model, state)
     return model
 

@@ -197,3 +197,16 @@ def test_a_run_folder_linked_outside_out_dir_is_refused(tmp_path):
         run_folder(tmp_path / "runs", "linked")
     assert "outside out-dir" in str(err.value) and "another run-name" in str(err.value)
     assert load_plan({"out-dir": str(tmp_path / "runs"), "run-name": "linked"})
+
+
+def test_a_mixed_federation_cannot_pool_intensities():
+    """The fingerprint round pools HU statistics: with MR sites in the pool a
+    CT site's window would come from MR's arbitrary units."""
+    import pydantic
+
+    from common.config import Plan
+
+    with pytest.raises(pydantic.ValidationError, match="fingerprint-round pools"):
+        Plan.model_validate({"modality": "mixed", "fingerprint-round": True})
+    assert Plan.model_validate({"modality": "mixed"}).modality == "mixed"
+    assert Plan.model_validate({"modality": "MR", "fingerprint-round": True})
