@@ -147,3 +147,28 @@ def test_baselines_start_where_the_federation_started(tmp_path):
     assert any(
         not torch.equal(state[k], start[k]) for k in start if k.endswith(".bias")
     )
+
+
+def test_fedbn_baseline_uses_the_norm_layers_the_site_kept(tmp_path, tiny_site):
+    """A site keeps its FedBN layers under the run id it accounts under (the
+    run's name plus its schedule digest); the baselines' evaluation of a FedBN
+    model must find them there, not evaluate the untrained global ones."""
+    import torch
+
+    from client.local_state import keep_norm_local
+    from common.config import Plan, privacy_run_id
+    from common.norm_layers import norm_keys
+    from common.task_models import build_plan_model
+    from sim.baselines import _federated
+
+    plan = Plan.model_validate({"model": "unet-tiny-affine", "fedbn": True})
+    run_dir = tmp_path / "runs" / "fedbn-run"
+    model = build_plan_model(plan)
+    state = model.state_dict()
+    keys = norm_keys(model)
+    assert keys
+    trained = {k: (v + 1.0 if k in keys else v) for k, v in state.items()}
+    keep_norm_local(trained, state, keys, tiny_site, privacy_run_id(run_dir.name, plan))
+    model = _federated(plan, state, tiny_site, run_dir)
+    got = model.state_dict()
+    assert all(torch.equal(got[k], trained[k]) for k in keys)
