@@ -27,8 +27,10 @@ Every reply also says whether the site's data are synthetic
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import nibabel as nib
@@ -37,11 +39,13 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from client.prepare import Round
+from client.request_guard import run_key
 from client.request_refused import RequestRefused
 from client.scan_check import ras_view
 from client.tasks.segmentation.cases import load_site_cases
 from client.tasks.segmentation.pipeline import IMAGE, volume_dataset
 from common import wire
+from common.atomic import atomic_write_json
 from common.ood import FEATURES, exceedance, feature_sums, ood_score, scan_features
 
 log = logging.getLogger("kidneyfl.client")
@@ -117,6 +121,38 @@ def calibration_shares(r: Round, floor: int) -> dict[str, Any]:
     return {wire.OOD_EXCEED: [float(v) for v in exceedance(scores)]}
 
 
+ANSWERED_FILE = "clinical-answered.json"
+
+
+def answer_once(r: Round) -> None:
+    """Each clinical stage is answered once per run, recorded before any work.
+
+    Repeating stage 2 with other references would turn the shares into a
+    probe of single features; repeating stage 1 releases nothing new. The
+    record is keyed by the run id's hash (``request_guard.run_key``).
+
+    Raises
+    ------
+    RequestRefused
+        ``query-limit`` for a stage this run was already answered.
+    """
+    path = Path(r.site.state_dir) / ANSWERED_FILE
+    try:
+        done = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):
+        raise RequestRefused(
+            "query-limit", f"{path} is unreadable; the site answers no calibration"
+        ) from None
+    key, stage = run_key(r.run_id), r.checked.clinical_stage
+    if stage in done.get(key, []):
+        raise RequestRefused(
+            "query-limit",
+            f"run {r.run_id!r} already had its clinical stage {stage} answered",
+        )
+    done.setdefault(key, []).append(stage)
+    atomic_write_json(path, done)
+
+
 def clinical_values(
     r: Round, floor: int, candidate_metrics: Callable[[], dict[str, Any]]
 ) -> dict[str, Any]:
@@ -134,6 +170,7 @@ def clinical_values(
         raise RequestRefused(
             "request-invalid", "the clinical calibration is for segmentation only"
         )
+    answer_once(r)
     values: dict[str, Any] = {}
     if r.checked.clinical_stage == 1:
         values.update(candidate_metrics())

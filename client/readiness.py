@@ -177,7 +177,13 @@ def _check_subgroups(site: SiteConfig, report: SiteCheck) -> None:
         groups = read_subgroups(site.data.root)
     except SiteDataError as exc:
         report.findings.append(
-            Finding("subgroups", FATAL, str(site.data.root), str(exc), "fix the file")
+            Finding(
+                "subgroups",
+                WARN,
+                str(site.data.root),
+                f"{exc} (training goes on without subgroups)",
+                "fix the file to report metrics per group",
+            )
         )
         return
     if not groups:

@@ -43,6 +43,7 @@ from client.request_refused import RequestRefused
 from common import wire
 from common.atomic import atomic_write_json
 from common.config import Plan, SiteConfig
+from common.ood import STD_FLOOR
 from common.postprocess import CANDIDATES
 
 # A run id names the run in the site's ledger, audit log and state: a short
@@ -279,8 +280,11 @@ def _evaluate(cfg: Mapping[str, Any], rid: str, floor: int) -> Checked:
     if stage == 2:
         mean = float_list(cfg, wire.OOD_MEAN, wire.OOD_N_FEATURES)
         std = float_list(cfg, wire.OOD_STD, wire.OOD_N_FEATURES)
-        if min(std) <= 0:
-            raise refuse(wire.OOD_STD, std, "every standard deviation must be > 0")
+        # never sharper than the coordinator's own floor (common.ood): a
+        # reference tight on one feature would turn the shares into a probe of
+        # that one feature's values at the site
+        if any(v < lo for v, lo in zip(std, STD_FLOOR, strict=True)):
+            raise refuse(wire.OOD_STD, std, "a standard deviation is below its floor")
     return Checked(
         rid,
         round_number(cfg, required=False),

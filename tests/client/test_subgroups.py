@@ -133,3 +133,16 @@ def test_phantom_subgroups_plant_age_by_tumour_size_and_evaluate(tiny_site, tiny
         v for k, v in sg.items() if k.startswith("sg-sex-") and "cases-kidney" in k
     ]
     assert sum(sexes) == out["cases-kidney"]
+
+
+def test_a_broken_subgroups_file_never_stops_training(tiny_site, tiny_plan):
+    """Groups are a report: a bad file is a site-check warning, and the site
+    evaluates without groups rather than refusing."""
+    from client.readiness import check_site
+
+    (tiny_site.data.root / "subgroups.csv").write_text("case,age\ncase_00000,old\n")
+    data = SegmentationTask().load_data(tiny_site, tiny_plan)
+    assert data.groups == {}
+    report = check_site(tiny_site.source)
+    found = [f for f in report.findings if f.kind == "subgroups"]
+    assert found and found[0].severity == "warning" and "row 2" in found[0].message

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from monai.losses import DiceCELoss
 from torch import nn
 
 from client.data.check_report import DataCheck
+from client.data.errors import SiteDataError
 from client.data.layouts import LAYOUTS
 from client.data.subgroups import group_indices, read_subgroups
 from client.tasks.base import TaskData
@@ -35,6 +37,8 @@ from common.metrics import (
     summarise_cases,
 )
 from common.postprocess import CANDIDATES, CHOICE_KEYS, apply_rule, candidate_key
+
+log = logging.getLogger("kidneyfl.client")
 
 # What each subgroup reports (wire.SUBGROUP_KEY): Dice and its mean square
 # (for a confidence interval at the coordinator) and case counts for kidney and
@@ -89,9 +93,12 @@ class SegmentationTask:
         lm = cases.label_map
         train = PatchDataset(volume_dataset(cases.train, site, plan, lm), plan)
         val = volume_dataset(cases.validation, site, plan, lm)
-        groups = group_indices(
-            [c.case_id for c in cases.validation], read_subgroups(site.data.root)
-        )
+        try:
+            attributes = read_subgroups(site.data.root)
+        except SiteDataError as err:  # groups are a report, never a reason to stop
+            log.warning("subgroups ignored: %s", err)
+            attributes = {}
+        groups = group_indices([c.case_id for c in cases.validation], attributes)
         return TaskData(
             train,
             val,
