@@ -209,10 +209,9 @@ def evaluate_everywhere(
     from client.local_state import NORM_FILE, overlay_local_norm, personal_dir
     from client.tasks.registry import get_task
     from client.train import select_device
-    from common.config import load_site_config
+    from common.config import load_site_config, privacy_run_id
     from common.task_models import build_plan_model
     from common.weights import import_state
-    from common.config import privacy_run_id
     from server.checkpoint import load_checkpoint
     from sim.baselines import run_plan
 
