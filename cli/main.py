@@ -42,6 +42,7 @@ def _predict(args: argparse.Namespace) -> int:
         json_path=Path(args.json) if args.json else None,
         device=args.device,
         force=args.force,
+        task_options=_prognosis_options(args),
     )
     for line in summary_lines(summary):
         print(line)
@@ -50,6 +51,19 @@ def _predict(args: argparse.Namespace) -> int:
     elif not args.output:
         print(json.dumps(summary["cases"], indent=2))
     return 0
+
+
+def _prognosis_options(args: argparse.Namespace) -> dict[str, object]:
+    """``predict``'s prognosis flags that were given (other tasks get none)."""
+    given = {
+        "labels": Path(args.labels) if args.labels else None,
+        "segmentation_model": (
+            Path(args.segmentation_model) if args.segmentation_model else None
+        ),
+        "age": args.age,
+        "sex": args.sex,
+    }
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -66,7 +80,8 @@ def _export(args: argparse.Namespace) -> int:
 def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "predict",
-        help="segment a NIfTI scan (or a folder of scans) with a trained model",
+        help="apply a trained model to a NIfTI scan (or a folder of scans): "
+        "segmentation, class, or risk and survival curve",
         allow_abbrev=False,
     )
     p.add_argument("source", help="a NIfTI scan, or a folder of them")
@@ -88,6 +103,20 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
         "spacing or field of view outside what the run saw); the output and "
         "the JSON then carry a warning",
     )
+    g = p.add_argument_group(
+        "prognosis models", "the crop's labels and the patient's covariates"
+    )
+    g.add_argument(
+        "--labels", default=None, help="the scan's KiTS label map (same grid)"
+    )
+    g.add_argument(
+        "--segmentation-model",
+        default=None,
+        metavar="CHECKPOINT",
+        help="a kidneyfl segmentation model to find kidney and tumour instead",
+    )
+    g.add_argument("--age", type=float, default=None, help="age in years")
+    g.add_argument("--sex", choices=["f", "m"], default=None)
     p.set_defaults(func=_predict)
     e = sub.add_parser(
         "export",

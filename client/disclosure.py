@@ -42,6 +42,14 @@ Denominators, by key (:func:`denominator`):
   group's own count (``sg-<attr>-<value>-cases-X``), so a group smaller than
   the floor is never released; ``dice2-X`` (mean squared Dice, for the
   coordinator's confidence interval) as ``dice-X``.
+- prognosis (``common.survival``): ``c-harrell``, ``c-uno``, ``ibs``,
+  ``td-auc-<days>``, ``cal-pred-<days>`` and ``cal-obs-<days>`` over
+  :data:`SURVIVAL`, the smaller of the validation patients with an outcome
+  (``cases-outcome``) and their events (``cases-event``): a C-index over one
+  event ranks that one patient against the rest. The life-table counts by
+  predicted risk group: ``cases-atrisk-<g>-<k>`` over itself, and
+  ``km-events-<g>-<k>`` over the patients at risk in that interval, so a
+  curve stops where fewer than the floor remain at risk.
 - ``eval-loss``: over all validation cases (``num-val-cases``), which the
   caller has already held to the floor.
 
@@ -63,6 +71,9 @@ log = logging.getLogger("kidneyfl.client")
 # macro AUC, accuracy). Its count is the smallest class count (classes with
 # none left out).
 ALL_CLASSES = "all-classes"
+# Pseudo-denominator of the prognosis scores: min(patients with an outcome,
+# events), from the task (client/tasks/prognosis/task.py).
+SURVIVAL = "survival"
 CLASS_PREFIX = "class-"
 
 _CONFUSION = re.compile(r"cm-([a-z0-9_]+)-([a-z0-9_]+)")
@@ -105,6 +116,10 @@ def denominator(key: str) -> str | None:
         return None if inner is None else f"{group[1]}{inner}"
     if key.startswith("cases-"):  # cases-X and cases-no-X: their own count
         return key
+    if wire.SURVIVAL_SCORE.fullmatch(key):
+        return SURVIVAL
+    if (km := wire.KM_EVENTS_KEY.fullmatch(key)) is not None:
+        return wire.atrisk_key(km[1], int(km[2]))
     if key.startswith(wire.DETECT_AUC_PREFIX):  # both groups: the smaller one
         return both_denominator(key.removeprefix(wire.DETECT_AUC_PREFIX))
     if key.startswith(wire.FP_LESIONS_PREFIX):

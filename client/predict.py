@@ -113,6 +113,7 @@ def predict(
     json_path: Path | None = None,
     device: str = "auto",
     force: bool = False,
+    task_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Apply a checkpoint's model to one scan or a folder of scans.
 
@@ -133,6 +134,9 @@ def predict(
         Predict even on scans unlike the training data (see
         ``client/scan_check.py``); each such case, its output file and the
         summary then carry the reasons as warnings.
+    task_options : dict, optional
+        Passed to the task's ``predict`` (prognosis: ``labels``,
+        ``segmentation_model``, ``age``, ``sex``).
 
     Returns
     -------
@@ -169,6 +173,11 @@ def predict(
     else:
         scans = {_stem(source): source}
         outputs = {_stem(source): Path(output) if output is not None else None}
+    task_options = dict(task_options or {})
+    if "segmentation_model" in task_options:  # prognosis: finds the crop's labels
+        seg = Path(task_options["segmentation_model"])
+        seg_model, seg_plan, _ = load_model(seg)
+        task_options["segmentation_model"] = (seg_model, seg_plan, seg.name)
     rule = chosen_postprocess(meta)
     model_warns = model_warnings(meta)
     for text in model_warns:
@@ -180,6 +189,7 @@ def predict(
     for name, path in scans.items():
         log.info("predicting %s", name)
         options = {"postprocess": rule} if plan.task == "segmentation" else {}
+        options.update(task_options)
         res = task.predict(model, path, plan, dev, outputs[name], **options)
         texts = annotate_case(name, res, checks.get(name), reference, model_warns)
         if texts:

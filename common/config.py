@@ -8,6 +8,7 @@ unknown keys are errors, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -127,6 +128,40 @@ def run_folder(
     return out / run_name  # the name as given: it is the run's identity
 
 
+# Prognosis (issue 30): bounds on what a plan may ask of a site's outcomes.
+MAX_SURVIVAL_INTERVALS = 20
+MAX_SURVIVAL_HORIZONS = 4
+MAX_SURVIVAL_DAYS = 36_500.0  # a century of follow-up
+PROGNOSIS_COVARIATES = ("age", "sex", "size")
+
+
+def days_list(v: Any, key: str) -> tuple[float, ...]:
+    """A plan's list of days: positive, finite, strictly increasing, at most
+    :data:`MAX_SURVIVAL_INTERVALS` values and :data:`MAX_SURVIVAL_DAYS` each.
+
+    Raises
+    ------
+    ValueError
+        Naming ``key`` and the fix.
+    """
+    try:
+        days = tuple(float(p) for p in _numbers(v))
+    except (TypeError, ValueError):
+        days = ()
+    top = MAX_SURVIVAL_INTERVALS if "edges" in key else MAX_SURVIVAL_HORIZONS
+    if (
+        not days
+        or len(days) > top
+        or not all(math.isfinite(d) and 0 < d <= MAX_SURVIVAL_DAYS for d in days)
+        or any(b <= a for a, b in zip(days, days[1:], strict=False))
+    ):
+        raise ValueError(
+            f"{key} must be 1 to {top} increasing positive numbers of days, at "
+            f"most {MAX_SURVIVAL_DAYS:g}, comma-separated, e.g. 365,1095"
+        )
+    return days
+
+
 class Plan(BaseModel):
     """The federation plan, shared by the coordinator and every site.
 
@@ -143,7 +178,7 @@ class Plan(BaseModel):
     # Every default equals [tool.flwr.app.config], the demo's plan, so a plan
     # built in code and one from ``flwr run .`` agree (tests/common/test_config.py
     # checks each key).
-    task: Literal["segmentation", "classification"] = "segmentation"
+    task: Literal["segmentation", "classification", "prognosis"] = "segmentation"
     model: str = "unet-tiny"
     strategy: StrategyName = "fedavg"
     num_server_rounds: int = Field(5, alias="num-server-rounds", ge=1, le=10_000)
@@ -260,6 +295,21 @@ class Plan(BaseModel):
     )
     class_weights: tuple[float, ...] = Field((), alias="class-weights")
     image_size: int = Field(64, alias="image-size", ge=16, le=1024)
+    # Prognosis task (issue 30; docs/prognosis.md). Ignored by the others.
+    # Right edges in days of the discrete-time model's intervals (the
+    # network's outputs); the horizons of the time-dependent AUC, calibration
+    # at the last; the covariates beside the scan; the crop around the tumour.
+    survival_edges_days: tuple[float, ...] = Field(
+        (180.0, 365.0, 730.0, 1095.0, 1460.0, 1825.0), alias="survival-edges-days"
+    )
+    survival_horizons_days: tuple[float, ...] = Field(
+        (365.0, 1095.0), alias="survival-horizons-days"
+    )
+    prognosis_covariates: tuple[str, ...] = Field(
+        ("age", "sex", "size"), alias="prognosis-covariates"
+    )
+    prognosis_crop_mm: float = Field(160.0, alias="prognosis-crop-mm", ge=32, le=512)
+    prognosis_crop_voxels: int = Field(32, alias="prognosis-crop-voxels", ge=8, le=96)
 
     @field_validator("class_names", mode="before")
     @classmethod
@@ -280,6 +330,35 @@ class Plan(BaseModel):
                 "(they become metric keys such as recall-<name>)"
             )
         return tuple(names)
+
+    @field_validator("survival_edges_days", "survival_horizons_days", mode="before")
+    @classmethod
+    def _days(cls, v: Any, info: Any) -> tuple:
+        return days_list(v, info.field_name.replace("_", "-"))
+
+    @field_validator("prognosis_covariates", mode="before")
+    @classmethod
+    def _covariates(cls, v: Any) -> tuple:
+        names = v.split(",") if isinstance(v, str) else list(v)
+        names = [str(n).strip() for n in names if str(n).strip()]
+        if names == ["none"]:
+            return ()
+        bad = sorted(set(names) - set(PROGNOSIS_COVARIATES))
+        if bad or len(set(names)) != len(names):
+            raise ValueError(
+                "prognosis-covariates is a comma-separated subset of "
+                f"{','.join(PROGNOSIS_COVARIATES)} without repeats, or none"
+            )
+        return tuple(names)
+
+    @model_validator(mode="after")
+    def _horizons_within_edges(self) -> Plan:
+        if self.survival_horizons_days[-1] > self.survival_edges_days[-1]:
+            raise ValueError(
+                "survival-horizons-days must not go past the last of "
+                "survival-edges-days (the model predicts nothing beyond it)"
+            )
+        return self
 
     @field_validator("run_name")
     @classmethod

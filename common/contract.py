@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from common import wire
-from common.config import Plan
+from common.config import MAX_SURVIVAL_HORIZONS, MAX_SURVIVAL_INTERVALS, Plan
 
 ArraySpec = tuple[tuple[int, ...], str]
 
@@ -130,6 +130,8 @@ def allowed_metric(key: str, message_type: str, task: str | None) -> bool:
 
 MAX_CANDIDATES = 16  # post-processing candidates a reply may carry metrics for
 MAX_SUBGROUPS = 32  # subgroups (attribute, value) a reply may carry metrics for
+MAX_INTERVALS = MAX_SURVIVAL_INTERVALS  # prognosis: the plan's edges, at most
+MAX_HORIZONS = MAX_SURVIVAL_HORIZONS
 
 
 def max_metric_keys(message_type: str, task: str | None, n_classes: int) -> int:
@@ -154,11 +156,14 @@ def max_metric_keys(message_type: str, task: str | None, n_classes: int) -> int:
     # figures, two case counts), eight regions at most; six lesion-level keys per
     # lesion region, four at most; five keys per post-processing candidate
     # (common.postprocess.CANDIDATES, at most MAX_CANDIDATES)
-    per_task = (
-        6 * 8 + 6 * 4 + 5 * MAX_CANDIDATES + 9 * MAX_SUBGROUPS
-        if task == "segmentation"
-        else 3 + n_classes + n_classes**2
-    )
+    if task == "segmentation":
+        per_task = 6 * 8 + 6 * 4 + 5 * MAX_CANDIDATES + 9 * MAX_SUBGROUPS
+    elif task == "prognosis":
+        # three scores, two per horizon and one td-AUC per horizon, two
+        # counts; two life-table counts per risk group and interval
+        per_task = 3 + 3 * MAX_HORIZONS + 2 + 4 * MAX_INTERVALS
+    else:
+        per_task = 3 + n_classes + n_classes**2
     return fixed + per_task
 
 
@@ -294,6 +299,7 @@ _COUNT_KEYS = frozenset(
 )
 _COUNT = re.compile(
     r"(?:sg-[a-z]+-[a-z0-9_]{1,24}-)?cases-(no-)?[a-z]+|cm-[a-z0-9_]+-[a-z0-9_]+"
+    rf"|{wire.ATRISK_KEY.pattern}|{wire.KM_EVENTS_KEY.pattern}"
 )
 _FLAGS = frozenset(
     {
@@ -311,12 +317,14 @@ _UNIT = re.compile(
     r"|(?:lesion-sens|detect-sens|detect-spec|detect-auc|froc)-[a-z]+"
     r"|pp[0-9]{1,2}-(?:dice|fp-rate|lesion-sens)-[a-z]+"
     r"|sg-[a-z]+-[a-z0-9_]{1,24}-(?:dice2?|fp-rate|lesion-sens)-[a-z]+"
+    r"|c-harrell|c-uno|(?:td-auc|cal-pred|cal-obs)-[0-9]{1,5}"
 )
 # False-positive lesions per case: not NaN, from 0 to a bound no scan reaches.
 _PER_CASE = re.compile(r"(?:pp[0-9]{1,2}-)?fp-lesions-[a-z]+")
 MAX_FP_LESIONS = 10_000.0
-# Privacy figures: not NaN, not negative (epsilon is infinite without DP).
-_NON_NEGATIVE = frozenset({wire.EPSILON, wire.DELTA, wire.NOISE_MULTIPLIER})
+# Privacy figures: not NaN, not negative (epsilon is infinite without DP);
+# the integrated Brier score, whose censoring weights can take it past 1.
+_NON_NEGATIVE = frozenset({wire.EPSILON, wire.DELTA, wire.NOISE_MULTIPLIER, wire.IBS})
 # Fingerprint lists: spacing in mm and extents in mm (at most 100 mm voxels,
 # 10 m scans), voxels per bin and label mL (per case at most 2^31 voxels and
 # 100 L, times max-site-examples).

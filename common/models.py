@@ -21,6 +21,8 @@ from monai.networks.nets import BasicUNet, DenseNet, ResNet, UNet
 from monai.networks.nets.resnet import ResNetBlock
 from torch import nn
 
+from common.prognosis_net import build_cnn, build_linear
+
 NUM_SEG_CLASSES = 4  # background, kidney, tumour, cyst (KiTS21/23)
 
 
@@ -344,6 +346,21 @@ MODELS: dict[str, ModelSpec] = {
         _densenet(16, 8, (2, 2, 2, 2)),
         "hooks",
         "MONAI DenseNet 2D, 4 blocks of 2 layers, growth 8 (~27 k parameters)",
+    ),
+    "prognosis-cnn": ModelSpec(
+        "prognosis-cnn",
+        "prognosis",
+        build_cnn,
+        "hooks",
+        "3D CNN (8-32 channels) over the tumour crop plus age, sex and size "
+        "(~19 k parameters); the prognosis default",
+    ),
+    "prognosis-linear": ModelSpec(
+        "prognosis-linear",
+        "prognosis",
+        build_linear,
+        "hooks",
+        "age, sex and tumour size only, one linear layer: the baseline",
     ),
     "densenet121": ModelSpec(
         "densenet121",

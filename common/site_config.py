@@ -143,7 +143,9 @@ class PhantomConfig(BaseModel):
     overrides: dict[str, float | str] | None = None
     # Classification phantoms (issue 8): labelled slices instead of KiTS volumes,
     # drawn with this class mix (relative weights; default equal).
-    task: Literal["segmentation", "classification"] = "segmentation"
+    # Prognosis phantoms (issue 30): segmentation phantoms plus outcomes from
+    # a survival generator with a known hazard (sim/phantoms/survival.py).
+    task: Literal["segmentation", "classification", "prognosis"] = "segmentation"
     class_mix: dict[str, float] | None = None
 
     @field_validator("class_mix")
@@ -160,7 +162,7 @@ class PhantomConfig(BaseModel):
 
     @model_validator(mode="after")
     def _overrides_segmentation(self) -> PhantomConfig:
-        if self.overrides and self.task != "segmentation":
+        if self.overrides and self.task == "classification":
             raise ValueError(
                 "phantom.overrides changes a scanner profile of segmentation "
                 "phantoms; remove it for task: classification (use class_mix)"

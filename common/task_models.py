@@ -21,12 +21,14 @@ from common.models import NUM_SEG_CLASSES, build_model, get_model_spec
 TASK_OUTPUTS: dict[str, Callable[[Plan], int]] = {
     "segmentation": lambda plan: NUM_SEG_CLASSES,
     "classification": lambda plan: len(plan.class_names),
+    "prognosis": lambda plan: len(plan.survival_edges_days),
 }
 
 # The evaluation metrics a report leads with, per task (round line, summary).
 HEADLINE_METRICS: dict[str, tuple[str, ...]] = {
     "segmentation": tuple(wire.dice_key(r) for r in KITS_REGIONS),
     "classification": (wire.BALANCED_ACCURACY, wire.ACCURACY, wire.AUC_MACRO),
+    "prognosis": (wire.C_HARRELL, wire.C_UNO, wire.IBS),
 }
 
 

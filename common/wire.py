@@ -335,6 +335,8 @@ def weight_key(metric: str) -> str:
     for prefix in ("fp-rate-", "fp-ml-", DETECT_SPEC_PREFIX):
         if metric.startswith(prefix):
             return cases_key(metric.removeprefix(prefix), present=False)
+    if SURVIVAL_SCORE.fullmatch(metric):
+        return CASES_OUTCOME
     return NUM_VAL_CASES
 
 
@@ -419,6 +421,46 @@ def confusion_key(true: str, pred: str) -> str:
     return f"{CONFUSION_PREFIX}{true}-{pred}"
 
 
+# Prognosis (issue 30; common/survival.py, docs/prognosis.md). Over the
+# validation patients with an outcome (cases-outcome), released only when
+# they and their events (cases-event) each reach the site's floor.
+C_HARRELL: Final = "c-harrell"
+C_UNO: Final = "c-uno"
+IBS: Final = "ibs"  # integrated Brier score over the plan's interval edges
+TD_AUC_PREFIX: Final = "td-auc-"  # td-auc-<days>: cumulative/dynamic AUC
+CAL_PRED_PREFIX: Final = "cal-pred-"  # mean predicted survival at <days>
+CAL_OBS_PREFIX: Final = "cal-obs-"  # Kaplan-Meier survival at <days>
+CASES_OUTCOME: Final = "cases-outcome"
+CASES_EVENT: Final = "cases-event"
+# Life-table counts by predicted risk group (the site's median risk) and
+# interval: patients at risk at the interval's start, events in it. The
+# coordinator sums them across sites and draws Kaplan-Meier curves.
+RISK_GROUPS: Final = ("low", "high")
+ATRISK_KEY: Final = re.compile(r"cases-atrisk-(low|high)-([0-9]{1,2})")
+KM_EVENTS_KEY: Final = re.compile(r"km-events-(low|high)-([0-9]{1,2})")
+SURVIVAL_SCORE: Final = re.compile(
+    r"c-harrell|c-uno|ibs|(?:td-auc|cal-pred|cal-obs)-[0-9]{1,5}"
+)
+
+
+def atrisk_key(group: str, interval: int) -> str:
+    """Patients of a risk group at risk at the start of an interval."""
+    return f"cases-atrisk-{group}-{interval}"
+
+
+def km_events_key(group: str, interval: int) -> str:
+    """Events of a risk group within an interval."""
+    return f"km-events-{group}-{interval}"
+
+
+def is_summed(key: str) -> bool:
+    """Whether the coordinator sums ``key`` over sites (patient counts and
+    life-table events) rather than averaging it."""
+    group = SUBGROUP_KEY.fullmatch(key)
+    inner = group[2] if group else key
+    return inner.startswith("cases-") or KM_EVENTS_KEY.fullmatch(inner) is not None
+
+
 # -- Reply contract (governance, client/contract.py) --------------------------
 # The only metric keys a site may send, by message type. A key not listed here
 # (or matched by its task's patterns) is refused at the site before the reply
@@ -480,6 +522,12 @@ TASK_METRIC_PATTERNS: Final = {
         r"auc-macro",
         r"recall-[a-z0-9_]+",
         r"cm-[a-z0-9_]+-[a-z0-9_]+",  # confusion counts: cm-<true>-<predicted>
+    ),
+    "prognosis": (
+        SURVIVAL_SCORE.pattern,
+        r"cases-(?:outcome|event)",
+        ATRISK_KEY.pattern,
+        KM_EVENTS_KEY.pattern,
     ),
 }
 REPLY_SITE_KEYS: Final = frozenset({SITE_NAME, REFUSAL_REASON, REFUSAL_CODE})

@@ -38,6 +38,23 @@ def _parse_set(items: list[str]) -> dict[str, object]:
     return out
 
 
+def _read_plan(path: str) -> dict[str, object]:
+    """A plan TOML's keys (``sites/*/plan.toml``), for ``--plan``.
+
+    Raises
+    ------
+    ValueError
+        An unreadable file or invalid TOML, naming the file.
+    """
+    import tomllib
+
+    try:
+        with open(path, "rb") as fh:
+            return dict(tomllib.load(fh))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"--plan {path}: {exc}") from None
+
+
 def simulate_baselines(site_paths: list[Path], run_dir: Path, kinds: list[str]) -> Path:
     """Train ``kinds`` baselines for ``run_dir`` and write its comparison.json.
 
@@ -94,7 +111,8 @@ def _simulate(args: argparse.Namespace) -> int:
     unknown = set(kinds) - {"local", "pooled"}
     if unknown:
         raise ValueError(f"--baselines: unknown {sorted(unknown)}; use local,pooled")
-    overrides = _parse_set(args.set)
+    overrides = _read_plan(args.plan) if args.plan else {}
+    overrides.update(_parse_set(args.set))
     if args.rounds is not None:
         overrides["num-server-rounds"] = args.rounds
     if args.resume:
@@ -193,6 +211,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog="examples:\n"
         "  kidneyfl simulate                          # the three example sites\n"
         "  kidneyfl simulate --rounds 2 --set dp-target-epsilon=4\n"
+        "  kidneyfl simulate --sites sites/prognosis/hospital-a.yaml,... "
+        "--plan sites/prognosis/plan.toml\n"
         "  kidneyfl simulate --run-name my-run --resume --rounds 10\n"
         "results and logs: runs/<run>/ (report.html, status.json, logs/)",
     )
@@ -209,6 +229,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(default: sim-<date>-<time>)",
     )
     p.add_argument("--out-dir", default=str(PROJECT_DIR / "runs"))
+    p.add_argument(
+        "--plan",
+        default=None,
+        metavar="PLAN.toml",
+        help="plan keys from a TOML file, e.g. sites/prognosis/plan.toml "
+        "(--set overrides them)",
+    )
     p.add_argument(
         "--set",
         action="append",

@@ -71,13 +71,18 @@ def default_plan() -> dict[str, Any]:
 def prepare_phantoms(sites: list[SiteConfig]) -> None:
     """Write synthetic cases for sites whose YAML has a ``phantom`` section."""
     from sim.phantoms.sites import write_site_phantom
+    from sim.phantoms.survival import write_outcomes
     from sim.subgroups import plant_subgroups
 
     for site in sites:
         write_site_phantom(site)  # the writer of the section's task
-        if site.phantom is not None and site.phantom.task == "segmentation":
-            # age band planted by tumour size, sex at random (sim/subgroups.py)
-            plant_subgroups(site.data.root, site.phantom.profile, site.phantom.seed)
+        if site.phantom is None or site.phantom.task == "classification":
+            continue
+        # age band planted by tumour size, sex at random (sim/subgroups.py)
+        plant_subgroups(site.data.root, site.phantom.profile, site.phantom.seed)
+        if site.phantom.task == "prognosis":
+            # outcomes from a known hazard, read from the written scans
+            write_outcomes(site.data.root, site.phantom.seed)
 
 
 def stage_app(dest: Path, root: Path = PROJECT_DIR) -> Path:

@@ -195,7 +195,7 @@ def is_classification(site: SiteConfig) -> bool:
     classification phantom, or a manifest whose labels are not image files."""
     d = site.data
     if d.layout == "class-folders" or (
-        site.phantom and site.phantom.task != "segmentation"
+        site.phantom and site.phantom.task == "classification"
     ):
         return True
     manifest = manifest_path(site)

@@ -1,4 +1,5 @@
-"""The CSV manifest both tasks read: ``image,label[,split][,patient]``.
+"""The CSV manifest the tasks read: ``image,label[,split][,patient]`` and,
+for prognosis, ``time,event`` with optional ``age,sex,size_cm``.
 
 One row per image, a header naming the columns in any order. ``image`` is
 relative to the manifest's folder (or absolute); ``label`` is a label file
@@ -6,6 +7,9 @@ relative to the manifest's folder (or absolute); ``label`` is a label file
 (prediction only); ``split`` is ``train``, ``validation`` (or ``val``),
 ``test`` (never trained or validated on) or empty (split by the site YAML);
 ``patient`` is the patient's id (empty: the image is its own patient).
+``time`` (days of follow-up), ``event`` (1 happened, 0 censored), ``age``,
+``sex`` and ``size_cm`` are the patient's outcome and covariates, carried here
+as the cells say and checked by :mod:`client.data.outcomes` (empty: none).
 Other columns are refused, so a typo in a column name is not silently ignored.
 Errors name the file, the row and the fix.
 """
@@ -19,9 +23,10 @@ from pathlib import Path
 from client.data.errors import SiteDataError
 
 MANIFEST = "manifest.csv"
-HEADER = "image,label[,split][,patient]"
+HEADER = "image,label[,split][,patient][,time,event][,age,sex,size_cm]"
 REQUIRED = ("image", "label")
-OPTIONAL = ("split", "patient")
+OUTCOME_COLUMNS = ("time", "event", "age", "sex", "size_cm")
+OPTIONAL = ("split", "patient", *OUTCOME_COLUMNS)
 # What the split column may say -> the split it means ("" = not pinned).
 SPLITS = {"train": "train", "validation": "validation", "val": "validation"}
 SPLITS |= {"test": "test", "": ""}
@@ -36,6 +41,12 @@ class ManifestRow:
     label: str
     split: str  # "train", "validation", "test" or "" (not pinned)
     patient: str
+    # The prognosis columns' cells, unchecked (client.data.outcomes reads them).
+    time: str = ""
+    event: str = ""
+    age: str = ""
+    sex: str = ""
+    size_cm: str = ""
 
     def where(self, path: Path) -> str:
         """``<manifest>: row <n>`` for error messages."""
@@ -108,7 +119,15 @@ def _parse(path: Path, n: int, cols: list[str], row: list[str]) -> ManifestRow:
         rec["label"],
         SPLITS[split.lower()],
         rec.get("patient", ""),
+        *(rec.get(col, "") for col in OUTCOME_COLUMNS),
     )
+
+
+def manifest_columns(path: Path) -> list[str]:
+    """The header's column names, lower case (``SiteDataError`` when the file
+    is missing or unreadable; the header itself is not checked)."""
+    rows = _rows(path)
+    return [c.strip().lower() for c in (rows[0] if rows else [])]
 
 
 def manifest_labels(path: Path) -> tuple[str, ...]:

@@ -109,14 +109,42 @@ def _classification_data(site: SiteConfig, plan: Plan) -> tuple[Any, Any]:
     return build_dataset(train, plan), build_dataset(val, plan)  # no augmentation
 
 
+def _prognosis_data(site: SiteConfig, plan: Plan) -> tuple[Any, Any]:
+    from client.tasks.prognosis.data import load_prognosis_data
+
+    data = load_prognosis_data(site, plan)  # the same split training used
+    return data.train, data.validation
+
+
+@torch.no_grad()
+def _prognosis_losses(
+    model: nn.Module, patients: Any, plan: Plan, device: torch.device
+) -> np.ndarray:
+    loss_fn = get_task("prognosis").loss(plan)
+    model.to(device).eval()
+    return np.array(
+        [
+            float(
+                loss_fn(
+                    model(patients.x[i : i + 1].to(device)).cpu(), patients.y[i : i + 1]
+                )
+            )
+            for i in range(len(patients))
+        ],
+        dtype=float,
+    )
+
+
 # Per task: (train, held-out) data without augmentation, and a loss per patient.
 AUDIT_DATA: dict[str, Callable[[SiteConfig, Plan], tuple[Any, Any]]] = {
     "segmentation": _segmentation_data,
     "classification": _classification_data,
+    "prognosis": _prognosis_data,
 }
 PER_CASE_LOSS: dict[str, Callable[..., np.ndarray]] = {
     "segmentation": _segmentation_losses,
     "classification": _classification_losses,
+    "prognosis": _prognosis_losses,
 }
 
 

@@ -5,10 +5,15 @@ from __future__ import annotations
 from client.data.class_layouts import is_classification
 from client.tasks.base import Task
 from client.tasks.classification.task import ClassificationTask
+from client.tasks.prognosis.task import PrognosisTask, has_outcomes
 from client.tasks.segmentation.task import SegmentationTask
 from common.config import SiteConfig
 
-TASKS = {"segmentation": SegmentationTask, "classification": ClassificationTask}
+TASKS = {
+    "segmentation": SegmentationTask,
+    "classification": ClassificationTask,
+    "prognosis": PrognosisTask,
+}
 
 
 def get_task(name: str) -> Task:
@@ -28,5 +33,9 @@ def get_task(name: str) -> Task:
 def site_task(site: SiteConfig) -> Task:
     """The task a site's data are for, read from the data alone (the readiness
     check has no plan): classification for class folders, a classification
-    phantom or a manifest of class names; segmentation otherwise."""
-    return get_task("classification" if is_classification(site) else "segmentation")
+    phantom or a manifest of class names; prognosis for scans with an outcome
+    file (its check is segmentation's plus the outcomes); segmentation
+    otherwise."""
+    if is_classification(site):
+        return get_task("classification")
+    return get_task("prognosis" if has_outcomes(site) else "segmentation")

@@ -160,7 +160,8 @@ def headline(entry: dict[str, Any]) -> tuple[str, tuple[str, ...], str, str]:
     """The task's headline metrics in a round entry: (title, keys, site key, label).
 
     Classification runs report balanced accuracy, accuracy and macro AUC;
-    segmentation runs Dice per KiTS region. A classification run is known by
+    prognosis runs Harrell's and Uno's C-index and the integrated Brier
+    score; segmentation runs Dice per KiTS region. A classification run is known by
     any of its keys, not by balanced accuracy alone: a site withholds that
     when a class has fewer patients than its floor (``client.disclosure``).
     """
@@ -175,6 +176,12 @@ def headline(entry: dict[str, Any]) -> tuple[str, tuple[str, ...], str, str]:
     if classification and not keys & set(dice):
         cls = (wire.BALANCED_ACCURACY, wire.ACCURACY, wire.AUC_MACRO)
         return "balanced-acc/acc/auc", cls, wire.BALANCED_ACCURACY, "bal-acc"
+    if (
+        any(wire.SURVIVAL_SCORE.fullmatch(k) for k in keys)
+        or wire.CASES_OUTCOME in keys
+    ):
+        surv = (wire.C_HARRELL, wire.C_UNO, wire.IBS)
+        return "C-index Harrell/Uno, IBS", surv, wire.C_HARRELL, "C-index"
     return "Dice kidney/masses/tumour", dice, wire.dice_key("kidney"), "kidney"
 
 

@@ -68,10 +68,12 @@ def weighted_eval_means(
     Each metric is averaged over the sites that released it, weighted by the
     cases it is a mean over (``wire.weight_key``: the cases with a region for
     its Dice, the cases without it for its false positives, else all
-    validation cases). A site that withholds its validation metrics (its own
+    validation cases; the patients with an outcome for a prognosis score). A
+    site that withholds its validation metrics (its own
     choice, ``metrics-withheld``) neither counts nor drags the others' means;
     nor does a value that is not a finite number (an undefined score), or one
-    whose weight is not a finite count >= 0. Case counts are summed.
+    whose weight is not a finite count >= 0. Case counts and life-table
+    event counts are summed (``wire.is_summed``).
 
     No site's share of a mean is more than ``cap`` (``max-site-weight``, as in
     the aggregate: :func:`common.shares.capped_shares`), so a site that claims
@@ -83,10 +85,7 @@ def weighted_eval_means(
     keys = set().union(*(set(m) for m in per_site.values())) - skip
     out = {}
     for k in sorted(keys):
-        if k.startswith("cases-") or (
-            (g := wire.SUBGROUP_KEY.fullmatch(k)) is not None
-            and g[2].startswith("cases-")
-        ):
+        if wire.is_summed(k):
             total = math.fsum(
                 float(m[k]) for m in per_site.values() if _count(m.get(k)) is not None
             )

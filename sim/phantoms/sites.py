@@ -69,6 +69,8 @@ def _classification_phantom(site: SiteConfig) -> None:
 PHANTOM_WRITERS: dict[str, Callable[[SiteConfig], None]] = {
     "segmentation": _segmentation_phantom,
     "classification": _classification_phantom,
+    # scans as for segmentation; sim.runner.prepare_phantoms adds the outcomes
+    "prognosis": _segmentation_phantom,
 }
 
 

@@ -1,0 +1,75 @@
+"""Prognosis networks: a patient's scan crop and covariates -> one logit per
+interval of the discrete-time hazard model (``common/survival.py``).
+
+The input is one tensor per patient, the covariates followed by the
+flattened crop (``client/tasks/prognosis/data.py``), so Opacus sees a single
+input with the batch first. Both networks are Opacus-safe as built: GroupNorm,
+out-of-place activations, no BatchNorm.
+
+- ``prognosis-cnn``: a small 3D CNN over the crop (three stride-2
+  convolutions of 8, 16, 32 channels, global average pooling), its 32
+  features beside the covariates, then a two-layer head.
+- ``prognosis-linear``: the covariates only, one linear layer (a discrete-time
+  proportional-odds model); the baseline the image must beat.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+N_COVARIATES = 3  # client/tasks/prognosis/data.py N_COVARIATES
+IMAGE_CHANNELS = 2
+
+
+class PrognosisNet(nn.Module):
+    """Covariates (and, with ``widths``, a 3D CNN over the crop) -> logits."""
+
+    def __init__(
+        self, n_intervals: int, widths: tuple[int, ...] = (8, 16, 32), hidden: int = 16
+    ) -> None:
+        super().__init__()
+        self.encoder: nn.Module | None = None
+        features = N_COVARIATES
+        if widths:
+            layers: list[nn.Module] = []
+            prev = IMAGE_CHANNELS
+            for w in widths:
+                layers += [
+                    nn.Conv3d(prev, w, 3, stride=2, padding=1),
+                    nn.GroupNorm(min(4, w), w),
+                    nn.ReLU(),
+                ]
+                prev = w
+            layers += [nn.AdaptiveAvgPool3d(1), nn.Flatten()]
+            self.encoder = nn.Sequential(*layers)
+            features += prev
+            self.head: nn.Module = nn.Sequential(
+                nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, n_intervals)
+            )
+        else:
+            self.head = nn.Linear(features, n_intervals)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        covs = x[:, :N_COVARIATES]
+        if self.encoder is None:
+            return self.head(covs)
+        voxels = (x.shape[1] - N_COVARIATES) // IMAGE_CHANNELS
+        side = round(voxels ** (1 / 3))
+        if side**3 != voxels:
+            raise ValueError(
+                f"input of {x.shape[1]} values is not {N_COVARIATES} covariates "
+                f"and {IMAGE_CHANNELS} cubic channels"
+            )
+        img = x[:, N_COVARIATES:].reshape(x.shape[0], IMAGE_CHANNELS, side, side, side)
+        return self.head(torch.cat([covs, self.encoder(img)], 1))
+
+
+def build_cnn(in_channels: int, out_channels: int) -> nn.Module:
+    """``prognosis-cnn`` (``in_channels`` is the task's own, fixed)."""
+    return PrognosisNet(out_channels)
+
+
+def build_linear(in_channels: int, out_channels: int) -> nn.Module:
+    """``prognosis-linear``: covariates only."""
+    return PrognosisNet(out_channels, widths=())
