@@ -41,6 +41,7 @@ from server.reporting.metrics_log import (
     write_start,
 )
 from server.reporting.status import ProgressGrid, RunStatus
+from server.reporting.survival import survival_lines
 from server.round_end import RoundEnd, RunMeta
 from server.run_start import StartPoint, start_point
 from server.strategy.aggregators import build_strategy, strategy_options
@@ -312,7 +313,7 @@ def _finish(run_dir: Path, plan: Plan, status: RunStatus, reports: LiveReport) -
         state="finished", rounds_done=plan.num_server_rounds, phase="", message=""
     )
     log.info("\n%s", summary_table(entries, read_start(run_dir)))
-    for line in clinical_lines(run_dir, entries):
+    for line in [*clinical_lines(run_dir, entries), *survival_lines(run_dir, entries)]:
         log.info("%s", line)
     log.info("final model: %s", run_dir / "final")
     deliver(run_dir)

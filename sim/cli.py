@@ -105,6 +105,7 @@ def _simulate(args: argparse.Namespace) -> int:
     from common.config import run_folder
     from server.reporting.clinical import clinical_lines
     from server.reporting.metrics_log import read_metrics, read_start, summary_table
+    from server.reporting.survival import survival_lines
     from sim.runner import simulate
 
     kinds = [k for k in (args.baselines or "").split(",") if k]
@@ -138,6 +139,8 @@ def _simulate(args: argparse.Namespace) -> int:
     print()
     print(summary_table(entries, read_start(run_dir)))
     for line in clinical_lines(run_dir, entries):  # lesions, post-processing, OOD
+        print(line)
+    for line in survival_lines(run_dir, entries):  # prognosis: scores, KM by risk
         print(line)
     print(f"\nreport: {run_dir / 'report.html'}")
     if kinds:

@@ -44,6 +44,7 @@ from server.reporting.figures import (
 )
 from server.reporting.metrics_log import last_known_privacy, read_metrics, site_privacy
 from server.reporting.status import LIVE_STATES, REPORT_NOTE, read_status, status_line
+from server.reporting.survival import survival_html
 
 log = logging.getLogger("kidneyfl.server")
 
@@ -265,6 +266,7 @@ def _body(
             "them all.</p>"
         )
     body += clinical_html(run_dir, entries)
+    body.append(survival_html(run_dir, entries))
     for key, title, note in _SECTIONS:
         items = figs.get(key)
         if not items:

@@ -31,6 +31,11 @@ def _is_number(v: Any) -> bool:
     return v is None or isinstance(v, int | float)
 
 
+def _has_number(values: dict[str, Any], key: str) -> bool:
+    """Whether ``values`` holds a number (not None, not absent) at ``key``."""
+    return values.get(key) is not None and _is_number(values[key])
+
+
 def safe_entry(entry: Any) -> dict[str, Any] | None:
     """A round entry every reader can show without checking it again; None if
     ``entry`` is no round (no whole-number ``round``).
@@ -330,11 +335,11 @@ def round_line(
     w = entry.get("weighted", {})
     title, cols, site_key, label = headline(entry)
     parts.append(title + " " + "/".join(_fmt(w.get(c), 5).strip() for c in cols))
-    if _is_number(w.get("fp-rate-tumour")):  # tumour Dice: cases with a tumour
+    if _has_number(w, "fp-rate-tumour"):  # tumour Dice: cases with a tumour
         parts.append(f"tumour FP {_fmt(w.get('fp-rate-tumour'), 0, 2)}")
-    if _is_number(w.get("lesion-sens-tumour")):  # lesion level (common.lesions)
+    if _has_number(w, "lesion-sens-tumour"):  # lesion level (common.lesions)
         text = f"lesions {_fmt(w.get('lesion-sens-tumour'), 0, 2)}"
-        if _is_number(w.get("fp-lesions-tumour")):
+        if _has_number(w, "fp-lesions-tumour"):
             text += f" found, {_fmt(w.get('fp-lesions-tumour'), 0, 1)} FP/case"
         parts.append(text)
     sp = entry.get("spread", {})
