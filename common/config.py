@@ -132,7 +132,7 @@ def run_folder(
 MAX_SURVIVAL_INTERVALS = 20
 MAX_SURVIVAL_HORIZONS = 4
 MAX_SURVIVAL_DAYS = 36_500.0  # a century of follow-up
-PROGNOSIS_COVARIATES = ("age", "sex", "size")
+PROGNOSIS_COVARIATES = ("age", "sex", "size", "radiomics")
 
 
 def days_list(v: Any, key: str) -> tuple[float, ...]:
@@ -306,7 +306,7 @@ class Plan(BaseModel):
         (365.0, 1095.0), alias="survival-horizons-days"
     )
     prognosis_covariates: tuple[str, ...] = Field(
-        ("age", "sex", "size"), alias="prognosis-covariates"
+        ("age", "sex", "size", "radiomics"), alias="prognosis-covariates"
     )
     prognosis_crop_mm: float = Field(160.0, alias="prognosis-crop-mm", ge=32, le=512)
     prognosis_crop_voxels: int = Field(32, alias="prognosis-crop-voxels", ge=8, le=96)

@@ -9,8 +9,12 @@ out-of-place activations, no BatchNorm.
 - ``prognosis-cnn``: a small 3D CNN over the crop (three stride-2
   convolutions of 8, 16, 32 channels, global average pooling), its 32
   features beside the covariates, then a two-layer head.
-- ``prognosis-linear``: the covariates only, one linear layer (a discrete-time
-  proportional-odds model); the baseline the image must beat.
+
+The head's output bias starts at -2 (a hazard of 0.12 an interval), not 0
+(0.5 an interval, which predicts nearly everyone dead within two intervals).
+- ``prognosis-linear``: the covariates only (clinical, and the tumour's
+  first-order radiomics when the plan uses them), one linear layer (a
+  discrete-time proportional-odds model); the baseline the CNN must beat.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-N_COVARIATES = 3  # client/tasks/prognosis/data.py N_COVARIATES
+N_COVARIATES = 6  # client/tasks/prognosis/data.py N_COVARIATES
 IMAGE_CHANNELS = 2
 
 
@@ -49,6 +53,8 @@ class PrognosisNet(nn.Module):
             )
         else:
             self.head = nn.Linear(features, n_intervals)
+        last = self.head[-1] if isinstance(self.head, nn.Sequential) else self.head
+        nn.init.constant_(last.bias, -2.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         covs = x[:, :N_COVARIATES]

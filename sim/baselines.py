@@ -49,14 +49,13 @@ from common.config import (
     privacy_run_id,
 )
 from common.models import get_model_spec
-from common.task_models import build_plan_model
+from common.task_models import HEADLINE_METRICS, build_plan_model
 from common.weights import import_state
 
 log = logging.getLogger(__name__)
 
 KINDS = ("local", "pooled")
 COMPARISON_FILE = "comparison.json"
-HEADLINE_METRIC = "dice-kidney"
 
 
 def run_plan(run_dir: Path) -> Plan:
@@ -180,7 +179,7 @@ def run_baselines(
             device = select_device(site.device)
             values[name][site.name] = _finite(task.evaluate(model, d, plan, device))
     out = {
-        "metric": HEADLINE_METRIC,
+        "metric": HEADLINE_METRICS[plan.task][0],
         "models": list(models),
         "sites": [s.name for s in sites],
         "values": values,

@@ -228,3 +228,24 @@ def test_the_coordinator_sums_life_tables_and_weights_scores_by_patients():
     assert pooled["km-events-low-0"] == 3.0
     assert pooled["cases-atrisk-low-0"] == 20.0
     assert pooled[wire.C_HARRELL] == pytest.approx((0.8 * 30 + 0.6 * 10) / 40)
+
+
+def test_radiomics_read_the_tumours_attenuation_against_the_kidney():
+    """A hypo-enhancing tumour with a necrotic core reads lower enhancement
+    and a lower tail than an enhancing one; without a tumour all are 0; MR is
+    relative to the kidney, so a scanner's scale factor does not change it."""
+    from client.tasks.prognosis.data import first_order
+
+    labels = np.zeros((20, 20, 10), np.uint8)
+    labels[2:12, 2:12, 2:8] = 1
+    labels[4:8, 4:8, 3:6] = 2
+    image = np.full(labels.shape, 180.0, np.float32)
+    bright = np.where(labels == 2, 170.0, image)
+    dark = np.where(labels == 2, 120.0, image)
+    dark[5, 5, 4] = 20.0  # a necrotic voxel
+    b, d = first_order(bright, labels, mr=False), first_order(dark, labels, mr=False)
+    assert d[0] < b[0] < 0 and d[2] < b[2] and d[1] > b[1]
+    assert not first_order(image, np.minimum(labels, 1), mr=False).any()
+    assert np.allclose(
+        first_order(dark, labels, True), first_order(dark * 7, labels, True)
+    )

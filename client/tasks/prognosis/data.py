@@ -17,9 +17,10 @@ first), ``y`` is ``(time in days, event)``.
 
 Covariates (the plan's ``prognosis-covariates``; the others are 0): age from
 the site's age band (the raw age is not kept, :mod:`client.data.subgroups`),
-sex (-1 female, +1 male, 0 unknown) and the tumour's largest extent in cm,
-measured on the same labels as the crop (0 without a tumour), so training and
-``predict`` measure it the same way.
+sex (-1 female, +1 male, 0 unknown), the tumour's largest extent in cm, and
+three first-order radiomics of the tumour against the kidney
+(:func:`first_order`), the last two measured on the same labels as the crop
+(0 without a tumour), so training and ``predict`` measure them the same way.
 """
 
 from __future__ import annotations
@@ -40,11 +41,14 @@ from client.data.layouts import Case
 from client.data.outcomes import Outcome, read_outcomes
 from client.tasks.segmentation.cases import load_site_cases
 from common.config import Plan, SiteConfig
+from common.prognosis_net import IMAGE_CHANNELS, N_COVARIATES
 
 log = logging.getLogger("kidneyfl.client")
 
-N_COVARIATES = 3  # age, sex, size: the network's covariate inputs, always
-IMAGE_CHANNELS = 2  # scan, labels
+# The network's covariate inputs, always (unused ones 0): age, sex, size,
+# then the tumour's first-order radiomics (RADIOMICS).
+RADIOMICS = ("enhancement", "heterogeneity", "low-tail")
+assert N_COVARIATES == 3 + len(RADIOMICS)  # the network's (common.prognosis_net)
 KIDNEY, TUMOUR, CYST = 1, 2, 3
 _LABEL_VALUE = {KIDNEY: 0.5, TUMOUR: 1.0, CYST: 0.25}
 # Age bands (client.data.subgroups.AGE_BANDS) at a typical age within them.
@@ -58,6 +62,7 @@ class Crop:
     image: np.ndarray  # (IMAGE_CHANNELS, s, s, s) float32
     size_cm: float  # the tumour's largest extent; 0 without a tumour
     centre: str  # "tumour" or "kidney": what the crop is centred on
+    radiomics: np.ndarray  # (len(RADIOMICS),) float32; 0 without a tumour
 
 
 def crop_scan(
@@ -104,7 +109,29 @@ def crop_scan(
     out[0] = _normalise(scan, plan, mr)
     for value, level in _LABEL_VALUE.items():
         out[1][lab == value] = level
-    return Crop(out, tumour_extent_cm(tumour, affine), what)
+    size = tumour_extent_cm(tumour, affine)
+    return Crop(out, size, what, first_order(image, labels, mr))
+
+
+def first_order(image: np.ndarray, labels: np.ndarray, mr: bool) -> np.ndarray:
+    """The tumour's first-order radiomics against the kidney, from the scan as
+    stored: enhancement (mean tumour minus mean kidney), heterogeneity (the
+    tumour's standard deviation) and low tail (its 10th percentile minus the
+    kidney's mean): the attenuation a radiologist reads, including a
+    necrotic core. CT in units of 50 HU; MR relative to the kidney's mean
+    (its units are arbitrary). Zeros without a tumour or a kidney."""
+    tumour, kidney = image[labels == TUMOUR], image[labels == KIDNEY]
+    out = np.zeros(len(RADIOMICS), dtype=np.float32)
+    if tumour.size == 0 or kidney.size == 0:
+        return out
+    ref = float(kidney.mean())
+    scale = max(abs(ref), 1e-6) if mr else 50.0
+    out[:] = (
+        (float(tumour.mean()) - ref) / scale,
+        float(tumour.std()) / scale,
+        (float(np.percentile(tumour, 10)) - ref) / scale,
+    )
+    return np.clip(out, -20.0, 20.0)
 
 
 def _normalise(scan: np.ndarray, plan: Plan, mr: bool) -> np.ndarray:
@@ -133,7 +160,12 @@ def tumour_extent_cm(tumour: np.ndarray, affine: np.ndarray) -> float:
     return float(extent.max()) / 10.0
 
 
-def covariates(outcome: Outcome | None, size_cm: float, plan: Plan) -> np.ndarray:
+def covariates(
+    outcome: Outcome | None,
+    size_cm: float,
+    plan: Plan,
+    radiomics: np.ndarray | None = None,
+) -> np.ndarray:
     """The network's covariate inputs for one patient (unused ones 0)."""
     values = np.zeros(N_COVARIATES, dtype=np.float32)
     use = set(plan.prognosis_covariates)
@@ -143,6 +175,8 @@ def covariates(outcome: Outcome | None, size_cm: float, plan: Plan) -> np.ndarra
         values[1] = -1.0 if outcome.sex == "f" else 1.0
     if "size" in use:
         values[2] = float(np.log1p(size_cm)) - 1.5
+    if "radiomics" in use and radiomics is not None:
+        values[3:] = radiomics
     return values
 
 
@@ -255,7 +289,8 @@ def load_prognosis_data(site: SiteConfig, plan: Plan) -> PrognosisData:
                 left_out[case.case_id] = f"cannot crop: {err}"
                 log.warning("prognosis: case %s left out: %s", case.case_id, err)
                 continue
-            inputs.append(patient_input(crop, covariates(outcome, crop.size_cm, plan)))
+            covs = covariates(outcome, crop.size_cm, plan, crop.radiomics)
+            inputs.append(patient_input(crop, covs))
             targets.append((outcome.time, outcome.event))
             ids.append(case.case_id)
         splits.append(PatientDataset(inputs, targets, ids))

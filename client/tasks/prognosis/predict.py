@@ -118,7 +118,7 @@ def predict_prognosis(
         image, Path(labels) if labels else None, segmentation_model, device
     )
     crop, _ = scan_crop(image, lab, plan, mr=False)
-    covs = covariates(_Covariates(age, sex), crop.size_cm, plan)  # type: ignore[arg-type]
+    covs = covariates(_Covariates(age, sex), crop.size_cm, plan, crop.radiomics)  # type: ignore[arg-type]
     x = patient_input(crop, covs)[None]
     logits = task.outputs(model, x, device)
     curve = survival_curve(logits)[0].tolist()
