@@ -37,7 +37,7 @@ log = logging.getLogger("benchmarks.prognosis")
 
 SITES = ("hospital-a", "hospital-b", "hospital-c")
 PLAN = tomllib.loads((ROOT / "sites" / "prognosis" / "plan.toml").read_text())
-CNN = {"model": "prognosis-cnn"}
+CNN = {"model": "prognosis-cnn", "learning-rate": 0.003}
 CLINICAL = {"prognosis-covariates": "age,sex,size"}
 # row -> (epsilon or None for no DP, plan keys over PLAN)
 ROWS: dict[str, tuple[float | None, dict]] = {
