@@ -1,12 +1,13 @@
 # kidneyfl: two commands on a fresh machine.
 #   make demo   set up, write phantoms for three hospitals, run the federation with DP
 #   make test   set up and run the test suite
+#   make demo-prognosis   the prognosis task on phantoms with outcomes
 PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kidneyfl-installed
 
-.PHONY: setup demo test lint lock clean
+.PHONY: setup demo demo-prognosis test lint lock clean
 
 # Every install is hash-checked against requirements/*.lock (docs/builds.md):
 # pip first (pip.lock), then every distribution at its locked version and
@@ -44,6 +45,14 @@ demo: $(PRETRAINED)/latest.json
 	@echo "demo sites are synthetic phantoms: their privacy ledgers start fresh for each demo"
 	rm -rf data/site-state
 	$(BIN)/kidneyfl simulate $(DEMO_RECIPE)
+
+# The prognosis task (docs/prognosis.md): three phantom hospitals with outcomes
+# from a known hazard, FedAvg with DP, C-index and epsilon per round.
+PROGNOSIS_SITES := sites/prognosis/hospital-a.yaml,sites/prognosis/hospital-b.yaml,sites/prognosis/hospital-c.yaml
+demo-prognosis: $(STAMP)
+	@echo "demo sites are synthetic phantoms: their privacy ledgers start fresh for each demo"
+	rm -rf data/site-state-prog
+	$(BIN)/kidneyfl simulate --sites $(PROGNOSIS_SITES) --plan sites/prognosis/plan.toml
 
 # Pretrained once and kept (public data, no privacy cost) until `make clean`.
 $(PRETRAINED)/latest.json: $(STAMP) sites/public-phantoms.yaml

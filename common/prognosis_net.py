@@ -33,6 +33,8 @@ class PrognosisNet(nn.Module):
         self, n_intervals: int, widths: tuple[int, ...] = (8, 16, 32), hidden: int = 16
     ) -> None:
         super().__init__()
+        self.n_covariates = N_COVARIATES
+        self.image_channels = IMAGE_CHANNELS
         self.encoder: nn.Module | None = None
         features = N_COVARIATES
         if widths:
@@ -57,18 +59,18 @@ class PrognosisNet(nn.Module):
         nn.init.constant_(last.bias, -2.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        covs = x[:, :N_COVARIATES]
-        if self.encoder is None:
+        # attributes, not globals: TorchScript (``kidneyfl export``) scripts this
+        n_cov, channels = self.n_covariates, self.image_channels
+        covs = x[:, :n_cov]
+        encoder = self.encoder
+        if encoder is None:
             return self.head(covs)
-        voxels = (x.shape[1] - N_COVARIATES) // IMAGE_CHANNELS
-        side = round(voxels ** (1 / 3))
-        if side**3 != voxels:
-            raise ValueError(
-                f"input of {x.shape[1]} values is not {N_COVARIATES} covariates "
-                f"and {IMAGE_CHANNELS} cubic channels"
-            )
-        img = x[:, N_COVARIATES:].reshape(x.shape[0], IMAGE_CHANNELS, side, side, side)
-        return self.head(torch.cat([covs, self.encoder(img)], 1))
+        voxels = (x.shape[1] - n_cov) // channels
+        side = int(round(voxels ** (1.0 / 3.0)))
+        if side * side * side != voxels:
+            raise ValueError("input is not the covariates and cubic image channels")
+        img = x[:, n_cov:].reshape(x.shape[0], channels, side, side, side)
+        return self.head(torch.cat([covs, encoder(img)], 1))
 
 
 def build_cnn(in_channels: int, out_channels: int) -> nn.Module:

@@ -97,6 +97,27 @@ def export_model(checkpoint: Path, out_dir: Path | None = None) -> dict[str, Pat
     return {"model": path, "preprocessing": prep_path}
 
 
+# client/tasks/prognosis/data.py, in words, for a tool without kidneyfl.
+PROGNOSIS_STEPS = [
+    "crop: a cube of prognosis-crop-mm around the tumour's centroid (the largest "
+    "kidney component without a tumour), axis-aligned in world coordinates, "
+    "prognosis-crop-voxels a side, linear for the scan, nearest for the labels",
+    "channel 0: the scan clipped to hu-window and scaled to [0, 1] (outside the "
+    "scan 0); channel 1: labels, kidney 0.5, tumour 1, cyst 0.25",
+    "covariates (0 when unused or unknown): (age band's typical age - 60) / 10, "
+    "sex (-1 f, +1 m), log1p(tumour's largest extent in cm) - 1.5, then "
+    "(tumour mean - kidney mean) / 50 HU, tumour SD / 50 HU, "
+    "(tumour 10th percentile - kidney mean) / 50 HU",
+    "output: one logit per interval of survival-edges-days; hazard = "
+    "sigmoid(logit), survival at edge k = prod over j <= k of (1 - hazard_j); "
+    "risk score = sum of softplus(logit)",
+]
+PROGNOSIS_INPUT = (
+    "float32 tensor (batch, 6 + 2 x side^3): the 6 covariates, then the "
+    "flattened 2-channel crop"
+)
+
+
 def _describe(meta: dict[str, Any], task: str) -> dict[str, Any]:
     prep = dict(meta["preprocessing"])
     source = prep.pop("source", "plan")
@@ -118,14 +139,18 @@ def _describe(meta: dict[str, Any], task: str) -> dict[str, Any]:
         "weights-sha256": meta.get("sha256"),
         "preprocessing": prep,
         "preprocessing-source": source,
-        "steps": [
+        "steps": PROGNOSIS_STEPS
+        if task == "prognosis"
+        else [
             "reorient to RAS",
             "resample to spacing-mm (linear)",
             normalise,
             "sliding-window inference with patch-size windows (overlap 0.25)",
             "argmax over output channels",
         ],
-        "input": "float32 tensor (batch, 1, x, y, z), RAS, after the steps above",
+        "input": PROGNOSIS_INPUT
+        if task == "prognosis"
+        else "float32 tensor (batch, 1, x, y, z), RAS, after the steps above",
         "output-classes": {str(k): v for k, v in LABELS.items()}
         if task == "segmentation"
         else None,
