@@ -309,7 +309,7 @@ class Plan(BaseModel):
         ("age", "sex", "size", "radiomics"), alias="prognosis-covariates"
     )
     prognosis_crop_mm: float = Field(160.0, alias="prognosis-crop-mm", ge=32, le=512)
-    prognosis_crop_voxels: int = Field(32, alias="prognosis-crop-voxels", ge=8, le=96)
+    prognosis_crop_voxels: int = Field(32, alias="prognosis-crop-voxels", ge=8, le=64)
 
     @field_validator("class_names", mode="before")
     @classmethod

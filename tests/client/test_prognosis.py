@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opacus.grad_sample.utils import prepare_module
 from torch.utils.data import TensorDataset
 
@@ -249,3 +251,41 @@ def test_radiomics_read_the_tumours_attenuation_against_the_kidney():
     assert np.allclose(
         first_order(dark, labels, True), first_order(dark * 7, labels, True)
     )
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    edges=st.one_of(
+        st.text(max_size=30),
+        st.lists(st.floats(allow_nan=True, allow_infinity=True), max_size=25).map(
+            lambda v: ",".join(repr(x) for x in v)
+        ),
+    ),
+    horizons=st.lists(st.floats(-10, 1e6), max_size=6).map(
+        lambda v: ",".join(f"{x:g}" for x in v)
+    ),
+    voxels=st.integers(-5, 10_000),
+    crop_mm=st.floats(allow_nan=True, allow_infinity=True),
+)
+def test_a_coordinators_prognosis_keys_are_bounded_or_refused(
+    edges, horizons, voxels, crop_mm
+):
+    """Whatever a coordinator's plan says of the intervals, horizons and crop,
+    the site builds a plan within the bounds it sized its replies and memory
+    for, or refuses it: never a plan past them."""
+    raw = {
+        "task": "prognosis",
+        "survival-edges-days": edges,
+        "survival-horizons-days": horizons or "365",
+        "prognosis-crop-voxels": voxels,
+        "prognosis-crop-mm": crop_mm,
+    }
+    try:
+        plan = Plan.model_validate(raw)
+    except ValueError:
+        return
+    e, h = plan.survival_edges_days, plan.survival_horizons_days
+    assert 1 <= len(e) <= MAX_SURVIVAL_INTERVALS and 1 <= len(h) <= 4
+    assert all(0 < a < b <= 36_500 for a, b in zip((0.0, *e), e, strict=False))
+    assert h[-1] <= e[-1] and 8 <= plan.prognosis_crop_voxels <= 64
+    assert 32 <= plan.prognosis_crop_mm <= 512
