@@ -170,6 +170,13 @@ def _phantom(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     print(f"{len(dirs)} cases of profile {profile.name} in {args.out} (KiTS layout)")
+    if args.task == "prognosis":
+        from sim.phantoms.survival import write_outcomes
+        from sim.subgroups import plant_subgroups
+
+        plant_subgroups(Path(args.out), profile.name, args.seed)
+        kits = write_outcomes(Path(args.out), args.seed)
+        print(f"outcomes from a known hazard: {kits} (answer key beside it)")
     return 0
 
 
@@ -307,10 +314,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument(
         "--task",
-        choices=("segmentation", "classification"),
+        choices=("segmentation", "classification", "prognosis"),
         default="segmentation",
         help="segmentation: KiTS volumes; classification: labelled slices + "
-        "manifest.csv (normal, cyst, tumour, stone)",
+        "manifest.csv (normal, cyst, tumour, stone); prognosis: KiTS volumes "
+        "with subgroups.csv and outcomes in kits.json (docs/prognosis.md)",
     )
     p.add_argument(
         "--class-mix",

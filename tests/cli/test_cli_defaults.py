@@ -43,6 +43,33 @@ def test_phantom_works_without_a_site_profile(tmp_path, capsys):
     assert "profile standard-nephro" in capsys.readouterr().out
 
 
+def test_prognosis_phantoms_come_with_outcomes_a_site_reads(tmp_path):
+    from client.data.outcomes import read_outcomes
+    from common.config import load_site_config
+
+    out = tmp_path / "data" / "p"
+    argv = ["phantom", "--task", "prognosis", "--out", str(out), "--cases", "4"]
+    assert kidneyfl([*argv, "--scale", "8"]) == 0
+    site_yaml = write_site_yaml(tmp_path, "p", generate=False)
+    outcomes = read_outcomes(load_site_config(site_yaml))
+    assert sorted(outcomes) == [f"case_{i:05d}" for i in range(4)]
+    assert all(o.time > 0 and o.event in (0, 1) for o in outcomes.values())
+
+
+def test_plan_file_and_set_both_reach_the_plan(tmp_path, capsys):
+    """``simulate --plan`` reads a plan TOML; --set overrides it; a bad key in
+    the file is named like a bad --set."""
+    site = write_site_yaml(tmp_path, "a", generate=False)
+    plan = tmp_path / "plan.toml"
+    plan.write_text('task = "prognosis"\nlearning-rat = 0.1\n')
+    argv = ["simulate", "--sites", str(site), "--plan", str(plan)]
+    assert kidneyfl([*argv, "--out-dir", str(tmp_path / "runs")]) == 2
+    assert "learning-rat" in capsys.readouterr().err
+    plan.write_text("task = [\n")
+    assert kidneyfl([*argv, "--out-dir", str(tmp_path / "runs")]) == 2
+    assert str(plan) in capsys.readouterr().err
+
+
 def test_wrong_plan_key_names_the_key_and_the_fix(tmp_path, capsys):
     site = write_site_yaml(tmp_path, "a", generate=False)
     argv = ["simulate", "--sites", str(site), "--set", "learning-rat=0.1"]
