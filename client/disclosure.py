@@ -42,7 +42,7 @@ Denominators, by key (:func:`denominator`):
   group's own count (``sg-<attr>-<value>-cases-X``), so a group smaller than
   the floor is never released; ``dice2-X`` (mean squared Dice, for the
   coordinator's confidence interval) as ``dice-X``.
-- prognosis (``common.survival``): ``c-harrell``, ``c-uno``, ``ibs``,
+- prognosis (``common.survival_metrics``): ``c-harrell``, ``c-uno``, ``ibs``,
   ``td-auc-<days>``, ``cal-pred-<days>`` and ``cal-obs-<days>`` over
   :data:`SURVIVAL`, the smaller of the validation patients with an outcome
   (``cases-outcome``) and their events (``cases-event``): a C-index over one

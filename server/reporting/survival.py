@@ -17,12 +17,12 @@ interval whose at-risk count is absent. A number that is missing, not finite,
 negative or inconsistent (more events than patients at risk) ends a curve or
 shows as ``-``; a key a site did not send shows as withheld, never as 0.
 No Flower; torch only through ``common.survival``, imported for prognosis
-runs alone.
+runs alone. The figure of the curves is drawn by
+:mod:`server.reporting.survival_figure`.
 """
 
 from __future__ import annotations
 
-import base64
 import html
 import json
 import math
@@ -31,21 +31,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from matplotlib.figure import Figure
-
 from common import wire
-from common.atomic import atomic_write_bytes
 from common.config import Plan
-from server.reporting import plots
+from server.reporting.survival_figure import MAX_KM_PANELS, Panel, km_section
 from server.reporting.text import safe_text
 
 ORACLE_FILE = "prognosis-oracle.json"
-FIGURES_DIR = "report"  # html.FIGURES_DIR (html.py imports this module)
-FIGURE = "km-risk-groups.png"
 POOLED = "all sites"
 WITHHELD = "withheld: below the site's floor"
 NOT_POOLED = "not released by any site"
-MAX_KM_PANELS = 8  # site panels of the figure (the pooled one comes on top)
 MAX_SITES_SHOWN = 24  # terminal lines, table rows
 MAX_ROUND_ROWS = 20  # the latest rounds of the C-index table
 MAX_HORIZONS = 4  # td-AUC columns
@@ -53,7 +47,6 @@ MAX_INTERVALS = 100  # life-table intervals read (the wire allows 2 digits)
 MAX_ORACLE = 1000  # entries read of prognosis-oracle.json
 MAX_COUNT = 10**9  # no federation has more patients: a larger count is junk
 _DAYS = re.compile(r"(td-auc|cal-pred|cal-obs)-([0-9]{1,5})")
-_COLOURS = {"low": "tab:blue", "high": "tab:red"}
 
 
 def _number(v: Any) -> float | None:
@@ -371,53 +364,6 @@ def _rounds_table(prog: list[dict[str, Any]]) -> str:
     return _table(["round", "C Harrell", "C Uno", "IBS", "events"], rows)
 
 
-def km_figure(
-    panels: list[tuple[str, dict[str, tuple[list[float], list[int]]]]],
-    edges: Sequence[float],
-) -> bytes:
-    """Kaplan-Meier step curves per risk group, one panel per site, with the
-    number at risk at each interval's start under the panel.
-
-    ``panels`` is ``[(title, {group: (survival at each edge, at risk)})]``.
-    """
-    cols = min(3, len(panels))
-    rows = math.ceil(len(panels) / cols)
-    fig = Figure(figsize=(4.4 * cols, 3.9 * rows))
-    axes = fig.subplots(rows, cols, squeeze=False, gridspec_kw={"hspace": 0.6})
-    starts = [0.0, *edges[:-1]]
-    for ax in axes.flat[len(panels) :]:
-        ax.axis("off")
-    for ax, (title, curves) in zip(axes.flat, panels, strict=False):
-        for i, g in enumerate(wire.RISK_GROUPS):
-            curve, atrisk = curves.get(g, ([], []))
-            if curve:
-                xs = [0.0, *edges[: len(curve)]]
-                ax.step(xs, [1.0, *curve], where="post", color=_COLOURS[g], label=g)
-            # the number at risk: a row per group under the axis label, in
-            # points below the axis so that it holds for any panel size
-            y, style = -40 - 10 * i, {"fontsize": 7, "color": _COLOURS[g]}
-            row = {"xycoords": ax.get_xaxis_transform(), "textcoords": "offset points"}
-            ax.annotate(g, (0, 0), (-14, y), ha="right", **row, **style)
-            for x, n in zip(starts, atrisk, strict=False):
-                ax.annotate(str(n), (x, 0), (0, y), ha="center", **row, **style)
-        ax.set_xlim(-0.03 * edges[-1], 1.03 * edges[-1])
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_xticks([0.0, *edges])
-        ax.tick_params(axis="x", labelsize=7)
-        ax.set_xlabel("days (number at risk below)", fontsize=8)
-        ax.set_ylabel("event-free")
-        ax.set_title(plots.label(title, 40), fontsize=9)
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(
-                fontsize=7, title="predicted risk", title_fontsize=7, loc="lower left"
-            )
-    return plots._png(fig)  # every text plain, as in every report figure
-
-
-Panel = tuple[str, dict[str, tuple[list[float], list[int]]]]
-
-
 def _km_panels(
     last: dict[str, Any], edges: Sequence[float]
 ) -> tuple[list[Panel], list[str], list[str]]:
@@ -443,17 +389,6 @@ def _km_panels(
         else:
             skipped.append(name)
     return panels, none, skipped
-
-
-def _img(run_dir: Path, png: bytes, alt: str) -> str:
-    """Embedded as base64 (the page is self-contained) and written beside it,
-    as ``html.py`` does with every figure."""
-    atomic_write_bytes(Path(run_dir) / FIGURES_DIR / FIGURE, png)
-    data = base64.b64encode(png).decode()
-    return (
-        f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(alt)}"'
-        f' data-file="{html.escape(f"{FIGURES_DIR}/{FIGURE}")}"></figure>'
-    )
 
 
 def survival_html(run_dir: Path, entries: list[dict[str, Any]]) -> str:
@@ -490,34 +425,5 @@ def survival_html(run_dir: Path, entries: list[dict[str, Any]]) -> str:
     pooled_km = _km_text(
         _mapping(last.get("weighted")), edges, horizons[-1], NOT_POOLED
     )
-    if panels:
-        body.append(
-            '<p class="note">Kaplan-Meier curves by predicted risk group (each '
-            "site's median predicted risk splits its validation patients into low "
-            "and high), from the life-table counts the sites released: events per "
-            "interval ending at the plan's edges, the number at risk at each "
-            "interval's start under each panel. A curve stops where fewer than "
-            "the site's floor of patients remain at risk. The all-sites curve "
-            "sums the counts released, so past a site's stop it describes the "
-            f"other sites only. All sites, {html.escape(pooled_km)}.</p>"
-        )
-        png = km_figure(panels, edges)
-        body.append(_img(run_dir, png, "Kaplan-Meier curves by predicted risk group"))
-    notes = []
-    if none:
-        notes.append(
-            "No Kaplan-Meier curve (counts withheld: fewer than the site's floor "
-            f"at risk): {_names(none)}"
-        )
-    if skipped:
-        notes.append(
-            f"not drawn ({MAX_KM_PANELS} site panels at most): {_names(skipped)}"
-        )
-    if notes:
-        body.append(f'<p class="note">{html.escape("; ".join(notes))}.</p>')
+    body += km_section(run_dir, panels, none, skipped, edges, pooled_km)
     return "\n".join(body)
-
-
-def _names(sites: list[str], most: int = 20) -> str:
-    text = ", ".join(safe_text(s, 64) for s in sites[:most])
-    return text + (f" and {len(sites) - most} more" if len(sites) > most else "")

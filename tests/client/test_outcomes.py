@@ -19,12 +19,12 @@ from client.data.check_report import DataCheck
 from client.data.errors import SiteDataError
 from client.data.layouts import discover
 from client.data.manifest import read_manifest_rows
+from client.data.outcome_check import check_outcomes
 from client.data.outcomes import (
     COVARIATES,
     EVENTS,
     OUTCOME_FILES,
     Outcome,
-    check_outcomes,
     outcome_source,
     read_outcomes,
 )

@@ -27,7 +27,8 @@ from common import wire
 from common.config import MAX_SURVIVAL_INTERVALS, Plan, load_site_config
 from common.contract import allowed_metric, max_metric_keys, value_problems
 from common.models import MODELS, build_model
-from common.survival import LogisticHazardLoss, km_counts, survival_metrics
+from common.survival import LogisticHazardLoss, km_counts
+from common.survival_metrics import survival_metrics
 from common.task_models import build_plan_model
 from server.reporting.round_record import weighted_eval_means
 from sim.phantoms.kits_writer import write_site

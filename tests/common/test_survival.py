@@ -21,8 +21,8 @@ from common.survival import (
     risk_score,
     survival_at,
     survival_curve,
-    survival_metrics,
 )
+from common.survival_metrics import survival_metrics
 
 EDGES = (365.0, 730.0, 1095.0, 1460.0, 1825.0)
 HORIZONS = (365.0, 730.0, 1095.0)

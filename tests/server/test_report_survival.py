@@ -23,13 +23,13 @@ from server.reporting.html import write_report
 from server.reporting.metrics_log import append_metrics, read_metrics, round_entry
 from server.reporting.round_record import RoundRecord
 from server.reporting.survival import (
-    FIGURE,
     ORACLE_FILE,
     km_curve,
     plan_days,
     survival_html,
     survival_lines,
 )
+from server.reporting.survival_figure import FIGURE
 
 HOSTILE = "<script>alert(1)</script>"
 # (at risk at each interval's start, events in it), per risk group

@@ -11,7 +11,7 @@ LogisticHazardLoss`), a sum of per-patient terms, so DP-SGD's per-sample
 clipping bounds one patient's influence; the Cox partial likelihood couples
 the patients of a risk set and would not (docs/prognosis.md).
 
-Evaluation (:func:`common.survival.survival_metrics`): Harrell's and Uno's
+Evaluation (:func:`common.survival_metrics.survival_metrics`): Harrell's and Uno's
 C-index, time-dependent AUC at the plan's horizons, the integrated Brier
 score, calibration at the last horizon, and life-table counts by predicted
 risk group for the coordinator's Kaplan-Meier curves. Uno's C and the Brier
@@ -31,7 +31,8 @@ from torch import nn
 
 from client.data.check_report import DataCheck
 from client.data.errors import SiteDataError
-from client.data.outcomes import check_outcomes, outcome_source
+from client.data.outcome_check import check_outcomes
+from client.data.outcomes import outcome_source
 from client.disclosure import SURVIVAL
 from client.tasks.base import TaskData
 from client.tasks.prognosis.data import PatientDataset, load_prognosis_data
@@ -44,8 +45,8 @@ from common.survival import (
     km_counts,
     risk_score,
     survival_curve,
-    survival_metrics,
 )
+from common.survival_metrics import survival_metrics
 
 log = logging.getLogger("kidneyfl.client")
 
