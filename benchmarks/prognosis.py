@@ -136,42 +136,38 @@ def pooled_score(per_site: dict, key: str) -> float | None:
 
 
 def summarise(runs: dict[str, dict[str, dict]]) -> list[dict]:
-    """Table rows: mean and SD over seeds, per score; the oracle beside."""
+    """Table rows: per seed the patient-weighted mean over sites, then mean,
+    SD and count over seeds; "each site alone" is each site's own model on
+    its own patients; the oracle beside (the same patients in every run)."""
     table: dict[str, dict[str, list[float]]] = {}
+
+    def add(name: str, per_site: dict) -> None:
+        cell = table.setdefault(name, {})
+        for key in SCORES:
+            v = pooled_score(per_site, key)
+            if v is not None:
+                cell.setdefault(key, []).append(v)
+
+    oracle: dict[str, float] = {}
     for row, by_seed in runs.items():
-        for res in by_seed.values():
-            for model, per_site in res["models"].items():
-                name = {
-                    "federated": row,
-                    "pooled": "pooled (no DP)",
-                }.get(model, "")
-                if model.startswith("local-"):
-                    # each site alone: its own model on its own patients
-                    site = model.removeprefix("local-")
-                    cell = table.setdefault("each site alone (no DP)", {})
-                    for key in SCORES:
-                        v = per_site[site].get(key)
-                        if isinstance(v, int | float):
-                            cell.setdefault(f"{key}@{site}", []).append(v)
-                    continue
-                cell = table.setdefault(name, {})
-                for key in SCORES:
-                    v = pooled_score(per_site, key)
-                    if v is not None:
-                        cell.setdefault(key, []).append(v)
+        for seed, res in by_seed.items():
+            models = res["models"]
+            add(row, models["federated"])
+            if "pooled" in models:
+                add("pooled (no DP)", models["pooled"])
+            alone = {
+                s: models[f"local-{s}"][s] for s in SITES if f"local-{s}" in models
+            }
+            if len(alone) == len(SITES):
+                add("each site alone (no DP)", alone)
             orc = res["oracle"]
             total = sum(o["patients"] for o in orc.values())
-            best = sum(o["oracle"] * o["patients"] for o in orc.values()) / total
-            table.setdefault("oracle (true hazard)", {}).setdefault(
-                "c-harrell", []
-            ).append(best)
+            oracle[seed] = (
+                sum(o["oracle"] * o["patients"] for o in orc.values()) / total
+            )
+    table["oracle (true hazard)"] = {"c-harrell": list(oracle.values())}
     out = []
     for name, cells in table.items():
-        if name == "each site alone (no DP)":
-            merged: dict[str, list[float]] = {}
-            for k, vs in cells.items():
-                merged.setdefault(k.split("@")[0], []).extend(vs)
-            cells = merged
         row = {"row": name}
         for key in SCORES:
             vs = cells.get(key, [])
