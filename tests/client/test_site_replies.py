@@ -224,3 +224,21 @@ def test_evaluate_with_a_plan_for_another_task_refuses_and_names_no_case(
         e for e in AuditLog(site.state_dir).entries() if e["decision"] != "arrived"
     ]
     assert entry["decision"] == "refused" and case not in json.dumps(entry)
+
+
+def test_prognosis_train_at_a_site_without_outcomes_refuses_and_spends_nothing(
+    tmp_path, capfd
+):
+    """A coordinator's prognosis plan at a site whose data carry no outcomes:
+    the refusal names no file (the site's log does), and nothing is spent."""
+    yaml_path = _site(tmp_path)
+    site = load_site_config(yaml_path)
+    plan = {**PLAN, "task": "prognosis", "model": "prognosis-linear"}
+    arrays = ArrayRecord(build_model("prognosis-linear", 1, 6).state_dict())
+    reply = site_app.train(site_message("train", arrays, 1), _ctx(yaml_path, plan))
+    assert reply.content[wire.METRICS][wire.REFUSED] == 1
+    record = reply.content[wire.SITE]
+    assert record[wire.REFUSAL_CODE] == "data-unusable"
+    _assert_anonymous(reply, str(site.data.root), str(tmp_path))
+    assert "outcomes.csv" in capfd.readouterr().err  # the site's own log
+    assert not (site.state_dir / "privacy-ledger.json").exists()
