@@ -201,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
         "--json", default=str(ROOT / "benchmarks" / "results" / "prognosis.json")
     )
     ap.add_argument("--report", action="store_true", help="print the table only")
+    ap.add_argument(
+        "--resume", action="store_true", help="keep the runs already in --json"
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     json_path = Path(args.json)
@@ -211,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [r for r in ROWS if r in wanted] or list(ROWS)
     harness.set_task_identity()
     work = Path(args.work_dir).resolve()
+    earlier = json.loads(json_path.read_text()) if args.resume else {}
     out = {
         "config": {
             "plan": PLAN,
@@ -220,11 +224,13 @@ def main(argv: list[str] | None = None) -> int:
             "load_at_start": os.getloadavg(),
             "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         },
-        "runs": {r: {} for r in rows},
+        "runs": {r: dict(earlier.get("runs", {}).get(r, {})) for r in rows},
     }
     started = time.monotonic()
     for seed in args.seeds:
         for row in rows:
+            if str(seed) in out["runs"][row]:
+                continue  # --resume: measured already
             res = one_run(work, row, seed)
             res["load"] = os.getloadavg()
             out["runs"][row][str(seed)] = res
