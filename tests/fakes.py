@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from flwr.app import (
     Array,
@@ -362,3 +364,24 @@ class NodeGrid:
         """The prepared reply of every node a message goes to."""
         dst = [m.metadata.dst_node_id for m in messages]
         return [self.replies[n] for n in dst if n in self.replies]
+
+
+def assert_each_case_own_gradient(
+    model: torch.nn.Module,
+    alone: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    atol: float = 1e-7,
+) -> None:
+    """Opacus' ``grad_sample`` of every parameter of ``model`` (after a
+    backward pass over the batch) equals the gradient of ``loss`` for each case
+    alone, computed on ``alone`` (an untouched copy of the model)."""
+    for i in range(len(x)):
+        alone.zero_grad()
+        loss(alone(x[i : i + 1]), y[i : i + 1]).backward()
+        for (pname, p), q in zip(
+            model.named_parameters(), alone.parameters(), strict=True
+        ):
+            diff = (p.grad_sample[i] - q.grad).norm()
+            assert diff <= 1e-4 * q.grad.norm() + atol, (pname, i)

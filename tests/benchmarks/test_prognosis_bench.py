@@ -36,7 +36,9 @@ def test_rows_are_weighted_over_sites_and_spread_over_seeds(bench):
     sites = bench.SITES
     runs = {"FedAvg, no DP": {}}
     for seed, shift in (("0", 0.0), ("1", 0.1)):
-        fed = {s: _site(0.6 + shift, n) for s, n in zip(sites, (10, 30, 60))}
+        fed = {
+            s: _site(0.6 + shift, n) for s, n in zip(sites, (10, 30, 60), strict=True)
+        }
         fed[sites[0]]["c-harrell"] = 0.9 + shift  # the small site scores higher
         local = {f"local-{s}": {t: _site(0.1, 40) for t in sites} for s in sites}
         for s in sites:

@@ -13,6 +13,7 @@ from common.config import Plan
 from common.models import MODELS, build_model, get_model_spec
 from common.task_models import build_plan_model
 from common.weights import NonFiniteWeightsError, export_state, import_state
+from tests.fakes import assert_each_case_own_gradient
 
 # classification networks: tests/client/test_classification.py
 SEG = sorted(n for n, s in MODELS.items() if s.task == "segmentation")
@@ -68,14 +69,7 @@ def test_per_sample_gradients_are_each_cases_own(name):
     # one term per case, each the mean over its voxels as ``loss`` computes it
     per_case = torch.nn.CrossEntropyLoss(reduction="none")(net(x), y).mean((1, 2, 3))
     per_case.sum().backward()
-    for i in range(len(x)):
-        alone.zero_grad()
-        loss(alone(x[i : i + 1]), y[i : i + 1]).backward()
-        for (pname, p), q in zip(
-            model.named_parameters(), alone.parameters(), strict=True
-        ):
-            diff = (p.grad_sample[i] - q.grad).norm()
-            assert diff <= 1e-4 * q.grad.norm() + 1e-7, (pname, i)
+    assert_each_case_own_gradient(model, alone, x, y, loss)
     net.remove_hooks()
 
 
