@@ -23,7 +23,7 @@ PLAN = {
     "model": "prognosis-linear",
     "prognosis-crop-voxels": 16,
     "batch-size": 16,
-    "local-epochs": 3,
+    "local-epochs": 2,
     "learning-rate": 0.02,
     "num-server-rounds": 2,
     "min-sites": 2,
@@ -34,7 +34,7 @@ PLAN = {
 def _site(tmp: Path, name: str, profile: str, seed: int) -> Path:
     doc = {
         "name": name,
-        "data": {"root": str(tmp / "data" / name), "validation_fraction": 0.4},
+        "data": {"root": str(tmp / "data" / name), "validation_fraction": 0.5},
         "device": "cpu",
         "state_dir": str(tmp / "state" / name),
         "privacy": {
@@ -46,7 +46,7 @@ def _site(tmp: Path, name: str, profile: str, seed: int) -> Path:
         "phantom": {
             "task": "prognosis",
             "profile": profile,
-            "cases": 60,
+            "cases": 48,
             "seed": seed,
             "scale": 6.0,
             "overrides": {"tumour_prevalence": 0.9, "tumour_min_diameter_mm": 30.0},

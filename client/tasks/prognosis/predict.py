@@ -117,7 +117,9 @@ def predict_prognosis(
     lab, source = scan_labels(
         image, Path(labels) if labels else None, segmentation_model, device
     )
-    crop, _ = scan_crop(image, lab, plan, mr=False)
+    # the plan's modality: an MR model z-scores its crops (a "mixed" plan's
+    # scans are CT unless the model was trained on MR only)
+    crop, _ = scan_crop(image, lab, plan, mr=plan.modality == "MR")
     covs = covariates(_Covariates(age, sex), crop.size_cm, plan, crop.radiomics)  # type: ignore[arg-type]
     x = patient_input(crop, covs)[None]
     logits = task.outputs(model, x, device)
