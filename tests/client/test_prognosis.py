@@ -284,3 +284,24 @@ def test_a_coordinators_prognosis_keys_are_bounded_or_refused(
     assert all(0 < a < b <= 36_500 for a, b in zip((0.0, *e), e, strict=False))
     assert h[-1] <= e[-1] and 8 <= plan.prognosis_crop_voxels <= 64
     assert 32 <= plan.prognosis_crop_mm <= 512
+
+
+def test_an_mr_model_predicts_on_the_scans_own_scale(site_yaml, tmp_path):
+    """An MR plan z-scores the crop (MR has no fixed units): the same scan
+    stored at another intensity scale gets the same risk and curve."""
+    import nibabel as nib
+
+    site = load_site_config(site_yaml)
+    case = sorted(Path(site.data.root).glob("case_*"))[1]
+    plan = Plan.model_validate({**PLAN, "modality": "MR"})
+    task = get_task("prognosis")
+    model = build_plan_model(plan)
+    img = nib.load(str(case / "imaging.nii.gz"))
+    scaled = tmp_path / "scaled.nii.gz"
+    data = np.asarray(img.dataobj, dtype=np.float32) * 7.0
+    nib.save(nib.Nifti1Image(data, img.affine), str(scaled))
+    labels = case / "segmentation.nii.gz"
+    a = task.predict(model, case / "imaging.nii.gz", plan, CPU, None, labels=labels)
+    b = task.predict(model, scaled, plan, CPU, None, labels=labels)
+    assert a["risk-score"] == pytest.approx(b["risk-score"], rel=1e-3)
+    assert a["survival"] == pytest.approx(b["survival"], rel=1e-3)
