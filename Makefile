@@ -38,7 +38,7 @@ lock:
 # consortium), then fine-tuned by the federation with DP at 0.3 of the
 # from-scratch learning rate.
 PRETRAINED := runs/demo-pretrained
-PRETRAIN_STEPS := 720
+PRETRAIN_STEPS := 360
 DEMO_RECIPE := --set initial-checkpoint=$(CURDIR)/$(PRETRAINED) --set learning-rate=0.003
 
 demo: $(PRETRAINED)/latest.json
