@@ -183,7 +183,8 @@ def predict(
     for text in model_warns:
         log.warning("%s: %s", checkpoint, text)
     checks = check_scans(scans, plan, meta, force)
-    reference = ood_reference(meta) if checks else None
+    # the calibrated reference scores a segmentation's predicted volumes
+    reference = ood_reference(meta) if checks and plan.task == "segmentation" else None
     cases: dict[str, dict[str, Any]] = {}
     warnings: dict[str, list[str]] = {}
     for name, path in scans.items():
@@ -242,24 +243,30 @@ def chosen_postprocess(meta: dict[str, Any]) -> str:
     return str(rule)
 
 
+# Tasks whose models read a 3D scan in the plan's modality (classification
+# reads one slice, checked by its own loader).
+SCAN_CHECKED = ("segmentation", "prognosis")
+
+
 def check_scans(
     scans: dict[str, Path], plan: Plan, meta: dict[str, Any], force: bool
 ) -> dict[str, ScanCheck]:
-    """Check every scan before any is predicted (segmentation models: CT in HU,
-    spacing, field of view); the checks keep each scan's image features.
+    """Check every scan before any is predicted (segmentation and prognosis
+    models: CT in HU, spacing, field of view); the checks keep each scan's
+    image features.
 
     Returns
     -------
     dict
         Scan name -> :class:`~client.scan_check.ScanCheck`; empty for tasks
-        other than segmentation.
+        not in :data:`SCAN_CHECKED`.
 
     Raises
     ------
     ScanMismatch
         Naming the first scan with problems and each problem, unless ``force``.
     """
-    if plan.task != "segmentation":
+    if plan.task not in SCAN_CHECKED:
         return {}
     found = {}
     for name, path in scans.items():

@@ -305,3 +305,26 @@ def test_an_mr_model_predicts_on_the_scans_own_scale(site_yaml, tmp_path):
     b = task.predict(model, scaled, plan, CPU, None, labels=labels)
     assert a["risk-score"] == pytest.approx(b["risk-score"], rel=1e-3)
     assert a["survival"] == pytest.approx(b["survival"], rel=1e-3)
+
+
+def test_a_prognosis_model_refuses_a_scan_unlike_its_training_data(site_yaml, tmp_path):
+    """``kidneyfl predict`` checks a prognosis model's scans as it checks a
+    segmentation model's: an MR-like volume (no air, values from 0) is refused
+    by a CT model, naming why; a phantom CT passes."""
+    import nibabel as nib
+
+    from client.predict import check_scans
+    from client.scan_check import ScanMismatch
+
+    site = load_site_config(site_yaml)
+    ct = sorted(Path(site.data.root).glob("case_*"))[0] / "imaging.nii.gz"
+    img = nib.load(str(ct))
+    mr_like = tmp_path / "mr.nii.gz"
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    nib.save(nib.Nifti1Image(data - data.min(), img.affine), str(mr_like))
+    plan = Plan.model_validate(PLAN)
+    assert check_scans({"ct": ct}, plan, {}, force=False)["ct"].problems == []
+    with pytest.raises(ScanMismatch, match="not CT in Hounsfield units"):
+        check_scans({"mr": mr_like}, plan, {}, force=False)
+    forced = check_scans({"mr": mr_like}, plan, {}, force=True)
+    assert forced["mr"].problems
