@@ -204,18 +204,34 @@ def _touching(labelled: np.ndarray, n: int, near: np.ndarray) -> np.ndarray:
     return np.bincount(labelled[near], minlength=n + 1) > 0
 
 
-def _min_mass(labels: np.ndarray, voxel_mm3: float, limit_ml: float) -> np.ndarray:
-    out = labels.copy()
+# per mass label: its components, their sizes, and which touch the kidney
+_Masses = list[tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+def _masses(labels: np.ndarray) -> _Masses:
+    """What :func:`_min_mass` needs of a label map, whatever its limit."""
     near_kidney = _near(labels == KIDNEY)
-    limit_voxels = limit_ml * 1000.0 / voxel_mm3
+    out = []
     for label in (TUMOUR, CYST):
         labelled, n = components(labels == label)
         sizes = np.bincount(labelled.ravel(), minlength=n + 1)
+        out.append((labelled, sizes, _touching(labelled, n, near_kidney)))
+    return out
+
+
+def _min_mass(
+    labels: np.ndarray,
+    voxel_mm3: float,
+    limit_ml: float,
+    masses: _Masses | None = None,
+) -> np.ndarray:
+    out = labels.copy()
+    limit_voxels = limit_ml * 1000.0 / voxel_mm3
+    for labelled, sizes, touch in masses or _masses(labels):
         # a mass of exactly the limit stays (25 voxels of 0.08 mL at 2 mL),
         # whatever the rounding of limit_voxels
         small = sizes < limit_voxels * (1 - 1e-9)
         small[0] = False
-        touch = _touching(labelled, n, near_kidney)
         out[(small & touch)[labelled]] = KIDNEY
         out[(small & ~touch)[labelled]] = BACKGROUND
     return out
@@ -324,6 +340,49 @@ def apply_rule(
                     "softmax probabilities, and none were given"
                 )
             out = _tumour_prob(out, probs, part.value)
+    return out
+
+
+def apply_rules(
+    labels: np.ndarray,
+    probs: np.ndarray | None,
+    spacing_mm: Sequence[float],
+    rules: Sequence[str],
+) -> list[np.ndarray]:
+    """:func:`apply_rule` for each of ``rules`` on one case, each shared
+    prefix of parts computed once.
+
+    The candidates share their first parts (``kidney-largest-2+
+    tumour-touches-kidney`` begins five of them), and each part costs a
+    connected-component labelling of the volume; the results equal
+    :func:`apply_rule`'s rule by rule. Returned maps may be the same object
+    for rules that end at the same prefix: treat them as read-only.
+    """
+    labels = np.asarray(labels)
+    _check_inputs(labels, probs, spacing_mm)
+    voxel_mm3 = float(np.prod(np.asarray(spacing_mm, dtype=float)))
+    done: dict[str, np.ndarray] = {"": labels.astype(np.uint8)}
+    masses: dict[str, _Masses] = {}  # per prefix: its components, for any limit
+    out = []
+    for rule in rules:
+        prefix = ""
+        # parse_rule: the same errors as apply_rule
+        for text, part in zip(rule.split("+"), parse_rule(rule), strict=True):
+            if part.name == "none":
+                continue
+            step = f"{prefix}+{text}" if prefix else text
+            if step not in done:
+                if part.name == "min-mass-ml":
+                    assert part.value is not None  # set by the parser
+                    if prefix not in masses:
+                        masses[prefix] = _masses(done[prefix])
+                    done[step] = _min_mass(
+                        done[prefix], voxel_mm3, part.value, masses[prefix]
+                    )
+                else:
+                    done[step] = apply_rule(done[prefix], probs, spacing_mm, text)
+            prefix = step
+        out.append(done[prefix])
     return out
 
 

@@ -175,7 +175,7 @@ def simulate(
         if fast:
             # Ray and the SuperLink boot while this process writes the
             # phantoms, stages the app and imports what it needs.
-            head = _launch_ray_head(env) if ray_tmp else None
+            head = _launch_ray_head(env, len(sites)) if ray_tmp else None
             prepare_phantoms(sites)
         else:
             link.wait_ready()
@@ -303,11 +303,11 @@ def _ray_env() -> dict[str, str]:
     }
 
 
-def _launch_ray_head(env: Mapping[str, str]) -> RayHead | None:
+def _launch_ray_head(env: Mapping[str, str], n_sites: int) -> RayHead | None:
     """Start the run's Ray cluster ahead of Flower (:mod:`sim.rayhead`);
     None, and Flower starts Ray as before, if the helper cannot start."""
     try:
-        return rayhead.launch(env, os.cpu_count() or 2)
+        return rayhead.launch(env, ray_cpus(n_sites, os.cpu_count() or 2))
     except OSError:
         log.warning("could not start Ray ahead of Flower", exc_info=True)
         return None
@@ -350,7 +350,7 @@ def _federation_config(
     started with the cores, and Ray refuses ``num_cpus`` from a driver that
     joins a cluster: ``init-args-num-cpus`` is left out.
     """
-    cores = os.cpu_count() or 2
+    cores = ray_cpus(n_sites, os.cpu_count() or 2)
     if cpus_per_site is None:
         cpus_per_site = default_cpus_per_site(n_sites, cores)
     cfg = (
@@ -459,6 +459,26 @@ def _wait_for_final(run_dir: Path, link: SuperLink, timeout: float = 120) -> Non
         if link.process.poll() is not None:
             return
         time.sleep(0.5)
+
+
+def ray_cpus(n_sites: int, cores: int) -> int:
+    """The CPUs Ray is told the machine has: its cores, or one per site when
+    there are a few more sites than cores (at most 1.5 x).
+
+    Ray counts CPUs only to decide how many actors (sites) run at once, and
+    gives each actor ``floor(its CPUs)`` threads. The 3-site demo on 2 cores
+    ran in two waves: two sites, then the third alone on one core while the
+    other idled, in every training and evaluation of every round. Told 3
+    CPUs, Ray runs the three single-threaded sites in one wave that keeps
+    both cores busy to the end (docs/benchmarks.md). Flower 1.42's
+    ``client-resources-num-cpus`` is an integer on its wire, so a fractional
+    share per site is not an option. With many more sites than cores, as
+    many run at once as there are cores, so memory stays that of ``cores``
+    sites (benchmarks/sim_scale.py).
+    """
+    if n_sites < 1 or cores < 1:
+        raise ValueError(f"need at least one site and one core, got {n_sites}, {cores}")
+    return n_sites if cores < n_sites and 2 * n_sites <= 3 * cores else cores
 
 
 def default_cpus_per_site(n_sites: int, cores: int) -> int:

@@ -12,6 +12,7 @@ from common.postprocess import (
     CANDIDATES,
     CHOICE_KEYS,
     apply_rule,
+    apply_rules,
     candidate_key,
     choose,
     needs_probs,
@@ -269,6 +270,53 @@ def test_candidates_never_add_tumour(
         assert not ((out == 2) & (labels != 2)).any()
         assert np.array_equal(out, apply_rule(labels, probs, spacing, rule))
     assert np.array_equal(labels, before)
+
+
+_PARTS = st.sampled_from(
+    [
+        "tumour-touches-kidney",
+        "kidney-largest-2",
+        "min-mass-ml-0.5",
+        "min-mass-ml-1",
+        "min-mass-ml-2",
+        "tumour-prob-0.7",
+    ]
+)
+_RULES = st.one_of(
+    st.just("none"), st.lists(_PARTS, min_size=1, max_size=4).map("+".join)
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    labels=hnp.arrays(np.uint8, (6, 7, 5), elements=st.integers(0, 3)),
+    seed=st.integers(0, 2**32 - 1),
+    rules=st.one_of(st.just(list(CANDIDATES)), st.lists(_RULES, max_size=8)),
+)
+def test_shared_prefixes_give_what_each_rule_gives_alone(
+    labels: np.ndarray, seed: int, rules: list[str]
+) -> None:
+    """The clinical calibration evaluates every candidate through
+    apply_rules, which computes each shared prefix of parts once (and each
+    min-mass prefix's components once for all limits): a candidate's map must
+    be exactly the one apply_rule gives it, or the federation would choose its
+    post-processing on metrics of maps no one will ever predict."""
+    probs = np.random.default_rng(seed).dirichlet(np.ones(4), size=labels.shape)
+    probs = np.moveaxis(probs, -1, 0)
+    before = labels.copy()
+    maps = apply_rules(labels, probs, SPACING, rules)
+    assert len(maps) == len(rules)
+    for rule, got in zip(rules, maps, strict=True):
+        assert np.array_equal(got, apply_rule(labels, probs, SPACING, rule)), rule
+        assert got.dtype == np.uint8
+    assert np.array_equal(labels, before)
+
+
+def test_apply_rules_refuses_what_apply_rule_refuses():
+    with pytest.raises(ValueError, match="bogus"):
+        apply_rules(_kidney(), None, SPACING, ["none", "bogus"])
+    with pytest.raises(ValueError, match="needs the softmax"):
+        apply_rules(_kidney(), None, SPACING, ["tumour-prob-0.7"])
 
 
 def test_without_probability_keeps_the_label_only_parts():

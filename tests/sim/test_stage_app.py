@@ -10,7 +10,13 @@ from flwr.cli.build import build_fab_from_disk
 from flwr.cli.utils import collect_files, filter_paths_for_publish
 
 from sim.cli import register
-from sim.runner import PROJECT_DIR, default_cpus_per_site, stage_app
+from sim.runner import (
+    PROJECT_DIR,
+    _federation_config,
+    default_cpus_per_site,
+    ray_cpus,
+    stage_app,
+)
 
 
 def _tree(root: Path) -> set[str]:
@@ -63,9 +69,44 @@ def test_default_cpus_per_site_shares_the_cores_out(sites, cores, expected):
     assert default_cpus_per_site(sites, cores) == expected
 
 
+@pytest.mark.parametrize(
+    ("sites", "cores", "at_once", "threads"),
+    [
+        (3, 2, 3, 1),  # the demo: one wave of three, not two then one
+        (2, 2, 2, 1),
+        (1, 2, 1, 2),
+        (4, 2, 2, 1),  # more than 1.5 x the cores: waves of `cores`
+        (100, 2, 2, 1),  # memory stays that of two sites
+        (3, 16, 3, 5),
+        (20, 16, 20, 1),
+        (25, 16, 16, 1),
+        (24, 16, 24, 1),
+    ],
+)
+def test_sites_at_once_and_their_threads(sites, cores, at_once, threads):
+    """How many sites train at once (Ray's CPUs over each site's) and with how
+    many threads each (Ray gives an actor floor(its CPUs))."""
+    total = ray_cpus(sites, cores)
+    each = default_cpus_per_site(sites, total)
+    assert min(sites, total // each) == at_once
+    assert each == threads
+    # never more threads in all than the cores, nor more at once than sites
+    assert at_once * threads <= max(cores, at_once)
+
+
+def test_federation_config_tells_ray_the_sites_cpus(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    cfg = _federation_config(3, None, ray_head=False)
+    assert "client-resources-num-cpus=1 " in cfg and "init-args-num-cpus=3 " in cfg
+    cfg = _federation_config(5, None, ray_head=False)
+    assert "client-resources-num-cpus=1 " in cfg and "init-args-num-cpus=2 " in cfg
+
+
 def test_default_cpus_per_site_refuses_no_sites():
     with pytest.raises(ValueError, match="at least one site"):
         default_cpus_per_site(0, 2)
+    with pytest.raises(ValueError, match="at least one site"):
+        ray_cpus(0, 2)
 
 
 def test_simulate_cli_leaves_cpus_to_the_default():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,13 @@ from common.metrics import (
     region_surface_dice,
     summarise_cases,
 )
-from common.postprocess import CANDIDATES, CHOICE_KEYS, apply_rule, candidate_key
+from common.postprocess import (
+    CANDIDATES,
+    CHOICE_KEYS,
+    apply_rule,
+    apply_rules,
+    candidate_key,
+)
 
 log = logging.getLogger("kidneyfl.client")
 
@@ -69,6 +76,36 @@ def subgroup_metrics(
             if key in summary:
                 out[prefix + key] = summary[key]
     return out
+
+
+class _CaseMeasures:
+    """One validation case's per-case rows and lesions of a predicted label
+    map, measured once per distinct map.
+
+    Most post-processing candidates leave a case as it was, or as another
+    candidate left it; their maps are equal and so are their measures, so
+    each distinct map is measured once (compared by content: a digest, then
+    the whole array).
+    """
+
+    def __init__(
+        self, label: torch.Tensor, truth: np.ndarray, probs: dict, plan: Plan
+    ) -> None:
+        self.label, self.truth, self.probs, self.plan = label, truth, probs, plan
+        self._seen: dict[bytes, list[tuple[np.ndarray, tuple[list, Any]]]] = {}
+
+    def __call__(self, labels: np.ndarray) -> tuple[list, Any]:
+        key = hashlib.blake2b(labels.tobytes(), digest_size=16).digest()
+        for seen, result in self._seen.get(key, []):
+            if np.array_equal(seen, labels):
+                return result
+        pred = torch.from_numpy(labels.astype(np.int64))[None, None]
+        result = (
+            case_rows(pred, self.label, self.plan.spacing_mm),
+            case_lesions(labels, self.truth, self.probs),
+        )
+        self._seen.setdefault(key, []).append((labels, result))
+        return result
 
 
 def lesion_probs(probs: np.ndarray) -> dict[str, np.ndarray]:
@@ -168,8 +205,10 @@ class SegmentationTask:
             raw = probs.argmax(0).astype(np.uint8)
             labels = apply_rule(raw, probs, plan.spacing_mm, postprocess)
             pred = torch.from_numpy(labels.astype(np.int64))[None, None]
-            rows += case_rows(pred, label.cpu(), plan.spacing_mm)
-            lesions.append(case_lesions(labels, truth, lesion_probs(probs)))
+            measured = _CaseMeasures(label.cpu(), truth, lesion_probs(probs), plan)
+            case, case_les = measured(labels)
+            rows += case
+            lesions.append(case_les)
             nsd_rows.append(
                 region_surface_dice(
                     pred, label.cpu(), plan.spacing_mm, plan.surface_dice_tolerance_mm
@@ -177,11 +216,11 @@ class SegmentationTask:
             )
             present.append(region_masks(label.cpu()).flatten(2).sum(-1) > 0)
             if candidates:
-                for (c_rows, c_lesions), rule in zip(cand, CANDIDATES, strict=True):
-                    c_lab = apply_rule(raw, probs, plan.spacing_mm, rule)
-                    c_pred = torch.from_numpy(c_lab.astype(np.int64))[None, None]
-                    c_rows += case_rows(c_pred, label.cpu(), plan.spacing_mm)
-                    c_lesions.append(case_lesions(c_lab, truth, lesion_probs(probs)))
+                maps = apply_rules(raw, probs, plan.spacing_mm, CANDIDATES)
+                for (c_rows, c_lesions), c_lab in zip(cand, maps, strict=True):
+                    case, case_les = measured(c_lab)
+                    c_rows += case
+                    c_lesions.append(case_les)
         out = summarise_cases(rows)
         out.update(summarise_lesions(lesions))
         if nsd_rows:
