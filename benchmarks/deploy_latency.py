@@ -24,7 +24,7 @@ messaging: an idle SuperNode asks the SuperLink for work every 3 s
 transfers and the coordinator. kidneyfl sets what it controls: the coordinator
 collects replies every 0.2 s (``server/liveness.py``), SuperExecs poll every
 0.2 s (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``), and a model travels as one
-packed buffer (``common.wire.pack_arrays``). Also printed: the time a fresh
+packed buffer (``common.packing.pack_arrays``). Also printed: the time a fresh
 interpreter takes to import kidneyfl's ClientApp (what the fork server saves
 per message).
 

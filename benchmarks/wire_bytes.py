@@ -7,7 +7,7 @@ message as a tree of content-addressed objects (message, records, arrays, array
 chunks), each serialised with the object's own ``deflate()``; identical chunks
 are sent once. This script builds the messages exactly as kidneyfl's ServerApp
 and ClientApp do (the model packed into one buffer plus its layout,
-``common.wire.pack_arrays``) and sums the serialised objects, so the figure is
+``common.packing.pack_arrays``) and sums the serialised objects, so the figure is
 what Flower puts on the wire before HTTP/TLS framing; the per-tensor arrays
 Flower would send unpacked are shown beside it. kidneyfl offers no update
 compression, so there is no compressed column (and no Dice cost to report).
@@ -47,9 +47,9 @@ def wire_bytes(msg: Message) -> int:
 
 def measure(model_name: str) -> dict:
     """Per-site bytes of one round for a registered model, packed as sent."""
-    from common import wire
+    from common import packing
 
-    row = measure_as(model_name, wire.pack_arrays)
+    row = measure_as(model_name, packing.pack_arrays)
     named = measure_as(model_name, lambda rec: rec)
     row["named_train_up"] = named["train_up"]
     row["named_update_over_raw"] = named["update_over_raw"]

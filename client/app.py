@@ -11,8 +11,8 @@ goes to the site's own log and audit only. The known refusals (data, ledger,
 budget, request, configuration, the site's own choice) are answered here with
 their own code (:mod:`client.refusals`); anything else, and any failure of the
 ledger read, the contract check or the audit log around the handler, is
-answered by the site's one edge, :class:`client.gate.Edge`, which
-:func:`client.gate.governed` runs every handler through.
+answered by the site's one edge, :class:`client.edge.Edge`, which
+:func:`client.edge.governed` runs every handler through.
 """
 
 from __future__ import annotations
@@ -32,12 +32,12 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
+from client.edge import governed, refusal
 from client.evaluate_round import evaluate_round, fingerprint_round
-from client.gate import governed, refusal
 from client.prepare import Reply, Request, site_config_path, site_name
 from client.refusals import REFUSALS, public_sentence, refusal_code
 from client.train_round import train_round
-from common import wire
+from common import packing, wire
 from common.config import Plan
 from common.logs import log_request
 
@@ -94,7 +94,7 @@ def answer(
 
     Known refusals (data, ledger, budget, request, configuration, the site's
     own choice) keep their code and are logged here. Any other exception
-    propagates to the site's edge (:class:`client.gate.Edge`, around every
+    propagates to the site's edge (:class:`client.edge.Edge`, around every
     handler), which logs it in full and answers ``internal-error``: one place
     turns the unexpected into a refusal. Nothing of an exception's text
     reaches the coordinator, except a budget refusal's own epsilon numbers.
@@ -124,7 +124,7 @@ def request(msg: Message, context: Context) -> Request:
 
 
 def _global_weights(content: RecordDict) -> dict:
-    return wire.unpack_arrays(content[wire.ARRAYS]).to_torch_state_dict()
+    return packing.unpack_arrays(content[wire.ARRAYS]).to_torch_state_dict()
 
 
 def _reply(msg: Message, reply: Reply) -> Message:
@@ -135,5 +135,5 @@ def _reply(msg: Message, reply: Reply) -> Message:
         }
     )
     if reply.state is not None:  # one buffer on the wire
-        content[wire.ARRAYS] = wire.pack_arrays(ArrayRecord(reply.state))
+        content[wire.ARRAYS] = packing.pack_arrays(ArrayRecord(reply.state))
     return Message(content=content, reply_to=msg)

@@ -108,7 +108,7 @@ class AuditLog:
         AuditError
             If the log cannot be written or its head is unreadable. Its text
             names the log's path: it is for the site's own log, and the
-            site's edge (``client.gate.Edge``) answers the request with a
+            site's edge (``client.edge.Edge``) answers the request with a
             fixed refusal.
         """
         unknown = set(fields) - set(FIELDS)

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from common.wire import pack_models, unpack_models
+from common.packing import pack_models, unpack_models
 
 log = logging.getLogger("kidneyfl.server")
 

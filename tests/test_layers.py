@@ -163,9 +163,10 @@ FLOWER_MODULES = {
     "server.strategy.replies",
     # the site's gate and executor wrap Flower's ClientApp runner and SuperExec
     "client.gate",
+    "client.edge",
     "client.executor",
     # packing a model into an ArrayRecord, inside functions only
-    "common.wire",
+    "common.packing",
     # launchers: Flower's migration chain; the bundle's files as flwr builds them;
     # Flower's SuperLink app behind the hospitals' Fleet-only listener
     "server.superlink_db",

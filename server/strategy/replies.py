@@ -12,7 +12,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.app.message.message import make_message
 
-from common import wire
+from common import packing, wire
 from common.contract import ArraySpec, ReplyView
 from server.strategy.influence import capped_shares
 
@@ -52,7 +52,7 @@ def received_view(msg: Message, message_type: str) -> tuple[ReplyView, list[str]
     ``message_type`` is what the coordinator asked for (a reply's own metadata
     is the site's to set). Every record is classified by its class, never by
     its name; anything but Flower's three record kinds is ``other``. Each
-    array is decoded once (:func:`common.wire.array_view`, no copy): its
+    array is decoded once (:func:`common.packing.array_view`, no copy): its
     storage type must be numpy's, its shape whole numbers whose product is
     bounded, and its bytes must hold exactly the shape and dtype its metadata
     claims. May raise on a malformed message; the caller's catch-all rejects it.
@@ -84,7 +84,7 @@ def received_view(msg: Message, message_type: str) -> tuple[ReplyView, list[str]
 def _array_problem(key: str, arr: Array) -> list[str]:
     """Why one array cannot be read as what its metadata says (empty: it can)."""
     name = repr(key[:64])
-    if arr.stype != wire.NUMPY_STYPE:
+    if arr.stype != packing.NUMPY_STYPE:
         return [f"array {name} is not stored as a numpy array"]
     shape = arr.shape
     if not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
@@ -95,7 +95,7 @@ def _array_problem(key: str, arr: Array) -> list[str]:
     ):
         return [f"array {name} has a negative or oversized shape"]
     try:
-        view = wire.array_view(arr)
+        view = packing.array_view(arr)
     except (ValueError, TypeError, EOFError, OverflowError):
         return [f"array {name}: its bytes are not a numpy array"]
     if view.shape != tuple(shape) or str(view.dtype) != str(arr.dtype):
@@ -121,8 +121,8 @@ def cast_like(reference: ArrayRecord, arrays: ArrayRecord) -> ArrayRecord:
         {
             k: Array(
                 np.asarray(
-                    wire.array_view(arrays[k]),
-                    dtype=wire.array_view(reference[k]).dtype,
+                    packing.array_view(arrays[k]),
+                    dtype=packing.array_view(reference[k]).dtype,
                 )
             )
             for k in reference.keys()

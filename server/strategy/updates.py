@@ -3,7 +3,7 @@
 The update guard needs, for every reply, its keys, shapes and dtypes (from the
 arrays' metadata), whether it holds NaN or Inf, and the L2 norm of
 ``update - global``; FedAvg and FedProx then need the case-weighted mean. Each
-update is read on its own bytes (:func:`common.wire.array_view`, never a copy),
+update is read on its own bytes (:func:`common.packing.array_view`, never a copy),
 and the NaN/Inf check, the norm and the mean are computed together, chunk by
 chunk, so that the round's arrays cross memory once. Chunks are small enough to
 stay in the CPU cache while every site's slice of them is read.
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-from common import wire
+from common import packing
 
 __all__ = ["Scan", "check_update", "model_scale", "scan_updates", "update_norm"]
 
@@ -45,7 +45,7 @@ class Scan:
 
 def views(record: ArrayRecord) -> Views:
     """Zero-copy, read-only views of every array of a record, in its key order."""
-    return {k: wire.array_view(record[k]) for k in record.keys()}
+    return {k: packing.array_view(record[k]) for k in record.keys()}
 
 
 class _NpyWriter:
@@ -82,7 +82,10 @@ class _NpyWriter:
         data = self._out.getvalue()
         self._out.close()
         return Array(
-            dtype=str(self.dtype), shape=self.shape, stype=wire.NUMPY_STYPE, data=data
+            dtype=str(self.dtype),
+            shape=self.shape,
+            stype=packing.NUMPY_STYPE,
+            data=data,
         )
 
 
@@ -123,7 +126,7 @@ def _decode(ref: Views, update: ArrayRecord, upto: int) -> tuple[Views, str | No
     for key in list(ref)[:upto]:
         r = ref[key]
         try:
-            u = wire.array_view(update[key])
+            u = packing.array_view(update[key])
         except (ValueError, EOFError, TypeError):
             return out, f"array {key!r} is not a readable numpy array"
         if u.shape != r.shape:
@@ -282,10 +285,10 @@ def update_norm(reference: ArrayRecord, update: ArrayRecord) -> float:
     """L2 norm of ``update - reference`` over all floating-point arrays."""
     total = 0.0
     for key in reference.keys():
-        r = _flat(wire.array_view(reference[key]))
+        r = _flat(packing.array_view(reference[key]))
         if not _floating(r):
             continue
-        u = _flat(wire.array_view(update[key]))
+        u = _flat(packing.array_view(update[key]))
         buf = np.empty(min(CHUNK, r.size), dtype=r.dtype)
         for i in range(0, r.size, CHUNK):
             j = min(i + CHUNK, r.size)

@@ -23,7 +23,7 @@ from client.disclosure import (
     denominator_counts,
     release,
 )
-from client.gate import reply_view
+from client.edge import reply_view
 from client.tasks.base import TaskData
 from client.tasks.classification.data import SliceDataset
 from client.tasks.classification.task import ClassificationTask
@@ -233,6 +233,8 @@ def test_evaluate_reply_leaves_out_the_one_patient_tumour_dice(tmp_path, caplog)
     arrays = ArrayRecord(build_model("unet-tiny").state_dict())
     site_log = logging.getLogger("kidneyfl.client")  # may not propagate
     site_log.addHandler(caplog.handler)
+    # whatever level an earlier test or `kidneyfl` left on the site's logger
+    caplog.set_level(logging.INFO, logger="kidneyfl.client")
     try:
         reply = site_app.evaluate(
             site_message("evaluate", arrays, 1), site_context(path, plan)

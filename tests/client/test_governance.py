@@ -31,12 +31,12 @@ from flwr.app import (
 from flwr.supercore.fab import Fab
 
 from cli.main import main as cli
-from client import gate
+from client import edge, gate
 from client.audit_log import AuditLog
 from client.contract import expected_arrays
 from client.governance import AppRefused, approvals_report, approve, bundle_hash
 from client.privacy.ledger import PrivacyLedger
-from common import wire
+from common import packing, wire
 from common.config import ConfigError, Plan, load_site_config
 from common.task_models import build_plan_model
 from tests.fakes import write_site_yaml
@@ -542,7 +542,7 @@ def _train_reply(
     record = ArrayRecord(arrays)
     content = RecordDict(
         {
-            wire.ARRAYS: wire.pack_arrays(record) if packed else record,
+            wire.ARRAYS: packing.pack_arrays(record) if packed else record,
             wire.METRICS: MetricRecord(metrics),
             wire.SITE: ConfigRecord(site),
         }
@@ -606,10 +606,10 @@ def test_contract(
     msg = request("train", RecordDict({"config": ConfigRecord({})}))
     reply = _train_reply(msg, arrays, metrics, record, packed)
     if change == "bad-pack":  # a buffer that does not unpack travels as is
-        bad = wire.pack_arrays(ArrayRecord(arrays))
-        bad[wire.PACKED] = Array(np.zeros(3, np.uint8))
+        bad = packing.pack_arrays(ArrayRecord(arrays))
+        bad[packing.PACKED] = Array(np.zeros(3, np.uint8))
         reply.content[wire.ARRAYS] = bad
-    sent, decision, why, nbytes = gate.enforce(site, plan, msg, reply)
+    sent, decision, why, nbytes = edge.enforce(site, plan, msg, reply)
     if problem is None:
         assert (decision, why) == ("ran", "") and sent is reply
         assert nbytes >= sum(len(a.data) for a in arrays.values())
@@ -617,7 +617,7 @@ def test_contract(
     assert decision == "blocked" and problem in why
     assert not sent.content.array_records  # nothing of the reply left
     assert dict(sent.content[wire.METRICS]) == {wire.REFUSED: 1, wire.NUM_EXAMPLES: 0}
-    assert sent.content[wire.SITE][wire.REFUSAL_REASON] == gate.BLOCKED_REASON
+    assert sent.content[wire.SITE][wire.REFUSAL_REASON] == edge.BLOCKED_REASON
 
 
 def test_contract_allows_task_and_fingerprint_metrics(site_yaml) -> None:
@@ -626,7 +626,7 @@ def test_contract_allows_task_and_fingerprint_metrics(site_yaml) -> None:
     metrics = {"dice-kidney": 0.8, "dice-tumour": 0.1, wire.EVAL_LOSS: float("nan")}
     metrics.update({wire.NUM_EXAMPLES: 3, wire.NUM_VAL_CASES: 2})
     reply = Message(RecordDict({wire.METRICS: MetricRecord(metrics)}), reply_to=ev)
-    assert gate.enforce(site, plan, ev, reply)[1] == "ran"
+    assert edge.enforce(site, plan, ev, reply)[1] == "ran"
     q = request("query", RecordDict({"config": ConfigRecord({})}))
     fp = {
         wire.FP_N_CASES: 4.0,
@@ -636,10 +636,10 @@ def test_contract_allows_task_and_fingerprint_metrics(site_yaml) -> None:
         wire.FP_LABEL_ML: [1.0] * 3,
     }
     reply = Message(RecordDict({wire.METRICS: MetricRecord(fp)}), reply_to=q)
-    assert gate.enforce(site, plan, q, reply)[1] == "ran"
+    assert edge.enforce(site, plan, q, reply)[1] == "ran"
     fp[wire.FP_HIST] = [0.0] * 5  # a short "histogram" could be per-case values
     reply = Message(RecordDict({wire.METRICS: MetricRecord(fp)}), reply_to=q)
-    assert gate.enforce(site, plan, q, reply)[1] == "blocked"
+    assert edge.enforce(site, plan, q, reply)[1] == "blocked"
 
 
 def test_expected_arrays_match_export(model_arrays) -> None:

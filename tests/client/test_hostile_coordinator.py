@@ -55,7 +55,7 @@ import client.privacy.ledger as ledger_mod
 import client.train_round as train_round
 from client import app as site_app
 from client.contract import check_reply
-from client.gate import reply_view
+from client.edge import reply_view
 from client.privacy.accounting import poisson_schedule
 from client.privacy.ledger import PrivacyLedger
 from client.tasks.base import TaskData

@@ -29,7 +29,7 @@ from client.tasks.segmentation.pipeline import (
     preprocessing,
     require_modality,
 )
-from common import wire
+from common import packing, wire
 from common.config import ConfigError, Plan, load_site_config
 from common.models import build_model
 from common.task_models import build_plan_model
@@ -270,7 +270,7 @@ def test_an_mr_phantom_site_trains_a_round_and_evaluates(tmp_path):
     )
     metrics = reply.content[wire.METRICS]
     assert metrics[wire.REFUSED] == 0 and metrics[wire.NUM_EXAMPLES] > 0
-    sent = wire.unpack_arrays(reply.content[wire.ARRAYS]).to_torch_state_dict()
+    sent = packing.unpack_arrays(reply.content[wire.ARRAYS]).to_torch_state_dict()
     assert all(torch.isfinite(v).all() for v in sent.values())
     ev = site_app.evaluate(site_message("evaluate", ArrayRecord(sent), 1), ctx)
     assert 0.0 <= ev.content[wire.METRICS][wire.dice_key("kidney")] <= 1.0

@@ -9,7 +9,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from client import app as site_app
-from common import wire
+from common import packing, wire
 from common.config import load_site_config
 from common.models import build_model
 from tests.fakes import TINY_PLAN, site_context, site_message, write_site_yaml
@@ -36,7 +36,7 @@ def _train(yaml_path, plan: dict, rate: float | str | None = None):
 
 def _update(reply) -> dict[str, torch.Tensor]:
     assert reply.content[wire.METRICS][wire.REFUSED] == 0
-    return wire.unpack_arrays(reply.content[wire.ARRAYS]).to_torch_state_dict()
+    return packing.unpack_arrays(reply.content[wire.ARRAYS]).to_torch_state_dict()
 
 
 def test_site_trains_with_the_sent_rate_as_if_the_plan_had_it(tmp_path):

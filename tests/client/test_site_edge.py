@@ -17,7 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, Re
 from flwr.supercore.fab import Fab
 
 from client import app as site_app
-from client import gate
+from client import edge, gate
 from client.audit_log import AuditLog
 from client.privacy.ledger import LEDGER_NAME, PrivacyLedger
 from client.tasks.segmentation.task import SegmentationTask
@@ -204,7 +204,7 @@ def test_a_contract_check_that_raises(tmp_path, monkeypatch, site_log, kind):
     def broken(*args, **kwargs):
         raise RuntimeError(f"{SECRET}: contract table unreadable")
 
-    monkeypatch.setattr(gate, "check_reply", broken)
+    monkeypatch.setattr(edge, "check_reply", broken)
     yaml_path = _site(tmp_path)
     reply = _ask(kind, yaml_path)
     assert_fixed_refusal(reply, "internal-error", str(tmp_path))
@@ -250,7 +250,7 @@ def test_a_handler_error_reply_never_leaves(tmp_path):
         reason = f"<class 'OSError'>:<'{SECRET}'>"
         return Message(Error(code=1, reason=reason), reply_to=msg)
 
-    handler = gate.governed(site_app.site_yaml)(erring)
+    handler = edge.governed(site_app.site_yaml)(erring)
     yaml_path = _site(tmp_path)
     reply = handler(
         site_message("evaluate", ArrayRecord(), 1), site_context(yaml_path, PLAN)

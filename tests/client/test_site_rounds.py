@@ -9,7 +9,7 @@ from flwr.app import ArrayRecord
 
 from client import app as site_app
 from client.local_state import personal_dir
-from common import wire
+from common import packing, wire
 from common.config import load_site_config
 from common.models import build_model
 from common.norm_layers import norm_keys
@@ -41,7 +41,7 @@ def test_fedbn_round_then_fine_tune_at_the_site(tmp_path):
         site_message("train", ArrayRecord(model.state_dict()), 1), ctx
     )
     assert reply.content[wire.METRICS][wire.REFUSED] == 0
-    sent = wire.unpack_arrays(reply.content[wire.ARRAYS]).to_torch_state_dict()
+    sent = packing.unpack_arrays(reply.content[wire.ARRAYS]).to_torch_state_dict()
     local = torch.load(personal_dir(site, "run-x") / "norm.pt", weights_only=True)
     for k in keys:  # the norm layers trained, stayed home, and did not travel
         assert torch.equal(sent[k], glob[k])

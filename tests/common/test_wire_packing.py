@@ -12,7 +12,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-from common import wire
+from common import packing, wire
 from common.models import build_model
 from server.strategy.updates import check_update
 
@@ -20,15 +20,15 @@ from server.strategy.updates import check_update
 @pytest.mark.parametrize("name", ["unet-tiny", "resnet-tiny"])
 def test_pack_round_trip_is_exact_in_order_and_dtype(name):
     state = build_model(name).state_dict()
-    packed = wire.pack_arrays(ArrayRecord(state))
-    assert wire.is_packed(packed) and len(packed) == 2
-    assert wire.pack_arrays(packed) is packed  # packing twice is a no-op
-    back = wire.unpack_arrays(packed).to_torch_state_dict()
+    packed = packing.pack_arrays(ArrayRecord(state))
+    assert packing.is_packed(packed) and len(packed) == 2
+    assert packing.pack_arrays(packed) is packed  # packing twice is a no-op
+    back = packing.unpack_arrays(packed).to_torch_state_dict()
     assert list(back) == list(state)
     for key, value in state.items():
         assert back[key].dtype == value.dtype and torch.equal(back[key], value), key
     plain = ArrayRecord(state)
-    assert wire.unpack_arrays(plain) is plain  # not packed: as is
+    assert packing.unpack_arrays(plain) is plain  # not packed: as is
 
 
 def test_packing_cuts_the_objects_flower_sends_one_by_one():
@@ -39,17 +39,19 @@ def test_packing_cuts_the_objects_flower_sends_one_by_one():
 
     named, packed = (
         objects(ArrayRecord(state)),
-        objects(wire.pack_arrays(ArrayRecord(state))),
+        objects(packing.pack_arrays(ArrayRecord(state))),
     )
     assert named > len(state) and packed <= 6, (named, packed)
     raw = sum(v.numel() * v.element_size() for v in state.values())
-    nbytes = sum(len(a.data) for a in wire.pack_arrays(ArrayRecord(state)).values())
+    nbytes = sum(len(a.data) for a in packing.pack_arrays(ArrayRecord(state)).values())
     assert nbytes < 1.05 * raw  # one header, and the layout, for the whole model
 
 
 def _packed(layout, blob):
     meta = np.frombuffer(json.dumps(layout).encode(), np.uint8).copy()
-    return ArrayRecord({wire.PACKED: Array(blob), wire.PACKED_LAYOUT: Array(meta)})
+    return ArrayRecord(
+        {packing.PACKED: Array(blob), packing.PACKED_LAYOUT: Array(meta)}
+    )
 
 
 @pytest.mark.parametrize(
@@ -65,19 +67,19 @@ def _packed(layout, blob):
     ],
 )
 def test_malformed_pack_is_refused_with_the_reason(layout, nbytes, problem):
-    with pytest.raises(wire.PackError, match=problem):
-        wire.unpack_arrays(_packed(layout, np.zeros(nbytes, np.uint8)))
+    with pytest.raises(packing.PackError, match=problem):
+        packing.unpack_arrays(_packed(layout, np.zeros(nbytes, np.uint8)))
 
 
 def test_unreadable_layout_is_a_pack_error():
     rec = ArrayRecord(
         {
-            wire.PACKED: Array(np.zeros(4, np.uint8)),
-            wire.PACKED_LAYOUT: Array(np.frombuffer(b"\xff{", np.uint8).copy()),
+            packing.PACKED: Array(np.zeros(4, np.uint8)),
+            packing.PACKED_LAYOUT: Array(np.frombuffer(b"\xff{", np.uint8).copy()),
         }
     )
-    with pytest.raises(wire.PackError, match="unreadable"):
-        wire.unpack_arrays(rec)
+    with pytest.raises(packing.PackError, match="unreadable"):
+        packing.unpack_arrays(rec)
 
 
 def _reply(record, node=7):
@@ -93,20 +95,20 @@ def test_grid_packs_once_and_unpacks_replies_and_a_bad_one_is_rejected(caplog):
     state = build_model("unet-tiny").state_dict()
     glob = ArrayRecord(state)
     out = [_reply(glob, 1), _reply(glob, 2)]
-    wire.pack_models(out)
+    packing.pack_models(out)
     sent = [m.content[wire.ARRAYS] for m in out]
-    assert sent[0] is sent[1] and wire.is_packed(sent[0])  # packed once for all
+    assert sent[0] is sent[1] and packing.is_packed(sent[0])  # packed once for all
 
-    good = _reply(wire.pack_arrays(ArrayRecord(state)), 1)
-    bad_rec = wire.pack_arrays(ArrayRecord(state))
-    bad_rec[wire.PACKED] = Array(np.zeros(5, np.uint8))
+    good = _reply(packing.pack_arrays(ArrayRecord(state)), 1)
+    bad_rec = packing.pack_arrays(ArrayRecord(state))
+    bad_rec[packing.PACKED] = Array(np.zeros(5, np.uint8))
     bad = _reply(bad_rec, 2)
     with caplog.at_level(logging.WARNING, logger="kidneyfl.wire"):
-        wire.unpack_models([good, bad])
+        packing.unpack_models([good, bad])
     assert list(good.content[wire.ARRAYS].keys()) == list(state)
     assert check_update(glob, good.content[wire.ARRAYS]) is None
     # The bad one stays as it came, is logged with its node, and the update
     # guard refuses it: one bad site does not stop the round.
-    assert wire.is_packed(bad.content[wire.ARRAYS])
+    assert packing.is_packed(bad.content[wire.ARRAYS])
     assert "node 2" in caplog.text and "buffer ends inside" in caplog.text
     assert check_update(glob, bad.content[wire.ARRAYS]) is not None

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from client.audit_log import AuditLog
-from client.gate import BLOCKED_REASON
+from client.edge import BLOCKED_REASON
 from client.governance import approve, bundle_hash
 from client.privacy.ledger import PrivacyLedger
 from common.config import load_site_config

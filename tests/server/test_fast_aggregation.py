@@ -9,7 +9,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from common import wire
+from common import packing, wire
 from server.strategy import updates
 from server.strategy.aggregators import build_strategy
 from server.strategy.updates import check_update, update_norm
@@ -41,7 +41,7 @@ _ARRAYS = [
 @pytest.mark.parametrize("value", _ARRAYS, ids=lambda a: f"{a.dtype}{a.shape}")
 def test_array_view_equals_flower_numpy_and_is_read_only(value):
     arr = Array(value)
-    view, loaded = wire.array_view(arr), arr.numpy()
+    view, loaded = packing.array_view(arr), arr.numpy()
     assert view.dtype == loaded.dtype and view.shape == loaded.shape
     np.testing.assert_array_equal(view, loaded)
     assert view.tobytes(order="A") == loaded.tobytes(order="A")
@@ -52,7 +52,7 @@ def test_array_view_equals_flower_numpy_and_is_read_only(value):
 
 def test_array_view_does_not_copy():
     arr = Array(np.random.default_rng(0).standard_normal(1000).astype(np.float32))
-    view = wire.array_view(arr)
+    view = packing.array_view(arr)
     assert np.shares_memory(view, np.frombuffer(arr.data, dtype=np.uint8))
 
 
@@ -62,9 +62,9 @@ def test_array_view_reads_every_npy_version(version):
     buf = io.BytesIO()
     np.lib.format.write_array(buf, value, version=version)
     arr = Array(
-        dtype="float32", shape=(3, 4), stype=wire.NUMPY_STYPE, data=buf.getvalue()
+        dtype="float32", shape=(3, 4), stype=packing.NUMPY_STYPE, data=buf.getvalue()
     )
-    view = wire.array_view(arr)
+    view = packing.array_view(arr)
     np.testing.assert_array_equal(view, value)
     assert not view.flags.writeable
 
@@ -72,7 +72,7 @@ def test_array_view_reads_every_npy_version(version):
 def test_array_view_refuses_what_flower_cannot_decode():
     torch_like = Array(dtype="float32", shape=(1,), stype="torch.Tensor", data=b"x")
     with pytest.raises(TypeError):
-        wire.array_view(torch_like)
+        packing.array_view(torch_like)
 
 
 # -- the fast FedAvg mean equals Flower's --------------------------------------------
@@ -260,7 +260,7 @@ def test_bytes_that_disagree_with_the_metadata_are_rejected():
 @pytest.mark.parametrize("data", [b"", b"garbage", b"\x93NUMPY\x01\x00\xff\x00{"])
 def test_unreadable_bytes_are_rejected_not_a_crash(data):
     ref, good, _ = _bad_updates()
-    junk = Array(dtype="float32", shape=(7, 5), stype=wire.NUMPY_STYPE, data=data)
+    junk = Array(dtype="float32", shape=(7, 5), stype=packing.NUMPY_STYPE, data=data)
     update = ArrayRecord({k: junk if k == "l1" else good[k] for k in good.keys()})
     assert check_update(ref, update) == "array 'l1' is not a readable numpy array"
 

@@ -46,7 +46,7 @@ from flwr.app import (
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from common import wire
+from common import packing, wire
 from common.config import Plan
 from common.contract import SITE_NAME_PATTERN, ReplyRules
 from common.fingerprint import EDGES
@@ -269,7 +269,7 @@ def _object_array() -> Array:
     buf = io.BytesIO()
     np.save(buf, np.array([object(), 1], dtype=object), allow_pickle=True)
     return Array(
-        dtype="object", shape=(2,), stype=wire.NUMPY_STYPE, data=buf.getvalue()
+        dtype="object", shape=(2,), stype=packing.NUMPY_STYPE, data=buf.getvalue()
     )
 
 
@@ -680,10 +680,13 @@ def test_a_packed_model_of_0_by_1e30_stops_neither_the_grid_nor_the_round():
     layout = [["w", "<f4", [0, 10**30]], ["b", "<f4", [1]]]
     raw = np.frombuffer(json.dumps(layout).encode(), np.uint8).copy()
     packed = ArrayRecord(
-        {wire.PACKED: Array(np.zeros(4, np.uint8)), wire.PACKED_LAYOUT: Array(raw)}
+        {
+            packing.PACKED: Array(np.zeros(4, np.uint8)),
+            packing.PACKED_LAYOUT: Array(raw),
+        }
     )
-    [reply] = wire.unpack_models([train_reply(2, "bad", packed, 10)])
-    assert wire.is_packed(reply.content[wire.ARRAYS])  # left as it came
+    [reply] = packing.unpack_models([train_reply(2, "bad", packed, 10)])
+    assert packing.is_packed(reply.content[wire.ARRAYS])  # left as it came
     s = _wrapper()
     arrays, _ = s.aggregate_train(1, [train_reply(1, "a", 2.0, 10), reply])
     assert "keys differ" in s._current.rejected["bad"]
