@@ -66,11 +66,11 @@ $(PRETRAINED)/latest.json: $(STAMP) sites/public-phantoms.yaml
 		--dataset "kidneyfl public phantoms (a stand-in for KiTS23)" \
 		--licence "synthetic, no restrictions"
 
-# Two workers (pytest-xdist), each test file on one worker: the deployment
-# tests mostly wait on Flower's polls and heartbeats, and the other worker
-# computes meanwhile (README, Tests).
+# Two workers (pytest-xdist): the end-to-end deployment files, which mostly
+# wait on Flower's polls and heartbeats, on one; every other test on the other,
+# in a plain run's order (tests/conftest.py; README, Tests).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

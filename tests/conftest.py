@@ -5,6 +5,7 @@ Builders and test doubles that are not fixtures live in ``tests/fakes.py``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +13,29 @@ import pytest
 
 from common.config import Plan, SiteConfig, load_site_config
 from tests.fakes import TINY_PLAN, write_site_yaml
+
+# `make test` runs two pytest-xdist workers with --dist loadgroup: these
+# end-to-end deployment files (SuperLink and SuperNodes in subprocesses, mostly
+# waiting on Flower's polls and heartbeats) on one, every other test on the
+# other in the same order as a plain `pytest` run, so that no test meets an
+# order of predecessors it was never run after.
+DEPLOYMENT_GROUP = frozenset(
+    {
+        "tests/deployment/test_deployment.py",
+        "tests/deployment/test_governance_deploy.py",
+        "tests/deployment/test_superlink_db.py",
+    }
+)
+
+
+def pytest_collection_modifyitems(
+    config: pytest.Config, items: list[pytest.Item]
+) -> None:
+    root = Path(str(config.rootpath))
+    for item in items:
+        where = Path(str(item.path)).resolve().relative_to(root).as_posix()
+        group = "deployment" if where in DEPLOYMENT_GROUP else "main"
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture
@@ -27,6 +51,23 @@ def tiny_plan() -> Plan:
 def tiny_site(tmp_path: Path) -> SiteConfig:
     """A site with six tiny phantom cases."""
     return load_site_config(write_site_yaml(tmp_path, "tiny"))
+
+
+@pytest.fixture
+def site_records(
+    caplog: pytest.LogCaptureFixture,
+) -> Iterator[pytest.LogCaptureFixture]:
+    """What the site's own log (``kidneyfl.*``) records at INFO and above,
+    whatever an earlier test or ``common.logs`` left on those loggers (their
+    level, their handlers, ``propagate`` off): the test's outcome never depends
+    on which tests ran before it in the same worker."""
+    logger = logging.getLogger("kidneyfl")
+    caplog.set_level(logging.INFO, logger="kidneyfl")  # restored after the test
+    logger.addHandler(caplog.handler)
+    try:
+        yield caplog
+    finally:
+        logger.removeHandler(caplog.handler)
 
 
 @pytest.fixture

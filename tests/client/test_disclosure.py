@@ -227,20 +227,13 @@ def _one_tumour_in_validation(tmp_path):
 
 
 @pytest.mark.usefixtures("task_identity")
-def test_evaluate_reply_leaves_out_the_one_patient_tumour_dice(tmp_path, caplog):
+def test_evaluate_reply_leaves_out_the_one_patient_tumour_dice(tmp_path, site_records):
     path = _one_tumour_in_validation(tmp_path)
     plan = {**TINY_PLAN, "model": "unet-tiny"}
     arrays = ArrayRecord(build_model("unet-tiny").state_dict())
-    site_log = logging.getLogger("kidneyfl.client")  # may not propagate
-    site_log.addHandler(caplog.handler)
-    # whatever level an earlier test or `kidneyfl` left on the site's logger
-    caplog.set_level(logging.INFO, logger="kidneyfl.client")
-    try:
-        reply = site_app.evaluate(
-            site_message("evaluate", arrays, 1), site_context(path, plan)
-        )
-    finally:
-        site_log.removeHandler(caplog.handler)
+    reply = site_app.evaluate(
+        site_message("evaluate", arrays, 1), site_context(path, plan)
+    )
     m = dict(reply.content[wire.METRICS])
     assert m.get(wire.REFUSED, 0) == 0 and wire.METRICS_WITHHELD not in m
     assert m[wire.NUM_VAL_CASES] == 3
@@ -248,7 +241,7 @@ def test_evaluate_reply_leaves_out_the_one_patient_tumour_dice(tmp_path, caplog)
     assert "dice-tumour" not in m and "surface-dice-tumour" not in m
     assert "cases-tumour" not in m
     assert m["cases-no-tumour"] == 2 and "fp-rate-tumour" in m
-    logged = " ".join(r.getMessage() for r in caplog.records)
+    logged = " ".join(r.getMessage() for r in site_records.records)
     assert "dice-tumour" in logged
     full = Plan.model_validate(plan)
     problems = check_reply(

@@ -227,7 +227,7 @@ def test_evaluate_with_a_plan_for_another_task_refuses_and_names_no_case(
 
 
 def test_prognosis_train_at_a_site_without_outcomes_refuses_and_spends_nothing(
-    tmp_path, capfd
+    tmp_path, site_records
 ):
     """A coordinator's prognosis plan at a site whose data carry no outcomes:
     the refusal names no file (the site's log does), and nothing is spent."""
@@ -240,5 +240,10 @@ def test_prognosis_train_at_a_site_without_outcomes_refuses_and_spends_nothing(
     record = reply.content[wire.SITE]
     assert record[wire.REFUSAL_CODE] == "data-unusable"
     _assert_anonymous(reply, str(site.data.root), str(tmp_path))
-    assert "outcomes.csv" in capfd.readouterr().err  # the site's own log
+    # the site's own log (the message or the exception it carries)
+    logged = " ".join(
+        r.getMessage() + (site_records.handler.format(r) if r.exc_info else "")
+        for r in site_records.records
+    )
+    assert "outcomes.csv" in logged
     assert not (site.state_dir / "privacy-ledger.json").exists()
