@@ -73,13 +73,19 @@ def prepare_phantoms(sites: list[SiteConfig]) -> None:
     """Write synthetic cases for sites whose YAML has a ``phantom`` section.
 
     Sites are written side by side, one process per core (the demo's three
-    take 20 s one after another on 2 cores, 11 s side by side); each site's
+    take 20 s one after another on 2 cores, 16 s side by side); each site's
     progress lines name it. A writer's error is raised here, as before.
     """
     todo = [s for s in sites if s.phantom is not None]
     workers = min(len(todo), os.cpu_count() or 1)
-    if workers < 2 or len({Path(s.data.root).resolve() for s in todo}) < len(todo):
-        # (sites sharing a folder are written one after another)
+    if (
+        workers < 2
+        # sites sharing a folder are written one after another
+        or len({Path(s.data.root).resolve() for s in todo}) < len(todo)
+        # the pool forks: never beside another thread, which could hold a lock
+        # (logging's, say) that the child would wait on for ever
+        or threading.active_count() > 1
+    ):
         for site in todo:
             _prepare_phantom(site)
         return

@@ -22,6 +22,7 @@ from sim.phantoms.profiles import (
     load_profile,
     voxel_spacing,
 )
+from tests.fakes import write_site_yaml
 
 
 def _variant(name: str, **changes: object) -> SiteProfile:
@@ -217,3 +218,66 @@ def test_demo_sites_are_the_utility_benchmark_s_hospitals_and_public_set() -> No
     scanners = {(p.slice_thickness_mm, p.noise_hu, p.intensity_offset_hu) for p in demo}
     assert len(scanners) == 4
     assert public.phantom.seed not in {h.phantom.seed for h in hospitals}
+
+
+def _site_files(root: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_sites_written_side_by_side_equal_those_written_one_by_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The simulation writes several sites' phantoms in a process pool: the
+    bytes must be those of writing them one after another (same seeds, same
+    subgroups), or a benchmark's numbers would depend on the machine's cores."""
+    from common.config import load_site_config
+    from sim import runner
+
+    def sites(where: Path) -> list:
+        where.mkdir()
+        return [
+            load_site_config(
+                write_site_yaml(where, name, cases=3, seed=seed, generate=False)
+            )
+            for name, seed in (("a", 1), ("b", 2))
+        ]
+
+    used: list[int] = []
+    real_pool = runner.concurrent.futures.ProcessPoolExecutor
+
+    def pool(workers: int) -> object:
+        used.append(workers)
+        return real_pool(workers)
+
+    monkeypatch.setattr(runner.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(runner.concurrent.futures, "ProcessPoolExecutor", pool)
+    monkeypatch.setattr(runner.threading, "active_count", lambda: 1)
+    runner.prepare_phantoms(sites(tmp_path / "pool"))
+    assert used == [2]
+    monkeypatch.setattr(runner.threading, "active_count", lambda: 2)  # a thread
+    runner.prepare_phantoms(sites(tmp_path / "serial"))
+    assert used == [2]  # beside another thread: no fork
+    for name in ("a", "b"):
+        pooled = _site_files(tmp_path / "pool" / "data" / name)
+        assert pooled and pooled == _site_files(tmp_path / "serial" / "data" / name)
+
+
+def test_a_writer_error_in_the_pool_reaches_the_caller(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from common.config import load_site_config
+    from sim import runner
+
+    good = load_site_config(write_site_yaml(tmp_path, "a", cases=2, generate=False))
+    bad = load_site_config(write_site_yaml(tmp_path, "b", cases=2, generate=False))
+    bad = bad.model_copy(
+        update={"phantom": bad.phantom.model_copy(update={"profile": "no-such"})}
+    )
+    monkeypatch.setattr(runner.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(runner.threading, "active_count", lambda: 1)
+    with pytest.raises(ValueError, match="no-such"):
+        runner.prepare_phantoms([good, bad])
